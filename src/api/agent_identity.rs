@@ -1,0 +1,130 @@
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN};
+
+/// A non-human identity (an AI agent, a service, an automation) that may receive delegated authority
+/// through DelegationGrants. Its spec sets the ceiling for every grant naming it as actor.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "delegation.nhi.dev",
+    version = "v1alpha1",
+    kind = "AgentIdentity",
+    plural = "agentidentities",
+    singular = "agentidentity",
+    shortname = "agentid",
+    shortname = "agent",
+    category = "delegation",
+    namespaced,
+    status = "AgentIdentityStatus",
+    derive = "PartialEq",
+    doc = "A non-human identity that may act on behalf of principals within the limits of its spec.",
+    printcolumn(name = "Subject", type_ = "string", json_path = ".status.subject"),
+    printcolumn(name = "Grants", type_ = "integer", json_path = ".status.activeGrants"),
+    printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspended"),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentitySpec {
+    /// Who is accountable for this agent: a User or a Group of the organisation.
+    pub owner: Owner,
+
+    /// The Kubernetes ServiceAccount (in this namespace) the agent's workload runs as, if any.
+    /// Informational: recorded so that auditors can tie tokens to a workload.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
+    pub service_account_name: Option<String>,
+
+    /// The most this agent may ever be granted: every grant's scopes must be a subset of these.
+    /// A grant asking for more is denied, never silently narrowed.
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128), regex(pattern = SCOPE_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_scopes: Vec<String>,
+
+    /// Audiences (resource servers) tokens for this agent may be minted for.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 512), regex(pattern = AUDIENCE_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_audiences: Vec<String>,
+
+    /// The longest lifetime of any token minted for this agent, e.g. `15m`. Units h, m, s.
+    #[serde(rename = "maxTokenTTL")]
+    pub max_token_ttl: Duration,
+
+    /// Whether and to whom this agent may hand its authority on (RFC 8693 `may_act`).
+    /// Absent means the chain ends at this agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<DelegationPolicy>,
+
+    /// Kill switch. When true, every token naming this agent anywhere in its chain is revoked and no
+    /// new one is issued until it is set back to false.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suspended: Option<bool>,
+}
+
+/// Who is accountable for an agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Owner {
+    /// `User` or `Group`.
+    pub kind: OwnerKind,
+    /// The user or group name as your identity provider knows it.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+}
+
+/// The kind of an agent's owner.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum OwnerKind {
+    User,
+    Group,
+}
+
+/// Sub-delegation policy of an agent.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DelegationPolicy {
+    /// How many further hops are allowed below this agent. 0 means the chain ends here.
+    #[schemars(range(min = 0, max = 8))]
+    pub max_depth: u32,
+
+    /// Names of the AgentIdentities (in this namespace) this agent may sub-delegate to.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub allowed_actors: Option<Vec<String>>,
+}
+
+/// Observed state of an AgentIdentity.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentIdentityStatus {
+    /// The identifier used for this agent in tokens (`client_id`, `act.sub`): `agent:<namespace>/<name>`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+
+    /// How many DelegationGrants currently hold a valid token with this agent as actor.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub active_grants: Option<u32>,
+
+    /// `Ready` is True when the agent can receive grants (it is valid and not suspended).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conditions: Option<Vec<Condition>>,
+
+    /// The metadata.generation this status describes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl AgentIdentitySpec {
+    /// Whether the kill switch is on.
+    pub fn is_suspended(&self) -> bool {
+        self.suspended.unwrap_or(false)
+    }
+}
+
+/// The token subject of an agent, stable for its namespace and name.
+pub fn agent_subject(namespace: &str, name: &str) -> String {
+    format!("agent:{namespace}/{name}")
+}
