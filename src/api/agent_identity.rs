@@ -7,6 +7,8 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN
 
 /// A non-human identity (an AI agent, a service, an automation) that may receive delegated authority
 /// through DelegationGrants. Its spec sets the ceiling for every grant naming it as actor.
+// clippy mistakes the repeated `printcolumn(...)`/`shortname` arguments of `#[kube]` for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "delegation.nhi.dev",
@@ -24,8 +26,16 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN
     printcolumn(name = "Subject", type_ = "string", json_path = ".status.subject"),
     printcolumn(name = "Grants", type_ = "integer", json_path = ".status.activeGrants"),
     printcolumn(name = "Suspended", type_ = "boolean", json_path = ".spec.suspended"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct AgentIdentitySpec {

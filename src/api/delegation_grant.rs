@@ -10,6 +10,8 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
 /// The operator turns a valid grant into a short-lived signed token (an RFC 9068 access token carrying
 /// the RFC 8693 actor chain) in a Secret, renews it before it expires, and revokes it when the grant
 /// ends.
+// clippy mistakes the repeated `printcolumn(...)`/`shortname` arguments of `#[kube]` for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "delegation.nhi.dev",
@@ -25,13 +27,38 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
     derive = "PartialEq",
     doc = "A delegation of scoped authority from a principal (or a parent grant) to an AgentIdentity.",
     printcolumn(name = "Actor", type_ = "string", json_path = ".spec.actorRef.name"),
-    printcolumn(name = "Principal", type_ = "string", json_path = ".spec.principal.name"),
-    printcolumn(name = "Parent", type_ = "string", json_path = ".spec.parentGrantRef.name"),
+    printcolumn(
+        name = "Principal",
+        type_ = "string",
+        json_path = ".spec.principal.name"
+    ),
+    printcolumn(
+        name = "Parent",
+        type_ = "string",
+        json_path = ".spec.parentGrantRef.name"
+    ),
     printcolumn(name = "Scopes", type_ = "string", json_path = ".spec.scopes"),
-    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason", priority = 1),
-    printcolumn(name = "Expires", type_ = "date", json_path = ".status.token.expiresAt"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(
+        name = "Reason",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Expires",
+        type_ = "date",
+        json_path = ".status.token.expiresAt"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[x_kube(
     validation = Rule::new("has(self.principal) != has(self.parentGrantRef)")
@@ -221,7 +248,9 @@ pub struct TokenStatus {
 impl DelegationGrantSpec {
     /// The Secret name, applying the documented default in memory.
     pub fn secret_name_or_default(&self, grant_name: &str) -> String {
-        self.secret_name.clone().unwrap_or_else(|| format!("{grant_name}-token"))
+        self.secret_name
+            .clone()
+            .unwrap_or_else(|| format!("{grant_name}-token"))
     }
 
     /// Whether the grant is switched off.

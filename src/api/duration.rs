@@ -25,7 +25,9 @@ pub enum DurationError {
     Empty,
     #[error("duration {0:?} is longer than {MAX_LEN} characters")]
     TooLong(String),
-    #[error("duration {0:?} must be groups of <number><unit> with unit h, m or s, like 10m or 1h30m")]
+    #[error(
+        "duration {0:?} must be groups of <number><unit> with unit h, m or s, like 10m or 1h30m"
+    )]
     Malformed(String),
     #[error("duration {0:?} must be greater than zero")]
     Zero(String),
@@ -135,16 +137,24 @@ mod tests {
         assert_eq!(parse_duration("90s"), Ok(time::Duration::from_secs(90)));
         assert_eq!(parse_duration("10m"), Ok(time::Duration::from_secs(600)));
         assert_eq!(parse_duration("1h30m"), Ok(time::Duration::from_secs(5400)));
-        assert_eq!(parse_duration("1h0m5s"), Ok(time::Duration::from_secs(3605)));
+        assert_eq!(
+            parse_duration("1h0m5s"),
+            Ok(time::Duration::from_secs(3605))
+        );
     }
 
     #[test]
     fn rejects_what_the_crd_pattern_rejects() {
-        for bad in ["", "10", "m", "10x", "1.5h", "-5m", "10 m", "1d", "1234567s"] {
+        for bad in [
+            "", "10", "m", "10x", "1.5h", "-5m", "10 m", "1d", "1234567s",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
         assert_eq!(parse_duration("0s"), Err(DurationError::Zero("0s".into())));
-        assert!(matches!(parse_duration(&"1s".repeat(20)), Err(DurationError::TooLong(_))));
+        assert!(matches!(
+            parse_duration(&"1s".repeat(20)),
+            Err(DurationError::TooLong(_))
+        ));
     }
 
     #[test]
@@ -159,9 +169,14 @@ mod tests {
     #[test]
     fn pattern_and_parser_agree() {
         let re = regex_lite::Regex::new(DURATION_PATTERN).unwrap();
-        for s in ["1s", "10m", "1h30m", "999999s", "1x", "1", "h", "1h1", "01m", "0s"] {
+        for s in [
+            "1s", "10m", "1h30m", "999999s", "1x", "1", "h", "1h1", "01m", "0s",
+        ] {
             let by_pattern = re.is_match(s);
-            let by_parser = !matches!(parse_duration(s), Err(DurationError::Malformed(_) | DurationError::Empty));
+            let by_parser = !matches!(
+                parse_duration(s),
+                Err(DurationError::Malformed(_) | DurationError::Empty)
+            );
             assert_eq!(by_pattern, by_parser, "disagreement on {s:?}");
         }
     }

@@ -27,7 +27,8 @@ pub const VERSION: &str = "v1alpha1";
 /// An OAuth scope token (RFC 6749 §3.3): printable ASCII without space, `"` or `\`.
 pub const SCOPE_PATTERN: &str = r#"^[!#-\[\]-~]+$"#;
 /// A DNS-1123 subdomain, what Kubernetes accepts as most object names (Secrets included).
-pub const DNS1123_SUBDOMAIN_PATTERN: &str = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+pub const DNS1123_SUBDOMAIN_PATTERN: &str =
+    r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
 /// An audience: any non-empty string without whitespace (usually a URL).
 pub const AUDIENCE_PATTERN: &str = r"^\S+$";
 
@@ -49,7 +50,8 @@ impl LocalRef {
 pub const CONDITION_READY: &str = "Ready";
 
 /// The CRDs of this operator, in a stable order.
-pub fn crds() -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
+pub fn crds()
+-> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
     vec![AgentIdentity::crd(), DelegationGrant::crd()]
 }

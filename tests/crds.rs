@@ -1,0 +1,443 @@
+//! The CRDs against a real kube-apiserver: they install, the examples apply, and the apiserver itself
+//! rejects invalid objects with a message naming the offending field.
+
+mod support;
+
+use kube::api::{DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+use support::*;
+
+fn grant(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1",
+        "kind": "DelegationGrant",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn agent(name: &str, spec: Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1",
+        "kind": "AgentIdentity",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn valid_grant_spec() -> Value {
+    json!({
+        "principal": {"kind": "User", "name": "alice@example.com"},
+        "actorRef": {"name": "ticket-triage"},
+        "scopes": ["tickets:read"],
+        "audience": "https://tickets.example.com",
+        "tokenTTL": "10m",
+    })
+}
+
+fn valid_agent_spec() -> Value {
+    json!({
+        "owner": {"kind": "Group", "name": "support-platform"},
+        "allowedScopes": ["tickets:read"],
+        "allowedAudiences": ["https://tickets.example.com"],
+        "maxTokenTTL": "15m",
+    })
+}
+
+/// `valid_grant_spec()` with one change applied.
+fn grant_spec_with(change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    let mut spec = valid_grant_spec();
+    change(spec.as_object_mut().unwrap());
+    spec
+}
+
+fn agent_spec_with(change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> Value {
+    let mut spec = valid_agent_spec();
+    change(spec.as_object_mut().unwrap());
+    spec
+}
+
+#[tokio::test]
+async fn both_crds_install_and_become_established() {
+    let client = client().await;
+    let crds = install_crds(&client).await;
+    let names: Vec<_> = crds
+        .iter()
+        .map(|c| c.metadata.name.clone().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "agentidentities.delegation.nhi.dev",
+            "delegationgrants.delegation.nhi.dev"
+        ]
+    );
+    for crd in &crds {
+        let status = crd.status.as_ref().expect("CRD has a status");
+        let conditions = status.conditions.as_ref().expect("CRD has conditions");
+        assert!(
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"),
+            "{:?} not Established: {conditions:?}",
+            crd.metadata.name
+        );
+        assert_eq!(
+            status
+                .accepted_names
+                .as_ref()
+                .and_then(|n| n.categories.as_deref()),
+            Some(&["delegation".to_owned()][..])
+        );
+    }
+}
+
+#[tokio::test]
+async fn every_example_applies() {
+    let client = client().await;
+    install_crds(&client).await;
+    let files = yaml_files(&repo_root().join("examples"));
+    assert!(
+        files.len() >= 3,
+        "expected at least three examples, found {files:?}"
+    );
+    for file in files {
+        let ns = fresh_namespace(&client, "examples").await;
+        let docs = load_documents(&file);
+        assert!(!docs.is_empty(), "{} has no documents", file.display());
+        for doc in docs {
+            let created = create_document(&client, &ns, &doc)
+                .await
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "{} ({:?}) was rejected: {e}",
+                        file.display(),
+                        doc.metadata.name
+                    )
+                });
+            // What the apiserver stores is what the user wrote: no defaults, no normalising.
+            assert_eq!(
+                created.data["spec"],
+                doc.data["spec"],
+                "spec changed on the way in ({})",
+                file.display()
+            );
+        }
+    }
+}
+
+/// Each case: what it is, the object, and the field the apiserver's message must name.
+fn invalid_objects() -> Vec<(&'static str, DynamicObject, &'static str)> {
+    let many_scopes: Vec<String> = (0..65).map(|i| format!("scope{i}")).collect();
+    vec![
+        (
+            "no scopes",
+            grant(
+                "no-scopes",
+                grant_spec_with(|s| {
+                    s.remove("scopes");
+                }),
+            ),
+            "spec.scopes",
+        ),
+        (
+            "empty scopes",
+            grant(
+                "empty-scopes",
+                grant_spec_with(|s| {
+                    s.insert("scopes".into(), json!([]));
+                }),
+            ),
+            "spec.scopes",
+        ),
+        (
+            "a scope containing a space",
+            grant(
+                "spaced-scope",
+                grant_spec_with(|s| {
+                    s.insert("scopes".into(), json!(["tickets read"]));
+                }),
+            ),
+            "spec.scopes[0]",
+        ),
+        (
+            "a repeated scope",
+            grant(
+                "dup-scope",
+                grant_spec_with(|s| {
+                    s.insert("scopes".into(), json!(["a", "a"]));
+                }),
+            ),
+            "spec.scopes[1]",
+        ),
+        (
+            "too many scopes",
+            grant(
+                "many-scopes",
+                grant_spec_with(|s| {
+                    s.insert("scopes".into(), json!(many_scopes));
+                }),
+            ),
+            "spec.scopes",
+        ),
+        (
+            "an unparseable TTL",
+            grant(
+                "bad-ttl",
+                grant_spec_with(|s| {
+                    s.insert("tokenTTL".into(), json!("ten minutes"));
+                }),
+            ),
+            "spec.tokenTTL",
+        ),
+        (
+            "a zero TTL",
+            grant(
+                "zero-ttl",
+                grant_spec_with(|s| {
+                    s.insert("tokenTTL".into(), json!("0m"));
+                }),
+            ),
+            "spec.tokenTTL",
+        ),
+        (
+            "both principal and parentGrantRef",
+            grant(
+                "both-roots",
+                grant_spec_with(|s| {
+                    s.insert("parentGrantRef".into(), json!({"name": "p"}));
+                }),
+            ),
+            "exactly one of spec.principal or spec.parentGrantRef",
+        ),
+        (
+            "neither principal nor parentGrantRef",
+            grant(
+                "no-root",
+                grant_spec_with(|s| {
+                    s.remove("principal");
+                }),
+            ),
+            "exactly one of spec.principal or spec.parentGrantRef",
+        ),
+        (
+            "an unknown principal kind",
+            grant(
+                "robot",
+                grant_spec_with(|s| {
+                    s.insert("principal".into(), json!({"kind": "Robot", "name": "r2"}));
+                }),
+            ),
+            "spec.principal.kind",
+        ),
+        (
+            "renewBefore equal to tokenTTL",
+            grant(
+                "renew-late",
+                grant_spec_with(|s| {
+                    s.insert("renewBefore".into(), json!("10m"));
+                }),
+            ),
+            "spec.renewBefore",
+        ),
+        (
+            "renewBefore longer than tokenTTL",
+            grant(
+                "renew-later",
+                grant_spec_with(|s| {
+                    s.insert("renewBefore".into(), json!("1h"));
+                }),
+            ),
+            "spec.renewBefore",
+        ),
+        (
+            "a secretName that is not a DNS-1123 name",
+            grant(
+                "bad-secret",
+                grant_spec_with(|s| {
+                    s.insert("secretName".into(), json!("Not_A_Name"));
+                }),
+            ),
+            "spec.secretName",
+        ),
+        (
+            "an audience with whitespace",
+            grant(
+                "bad-aud",
+                grant_spec_with(|s| {
+                    s.insert("audience".into(), json!("two words"));
+                }),
+            ),
+            "spec.audience",
+        ),
+        (
+            "a validUntil that is not a timestamp",
+            grant(
+                "bad-until",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("tomorrow"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "an authorization detail without type",
+            grant(
+                "no-type",
+                grant_spec_with(|s| {
+                    s.insert("authorizationDetails".into(), json!([{"identifier": "1"}]));
+                }),
+            ),
+            "spec.authorizationDetails[0].type",
+        ),
+        (
+            "an agent maxDepth above 8",
+            agent(
+                "deep",
+                agent_spec_with(|s| {
+                    s.insert("delegation".into(), json!({"maxDepth": 9}));
+                }),
+            ),
+            "spec.delegation.maxDepth",
+        ),
+        (
+            "an unknown owner kind",
+            agent(
+                "robot-owner",
+                agent_spec_with(|s| {
+                    s.insert("owner".into(), json!({"kind": "Robot", "name": "x"}));
+                }),
+            ),
+            "spec.owner.kind",
+        ),
+        (
+            "an agent without allowedScopes",
+            agent(
+                "no-allowed",
+                agent_spec_with(|s| {
+                    s.remove("allowedScopes");
+                }),
+            ),
+            "spec.allowedScopes",
+        ),
+        (
+            "an agent maxTokenTTL in days",
+            agent(
+                "days",
+                agent_spec_with(|s| {
+                    s.insert("maxTokenTTL".into(), json!("1d"));
+                }),
+            ),
+            "spec.maxTokenTTL",
+        ),
+    ]
+}
+
+#[tokio::test]
+async fn the_apiserver_rejects_invalid_objects_naming_the_field() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "invalid").await;
+    let cases = invalid_objects();
+    assert!(cases.len() >= 10);
+    for (what, obj, field) in cases {
+        let message = rejection_message(create_document(&client, &ns, &obj).await);
+        assert!(
+            message.contains(field),
+            "{what}: message does not name {field:?}: {message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_valid_baseline_objects_are_accepted() {
+    // Guards the test above: each invalid case differs from these in one field only.
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "baseline").await;
+    create_document(&client, &ns, &agent("ticket-triage", valid_agent_spec()))
+        .await
+        .unwrap();
+    create_document(&client, &ns, &grant("baseline", valid_grant_spec()))
+        .await
+        .unwrap();
+    let hop = grant_spec_with(|s| {
+        s.remove("principal");
+        s.insert("parentGrantRef".into(), json!({"name": "baseline"}));
+        s.insert("renewBefore".into(), json!("9m59s"));
+    });
+    create_document(&client, &ns, &grant("hop", hop))
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn references_and_principal_are_immutable() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "immutable").await;
+    let api = dynamic_api(&client, &ns, "DelegationGrant");
+    create_document(&client, &ns, &grant("g", valid_grant_spec()))
+        .await
+        .unwrap();
+
+    let changes: Vec<(&str, Value, &str)> = vec![
+        (
+            "actorRef",
+            json!({"spec": {"actorRef": {"name": "someone-else"}}}),
+            "spec.actorRef",
+        ),
+        (
+            "principal",
+            json!({"spec": {"principal": {"kind": "User", "name": "mallory@example.com"}}}),
+            "spec.principal",
+        ),
+        (
+            "principal swapped for parentGrantRef",
+            json!({"spec": {"principal": null, "parentGrantRef": {"name": "other"}}}),
+            "spec.principal",
+        ),
+    ];
+    for (what, patch, field) in changes {
+        let result = api
+            .patch("g", &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+        let message = rejection_message(result);
+        assert!(
+            message.contains(field) && message.contains("immutable"),
+            "{what}: {message}"
+        );
+    }
+
+    // Mutable fields still change.
+    let patch = json!({"spec": {"scopes": ["tickets:read", "tickets:comment"], "tokenTTL": "5m"}});
+    let updated = api
+        .patch("g", &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+    assert_eq!(updated.data["spec"]["tokenTTL"], "5m");
+}
+
+#[tokio::test]
+async fn a_minimal_grant_is_stored_exactly_as_written() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "asis").await;
+    let api = dynamic_api(&client, &ns, "DelegationGrant");
+    let mut obj = grant(
+        "as-written",
+        grant_spec_with(|s| {
+            s.insert("tokenTTL".into(), json!("60m"));
+        }),
+    );
+    obj.metadata.namespace = Some(ns.clone());
+    api.create(&PostParams::default(), &obj).await.unwrap();
+    let stored = api.get("as-written").await.unwrap();
+    assert_eq!(stored.data["spec"], obj.data["spec"]);
+    assert_eq!(
+        stored.data["spec"]["tokenTTL"], "60m",
+        "60m must not become 1h"
+    );
+}
