@@ -97,7 +97,7 @@ pub enum OwnerKind {
 pub struct DelegationPolicy {
     /// How many further hops are allowed below this agent. 0 means the chain ends here.
     #[schemars(range(min = 0, max = 8))]
-    pub max_depth: u32,
+    pub max_depth: i32,
 
     /// Names of the AgentIdentities (in this namespace) this agent may sub-delegate to.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -116,7 +116,8 @@ pub struct AgentIdentityStatus {
 
     /// How many DelegationGrants currently hold a valid token with this agent as actor.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub active_grants: Option<u32>,
+    #[schemars(range(min = 0))]
+    pub active_grants: Option<i32>,
 
     /// `Ready` is True when the agent can receive grants (it is valid and not suspended).
     #[serde(skip_serializing_if = "Option::is_none")]

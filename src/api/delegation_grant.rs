@@ -51,7 +51,7 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
     ),
     printcolumn(
         name = "Expires",
-        type_ = "date",
+        type_ = "string",
         json_path = ".status.token.expiresAt"
     ),
     printcolumn(
@@ -204,9 +204,24 @@ pub struct DelegationGrantStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<TokenStatus>,
 
+    /// The token replaced at the last rotation. It stays valid until its own expiry (so clients can
+    /// switch over) and is revoked together with the current one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub previous_token: Option<PreviousToken>,
+
     /// The Secret holding the current token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+}
+
+/// A replaced token that may still be in use.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PreviousToken {
+    /// The token's `jti`.
+    pub id: String,
+    /// When it stops being valid.
+    pub expires_at: Time,
 }
 
 /// One link of a delegation chain.

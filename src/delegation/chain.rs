@@ -1,0 +1,523 @@
+//! Chain resolution and attenuation.
+//!
+//! A grant either starts at a principal or hangs below a parent grant. Resolving it walks up to the
+//! root (detecting cycles and dangling references), then validates every hop from the root down, so a
+//! grant is only valid when its whole lineage is. Authority only ever narrows: a hop that asks for more
+//! than it can have is refused, never silently cut down.
+
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+
+use crate::api::{
+    AgentIdentity, CONDITION_READY, ChainLink, DelegationGrant, Principal, PrincipalKind,
+    agent_subject,
+};
+
+/// The longest chain the operator resolves (root grant plus eight hops, the highest `maxDepth`).
+pub const MAX_CHAIN_LENGTH: usize = 9;
+
+/// Read access to the grants and agents of one namespace.
+pub trait Lookup {
+    fn grant(&self, name: &str) -> Option<Arc<DelegationGrant>>;
+    fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>>;
+}
+
+/// Operator-wide limits, set by flags.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Shortest tokenTTL accepted (protects the apiserver from rotation storms).
+    pub min_token_ttl: Duration,
+    /// Longest tokenTTL accepted, whatever an agent allows; it bounds how long retired keys stay published.
+    pub max_token_ttl: Duration,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self {
+            min_token_ttl: Duration::from_secs(60),
+            max_token_ttl: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+/// Why a grant holds no token. Each is the `reason` of its `Ready=False` condition.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// The grant's `suspended` is true.
+    Suspended,
+    /// The grant's `validUntil` has passed.
+    Expired,
+    /// The acting AgentIdentity does not exist.
+    AgentMissing,
+    /// The acting AgentIdentity is suspended.
+    AgentSuspended,
+    /// The parent grant is missing, invalid, or holds no valid token (yet).
+    ParentNotReady,
+    /// The parent grant does not exist.
+    DeniedParentMissing,
+    /// Following parentGrantRef comes back to a grant already in the chain.
+    DeniedCycle,
+    /// A scope is not in the actor's allowedScopes.
+    DeniedScopeNotAllowed,
+    /// A scope is not held by the parent grant.
+    DeniedScopeExceedsParent,
+    /// The audience is not in the actor's allowedAudiences.
+    DeniedAudienceNotAllowed,
+    /// The audience differs from the parent grant's.
+    DeniedAudienceMismatch,
+    /// tokenTTL exceeds the actor's maxTokenTTL or the operator's ceiling.
+    DeniedTTLTooLong,
+    /// tokenTTL is below the operator's minimum.
+    DeniedTTLTooShort,
+    /// The parent's actor does not list this actor in delegation.allowedActors.
+    DeniedActorNotAllowed,
+    /// A maxDepth above this hop would be exceeded (or the chain is longer than the operator resolves).
+    DeniedDepth,
+    /// A field the apiserver should have rejected (kept as a safety net, fail closed).
+    DeniedInvalidSpec,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Suspended => "Suspended",
+            Reason::Expired => "Expired",
+            Reason::AgentMissing => "AgentMissing",
+            Reason::AgentSuspended => "AgentSuspended",
+            Reason::ParentNotReady => "ParentNotReady",
+            Reason::DeniedParentMissing => "DeniedParentMissing",
+            Reason::DeniedCycle => "DeniedCycle",
+            Reason::DeniedScopeNotAllowed => "DeniedScopeNotAllowed",
+            Reason::DeniedScopeExceedsParent => "DeniedScopeExceedsParent",
+            Reason::DeniedAudienceNotAllowed => "DeniedAudienceNotAllowed",
+            Reason::DeniedAudienceMismatch => "DeniedAudienceMismatch",
+            Reason::DeniedTTLTooLong => "DeniedTTLTooLong",
+            Reason::DeniedTTLTooShort => "DeniedTTLTooShort",
+            Reason::DeniedActorNotAllowed => "DeniedActorNotAllowed",
+            Reason::DeniedDepth => "DeniedDepth",
+            Reason::DeniedInvalidSpec => "DeniedInvalidSpec",
+        }
+    }
+
+    /// Denials are policy violations in the grant itself, reported as Warning events.
+    pub fn is_denial(self) -> bool {
+        self.as_str().starts_with("Denied")
+    }
+}
+
+/// A grant that may not hold a token, and why, in words a person can act on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub message: String,
+}
+
+impl Refusal {
+    fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A valid grant, resolved.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Resolution {
+    /// Root principal first, then one link per agent; the last is this grant's actor.
+    pub chain: Vec<ChainLink>,
+    /// The root principal: the token's `sub`.
+    pub principal: Principal,
+    /// Token subjects of the agents, root-most first; the last is the current actor.
+    pub actors: Vec<String>,
+    /// The scopes the token carries (the grant's own, which every check above has approved).
+    pub effective_scopes: Vec<String>,
+    pub audience: String,
+    pub token_ttl: Duration,
+    pub renew_before: Option<Duration>,
+    /// No token may live past this: the earliest validUntil in the lineage and the parent token's expiry.
+    pub not_after: Option<Timestamp>,
+}
+
+/// Resolves `grant` (in namespace `namespace`) against the other grants and agents of that namespace.
+pub fn resolve(
+    grant: &DelegationGrant,
+    namespace: &str,
+    lookup: &impl Lookup,
+    policy: &Policy,
+    now: Timestamp,
+) -> Result<Resolution, Refusal> {
+    if grant.spec.is_suspended() {
+        return Err(Refusal::new(
+            Reason::Suspended,
+            "spec.suspended is true; set it to false to issue tokens again",
+        ));
+    }
+    if let Some(until) = valid_until(grant)
+        && until <= now
+    {
+        return Err(Refusal::new(
+            Reason::Expired,
+            format!("the delegation ended at {until} (spec.validUntil)"),
+        ));
+    }
+    let lineage = lineage(grant, lookup)?;
+
+    // Every ancestor must itself be valid; its refusal becomes ours as ParentNotReady.
+    for depth in 0..lineage.len() - 1 {
+        if let Err(refusal) = check_hop(&lineage, depth, namespace, lookup, policy, now) {
+            let ancestor = lineage[depth].metadata.name.as_deref().unwrap_or_default();
+            return Err(Refusal::new(
+                Reason::ParentNotReady,
+                format!(
+                    "ancestor grant {ancestor:?} is not valid: {}: {}",
+                    refusal.reason.as_str(),
+                    refusal.message
+                ),
+            ));
+        }
+    }
+    check_hop(&lineage, lineage.len() - 1, namespace, lookup, policy, now)?;
+
+    let parent_expiry = match lineage.len() {
+        1 => None,
+        n => Some(parent_token_expiry(&lineage[n - 2], now)?),
+    };
+    let not_after = lineage
+        .iter()
+        .filter_map(|g| valid_until(g))
+        .chain(parent_expiry)
+        .min();
+
+    let root = &lineage[0];
+    let principal = root.spec.principal.clone().ok_or_else(|| {
+        Refusal::new(
+            Reason::DeniedInvalidSpec,
+            format!("root grant {:?} has no principal", root.metadata.name),
+        )
+    })?;
+    let mut chain = vec![ChainLink {
+        kind: match principal.kind {
+            PrincipalKind::User => "User".into(),
+            PrincipalKind::ServiceAccount => "ServiceAccount".into(),
+        },
+        name: principal.name.clone(),
+        subject: None,
+        grant: None,
+        scopes: None,
+    }];
+    let mut actors = Vec::with_capacity(lineage.len());
+    for g in &lineage {
+        let subject = agent_subject(namespace, &g.spec.actor_ref.name);
+        actors.push(subject.clone());
+        chain.push(ChainLink {
+            kind: "AgentIdentity".into(),
+            name: g.spec.actor_ref.name.clone(),
+            subject: Some(subject),
+            grant: g.metadata.name.clone(),
+            scopes: Some(g.spec.scopes.clone()),
+        });
+    }
+    let token_ttl = parse_duration_field(&grant.spec.token_ttl, "spec.tokenTTL")?;
+    let renew_before = grant
+        .spec
+        .renew_before
+        .as_ref()
+        .map(|d| parse_duration_field(d, "spec.renewBefore"))
+        .transpose()?;
+    Ok(Resolution {
+        chain,
+        principal,
+        actors,
+        effective_scopes: grant.spec.scopes.clone(),
+        audience: grant.spec.audience.clone(),
+        token_ttl,
+        renew_before,
+        not_after,
+    })
+}
+
+/// The grants from the root down to `grant` (inclusive). Refuses cycles, dangling parents and chains
+/// longer than [`MAX_CHAIN_LENGTH`]. Always terminates: every step visits a new name, and the walk is
+/// bounded by the maximum length.
+fn lineage(
+    grant: &DelegationGrant,
+    lookup: &impl Lookup,
+) -> Result<Vec<Arc<DelegationGrant>>, Refusal> {
+    let mut lineage = vec![Arc::new(grant.clone())];
+    let mut seen = BTreeSet::from([grant.metadata.name.clone().unwrap_or_default()]);
+    while let Some(parent_ref) = lineage.last().and_then(|g| g.spec.parent_grant_ref.clone()) {
+        if !seen.insert(parent_ref.name.clone()) {
+            return Err(Refusal::new(
+                Reason::DeniedCycle,
+                format!(
+                    "following parentGrantRef leads back to grant {:?}: a chain cannot contain a cycle",
+                    parent_ref.name
+                ),
+            ));
+        }
+        if lineage.len() >= MAX_CHAIN_LENGTH {
+            return Err(Refusal::new(
+                Reason::DeniedDepth,
+                format!("the chain is longer than {MAX_CHAIN_LENGTH} grants"),
+            ));
+        }
+        let child = lineage
+            .last()
+            .and_then(|g| g.metadata.name.clone())
+            .unwrap_or_default();
+        let Some(parent) = lookup.grant(&parent_ref.name) else {
+            return Err(if lineage.len() == 1 {
+                Refusal::new(
+                    Reason::DeniedParentMissing,
+                    format!(
+                        "parent grant {:?} does not exist in this namespace",
+                        parent_ref.name
+                    ),
+                )
+            } else {
+                Refusal::new(
+                    Reason::ParentNotReady,
+                    format!(
+                        "ancestor grant {child:?} refers to grant {:?}, which does not exist",
+                        parent_ref.name
+                    ),
+                )
+            });
+        };
+        lineage.push(parent);
+    }
+    lineage.reverse();
+    Ok(lineage)
+}
+
+/// Validates the hop at `index` of `lineage` (0 = root grant) against its actor and its parent.
+fn check_hop(
+    lineage: &[Arc<DelegationGrant>],
+    index: usize,
+    namespace: &str,
+    lookup: &impl Lookup,
+    policy: &Policy,
+    now: Timestamp,
+) -> Result<(), Refusal> {
+    let grant = &lineage[index];
+    let name = grant.metadata.name.as_deref().unwrap_or_default();
+    if index + 1 < lineage.len() {
+        // Ancestors: suspension and expiry end their authority for everyone below.
+        if grant.spec.is_suspended() {
+            return Err(Refusal::new(
+                Reason::Suspended,
+                format!("grant {name:?} is suspended"),
+            ));
+        }
+        if let Some(until) = valid_until(grant)
+            && until <= now
+        {
+            return Err(Refusal::new(
+                Reason::Expired,
+                format!("grant {name:?} ended at {until}"),
+            ));
+        }
+    }
+    if grant.spec.principal.is_some() == grant.spec.parent_grant_ref.is_some() {
+        return Err(Refusal::new(
+            Reason::DeniedInvalidSpec,
+            "exactly one of spec.principal or spec.parentGrantRef must be set",
+        ));
+    }
+    let actor_name = &grant.spec.actor_ref.name;
+    let Some(actor) = lookup.agent(actor_name) else {
+        return Err(Refusal::new(
+            Reason::AgentMissing,
+            format!("AgentIdentity {actor_name:?} does not exist in namespace {namespace:?}"),
+        ));
+    };
+    if actor.spec.is_suspended() {
+        return Err(Refusal::new(
+            Reason::AgentSuspended,
+            format!(
+                "AgentIdentity {actor_name:?} is suspended; its tokens are revoked until it is resumed"
+            ),
+        ));
+    }
+    check_ttl(grant, &actor, policy)?;
+
+    let not_allowed = missing_from(&grant.spec.scopes, &actor.spec.allowed_scopes);
+    if !not_allowed.is_empty() {
+        return Err(Refusal::new(
+            Reason::DeniedScopeNotAllowed,
+            format!(
+                "scopes {not_allowed:?} are not in AgentIdentity {actor_name:?} allowedScopes {:?}; remove them from the grant or allow them on the agent",
+                actor.spec.allowed_scopes
+            ),
+        ));
+    }
+    if !actor.spec.allowed_audiences.contains(&grant.spec.audience) {
+        return Err(Refusal::new(
+            Reason::DeniedAudienceNotAllowed,
+            format!(
+                "audience {:?} is not in AgentIdentity {actor_name:?} allowedAudiences {:?}",
+                grant.spec.audience, actor.spec.allowed_audiences
+            ),
+        ));
+    }
+    if index == 0 {
+        return Ok(());
+    }
+
+    let parent = &lineage[index - 1];
+    let parent_name = parent.metadata.name.as_deref().unwrap_or_default();
+    let beyond_parent = missing_from(&grant.spec.scopes, &parent.spec.scopes);
+    if !beyond_parent.is_empty() {
+        return Err(Refusal::new(
+            Reason::DeniedScopeExceedsParent,
+            format!(
+                "scopes {beyond_parent:?} are not held by parent grant {parent_name:?} (it holds {:?})",
+                parent.spec.scopes
+            ),
+        ));
+    }
+    if grant.spec.audience != parent.spec.audience {
+        return Err(Refusal::new(
+            Reason::DeniedAudienceMismatch,
+            format!(
+                "audience {:?} differs from parent grant {parent_name:?} audience {:?}",
+                grant.spec.audience, parent.spec.audience
+            ),
+        ));
+    }
+    let parent_actor_name = &parent.spec.actor_ref.name;
+    let parent_actor = lookup.agent(parent_actor_name);
+    let may_act = parent_actor
+        .as_ref()
+        .and_then(|a| a.spec.delegation.as_ref())
+        .and_then(|d| d.allowed_actors.as_ref())
+        .is_some_and(|allowed| allowed.contains(actor_name));
+    if !may_act {
+        return Err(Refusal::new(
+            Reason::DeniedActorNotAllowed,
+            format!(
+                "AgentIdentity {parent_actor_name:?} (actor of parent grant {parent_name:?}) does not list {actor_name:?} in spec.delegation.allowedActors"
+            ),
+        ));
+    }
+    // Every agent above this hop bounds how many hops may follow it.
+    for (above, ancestor) in lineage[..index].iter().enumerate() {
+        let hops_below = index - above;
+        let agent_name = &ancestor.spec.actor_ref.name;
+        let max_depth = lookup
+            .agent(agent_name)
+            .and_then(|a| a.spec.delegation.as_ref().map(|d| d.max_depth))
+            .map_or(0, |d| usize::try_from(d).unwrap_or(0));
+        if hops_below > max_depth {
+            return Err(Refusal::new(
+                Reason::DeniedDepth,
+                format!(
+                    "AgentIdentity {agent_name:?} allows {max_depth} further hop(s) below it (spec.delegation.maxDepth) but this grant would be {hops_below} below it"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_ttl(
+    grant: &DelegationGrant,
+    actor: &AgentIdentity,
+    policy: &Policy,
+) -> Result<(), Refusal> {
+    let ttl = parse_duration_field(&grant.spec.token_ttl, "spec.tokenTTL")?;
+    let actor_max = parse_duration_field(
+        &actor.spec.max_token_ttl,
+        "maxTokenTTL of the AgentIdentity",
+    )?;
+    if let Some(renew_before) = &grant.spec.renew_before
+        && parse_duration_field(renew_before, "spec.renewBefore")? >= ttl
+    {
+        return Err(Refusal::new(
+            Reason::DeniedInvalidSpec,
+            "spec.renewBefore must be shorter than spec.tokenTTL",
+        ));
+    }
+    if ttl > actor_max {
+        return Err(Refusal::new(
+            Reason::DeniedTTLTooLong,
+            format!(
+                "tokenTTL {} exceeds AgentIdentity {:?} maxTokenTTL {}",
+                grant.spec.token_ttl, grant.spec.actor_ref.name, actor.spec.max_token_ttl
+            ),
+        ));
+    }
+    if ttl > policy.max_token_ttl {
+        return Err(Refusal::new(
+            Reason::DeniedTTLTooLong,
+            format!(
+                "tokenTTL {} exceeds the operator's ceiling of {}s",
+                grant.spec.token_ttl,
+                policy.max_token_ttl.as_secs()
+            ),
+        ));
+    }
+    if ttl < policy.min_token_ttl {
+        return Err(Refusal::new(
+            Reason::DeniedTTLTooShort,
+            format!(
+                "tokenTTL {} is below the operator's minimum of {}s",
+                grant.spec.token_ttl,
+                policy.min_token_ttl.as_secs()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// When the parent's current token expires, if the parent is Ready for its current spec.
+fn parent_token_expiry(parent: &DelegationGrant, now: Timestamp) -> Result<Timestamp, Refusal> {
+    let name = parent.metadata.name.as_deref().unwrap_or_default();
+    let status = parent.status.as_ref();
+    let ready = status
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_READY))
+        .is_some_and(|c| c.status == "True");
+    let current = status.and_then(|s| s.observed_generation) == parent.metadata.generation
+        && parent.metadata.deletion_timestamp.is_none();
+    let expiry = status
+        .and_then(|s| s.token.as_ref())
+        .map(|t| t.expires_at.0);
+    match expiry {
+        Some(exp) if ready && current && exp > now => Ok(exp),
+        _ => Err(Refusal::new(
+            Reason::ParentNotReady,
+            format!(
+                "parent grant {name:?} does not hold a valid token yet; this grant is issued once it does"
+            ),
+        )),
+    }
+}
+
+fn valid_until(grant: &DelegationGrant) -> Option<Timestamp> {
+    grant.spec.valid_until.as_ref().map(|t| t.0)
+}
+
+fn parse_duration_field(d: &crate::api::Duration, field: &str) -> Result<Duration, Refusal> {
+    d.parse()
+        .map_err(|e| Refusal::new(Reason::DeniedInvalidSpec, format!("{field}: {e}")))
+}
+
+/// The items of `wanted` that `held` lacks, in `wanted`'s order.
+fn missing_from(wanted: &[String], held: &[String]) -> Vec<String> {
+    wanted
+        .iter()
+        .filter(|s| !held.contains(s))
+        .cloned()
+        .collect()
+}
+
+/// Adds a std duration to a timestamp, saturating at the maximum representable time.
+pub fn add(t: Timestamp, d: Duration) -> Timestamp {
+    SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(Timestamp::MAX)
+}

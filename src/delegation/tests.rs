@@ -1,0 +1,682 @@
+//! Unit and property tests of chain resolution, driven through plain maps instead of a cluster.
+
+use std::{collections::HashMap, sync::Arc};
+
+use k8s_openapi::{
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    jiff::Timestamp,
+};
+use proptest::prelude::*;
+
+use super::{
+    chain::{Lookup, Policy, Reason, resolve},
+    claims::{GrantReference, build_claims},
+    conditions::set_ready,
+    timing::plan_token,
+};
+use crate::api::*;
+
+const NS: &str = "support";
+
+#[derive(Default, Clone)]
+struct World {
+    grants: HashMap<String, Arc<DelegationGrant>>,
+    agents: HashMap<String, Arc<AgentIdentity>>,
+}
+
+impl Lookup for World {
+    fn grant(&self, name: &str) -> Option<Arc<DelegationGrant>> {
+        self.grants.get(name).cloned()
+    }
+    fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>> {
+        self.agents.get(name).cloned()
+    }
+}
+
+impl World {
+    fn with_agent(mut self, agent: AgentIdentity) -> Self {
+        self.agents
+            .insert(agent.metadata.name.clone().unwrap(), Arc::new(agent));
+        self
+    }
+    fn with_grant(mut self, grant: DelegationGrant) -> Self {
+        self.grants
+            .insert(grant.metadata.name.clone().unwrap(), Arc::new(grant));
+        self
+    }
+    fn get(&self, name: &str) -> DelegationGrant {
+        (*self.grants[name]).clone()
+    }
+}
+
+fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_second(secs).unwrap()
+}
+
+fn now() -> Timestamp {
+    ts(1_800_000_000)
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+fn meta(name: &str) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(NS.into()),
+        generation: Some(1),
+        uid: Some(format!("uid-{name}")),
+        ..Default::default()
+    }
+}
+
+fn agent(name: &str, scopes: &[&str], delegation: Option<(i32, &[&str])>) -> AgentIdentity {
+    AgentIdentity {
+        metadata: meta(name),
+        spec: AgentIdentitySpec {
+            owner: Owner {
+                kind: OwnerKind::Group,
+                name: "platform".into(),
+            },
+            service_account_name: None,
+            allowed_scopes: strings(scopes),
+            allowed_audiences: strings(&["https://api"]),
+            max_token_ttl: Duration::from("15m"),
+            delegation: delegation.map(|(max_depth, actors)| DelegationPolicy {
+                max_depth,
+                allowed_actors: Some(strings(actors)),
+            }),
+            suspended: None,
+        },
+        status: None,
+    }
+}
+
+fn grant_spec(actor: &str, scopes: &[&str]) -> DelegationGrantSpec {
+    DelegationGrantSpec {
+        principal: None,
+        parent_grant_ref: None,
+        actor_ref: LocalRef::new(actor),
+        scopes: strings(scopes),
+        audience: "https://api".into(),
+        token_ttl: Duration::from("10m"),
+        renew_before: None,
+        valid_until: None,
+        authorization_details: None,
+        secret_name: None,
+        suspended: None,
+    }
+}
+
+fn root(name: &str, actor: &str, scopes: &[&str]) -> DelegationGrant {
+    let mut spec = grant_spec(actor, scopes);
+    spec.principal = Some(Principal {
+        kind: PrincipalKind::User,
+        name: "alice@example.com".into(),
+    });
+    DelegationGrant {
+        metadata: meta(name),
+        spec,
+        status: None,
+    }
+}
+
+fn hop(name: &str, parent: &str, actor: &str, scopes: &[&str]) -> DelegationGrant {
+    let mut spec = grant_spec(actor, scopes);
+    spec.parent_grant_ref = Some(LocalRef::new(parent));
+    DelegationGrant {
+        metadata: meta(name),
+        spec,
+        status: None,
+    }
+}
+
+/// Marks a grant as Ready holding a token that expires at `exp`, as the operator would have.
+fn issued(mut grant: DelegationGrant, exp: Timestamp) -> DelegationGrant {
+    grant.status = Some(DelegationGrantStatus {
+        conditions: Some(set_ready(
+            None,
+            true,
+            "Issued",
+            "",
+            grant.metadata.generation,
+            now(),
+        )),
+        observed_generation: grant.metadata.generation,
+        token: Some(TokenStatus {
+            id: "jti".into(),
+            key_id: "kid".into(),
+            issued_at: Time(now()),
+            expires_at: Time(exp),
+            renewal_time: Time(exp),
+        }),
+        ..Default::default()
+    });
+    grant
+}
+
+/// user → orchestrator → summarizer → notifier, every hop allowed, every parent issued.
+fn three_hops() -> World {
+    World::default()
+        .with_agent(agent(
+            "orchestrator",
+            &["t:read", "t:write", "c:read"],
+            Some((2, &["summarizer"])),
+        ))
+        .with_agent(agent(
+            "summarizer",
+            &["t:read", "c:read"],
+            Some((1, &["notifier"])),
+        ))
+        .with_agent(agent("notifier", &["t:read"], None))
+        .with_grant(issued(
+            root("g1", "orchestrator", &["t:read", "c:read"]),
+            ts(1_800_000_600),
+        ))
+        .with_grant(issued(
+            hop("g2", "g1", "summarizer", &["t:read", "c:read"]),
+            ts(1_800_000_300),
+        ))
+        .with_grant(hop("g3", "g2", "notifier", &["t:read"]))
+}
+
+fn refusal(world: &World, name: &str) -> (Reason, String) {
+    let err = resolve(&world.get(name), NS, world, &Policy::default(), now())
+        .expect_err("should be refused");
+    (err.reason, err.message)
+}
+
+#[test]
+fn a_three_hop_chain_resolves_root_first() {
+    let world = three_hops();
+    let r = resolve(&world.get("g3"), NS, &world, &Policy::default(), now()).unwrap();
+    let kinds: Vec<_> = r
+        .chain
+        .iter()
+        .map(|l| (l.kind.as_str(), l.name.as_str()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("User", "alice@example.com"),
+            ("AgentIdentity", "orchestrator"),
+            ("AgentIdentity", "summarizer"),
+            ("AgentIdentity", "notifier")
+        ]
+    );
+    assert_eq!(r.chain[3].grant.as_deref(), Some("g3"));
+    assert_eq!(
+        r.actors,
+        [
+            "agent:support/orchestrator",
+            "agent:support/summarizer",
+            "agent:support/notifier"
+        ]
+    );
+    assert_eq!(r.effective_scopes, ["t:read"]);
+    assert_eq!(
+        r.not_after,
+        Some(ts(1_800_000_300)),
+        "capped by the parent's token"
+    );
+}
+
+#[test]
+fn claims_carry_principal_actor_chain_and_scopes() {
+    let world = three_hops();
+    let r = resolve(&world.get("g2"), NS, &world, &Policy::default(), now()).unwrap();
+    let times = plan_token(now(), r.token_ttl, r.renew_before, r.not_after, 0.0);
+    let grant = GrantReference {
+        namespace: NS.into(),
+        name: "g2".into(),
+        uid: "uid-g2".into(),
+    };
+    let claims = build_claims("https://issuer", &r, grant, None, &times, "id-1".into()).unwrap();
+    let json = serde_json::to_value(&claims).unwrap();
+    assert_eq!(json["sub"], "alice@example.com");
+    assert_eq!(json["client_id"], "agent:support/summarizer");
+    assert_eq!(
+        json["act"],
+        serde_json::json!({"sub": "agent:support/summarizer", "act": {"sub": "agent:support/orchestrator"}})
+    );
+    assert_eq!(json["scope"], "t:read c:read");
+    assert_eq!(json["aud"], "https://api");
+    assert_eq!(json["delegation.nhi.dev/grant"]["name"], "g2");
+    assert!(json.get("authorization_details").is_none());
+    assert_eq!(
+        json["exp"].as_i64().unwrap(),
+        1_800_000_600,
+        "the 10m token is capped at the parent's expiry"
+    );
+}
+
+#[test]
+fn each_violation_has_its_own_reason() {
+    let base = three_hops();
+    let cases: Vec<(&str, World, &str, Reason)> = vec![
+        (
+            "scope beyond the actor",
+            base.clone().with_grant(root("x", "notifier", &["t:write"])),
+            "x",
+            Reason::DeniedScopeNotAllowed,
+        ),
+        (
+            "scope beyond the parent",
+            base.clone()
+                .with_grant(hop("x", "g1", "summarizer", &["t:read", "t:write"])),
+            "x",
+            Reason::DeniedScopeNotAllowed,
+        ),
+        (
+            "scope beyond the parent, allowed to the actor",
+            {
+                let w = base.clone().with_agent(agent(
+                    "summarizer",
+                    &["t:read", "c:read", "t:write"],
+                    Some((1, &["notifier"])),
+                ));
+                w.with_grant(hop("x", "g1", "summarizer", &["t:write"]))
+            },
+            "x",
+            Reason::DeniedScopeExceedsParent,
+        ),
+        (
+            "audience not allowed",
+            {
+                let mut g = root("x", "orchestrator", &["t:read"]);
+                g.spec.audience = "https://elsewhere".into();
+                base.clone().with_grant(g)
+            },
+            "x",
+            Reason::DeniedAudienceNotAllowed,
+        ),
+        (
+            "audience differs from the parent",
+            {
+                let mut a = agent("summarizer", &["t:read"], None);
+                a.spec.allowed_audiences.push("https://other".into());
+                let mut g = hop("x", "g1", "summarizer", &["t:read"]);
+                g.spec.audience = "https://other".into();
+                base.clone().with_agent(a).with_grant(g)
+            },
+            "x",
+            Reason::DeniedAudienceMismatch,
+        ),
+        (
+            "TTL above maxTokenTTL",
+            {
+                let mut g = root("x", "orchestrator", &["t:read"]);
+                g.spec.token_ttl = Duration::from("16m");
+                base.clone().with_grant(g)
+            },
+            "x",
+            Reason::DeniedTTLTooLong,
+        ),
+        (
+            "TTL below the operator minimum",
+            {
+                let mut g = root("x", "orchestrator", &["t:read"]);
+                g.spec.token_ttl = Duration::from("30s");
+                base.clone().with_grant(g)
+            },
+            "x",
+            Reason::DeniedTTLTooShort,
+        ),
+        (
+            "actor not in allowedActors",
+            base.clone()
+                .with_grant(hop("x", "g1", "notifier", &["t:read"])),
+            "x",
+            Reason::DeniedActorNotAllowed,
+        ),
+        (
+            "depth exceeded",
+            {
+                let w = base.clone().with_agent(agent(
+                    "notifier",
+                    &["t:read"],
+                    Some((1, &["summarizer"])),
+                ));
+                w.with_grant(issued(
+                    hop("g3", "g2", "notifier", &["t:read"]),
+                    ts(1_800_000_100),
+                ))
+                .with_grant(hop("x", "g3", "summarizer", &["t:read"]))
+            },
+            "x",
+            Reason::DeniedDepth,
+        ),
+        (
+            "cycle",
+            base.clone()
+                .with_grant(hop("c1", "c2", "summarizer", &["t:read"]))
+                .with_grant(hop("c2", "c1", "summarizer", &["t:read"])),
+            "c1",
+            Reason::DeniedCycle,
+        ),
+        (
+            "self cycle",
+            base.clone()
+                .with_grant(hop("c", "c", "summarizer", &["t:read"])),
+            "c",
+            Reason::DeniedCycle,
+        ),
+        (
+            "dangling parent",
+            base.clone()
+                .with_grant(hop("x", "nope", "summarizer", &["t:read"])),
+            "x",
+            Reason::DeniedParentMissing,
+        ),
+        (
+            "missing actor",
+            base.clone().with_grant(root("x", "ghost", &["t:read"])),
+            "x",
+            Reason::AgentMissing,
+        ),
+        (
+            "suspended actor",
+            {
+                let mut a = agent("notifier", &["t:read"], None);
+                a.spec.suspended = Some(true);
+                base.clone()
+                    .with_agent(a)
+                    .with_grant(root("x", "notifier", &["t:read"]))
+            },
+            "x",
+            Reason::AgentSuspended,
+        ),
+        (
+            "suspended ancestor agent",
+            {
+                let mut a = agent(
+                    "orchestrator",
+                    &["t:read", "t:write", "c:read"],
+                    Some((2, &["summarizer"])),
+                );
+                a.spec.suspended = Some(true);
+                base.clone().with_agent(a)
+            },
+            "g3",
+            Reason::ParentNotReady,
+        ),
+        (
+            "suspended grant",
+            {
+                let mut g = root("x", "orchestrator", &["t:read"]);
+                g.spec.suspended = Some(true);
+                base.clone().with_grant(g)
+            },
+            "x",
+            Reason::Suspended,
+        ),
+        (
+            "expired grant",
+            {
+                let mut g = root("x", "orchestrator", &["t:read"]);
+                g.spec.valid_until = Some(Time(ts(1_799_999_999)));
+                base.clone().with_grant(g)
+            },
+            "x",
+            Reason::Expired,
+        ),
+        (
+            "parent not issued yet",
+            base.clone()
+                .with_grant(hop("g2", "g1", "summarizer", &["t:read"])),
+            "g3",
+            Reason::ParentNotReady,
+        ),
+        (
+            "parent token expired",
+            base.clone().with_grant(issued(
+                root("g1", "orchestrator", &["t:read", "c:read"]),
+                ts(1_799_999_000),
+            )),
+            "g2",
+            Reason::ParentNotReady,
+        ),
+    ];
+    for (what, world, name, expected) in cases {
+        let (reason, message) = refusal(&world, name);
+        assert_eq!(reason, expected, "{what}: {message}");
+        assert!(!message.is_empty(), "{what}: empty message");
+    }
+}
+
+#[test]
+fn a_denial_names_what_to_fix() {
+    let world = three_hops().with_grant(root("x", "notifier", &["t:read", "t:write"]));
+    let (_, message) = refusal(&world, "x");
+    assert!(
+        message.contains("t:write")
+            && message.contains("notifier")
+            && message.contains("allowedScopes"),
+        "{message}"
+    );
+}
+
+#[test]
+fn a_stale_parent_status_is_not_trusted() {
+    let mut world = three_hops();
+    let mut g1 = world.get("g1");
+    g1.metadata.generation = Some(2); // spec changed, not yet reconciled
+    world = world.with_grant(g1);
+    assert_eq!(refusal(&world, "g2").0, Reason::ParentNotReady);
+}
+
+#[test]
+fn not_after_is_the_earliest_valid_until_in_the_lineage() {
+    let mut world = three_hops();
+    let mut g1 = world.get("g1");
+    g1.spec.valid_until = Some(Time(ts(1_800_000_200)));
+    world = world.with_grant(g1);
+    let r = resolve(&world.get("g2"), NS, &world, &Policy::default(), now()).unwrap();
+    assert_eq!(r.not_after, Some(ts(1_800_000_200)));
+}
+
+// ---- properties ---------------------------------------------------------------------------------
+
+const UNIVERSE: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+fn subset(mask: u8) -> Vec<&'static str> {
+    UNIVERSE
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, s)| *s)
+        .collect()
+}
+
+#[derive(Debug, Clone)]
+struct HopSpec {
+    grant_scopes: u8,
+    agent_scopes: u8,
+    max_depth: i32,
+    agent_ttl_secs: u64,
+    grant_ttl_secs: u64,
+    valid_until: Option<i64>,
+    parent_exp: i64,
+    allows_next: bool,
+}
+
+fn hop_spec() -> impl Strategy<Value = HopSpec> {
+    // Biased towards valid chains (wide agents, narrow grants, deep policies) so that the properties
+    // are exercised on many accepted chains, while still generating every kind of violation.
+    (
+        prop_oneof![Just(1u8), Just(3u8), 1u8..32],
+        prop_oneof![Just(31u8), 1u8..32],
+        prop_oneof![Just(5i32), 0i32..5],
+        60u64..2000,
+        60u64..2000,
+        proptest::option::of(-100i64..3000),
+        1i64..3000,
+        proptest::bool::weighted(0.9),
+    )
+        .prop_map(
+            |(
+                grant_scopes,
+                agent_scopes,
+                max_depth,
+                agent_ttl_secs,
+                grant_ttl_secs,
+                valid_until,
+                parent_exp,
+                allows_next,
+            )| HopSpec {
+                grant_scopes,
+                agent_scopes,
+                max_depth,
+                agent_ttl_secs,
+                grant_ttl_secs: grant_ttl_secs.min(agent_ttl_secs + 100),
+                valid_until,
+                parent_exp,
+                allows_next,
+            },
+        )
+}
+
+/// A linear chain g0 → g1 → … with one agent per hop, every parent issued; returns the world.
+fn chain_world(hops: &[HopSpec]) -> World {
+    let mut world = World::default();
+    for (i, h) in hops.iter().enumerate() {
+        let next_actor = format!("agent{}", i + 1);
+        let allowed: Vec<&str> = if h.allows_next {
+            vec![next_actor.as_str()]
+        } else {
+            vec![]
+        };
+        let mut a = agent(
+            &format!("agent{i}"),
+            &subset(h.agent_scopes),
+            Some((h.max_depth, &allowed)),
+        );
+        a.spec.max_token_ttl = Duration::new(format!("{}s", h.agent_ttl_secs));
+        world = world.with_agent(a);
+        let scopes = subset(h.grant_scopes);
+        let mut g = if i == 0 {
+            root("g0", "agent0", &scopes)
+        } else {
+            hop(
+                &format!("g{i}"),
+                &format!("g{}", i - 1),
+                &format!("agent{i}"),
+                &scopes,
+            )
+        };
+        g.spec.token_ttl = Duration::new(format!("{}s", h.grant_ttl_secs));
+        g.spec.valid_until = h.valid_until.map(|v| Time(ts(now().as_second() + v)));
+        let g = if i + 1 < hops.len() {
+            issued(g, ts(now().as_second() + h.parent_exp))
+        } else {
+            g
+        };
+        world = world.with_grant(g);
+    }
+    world
+}
+
+/// The properties below only say something if the generator produces valid chains often enough.
+#[test]
+fn the_chain_generator_yields_valid_chains() {
+    use proptest::strategy::ValueTree;
+    let mut runner = proptest::test_runner::TestRunner::deterministic();
+    let strategy = proptest::collection::vec(hop_spec(), 1..6);
+    let valid = (0..500)
+        .filter(|_| {
+            let hops = strategy.new_tree(&mut runner).unwrap().current();
+            let world = chain_world(&hops);
+            resolve(
+                &world.get(&format!("g{}", hops.len() - 1)),
+                NS,
+                &world,
+                &Policy::default(),
+                now(),
+            )
+            .is_ok()
+        })
+        .count();
+    assert!(
+        valid >= 25,
+        "only {valid} of 500 generated chains were valid"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn effective_scopes_never_exceed_any_ancestor_or_the_actor(hops in proptest::collection::vec(hop_spec(), 1..6)) {
+        let world = chain_world(&hops);
+        let last = format!("g{}", hops.len() - 1);
+        if let Ok(r) = resolve(&world.get(&last), NS, &world, &Policy::default(), now()) {
+            for h in &hops {
+                let held = subset(h.grant_scopes);
+                let allowed = subset(h.agent_scopes);
+                for s in &r.effective_scopes {
+                    prop_assert!(held.contains(&s.as_str()), "{s} exceeds an ancestor grant");
+                    prop_assert!(allowed.contains(&s.as_str()), "{s} exceeds an agent's allowedScopes");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_token_outlives_valid_until_its_parent_or_max_token_ttl(
+        hops in proptest::collection::vec(hop_spec(), 1..6),
+        jitter in 0.0f64..1.0,
+    ) {
+        let world = chain_world(&hops);
+        let n = hops.len();
+        if let Ok(r) = resolve(&world.get(&format!("g{}", n - 1)), NS, &world, &Policy::default(), now()) {
+            let t = plan_token(now(), r.token_ttl, r.renew_before, r.not_after, jitter);
+            let last = &hops[n - 1];
+            prop_assert!(t.expires_at.as_second() <= now().as_second() + last.agent_ttl_secs as i64);
+            for h in &hops {
+                if let Some(v) = h.valid_until { prop_assert!(t.expires_at.as_second() <= now().as_second() + v); }
+            }
+            if n > 1 { prop_assert!(t.expires_at.as_second() <= now().as_second() + hops[n - 2].parent_exp); }
+            prop_assert!(t.renewal_at < t.expires_at);
+        }
+    }
+
+    #[test]
+    fn depth_limits_hold(hops in proptest::collection::vec(hop_spec(), 1..7)) {
+        let world = chain_world(&hops);
+        let n = hops.len();
+        if resolve(&world.get(&format!("g{}", n - 1)), NS, &world, &Policy::default(), now()).is_ok() {
+            for (j, h) in hops.iter().enumerate() {
+                prop_assert!((n - 1 - j) as i32 <= h.max_depth, "agent{j} allows {} but has {} below", h.max_depth, n - 1 - j);
+            }
+        }
+    }
+
+    /// Arbitrary parent pointers (cycles, self-loops, dangling) always resolve to an answer, and a grant
+    /// whose ancestry loops is never issued.
+    #[test]
+    fn cycle_detection_always_terminates(parents in proptest::collection::vec(proptest::option::of(0usize..12), 1..10)) {
+        let mut world = World::default().with_agent(agent("a", &["a"], Some((8, &["a"]))));
+        for (i, p) in parents.iter().enumerate() {
+            let g = match p {
+                None => root(&format!("g{i}"), "a", &["a"]),
+                Some(p) => hop(&format!("g{i}"), &format!("g{p}"), "a", &["a"]),
+            };
+            world = world.with_grant(issued(g, ts(now().as_second() + 600)));
+        }
+        for i in 0..parents.len() {
+            let result = resolve(&world.get(&format!("g{i}")), NS, &world, &Policy::default(), now());
+            // Walk the pointers ourselves (bounded) to see whether g{i} reaches a cycle.
+            let mut seen = vec![i];
+            let mut cur = i;
+            let mut loops = false;
+            while let Some(Some(p)) = parents.get(cur) {
+                if seen.contains(p) { loops = true; break; }
+                if *p >= parents.len() { break; }
+                seen.push(*p);
+                cur = *p;
+            }
+            if loops { prop_assert!(result.is_err()); }
+        }
+    }
+}
