@@ -1,6 +1,12 @@
 //! delegation-operator: turns DelegationGrants into short-lived, scoped, signed on-behalf-of tokens.
 //!
 //! - [`api`]: the CRD types (the contract).
+//! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
+//! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
+//! - [`signing`]: signing keys, JWKS and token verification.
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod delegation;
+pub mod operator;
+pub mod signing;

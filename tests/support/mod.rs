@@ -179,3 +179,283 @@ pub fn rejection_message<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> 
         Err(other) => panic!("expected an apiserver validation error, got {other}"),
     }
 }
+
+// ---- running the operator --------------------------------------------------------------------
+
+/// The operator binary running against the test control plane, watching one namespace. Its audit
+/// trail (stdout) and logs (stderr) go to files; it is killed when dropped.
+pub struct Operator {
+    child: std::process::Child,
+    pub audit_path: PathBuf,
+    pub log_path: PathBuf,
+    pub namespace: String,
+    pub operator_namespace: String,
+}
+
+impl Operator {
+    /// Starts the operator for `namespace`, keeping keys and revocations in `operator_namespace`.
+    pub fn start(namespace: &str, operator_namespace: &str, extra_args: &[&str]) -> Self {
+        let dir = std::env::temp_dir().join("delegation-operator-tests");
+        std::fs::create_dir_all(&dir).unwrap();
+        let stamp = uuid::Uuid::new_v4().simple().to_string();
+        let audit_path = dir.join(format!("{namespace}-{stamp}.audit.jsonl"));
+        let log_path = dir.join(format!("{namespace}-{stamp}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
+            .arg("run")
+            .arg("--kubeconfig")
+            .arg(kubeconfig_path())
+            .args([
+                "--namespace",
+                namespace,
+                "--operator-namespace",
+                operator_namespace,
+            ])
+            .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
+            .args(extra_args)
+            .env(
+                "RUST_LOG",
+                std::env::var("DELEGATION_TEST_LOG")
+                    .unwrap_or_else(|_| "info,delegation_operator=debug".into()),
+            )
+            .stdout(std::fs::File::create(&audit_path).unwrap())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .expect("start the operator binary");
+        Self {
+            child,
+            audit_path,
+            log_path,
+            namespace: namespace.into(),
+            operator_namespace: operator_namespace.into(),
+        }
+    }
+
+    /// The audit records written so far.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.audit_path)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+            })
+            .collect()
+    }
+
+    pub fn raw_output(&self) -> String {
+        std::fs::read_to_string(&self.audit_path).unwrap_or_default()
+            + &std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn stop(mut self) {
+        self.kill();
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit on its own (for start-up refusals).
+    pub fn wait_exit(mut self, timeout: Duration) -> (std::process::ExitStatus, String) {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (
+                    status,
+                    std::fs::read_to_string(&self.log_path).unwrap_or_default(),
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "operator did not exit within {timeout:?}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A namespace for grants plus one for the operator's keys, and the operator watching them.
+pub struct Fixture {
+    pub client: Client,
+    pub ns: String,
+    pub operator: Option<Operator>,
+}
+
+impl Fixture {
+    pub async fn start(prefix: &str, extra_args: &[&str]) -> Self {
+        let client = client().await;
+        install_crds(&client).await;
+        let ns = fresh_namespace(&client, prefix).await;
+        create_namespace(&client, &operator_namespace_for(&ns)).await;
+        let operator = Operator::start(&ns, &operator_namespace_for(&ns), extra_args);
+        Self {
+            client,
+            ns,
+            operator: Some(operator),
+        }
+    }
+
+    pub fn operator(&self) -> &Operator {
+        self.operator.as_ref().expect("operator running")
+    }
+
+    pub fn operator_namespace(&self) -> String {
+        operator_namespace_for(&self.ns)
+    }
+
+    /// Applies YAML documents (our kinds) into the test namespace.
+    pub async fn apply(&self, yaml: &str) {
+        for doc in serde_yaml::Deserializer::from_str(yaml) {
+            let value = serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap();
+            let obj: DynamicObject = serde_json::from_value(value).unwrap();
+            let kind = obj.types.as_ref().unwrap().kind.clone();
+            let name = obj.metadata.name.clone().unwrap();
+            let mut obj = obj;
+            obj.metadata.namespace = Some(self.ns.clone());
+            dynamic_api(&self.client, &self.ns, &kind)
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&obj),
+                )
+                .await
+                .unwrap_or_else(|e| panic!("apply {kind}/{name}: {e}"));
+        }
+    }
+
+    pub fn grants(&self) -> Api<DelegationGrant> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn agents(&self) -> Api<AgentIdentity> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    pub fn secrets(&self) -> Api<Secret> {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Waits until the grant's Ready condition has `status` (and, if given, `reason`); returns the grant.
+    pub async fn wait_ready(
+        &self,
+        name: &str,
+        status: &str,
+        reason: Option<&str>,
+    ) -> DelegationGrant {
+        let api = self.grants();
+        let what = format!("grant {name} Ready={status} reason={reason:?}");
+        wait_for(&what, Duration::from_secs(30), || async {
+            let grant = api.get_opt(name).await.ok()??;
+            let cond = grant
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .iter()
+                .find(|c| c.type_ == "Ready")?
+                .clone();
+            let current = grant.status.as_ref()?.observed_generation == grant.metadata.generation;
+            (current && cond.status == status && reason.is_none_or(|r| cond.reason == r))
+                .then_some(grant)
+        })
+        .await
+    }
+
+    /// The token in a Secret, if the Secret exists.
+    pub async fn token_in(&self, secret: &str) -> Option<String> {
+        let s = self.secrets().get_opt(secret).await.unwrap()?;
+        Some(String::from_utf8(s.data?.get("token")?.0.clone()).unwrap())
+    }
+
+    /// The published JWKS.
+    pub async fn jwks(&self) -> serde_json::Value {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
+        let cm = cms.get("delegation-operator-jwks").await.unwrap();
+        serde_json::from_str(&cm.data.unwrap()["jwks.json"]).unwrap()
+    }
+
+    /// The token ids in the revocation list.
+    pub async fn revoked_ids(&self) -> Vec<String> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
+        let Some(cm) = cms
+            .get_opt("delegation-operator-revocations")
+            .await
+            .unwrap()
+        else {
+            return vec![];
+        };
+        let entries: Vec<serde_json::Value> = serde_json::from_str(
+            cm.data
+                .unwrap_or_default()
+                .get("revocations.json")
+                .map_or("[]", |s| s.as_str()),
+        )
+        .unwrap();
+        entries
+            .iter()
+            .map(|e| e["jti"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// Reasons of the Events recorded for an object.
+    pub async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.client.clone(), &self.ns);
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
+            .collect()
+    }
+}
+
+pub fn operator_namespace_for(ns: &str) -> String {
+    format!("{ns}-op")
+}
+
+pub async fn create_namespace(client: &Client, name: &str) {
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
+}
+
+/// Polls `check` every 200ms until it returns `Some`, or panics after `timeout` naming `what`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+use delegation_operator::api::{AgentIdentity, DelegationGrant};
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};

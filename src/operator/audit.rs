@@ -1,0 +1,55 @@
+//! The audit trail: one JSON line on stdout per issue, rotation, revocation and denial, carrying the
+//! full actor chain. Never the token itself, only its id. Operational logs go to stderr, so stdout is
+//! a clean stream for a log pipeline.
+
+use std::io::Write;
+
+use serde::Serialize;
+
+use crate::api::ChainLink;
+
+/// What happened.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+pub enum AuditAction {
+    Issued,
+    Rotated,
+    Revoked,
+    Denied,
+}
+
+/// One audit record.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AuditRecord<'a> {
+    pub time: String,
+    pub action: AuditAction,
+    pub namespace: &'a str,
+    pub grant: &'a str,
+    /// The condition reason behind the action (e.g. `DeniedScopeNotAllowed`, `AgentSuspended`).
+    pub reason: &'a str,
+    pub message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub principal: Option<&'a str>,
+    /// Root principal first; empty when the chain could not be resolved.
+    pub chain: &'a [ChainLink],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<&'a [String]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<&'a str>,
+    /// Token ids concerned (the new one, or those revoked).
+    pub token_ids: Vec<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<String>,
+}
+
+/// Writes one record as a JSON line on stdout.
+pub fn record(record: &AuditRecord<'_>) {
+    match serde_json::to_string(record) {
+        Ok(line) => {
+            let mut out = std::io::stdout().lock();
+            // A failed write (closed stdout) must not stop the operator; the Event still records it.
+            let _ = writeln!(out, "{line}").and_then(|_| out.flush());
+        }
+        Err(e) => tracing::error!(error = %e, "could not serialize audit record"),
+    }
+}

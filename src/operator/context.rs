@@ -1,0 +1,172 @@
+//! What every reconcile shares: the client, the caches, the keys, the revocation list, and a little
+//! memory of our own writes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Client, Resource, ResourceExt,
+    api::PartialObjectMeta,
+    runtime::{
+        events::{Event, EventType, Recorder},
+        reflector::{ObjectRef, Store},
+    },
+};
+
+use super::{keys::KeyStore, revocations::RevocationList};
+use crate::{
+    api::{AgentIdentity, DelegationGrant},
+    delegation::{Lookup, Policy},
+    signing::Algorithm,
+};
+
+/// Operator settings, from flags.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Where keys, the JWKS and the revocation list live.
+    pub operator_namespace: String,
+    /// Watch only this namespace (all when `None`).
+    pub watch_namespace: Option<String>,
+    /// The `iss` of every token.
+    pub issuer: String,
+    pub algorithm: Algorithm,
+    pub key_rotation_period: Duration,
+    pub policy: Policy,
+    /// How many grants are reconciled at once.
+    pub concurrency: u16,
+}
+
+pub struct Context {
+    pub client: Client,
+    pub settings: Settings,
+    pub grants: Store<DelegationGrant>,
+    pub agents: Store<AgentIdentity>,
+    /// Token Secrets, metadata only: token bytes never sit in this cache.
+    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// One flag per cache, true once its initial list is in.
+    pub caches_ready: [tokio::sync::watch::Receiver<bool>; 3],
+    pub keys: KeyStore,
+    pub revocations: RevocationList,
+    pub recorder: Recorder,
+    /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
+    /// A different version means someone else changed it.
+    pub trusted_secrets: Mutex<HashMap<(String, String), String>>,
+    /// For each grant uid: the resourceVersion its status was last written from. Seeing that version
+    /// again in the cache means the cache has not caught up with our write yet.
+    pub status_written_from: Mutex<HashMap<String, String>>,
+}
+
+impl Context {
+    /// A read view of one namespace's grants and agents, for the pure core.
+    pub fn namespace_view<'a>(&'a self, namespace: &'a str) -> NamespaceView<'a> {
+        NamespaceView {
+            ctx: self,
+            namespace,
+        }
+    }
+
+    /// Waits until every cache has its initial list, so that nothing is judged missing at start-up.
+    pub async fn caches_ready(&self) -> bool {
+        for flag in &self.caches_ready {
+            if flag.clone().wait_for(|ready| *ready).await.is_err() {
+                return false;
+            }
+        }
+        true
+    }
+
+    pub fn cached_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<Arc<PartialObjectMeta<Secret>>> {
+        self.secrets.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Publishes an Event on an object; failures are logged, never fatal.
+    pub async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.to_owned(),
+            note: Some(note),
+            action: reason.to_owned(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
+            tracing::warn!(error = %e, object = obj.meta().name.as_deref().unwrap_or_default(), "could not publish event");
+        }
+    }
+
+    pub fn remember_trusted_secret(&self, namespace: &str, name: &str, resource_version: String) {
+        if let Ok(mut map) = self.trusted_secrets.lock() {
+            map.insert((namespace.to_owned(), name.to_owned()), resource_version);
+        }
+    }
+
+    pub fn is_trusted_secret(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: Option<&str>,
+    ) -> bool {
+        let key = (namespace.to_owned(), name.to_owned());
+        self.trusted_secrets
+            .lock()
+            .is_ok_and(|map| map.get(&key).map(String::as_str) == resource_version)
+    }
+
+    pub fn forget_secret(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.trusted_secrets.lock() {
+            map.remove(&(namespace.to_owned(), name.to_owned()));
+        }
+    }
+
+    /// Whether the cached grant predates our own last status write.
+    pub fn is_stale(&self, grant: &DelegationGrant) -> bool {
+        let (Some(uid), Some(rv)) = (grant.uid(), grant.resource_version()) else {
+            return false;
+        };
+        self.status_written_from
+            .lock()
+            .is_ok_and(|map| map.get(&uid) == Some(&rv))
+    }
+
+    pub fn remember_status_write(&self, grant: &DelegationGrant) {
+        if let (Some(uid), Some(rv), Ok(mut map)) = (
+            grant.uid(),
+            grant.resource_version(),
+            self.status_written_from.lock(),
+        ) {
+            map.insert(uid, rv);
+        }
+    }
+}
+
+pub struct NamespaceView<'a> {
+    ctx: &'a Context,
+    namespace: &'a str,
+}
+
+impl Lookup for NamespaceView<'_> {
+    fn grant(&self, name: &str) -> Option<Arc<DelegationGrant>> {
+        self.ctx
+            .grants
+            .get(&ObjectRef::new(name).within(self.namespace))
+    }
+
+    fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>> {
+        self.ctx
+            .agents
+            .get(&ObjectRef::new(name).within(self.namespace))
+    }
+}

@@ -1,0 +1,714 @@
+//! The DelegationGrant controller: issue, rotate and revoke tokens, and write the chain back.
+//!
+//! `reconcile` is thin: the finalizer routes to [`apply`] (make the token match the grant) or
+//! [`cleanup`] (the grant is being deleted: revoke). Every decision is made by the pure core in
+//! `crate::delegation`; this module only reads caches and writes what changed.
+
+use std::{sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::Time, jiff::Timestamp,
+};
+use kube::{
+    Api, ResourceExt,
+    api::{PartialObjectMeta, Patch, PatchParams},
+    runtime::{
+        controller::Action,
+        events::EventType,
+        finalizer::{Event as Finalizer, finalizer},
+    },
+};
+
+use super::{
+    FIELD_MANAGER, FINALIZER,
+    audit::{self, AuditAction, AuditRecord},
+    context::Context,
+    error::{Error, Result},
+    now,
+    revocations::Revocation,
+    token_secret::{self, EXPIRES_AT_ANNOTATION, Ownership, TOKEN_ID_ANNOTATION, Written},
+};
+use crate::{
+    api::{ChainLink, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
+    delegation::{
+        Refusal, Resolution,
+        claims::{GrantReference, build_claims},
+        conditions::{ready_condition, set_ready},
+        resolve,
+        timing::{IssueCause, SecretState, TokenStep, next_step, plan_token, until},
+    },
+    signing,
+};
+
+/// Condition reasons of a Ready grant, and of a grant whose tokens were revoked on deletion or conflict.
+const ISSUED: &str = "Issued";
+const ROTATED: &str = "Rotated";
+const REVOKED: &str = "Revoked";
+const SECRET_CONFLICT: &str = "SecretConflict";
+
+pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.caches_ready().await {
+        return Err(Error::InvalidState("caches stopped".into()));
+    }
+    if ctx.is_stale(&grant) {
+        // Our own status write is on its way through the watch; it will trigger us again.
+        return Ok(Action::requeue(Duration::from_secs(2)));
+    }
+    let namespace = grant
+        .namespace()
+        .ok_or_else(|| Error::InvalidState("grant without namespace".into()))?;
+    let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, grant, |event| async {
+        match event {
+            Finalizer::Apply(grant) => apply(&grant, &ctx).await,
+            Finalizer::Cleanup(grant) => cleanup(&grant, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if is_stale_finalizer_write(error) {
+        // Raced with our own finalizer write, seen through a cache that had not caught up: look again soon.
+        tracing::debug!(grant = %grant.name_any(), "finalizer write raced with the cache; retrying");
+        return Action::requeue(Duration::from_secs(1));
+    }
+    tracing::warn!(grant = %grant.name_any(), namespace = grant.namespace().unwrap_or_default(), error = %error, kind = error.metric_label(), "reconcile failed; retrying");
+    Action::requeue(Duration::from_secs(5))
+}
+
+/// The finalizer helper writes with a JSON-patch `test` against the cached finalizer list; a stale
+/// cache makes that test fail (422) or conflict (409).
+fn is_stale_finalizer_write(error: &Error) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    match error {
+        Error::Finalizer(inner) => match inner.as_ref() {
+            F::AddFinalizer(kube::Error::Api(s)) | F::RemoveFinalizer(kube::Error::Api(s)) => {
+                s.code == 409 || s.code == 422
+            }
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Brings the grant's token in line with what the grant allows now.
+async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let now = now();
+    let resolved = resolve(
+        grant,
+        &namespace,
+        &ctx.namespace_view(&namespace),
+        &ctx.settings.policy,
+        now,
+    );
+    match resolved {
+        Err(refusal) => refuse(grant, ctx, &refusal, now).await,
+        Ok(resolution) => issue_or_keep(grant, ctx, &resolution, now).await,
+    }
+}
+
+/// The grant is being deleted: revoke its tokens, say so, and let the finalizer go.
+async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
+    let now = now();
+    let revoked = revoke_tokens(grant, ctx, "Deleted", now).await?;
+    let message = "the grant was deleted; its tokens are revoked";
+    // Children watch this status: they lose their tokens before this grant disappears.
+    write_status(grant, ctx, refused_status(grant, REVOKED, message, now)).await?;
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, REVOKED, message).await;
+    }
+    Ok(Action::await_change())
+}
+
+/// The grant may not hold a token: revoke whatever it holds and explain why.
+async fn refuse(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    refusal: &Refusal,
+    now: Timestamp,
+) -> Result<Action> {
+    let reason = refusal.reason.as_str();
+    let revoked = revoke_tokens(grant, ctx, reason, now).await?;
+    let changed = write_status(
+        grant,
+        ctx,
+        refused_status(grant, reason, &refusal.message, now),
+    )
+    .await?;
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, reason, &refusal.message).await;
+    }
+    if changed && refusal.reason.is_denial() {
+        ctx.event(
+            grant,
+            EventType::Warning,
+            "Denied",
+            format!("{reason}: {}", refusal.message),
+        )
+        .await;
+        audit::record(&audit_record(
+            grant,
+            AuditAction::Denied,
+            reason,
+            &refusal.message,
+            None,
+            Vec::new(),
+            None,
+        ));
+    } else if changed && revoked.is_empty() {
+        ctx.event(grant, EventType::Normal, reason, refusal.message.clone())
+            .await;
+    }
+    // Nothing is due: a change to the grant, its agent or its parent triggers the next look.
+    Ok(Action::await_change())
+}
+
+/// The grant is valid: keep its token, or mint a new one when it is due, missing or outdated.
+async fn issue_or_keep(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    resolution: &Resolution,
+    now: Timestamp,
+) -> Result<Action> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let name = grant.name_any();
+    let secret_name = grant.spec.secret_name_or_default(&name);
+    let cached = ctx.cached_secret(&namespace, &secret_name);
+    if token_secret::ownership(cached.as_deref(), grant) == Ownership::Foreign {
+        return secret_conflict(grant, ctx, &secret_name, now).await;
+    }
+    let status = grant.status.clone().unwrap_or_default();
+    let current = status
+        .token
+        .as_ref()
+        .map(|t| (t.expires_at.0, t.renewal_time.0));
+    let secret = secret_state(
+        ctx,
+        grant,
+        &secret_name,
+        cached.as_deref(),
+        status.token.as_ref(),
+    )
+    .await?;
+    match next_step(
+        current,
+        describes(&status, grant, resolution, &secret_name),
+        secret,
+        resolution.not_after,
+        now,
+    ) {
+        TokenStep::Keep { recheck_at } => Ok(Action::requeue(
+            until(now, recheck_at).max(Duration::from_secs(1)),
+        )),
+        TokenStep::Issue(cause) => issue(grant, ctx, resolution, &secret_name, cause, now).await,
+    }
+}
+
+/// Whether the status already describes a token for this spec and this chain.
+fn describes(
+    status: &DelegationGrantStatus,
+    grant: &DelegationGrant,
+    resolution: &Resolution,
+    secret_name: &str,
+) -> bool {
+    let ready = ready_condition(status.conditions.as_deref()).is_some_and(|c| c.status == "True");
+    ready
+        && status.observed_generation == grant.metadata.generation
+        && status.chain.as_ref() == Some(&resolution.chain)
+        && status.effective_scopes.as_ref() == Some(&resolution.effective_scopes)
+        && status.secret_name.as_deref() == Some(secret_name)
+}
+
+/// Whether the Secret still holds the token the status describes. The metadata cache tells us when
+/// it changed; only then is the Secret read (once) and its token verified.
+async fn secret_state(
+    ctx: &Context,
+    grant: &DelegationGrant,
+    secret_name: &str,
+    cached: Option<&PartialObjectMeta<Secret>>,
+    token: Option<&TokenStatus>,
+) -> Result<SecretState> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let cached_rv = cached.and_then(|s| s.metadata.resource_version.as_deref());
+    if cached.is_some() && ctx.is_trusted_secret(&namespace, secret_name, cached_rv) {
+        return Ok(SecretState::Intact);
+    }
+    let Some(token) = token else {
+        return Ok(SecretState::Missing);
+    };
+    // Not in the cache, or changed since we last looked: ask the apiserver (the cache may lag our write).
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some((stored, rv)) = token_secret::read_token(&api, secret_name).await? else {
+        ctx.forget_secret(&namespace, secret_name);
+        return Ok(SecretState::Missing);
+    };
+    let jwks = ctx.keys.jwks()?;
+    let verified = signing::verify(&stored, &jwks, &grant.spec.audience, 0)
+        .ok()
+        .is_some_and(|claims| claims["jti"].as_str() == Some(token.id.as_str()));
+    if verified {
+        ctx.remember_trusted_secret(&namespace, secret_name, rv);
+        Ok(SecretState::Intact)
+    } else {
+        Ok(SecretState::Changed)
+    }
+}
+
+/// Mints a token, writes it to the Secret, then records it in the status.
+async fn issue(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    resolution: &Resolution,
+    secret_name: &str,
+    cause: IssueCause,
+    now: Timestamp,
+) -> Result<Action> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let name = grant.name_any();
+    let old = grant.status.clone().unwrap_or_default();
+
+    // A token that no longer says the right thing (narrowed scopes, tampered Secret) must not live on.
+    let supersedes_by_revocation = matches!(
+        cause,
+        IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
+    );
+    let revoked = if supersedes_by_revocation {
+        record_revocations(grant, ctx, "Superseded", now).await?
+    } else {
+        Vec::new()
+    };
+
+    let times = plan_token(
+        now,
+        resolution.token_ttl,
+        resolution.renew_before,
+        resolution.not_after,
+        jitter(),
+    );
+    let jti = uuid::Uuid::new_v4().to_string();
+    let grant_ref = GrantReference {
+        namespace: namespace.clone(),
+        name: name.clone(),
+        uid: grant.uid().unwrap_or_default(),
+    };
+    let claims = build_claims(
+        &ctx.settings.issuer,
+        resolution,
+        grant_ref,
+        grant.spec.authorization_details.clone(),
+        &times,
+        jti.clone(),
+    )
+    .ok_or_else(|| Error::InvalidState("a resolved chain has at least one actor".into()))?;
+    let signed = ctx.keys.sign(&claims)?;
+
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let expires_at = Time(times.expires_at);
+    let desired = token_secret::desired(grant, secret_name, &signed.token, &jti, &expires_at);
+    let ours = ctx
+        .cached_secret(&namespace, secret_name)
+        .filter(|s| token_secret::ownership(Some(s), grant) == Ownership::Ours);
+    let rv = match write_token_secret(
+        &api,
+        desired,
+        ours.and_then(|s| s.metadata.uid.clone()),
+        grant,
+    )
+    .await?
+    {
+        Some(rv) => rv,
+        None => return secret_conflict(grant, ctx, secret_name, now).await,
+    };
+    ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
+        // spec.secretName changed: the token moved; the old Secret is ours to remove.
+        delete_our_secret(ctx, grant, previous_secret).await?;
+    }
+
+    let previous_token = if supersedes_by_revocation {
+        None
+    } else {
+        old.token
+            .as_ref()
+            .filter(|t| t.expires_at.0 > now)
+            .map(|t| PreviousToken {
+                id: t.id.clone(),
+                expires_at: t.expires_at.clone(),
+            })
+    };
+    let first =
+        matches!(cause, IssueCause::First | IssueCause::SecretMissing) && old.token.is_none();
+    let (reason, action) = if first {
+        (ISSUED, AuditAction::Issued)
+    } else {
+        (ROTATED, AuditAction::Rotated)
+    };
+    let message = issue_message(resolution, cause, &times.expires_at, &times.renewal_at);
+    let status = DelegationGrantStatus {
+        conditions: Some(set_ready(
+            old.conditions.as_deref(),
+            true,
+            reason,
+            &message,
+            grant.metadata.generation,
+            now,
+        )),
+        observed_generation: grant.metadata.generation,
+        chain: Some(resolution.chain.clone()),
+        effective_scopes: Some(resolution.effective_scopes.clone()),
+        token: Some(TokenStatus {
+            id: jti.clone(),
+            key_id: signed.key_id.clone(),
+            issued_at: Time(times.issued_at),
+            expires_at: expires_at.clone(),
+            renewal_time: Time(times.renewal_at),
+        }),
+        previous_token,
+        secret_name: Some(secret_name.to_owned()),
+    };
+    write_status(grant, ctx, status).await?;
+
+    if !revoked.is_empty() {
+        report_revocation(
+            grant,
+            ctx,
+            &revoked,
+            "Superseded",
+            "the token no longer matched the grant or its Secret was altered",
+        )
+        .await;
+    }
+    ctx.event(grant, EventType::Normal, reason, message.clone())
+        .await;
+    audit::record(&audit_record(
+        grant,
+        action,
+        reason,
+        &message,
+        Some(resolution),
+        vec![jti.as_str()],
+        Some(times.expires_at.to_string()),
+    ));
+    Ok(Action::requeue(
+        until(now, times.renewal_at).max(Duration::from_secs(1)),
+    ))
+}
+
+fn issue_message(
+    resolution: &Resolution,
+    cause: IssueCause,
+    expires_at: &Timestamp,
+    renewal_at: &Timestamp,
+) -> String {
+    let why = match cause {
+        IssueCause::First => "issued",
+        IssueCause::Renewal => "renewed",
+        IssueCause::GrantChanged => "reissued because the grant or its chain changed",
+        IssueCause::OutlivesLimit => "reissued because a limit above it tightened",
+        IssueCause::SecretMissing => "reissued because its Secret was deleted",
+        IssueCause::SecretChanged => "reissued because its Secret was altered",
+    };
+    let actor = resolution
+        .actors
+        .last()
+        .map(String::as_str)
+        .unwrap_or_default();
+    format!(
+        "token {why} for {actor} on behalf of {}; expires at {expires_at}, renews at {renewal_at}",
+        resolution.principal.name
+    )
+}
+
+/// Writes the token Secret without ever taking over a Secret someone else created: a Secret the cache
+/// shows as ours is updated with its uid as a precondition, anything else is created. Returns the new
+/// resourceVersion, or `None` when a foreign Secret holds the name.
+async fn write_token_secret(
+    api: &Api<Secret>,
+    mut desired: Secret,
+    cached_uid: Option<String>,
+    grant: &DelegationGrant,
+) -> Result<Option<String>> {
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    desired.metadata.uid = cached_uid;
+    if let Written::Done(rv) = token_secret::write(api, &desired).await? {
+        return Ok(Some(rv));
+    }
+    // Collided: perhaps with our own earlier write that the cache has not seen yet.
+    if let Some(meta) = api.get_metadata_opt(&name).await?
+        && token_secret::ownership(Some(&meta), grant) == Ownership::Ours
+    {
+        desired.metadata.uid = meta.metadata.uid;
+        if let Written::Done(rv) = token_secret::write(api, &desired).await? {
+            return Ok(Some(rv));
+        }
+    }
+    Ok(None)
+}
+
+/// A Secret of the grant's name exists and is not ours: hands off, revoke what we issued, explain.
+async fn secret_conflict(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    secret_name: &str,
+    now: Timestamp,
+) -> Result<Action> {
+    let message = format!(
+        "Secret {secret_name:?} already exists and was not created by delegation-operator for this grant; \
+         delete it or set spec.secretName to a free name"
+    );
+    let revoked = revoke_tokens(grant, ctx, SECRET_CONFLICT, now).await?;
+    let changed = write_status(
+        grant,
+        ctx,
+        refused_status(grant, SECRET_CONFLICT, &message, now),
+    )
+    .await?;
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, SECRET_CONFLICT, &message).await;
+    }
+    if changed {
+        ctx.event(grant, EventType::Warning, SECRET_CONFLICT, message.clone())
+            .await;
+        audit::record(&audit_record(
+            grant,
+            AuditAction::Denied,
+            SECRET_CONFLICT,
+            &message,
+            None,
+            Vec::new(),
+            None,
+        ));
+    }
+    Ok(Action::await_change())
+}
+
+/// Records every token of the grant that may still be valid in the revocation list, then deletes the
+/// grant's Secret(s). Recording comes first: if it fails, nothing is deleted and we retry (fail closed).
+async fn revoke_tokens(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    reason: &str,
+    now: Timestamp,
+) -> Result<Vec<String>> {
+    let revoked = record_revocations(grant, ctx, reason, now).await?;
+    for secret_name in secret_names(grant) {
+        delete_our_secret(ctx, grant, &secret_name).await?;
+    }
+    Ok(revoked)
+}
+
+/// Adds the grant's still-valid tokens (from its status and from its Secrets' annotations) to the
+/// revocation list. Returns their ids.
+async fn record_revocations(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    reason: &str,
+    now: Timestamp,
+) -> Result<Vec<String>> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let mut tokens: Vec<(String, Timestamp)> = Vec::new();
+    if let Some(status) = &grant.status {
+        tokens.extend(status.token.iter().map(|t| (t.id.clone(), t.expires_at.0)));
+        tokens.extend(
+            status
+                .previous_token
+                .iter()
+                .map(|t| (t.id.clone(), t.expires_at.0)),
+        );
+    }
+    for secret_name in secret_names(grant) {
+        let Some(secret) = ctx.cached_secret(&namespace, &secret_name) else {
+            continue;
+        };
+        if token_secret::ownership(Some(&secret), grant) != Ownership::Ours {
+            continue;
+        }
+        let annotations = secret.metadata.annotations.clone().unwrap_or_default();
+        if let (Some(id), Some(exp)) = (
+            annotations.get(TOKEN_ID_ANNOTATION),
+            annotations.get(EXPIRES_AT_ANNOTATION),
+        ) {
+            // An unparseable expiry is treated as far away: better listed too long than not at all.
+            let exp = exp.parse::<Timestamp>().unwrap_or(Timestamp::MAX);
+            tokens.push((id.clone(), exp));
+        }
+    }
+    tokens.retain(|(_, exp)| *exp > now);
+    tokens.sort();
+    tokens.dedup_by(|a, b| a.0 == b.0);
+    if tokens.is_empty() {
+        return Ok(Vec::new());
+    }
+    let entries = tokens
+        .iter()
+        .map(|(jti, exp)| Revocation {
+            jti: jti.clone(),
+            exp: exp.as_second(),
+            grant: format!("{namespace}/{}", grant.name_any()),
+            reason: reason.to_owned(),
+            time: now.to_string(),
+        })
+        .collect();
+    ctx.revocations.add(entries, now).await?;
+    Ok(tokens.into_iter().map(|(jti, _)| jti).collect())
+}
+
+/// The Secret names a grant may have written: the current one and the one its status recorded.
+fn secret_names(grant: &DelegationGrant) -> Vec<String> {
+    let mut names = vec![grant.spec.secret_name_or_default(&grant.name_any())];
+    if let Some(recorded) = grant.status.as_ref().and_then(|s| s.secret_name.clone())
+        && !names.contains(&recorded)
+    {
+        names.push(recorded);
+    }
+    names
+}
+
+/// Deletes a Secret if, and only if, it is this grant's.
+async fn delete_our_secret(
+    ctx: &Context,
+    grant: &DelegationGrant,
+    secret_name: &str,
+) -> Result<()> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let meta = match ctx.cached_secret(&namespace, secret_name) {
+        Some(cached) => Some((*cached).clone()),
+        None => api.get_metadata_opt(secret_name).await?,
+    };
+    if token_secret::ownership(meta.as_ref(), grant) == Ownership::Ours {
+        token_secret::delete(&api, secret_name, meta.and_then(|m| m.metadata.uid)).await?;
+    }
+    ctx.forget_secret(&namespace, secret_name);
+    Ok(())
+}
+
+async fn report_revocation(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    revoked: &[String],
+    reason: &str,
+    message: &str,
+) {
+    let note = format!(
+        "revoked token(s) {} ({reason}): {message}",
+        revoked.join(", ")
+    );
+    ctx.event(grant, EventType::Normal, REVOKED, note).await;
+    let chain = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.chain.clone())
+        .unwrap_or_default();
+    let mut record = audit_record(
+        grant,
+        AuditAction::Revoked,
+        reason,
+        message,
+        None,
+        revoked.iter().map(String::as_str).collect(),
+        None,
+    );
+    record.chain = &chain;
+    record.principal = chain.first().map(|l| l.name.as_str());
+    audit::record(&record);
+}
+
+/// The status of a grant that holds no token.
+fn refused_status(
+    grant: &DelegationGrant,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> DelegationGrantStatus {
+    let previous = grant.status.as_ref().and_then(|s| s.conditions.as_deref());
+    DelegationGrantStatus {
+        conditions: Some(set_ready(
+            previous,
+            false,
+            reason,
+            message,
+            grant.metadata.generation,
+            now,
+        )),
+        observed_generation: grant.metadata.generation,
+        ..Default::default()
+    }
+}
+
+/// Server-side applies the status when it differs from what the cache shows. Returns whether it wrote.
+async fn write_status(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    status: DelegationGrantStatus,
+) -> Result<bool> {
+    if grant.status.as_ref() == Some(&status) {
+        return Ok(false);
+    }
+    let api: Api<DelegationGrant> =
+        Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1",
+        "kind": "DelegationGrant",
+        "status": status,
+    });
+    match api
+        .patch_status(
+            &grant.name_any(),
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        Ok(_) => {
+            ctx.remember_status_write(grant);
+            Ok(true)
+        }
+        // Deleted meanwhile (finalizer already gone): nothing left to describe.
+        Err(e) if super::error::is_not_found(&e) => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn audit_record<'a>(
+    grant: &'a DelegationGrant,
+    action: AuditAction,
+    reason: &'a str,
+    message: &'a str,
+    resolution: Option<&'a Resolution>,
+    token_ids: Vec<&'a str>,
+    expires_at: Option<String>,
+) -> AuditRecord<'a> {
+    const NO_CHAIN: &[ChainLink] = &[];
+    AuditRecord {
+        time: now().to_string(),
+        action,
+        namespace: grant.metadata.namespace.as_deref().unwrap_or_default(),
+        grant: grant.metadata.name.as_deref().unwrap_or_default(),
+        reason,
+        message,
+        principal: resolution.map(|r| r.principal.name.as_str()),
+        chain: resolution.map_or(NO_CHAIN, |r| r.chain.as_slice()),
+        scopes: resolution.map(|r| r.effective_scopes.as_slice()),
+        audience: resolution.map(|r| r.audience.as_str()),
+        token_ids,
+        expires_at,
+    }
+}
+
+/// A random fraction in [0, 1) for renewal jitter.
+fn jitter() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
+}
+
+/// Whether a grant currently holds a valid token (its Ready condition is True).
+pub fn is_ready(grant: &DelegationGrant) -> bool {
+    grant
+        .status
+        .as_ref()
+        .and_then(|s| ready_condition(s.conditions.as_deref()))
+        .is_some_and(|c| c.status == "True")
+}

@@ -1,0 +1,121 @@
+//! The revocation list: every revoked token id, kept in a ConfigMap in the operator namespace until
+//! the token would have expired anyway, so that verifiers can refuse tokens before their `exp`.
+
+use k8s_openapi::{api::core::v1::ConfigMap, jiff::Timestamp};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams},
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Mutex;
+
+use super::{
+    FIELD_MANAGER,
+    error::{Error, Result},
+};
+
+pub const CONFIGMAP_NAME: &str = "delegation-operator-revocations";
+pub const DATA_KEY: &str = "revocations.json";
+
+/// One revoked token.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub jti: String,
+    /// Unix seconds: when the token expires; the entry is pruned after that.
+    pub exp: i64,
+    /// `<namespace>/<name>` of the grant.
+    pub grant: String,
+    pub reason: String,
+    /// RFC 3339 time of the revocation.
+    pub time: String,
+}
+
+/// The list, mirrored in memory and written through to its ConfigMap. One writer (this process), so a
+/// mutex around read-modify-write is enough.
+pub struct RevocationList {
+    api: Api<ConfigMap>,
+    entries: Mutex<Vec<Revocation>>,
+}
+
+impl RevocationList {
+    /// Loads the list from its ConfigMap (absent means empty).
+    pub async fn load(client: Client, namespace: &str) -> Result<Self> {
+        let api: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let existing = api.get_opt(CONFIGMAP_NAME).await?;
+        let missing = existing.is_none();
+        let entries = match existing {
+            Some(cm) => parse(&cm).map_err(|e| {
+                Error::InvalidState(format!(
+                    "ConfigMap {namespace}/{CONFIGMAP_NAME} key {DATA_KEY} is unreadable ({e}); refusing to start rather than forget revocations"
+                ))
+            })?,
+            None => Vec::new(),
+        };
+        let list = Self {
+            api,
+            entries: Mutex::new(entries),
+        };
+        if missing {
+            // Published from the start, so verifiers can rely on it existing.
+            list.write(&[]).await?;
+        }
+        Ok(list)
+    }
+
+    /// Records revocations (before the token's Secret is deleted: fail closed) and prunes expired entries.
+    pub async fn add(&self, new: Vec<Revocation>, now: Timestamp) -> Result<()> {
+        let mut entries = self.entries.lock().await;
+        let mut next = entries.clone();
+        prune(&mut next, now);
+        for r in new {
+            if r.exp > now.as_second() && !next.iter().any(|e| e.jti == r.jti) {
+                next.push(r);
+            }
+        }
+        if next != *entries {
+            self.write(&next).await?;
+            *entries = next;
+        }
+        Ok(())
+    }
+
+    /// Whether a token id is listed (for tests and diagnostics).
+    pub async fn contains(&self, jti: &str) -> bool {
+        self.entries.lock().await.iter().any(|e| e.jti == jti)
+    }
+
+    async fn write(&self, entries: &[Revocation]) -> Result<()> {
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(CONFIGMAP_NAME.into()),
+                labels: Some(super::managed_labels()),
+                ..Default::default()
+            },
+            data: Some([(DATA_KEY.to_owned(), serde_json::to_string_pretty(entries)?)].into()),
+            ..Default::default()
+        };
+        let mut value = serde_json::to_value(&cm)?;
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "ConfigMap".into();
+        self.api
+            .patch(
+                CONFIGMAP_NAME,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&value),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+/// The entries of a revocation ConfigMap.
+pub fn parse(cm: &ConfigMap) -> serde_json::Result<Vec<Revocation>> {
+    match cm.data.as_ref().and_then(|d| d.get(DATA_KEY)) {
+        Some(text) => serde_json::from_str(text),
+        None => Ok(Vec::new()),
+    }
+}
+
+fn prune(entries: &mut Vec<Revocation>, now: Timestamp) {
+    entries.retain(|e| e.exp > now.as_second());
+}

@@ -1,0 +1,180 @@
+//! The Secret holding a grant's token: what it looks like, whose it is, and how it is written,
+//! checked and deleted. The operator never takes over a Secret it did not create.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::Secret,
+    apimachinery::pkg::apis::meta::v1::{OwnerReference, Time},
+};
+use kube::{
+    Api, Resource,
+    api::{
+        DeleteParams, ObjectMeta, PartialObjectMeta, Patch, PatchParams, PostParams, Preconditions,
+    },
+};
+
+use super::{
+    FIELD_MANAGER,
+    error::{Result, is_conflict, is_not_found},
+    managed_labels,
+};
+use crate::api::DelegationGrant;
+
+pub const SECRET_TYPE: &str = "delegation.nhi.dev/token";
+pub const TOKEN_KEY: &str = "token";
+pub const EXPIRES_AT_KEY: &str = "expires-at";
+/// Label naming the grant a token Secret belongs to.
+pub const GRANT_LABEL: &str = "delegation.nhi.dev/grant";
+/// Annotations with the token id and expiry (not secret), visible in the metadata-only cache, so a
+/// token can be revoked even when the grant's status never recorded it.
+pub const TOKEN_ID_ANNOTATION: &str = "delegation.nhi.dev/token-id";
+pub const EXPIRES_AT_ANNOTATION: &str = "delegation.nhi.dev/expires-at";
+
+/// Who a Secret of the right name belongs to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ownership {
+    Absent,
+    /// Created by this operator for this grant.
+    Ours,
+    /// Someone else's (or another grant's): hands off.
+    Foreign,
+}
+
+/// Decides ownership from the Secret's metadata: ours only when its controller owner reference is
+/// this very grant (same uid), so a same-named grant recreated later does not inherit it either.
+pub fn ownership(secret: Option<&PartialObjectMeta<Secret>>, grant: &DelegationGrant) -> Ownership {
+    let Some(secret) = secret else {
+        return Ownership::Absent;
+    };
+    let grant_uid = grant.metadata.uid.as_deref();
+    let ours = secret.metadata.owner_references.iter().flatten().any(|r| {
+        r.controller == Some(true)
+            && r.kind == "DelegationGrant"
+            && Some(r.uid.as_str()) == grant_uid
+    });
+    if ours {
+        Ownership::Ours
+    } else {
+        Ownership::Foreign
+    }
+}
+
+/// The Secret for a freshly minted token.
+pub fn desired(
+    grant: &DelegationGrant,
+    name: &str,
+    token: &str,
+    token_id: &str,
+    expires_at: &Time,
+) -> Secret {
+    let mut labels = managed_labels();
+    labels.insert(
+        GRANT_LABEL.into(),
+        grant.metadata.name.clone().unwrap_or_default(),
+    );
+    let expires = expires_at.0.to_string();
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: grant.metadata.namespace.clone(),
+            labels: Some(labels),
+            annotations: Some(BTreeMap::from([
+                (TOKEN_ID_ANNOTATION.to_owned(), token_id.to_owned()),
+                (EXPIRES_AT_ANNOTATION.to_owned(), expires.clone()),
+            ])),
+            owner_references: Some(vec![owner_reference(grant)]),
+            ..Default::default()
+        },
+        type_: Some(SECRET_TYPE.into()),
+        data: Some(BTreeMap::from([
+            (TOKEN_KEY.to_owned(), ByteString(token.as_bytes().to_vec())),
+            (EXPIRES_AT_KEY.to_owned(), ByteString(expires.into_bytes())),
+        ])),
+        ..Default::default()
+    }
+}
+
+fn owner_reference(grant: &DelegationGrant) -> OwnerReference {
+    OwnerReference {
+        api_version: DelegationGrant::api_version(&()).into_owned(),
+        kind: DelegationGrant::kind(&()).into_owned(),
+        name: grant.metadata.name.clone().unwrap_or_default(),
+        uid: grant.metadata.uid.clone().unwrap_or_default(),
+        controller: Some(true),
+        block_owner_deletion: None,
+    }
+}
+
+/// The outcome of writing a token Secret.
+pub enum Written {
+    /// Written; the new resourceVersion.
+    Done(String),
+    /// A Secret of that name appeared that is not ours.
+    Conflict,
+}
+
+/// Updates our Secret when `secret.metadata.uid` is set (the apiserver refuses the write if that uid
+/// is not the Secret's), creates it otherwise (refused if the name is taken). Never overwrites a Secret
+/// that is not ours.
+pub async fn write(api: &Api<Secret>, secret: &Secret) -> Result<Written> {
+    let name = secret.metadata.name.clone().unwrap_or_default();
+    let result = if secret.metadata.uid.is_some() {
+        let mut value = serde_json::to_value(secret)?;
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        api.patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&value),
+        )
+        .await
+    } else {
+        api.create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            secret,
+        )
+        .await
+    };
+    match result {
+        Ok(written) => Ok(Written::Done(
+            written.metadata.resource_version.unwrap_or_default(),
+        )),
+        Err(e) if is_conflict(&e) || is_not_found(&e) => Ok(Written::Conflict),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Deletes our Secret, guarded by its uid so that a Secret recreated by someone else is never hit.
+pub async fn delete(api: &Api<Secret>, name: &str, uid: Option<String>) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid,
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match api.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(e) if is_not_found(&e) || is_conflict(&e) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The token stored in a Secret (read only to check a Secret whose content changed unseen).
+pub async fn read_token(api: &Api<Secret>, name: &str) -> Result<Option<(String, String)>> {
+    let Some(secret) = api.get_opt(name).await? else {
+        return Ok(None);
+    };
+    let rv = secret.metadata.resource_version.clone().unwrap_or_default();
+    let token = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY))
+        .and_then(|b| String::from_utf8(b.0.clone()).ok());
+    Ok(token.map(|t| (t, rv)))
+}

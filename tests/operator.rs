@@ -1,0 +1,1067 @@
+//! The operator against a real kube-apiserver: each test runs the operator binary on its own
+//! namespace and checks what a user would see — Secrets, tokens, statuses, Events, the revocation list.
+
+mod support;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use delegation_operator::signing;
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+use support::*;
+
+const AGENTS: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: orchestrator}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read, tickets:write, cases:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+  delegation: {maxDepth: 2, allowedActors: [summarizer]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: summarizer}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read, cases:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 10m
+  delegation: {maxDepth: 1, allowedActors: [notifier]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: notifier}
+spec:
+  owner: {kind: User, name: bob@example.com}
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 5m
+"#;
+
+const THREE_HOPS: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g1}
+spec:
+  principal: {kind: User, name: alice@example.com}
+  actorRef: {name: orchestrator}
+  scopes: [tickets:read, cases:read]
+  audience: https://tickets.example.com
+  tokenTTL: 10m
+  authorizationDetails:
+  - {type: ticket, identifier: "1234", actions: [read]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g2}
+spec:
+  parentGrantRef: {name: g1}
+  actorRef: {name: summarizer}
+  scopes: [tickets:read, cases:read]
+  audience: https://tickets.example.com
+  tokenTTL: 10m
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g3}
+spec:
+  parentGrantRef: {name: g2}
+  actorRef: {name: notifier}
+  scopes: [tickets:read]
+  audience: https://tickets.example.com
+  tokenTTL: 5m
+"#;
+
+fn grant_yaml(name: &str, root: &str, actor: &str, scopes: &str, ttl: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: {name}}}\nspec:\n  {root}\n  actorRef: {{name: {actor}}}\n  scopes: {scopes}\n  audience: https://tickets.example.com\n  tokenTTL: {ttl}\n{extra}"
+    )
+}
+
+fn user_root() -> &'static str {
+    "principal: {kind: User, name: alice@example.com}"
+}
+
+fn token_id(grant: &delegation_operator::api::DelegationGrant) -> String {
+    grant
+        .status
+        .as_ref()
+        .unwrap()
+        .token
+        .as_ref()
+        .unwrap()
+        .id
+        .clone()
+}
+
+#[tokio::test]
+async fn a_three_hop_chain_gets_verifiable_tokens_with_nested_actors() {
+    let f = Fixture::start("issue", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(THREE_HOPS).await;
+    let g1 = f.wait_ready("g1", "True", Some("Issued")).await;
+    let g2 = f.wait_ready("g2", "True", Some("Issued")).await;
+    let g3 = f.wait_ready("g3", "True", Some("Issued")).await;
+
+    let token = f
+        .token_in("g3-token")
+        .await
+        .expect("g3's Secret holds a token");
+    let claims = signing::verify(&token, &f.jwks().await, "https://tickets.example.com", 0)
+        .expect("verifies against the JWKS");
+    assert_eq!(claims["iss"], "https://issuer.test");
+    assert_eq!(claims["sub"], "alice@example.com");
+    assert_eq!(claims["aud"], "https://tickets.example.com");
+    assert_eq!(claims["scope"], "tickets:read");
+    let ns = &f.ns;
+    assert_eq!(claims["client_id"], format!("agent:{ns}/notifier"));
+    assert_eq!(
+        claims["act"],
+        json!({"sub": format!("agent:{ns}/notifier"), "act": {"sub": format!("agent:{ns}/summarizer"), "act": {"sub": format!("agent:{ns}/orchestrator")}}})
+    );
+    let status = g3.status.clone().unwrap();
+    assert_eq!(claims["jti"], status.token.as_ref().unwrap().id);
+    assert_eq!(
+        claims["delegation.nhi.dev/grant"],
+        json!({"namespace": ns, "name": "g3", "uid": g3.uid().unwrap()})
+    );
+    let parent_exp = g2
+        .status
+        .as_ref()
+        .unwrap()
+        .token
+        .as_ref()
+        .unwrap()
+        .expires_at
+        .0
+        .as_second();
+    assert!(
+        claims["exp"].as_i64().unwrap() <= parent_exp,
+        "no token outlives its parent's"
+    );
+    assert!(
+        claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap() <= 300,
+        "no token outlives its tokenTTL"
+    );
+
+    // The chain is written back root first, and the token's header names the published key.
+    let chain: Vec<_> = status
+        .chain
+        .unwrap()
+        .iter()
+        .map(|l| (l.kind.clone(), l.name.clone()))
+        .collect();
+    assert_eq!(
+        chain,
+        [
+            ("User", "alice@example.com"),
+            ("AgentIdentity", "orchestrator"),
+            ("AgentIdentity", "summarizer"),
+            ("AgentIdentity", "notifier")
+        ]
+        .map(|(k, n)| (k.to_owned(), n.to_owned()))
+    );
+    assert_eq!(status.effective_scopes.unwrap(), ["tickets:read"]);
+
+    // authorization_details travel in g1's token.
+    let g1_claims = signing::verify(
+        &f.token_in("g1-token").await.unwrap(),
+        &f.jwks().await,
+        "https://tickets.example.com",
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        g1_claims["authorization_details"],
+        json!([{"type": "ticket", "identifier": "1234", "actions": ["read"]}])
+    );
+    assert_eq!(
+        g1_claims["act"],
+        json!({"sub": format!("agent:{ns}/orchestrator")})
+    );
+    assert_eq!(g1_claims["jti"], token_id(&g1));
+
+    // The Secret is ours, typed, labelled and owned by the grant.
+    let secret = f.secrets().get("g3-token").await.unwrap();
+    assert_eq!(secret.type_.as_deref(), Some("delegation.nhi.dev/token"));
+    assert!(secret.data.as_ref().unwrap().contains_key("expires-at"));
+    assert_eq!(
+        secret
+            .labels()
+            .get("delegation.nhi.dev/grant")
+            .map(String::as_str),
+        Some("g3")
+    );
+    assert_eq!(secret.owner_references()[0].uid, g3.uid().unwrap());
+
+    // Agents report their subject and how many grants they act under.
+    let orchestrator = f.agents().get("orchestrator").await.unwrap();
+    let agent_status = orchestrator.status.unwrap();
+    assert_eq!(
+        agent_status.subject.as_deref(),
+        Some(format!("agent:{ns}/orchestrator").as_str())
+    );
+    wait_for(
+        "orchestrator activeGrants=1",
+        Duration::from_secs(10),
+        || async {
+            let s = f.agents().get("orchestrator").await.ok()?.status?;
+            (s.active_grants == Some(1)).then_some(())
+        },
+    )
+    .await;
+
+    // Evidence: an Issued event and an audit line with the whole chain — never the token.
+    assert!(
+        f.event_reasons("g3")
+            .await
+            .contains(&("Normal".into(), "Issued".into()))
+    );
+    let audit = f.operator().audit();
+    let issued = audit
+        .iter()
+        .find(|r| r["action"] == "Issued" && r["grant"] == "g3")
+        .expect("audit record for g3");
+    assert_eq!(issued["chain"].as_array().unwrap().len(), 4);
+    assert_eq!(issued["principal"], "alice@example.com");
+    assert!(
+        !f.operator().raw_output().contains(&token),
+        "the token must never be logged"
+    );
+    assert!(
+        !f.operator()
+            .raw_output()
+            .contains(token.split('.').nth(2).unwrap()),
+        "not even its signature"
+    );
+}
+
+#[tokio::test]
+async fn tokens_rotate_before_they_expire_and_the_old_one_is_not_revoked() {
+    let f = Fixture::start("rotate", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "short",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "6s",
+        "",
+    ))
+    .await;
+    let first = f.wait_ready("short", "True", Some("Issued")).await;
+    let first_token = first.status.as_ref().unwrap().token.clone().unwrap();
+    assert!(first_token.renewal_time.0 < first_token.expires_at.0);
+
+    let rotated = wait_for("a rotated token", Duration::from_secs(20), || async {
+        let g = f.grants().get("short").await.ok()?;
+        let t = g.status.as_ref()?.token.as_ref()?;
+        (t.id != first_token.id).then_some(g)
+    })
+    .await;
+    let status = rotated.status.unwrap();
+    let new_token = status.token.unwrap();
+    assert!(
+        new_token.issued_at.0 < first_token.expires_at.0,
+        "the new token appears before the old one expires"
+    );
+    assert_eq!(
+        status.previous_token.map(|p| p.id),
+        Some(first_token.id.clone()),
+        "the old token is kept as previous"
+    );
+    assert!(
+        !f.revoked_ids().await.contains(&first_token.id),
+        "rotation does not revoke"
+    );
+    let token = f.token_in("short-token").await.unwrap();
+    let claims =
+        signing::verify(&token, &f.jwks().await, "https://tickets.example.com", 0).unwrap();
+    assert_eq!(claims["jti"], new_token.id);
+    assert!(
+        f.operator()
+            .audit()
+            .iter()
+            .any(|r| r["action"] == "Rotated" && r["grant"] == "short")
+    );
+}
+
+#[tokio::test]
+async fn deleting_a_grant_revokes_its_token() {
+    let f = Fixture::start("delete", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "doomed",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    let grant = f.wait_ready("doomed", "True", None).await;
+    assert!(
+        grant
+            .finalizers()
+            .contains(&"delegation.nhi.dev/revoke-tokens".to_owned())
+    );
+    let jti = token_id(&grant);
+
+    f.grants()
+        .delete("doomed", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "grant gone (finalizer removed)",
+        Duration::from_secs(15),
+        || async {
+            f.grants()
+                .get_opt("doomed")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(
+        f.secrets().get_opt("doomed-token").await.unwrap().is_none(),
+        "Secret deleted explicitly, not left to GC"
+    );
+    assert!(
+        f.revoked_ids().await.contains(&jti),
+        "jti recorded in the revocation list"
+    );
+    assert!(f.operator().audit().iter().any(|r| r["action"] == "Revoked"
+        && r["grant"] == "doomed"
+        && r["tokenIds"][0] == jti.as_str()));
+}
+
+#[tokio::test]
+async fn suspending_an_agent_revokes_down_the_chain_and_resuming_recovers() {
+    let f = Fixture::start("cascade", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(THREE_HOPS).await;
+    let before: Vec<String> = [
+        f.wait_ready("g1", "True", None).await,
+        f.wait_ready("g2", "True", None).await,
+        f.wait_ready("g3", "True", None).await,
+    ]
+    .iter()
+    .map(token_id)
+    .collect();
+
+    let suspend = |on: bool| json!({"spec": {"suspended": on}});
+    f.agents()
+        .patch(
+            "orchestrator",
+            &PatchParams::default(),
+            &Patch::Merge(&suspend(true)),
+        )
+        .await
+        .unwrap();
+    f.wait_ready("g1", "False", Some("AgentSuspended")).await;
+    let g2 = f.wait_ready("g2", "False", Some("ParentNotReady")).await;
+    f.wait_ready("g3", "False", Some("ParentNotReady")).await;
+    let message = &g2.status.unwrap().conditions.unwrap()[0].message;
+    assert!(
+        message.contains("g1"),
+        "the message names the broken link: {message}"
+    );
+    for secret in ["g1-token", "g2-token", "g3-token"] {
+        wait_for(
+            &format!("{secret} deleted"),
+            Duration::from_secs(10),
+            || async {
+                f.secrets()
+                    .get_opt(secret)
+                    .await
+                    .unwrap()
+                    .is_none()
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+    let revoked = f.revoked_ids().await;
+    for jti in &before {
+        assert!(revoked.contains(jti), "{jti} not revoked");
+    }
+    assert_eq!(
+        f.agents()
+            .get("orchestrator")
+            .await
+            .unwrap()
+            .status
+            .unwrap()
+            .conditions
+            .unwrap()[0]
+            .reason,
+        "Suspended"
+    );
+
+    f.agents()
+        .patch(
+            "orchestrator",
+            &PatchParams::default(),
+            &Patch::Merge(&suspend(false)),
+        )
+        .await
+        .unwrap();
+    for (name, old) in ["g1", "g2", "g3"].iter().zip(&before) {
+        let g = f.wait_ready(name, "True", None).await;
+        assert_ne!(&token_id(&g), old, "{name} got a fresh token");
+        assert!(f.token_in(&format!("{name}-token")).await.is_some());
+    }
+}
+
+#[tokio::test]
+async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
+    let f = Fixture::start("deny", &["--min-token-ttl", "2m"]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "parent",
+        user_root(),
+        "orchestrator",
+        "[tickets:read]",
+        "10m",
+        "",
+    ))
+    .await;
+    f.wait_ready("parent", "True", None).await;
+    let parent = |name: &str| format!("parentGrantRef: {{name: {name}}}");
+    let cases: Vec<(&str, String, &str)> = vec![
+        (
+            "scope-not-allowed",
+            grant_yaml(
+                "scope-not-allowed",
+                user_root(),
+                "notifier",
+                "[tickets:write]",
+                "5m",
+                "",
+            ),
+            "DeniedScopeNotAllowed",
+        ),
+        (
+            "scope-exceeds-parent",
+            grant_yaml(
+                "scope-exceeds-parent",
+                &parent("parent"),
+                "summarizer",
+                "[cases:read]",
+                "5m",
+                "",
+            ),
+            "DeniedScopeExceedsParent",
+        ),
+        (
+            "audience-not-allowed",
+            grant_yaml(
+                "audience-not-allowed",
+                user_root(),
+                "notifier",
+                "[tickets:read]",
+                "5m",
+                "",
+            )
+            .replace(
+                "audience: https://tickets.example.com",
+                "audience: https://other.example.com",
+            ),
+            "DeniedAudienceNotAllowed",
+        ),
+        (
+            "ttl-too-long",
+            grant_yaml(
+                "ttl-too-long",
+                user_root(),
+                "notifier",
+                "[tickets:read]",
+                "6m",
+                "",
+            ),
+            "DeniedTTLTooLong",
+        ),
+        (
+            "ttl-too-short",
+            grant_yaml(
+                "ttl-too-short",
+                user_root(),
+                "notifier",
+                "[tickets:read]",
+                "90s",
+                "",
+            ),
+            "DeniedTTLTooShort",
+        ),
+        (
+            "actor-not-allowed",
+            grant_yaml(
+                "actor-not-allowed",
+                &parent("parent"),
+                "notifier",
+                "[tickets:read]",
+                "5m",
+                "",
+            ),
+            "DeniedActorNotAllowed",
+        ),
+        (
+            "parent-missing",
+            grant_yaml(
+                "parent-missing",
+                &parent("nowhere"),
+                "summarizer",
+                "[tickets:read]",
+                "5m",
+                "",
+            ),
+            "DeniedParentMissing",
+        ),
+        (
+            "cycle-a",
+            grant_yaml(
+                "cycle-a",
+                &parent("cycle-b"),
+                "summarizer",
+                "[tickets:read]",
+                "5m",
+                "",
+            ),
+            "DeniedCycle",
+        ),
+        (
+            "cycle-b",
+            grant_yaml(
+                "cycle-b",
+                &parent("cycle-a"),
+                "summarizer",
+                "[tickets:read]",
+                "5m",
+                "",
+            ),
+            "DeniedCycle",
+        ),
+        (
+            "agent-missing",
+            grant_yaml(
+                "agent-missing",
+                user_root(),
+                "ghost",
+                "[tickets:read]",
+                "5m",
+                "",
+            ),
+            "AgentMissing",
+        ),
+        (
+            "suspended",
+            grant_yaml(
+                "suspended",
+                user_root(),
+                "notifier",
+                "[tickets:read]",
+                "5m",
+                "  suspended: true\n",
+            ),
+            "Suspended",
+        ),
+        (
+            "expired",
+            grant_yaml(
+                "expired",
+                user_root(),
+                "notifier",
+                "[tickets:read]",
+                "5m",
+                "  validUntil: \"2020-01-01T00:00:00Z\"\n",
+            ),
+            "Expired",
+        ),
+    ];
+    for (_, yaml, _) in &cases {
+        f.apply(yaml).await;
+    }
+    // Depth: orchestrator allows 2 hops, summarizer 1; a hop below notifier (maxDepth 0) is refused.
+    f.apply(&grant_yaml(
+        "hop1",
+        &parent("parent"),
+        "summarizer",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    f.wait_ready("hop1", "True", None).await;
+    f.apply(&grant_yaml(
+        "hop2",
+        &parent("hop1"),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    f.wait_ready("hop2", "True", None).await;
+    // One change to the agents: the notifier may hand on to the summarizer but allows no further hop
+    // (depth), and the summarizer may also serve a second audience (audience mismatch below a parent).
+    let agents = AGENTS
+        .replace("  maxTokenTTL: 5m\n", "  maxTokenTTL: 5m\n  delegation: {maxDepth: 0, allowedActors: [summarizer]}\n")
+        .replace(
+            "allowedAudiences: [https://tickets.example.com]\n  maxTokenTTL: 10m",
+            "allowedAudiences: [https://tickets.example.com, https://other.example.com]\n  maxTokenTTL: 10m",
+        );
+    f.apply(&agents).await;
+    f.apply(&grant_yaml(
+        "too-deep",
+        &parent("hop2"),
+        "summarizer",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    f.apply(
+        &grant_yaml(
+            "audience-mismatch",
+            &parent("parent"),
+            "summarizer",
+            "[tickets:read]",
+            "5m",
+            "",
+        )
+        .replace(
+            "audience: https://tickets.example.com",
+            "audience: https://other.example.com",
+        ),
+    )
+    .await;
+
+    let mut all = cases.iter().map(|(n, _, r)| (*n, *r)).collect::<Vec<_>>();
+    all.push(("too-deep", "DeniedDepth"));
+    all.push(("audience-mismatch", "DeniedAudienceMismatch"));
+    for (name, reason) in all {
+        let g = f.wait_ready(name, "False", Some(reason)).await;
+        let condition = &g.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+        assert!(
+            !condition.message.is_empty(),
+            "{name}: a message a person can act on"
+        );
+        assert!(
+            g.status.as_ref().unwrap().token.is_none(),
+            "{name}: no token in status"
+        );
+        assert!(
+            f.secrets()
+                .get_opt(&format!("{name}-token"))
+                .await
+                .unwrap()
+                .is_none(),
+            "{name}: no Secret"
+        );
+        if reason.starts_with("Denied") {
+            wait_for(
+                &format!("{name}: Warning Denied event"),
+                Duration::from_secs(10),
+                || async {
+                    f.event_reasons(name)
+                        .await
+                        .contains(&("Warning".into(), "Denied".into()))
+                        .then_some(())
+                },
+            )
+            .await;
+        }
+    }
+    assert!(
+        f.operator()
+            .audit()
+            .iter()
+            .any(|r| r["action"] == "Denied" && r["reason"] == "DeniedCycle")
+    );
+
+    // A valid grant widened beyond what it may have loses its token, it is not narrowed.
+    let hop1_jti = token_id(&f.grants().get("hop1").await.unwrap());
+    f.grants()
+        .patch(
+            "hop1",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"scopes": ["tickets:read", "tickets:write"]}})),
+        )
+        .await
+        .unwrap();
+    f.wait_ready("hop1", "False", Some("DeniedScopeNotAllowed"))
+        .await;
+    assert!(f.revoked_ids().await.contains(&hop1_jti));
+}
+
+#[tokio::test]
+async fn a_secret_the_operator_did_not_create_is_never_taken_over() {
+    let f = Fixture::start("conflict", &[]).await;
+    f.apply(AGENTS).await;
+    let foreign = Secret {
+        metadata: ObjectMeta {
+            name: Some("taken".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            ByteString(b"someone else's".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    f.secrets()
+        .create(&PostParams::default(), &foreign)
+        .await
+        .unwrap();
+    f.apply(&grant_yaml(
+        "wants-taken",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "  secretName: taken\n",
+    ))
+    .await;
+    let g = f
+        .wait_ready("wants-taken", "False", Some("SecretConflict"))
+        .await;
+    assert!(
+        g.status.unwrap().conditions.unwrap()[0]
+            .message
+            .contains("taken")
+    );
+    let after = f.secrets().get("taken").await.unwrap();
+    assert_eq!(after.data.unwrap()["token"].0, b"someone else's");
+    assert!(
+        after.metadata.owner_references.is_none(),
+        "no owner reference added"
+    );
+    assert!(
+        f.event_reasons("wants-taken")
+            .await
+            .contains(&("Warning".into(), "SecretConflict".into()))
+    );
+
+    // Freed up, the grant recovers by itself.
+    f.secrets()
+        .delete("taken", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.grants()
+        .patch(
+            "wants-taken",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"metadata": {"annotations": {"nudge": "1"}}})),
+        )
+        .await
+        .unwrap();
+    f.wait_ready("wants-taken", "True", None).await;
+}
+
+#[tokio::test]
+async fn a_deleted_or_edited_secret_is_restored() {
+    let f = Fixture::start("restore", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "keep",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    let first = token_id(&f.wait_ready("keep", "True", None).await);
+
+    f.secrets()
+        .delete("keep-token", &DeleteParams::default())
+        .await
+        .unwrap();
+    let second = wait_for(
+        "Secret restored after deletion",
+        Duration::from_secs(15),
+        || async {
+            let token = f.token_in("keep-token").await?;
+            let claims =
+                signing::verify(&token, &f.jwks().await, "https://tickets.example.com", 0).ok()?;
+            (claims["jti"] != first.as_str()).then(|| claims["jti"].as_str().unwrap().to_owned())
+        },
+    )
+    .await;
+    assert_eq!(token_id(&f.wait_ready("keep", "True", None).await), second);
+
+    let tampered = json!({"data": {"token": ByteString(b"eyJhbGciOiJub25lIn0.e30.".to_vec())}});
+    f.secrets()
+        .patch(
+            "keep-token",
+            &PatchParams::default(),
+            &Patch::Merge(&tampered),
+        )
+        .await
+        .unwrap();
+    let third = wait_for(
+        "Secret restored after an edit",
+        Duration::from_secs(15),
+        || async {
+            let token = f.token_in("keep-token").await?;
+            let claims =
+                signing::verify(&token, &f.jwks().await, "https://tickets.example.com", 0).ok()?;
+            (claims["jti"] != second.as_str()).then(|| claims["jti"].as_str().unwrap().to_owned())
+        },
+    )
+    .await;
+    assert!(
+        f.revoked_ids().await.contains(&second),
+        "the token of an altered Secret is revoked"
+    );
+    assert_ne!(third, second);
+}
+
+#[tokio::test]
+async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhile() {
+    let mut f = Fixture::start("restart", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "stays",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    f.apply(&grant_yaml(
+        "goes",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    let stays = token_id(&f.wait_ready("stays", "True", None).await);
+    let goes = token_id(&f.wait_ready("goes", "True", None).await);
+
+    f.operator.take().unwrap().stop();
+    f.grants()
+        .delete("goes", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.apply(&grant_yaml(
+        "arrives",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    // While the operator is down the finalizer holds the deleted grant, and its token is still there.
+    let held = f.grants().get("goes").await.unwrap();
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert!(f.secrets().get_opt("goes-token").await.unwrap().is_some());
+
+    f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
+    wait_for(
+        "deleted grant revoked and released",
+        Duration::from_secs(20),
+        || async {
+            f.grants()
+                .get_opt("goes")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(f.secrets().get_opt("goes-token").await.unwrap().is_none());
+    assert!(f.revoked_ids().await.contains(&goes));
+    f.wait_ready("arrives", "True", None).await;
+    assert_eq!(
+        token_id(&f.grants().get("stays").await.unwrap()),
+        stays,
+        "a valid token is not reissued on restart"
+    );
+    let jwks = f.jwks().await;
+    assert_eq!(
+        jwks["keys"].as_array().unwrap().len(),
+        1,
+        "the signing key is reused, not regenerated"
+    );
+    signing::verify(
+        &f.token_in("stays-token").await.unwrap(),
+        &jwks,
+        "https://tickets.example.com",
+        0,
+    )
+    .unwrap();
+}
+
+/// Every object the operator could write, with its resourceVersion.
+async fn resource_versions(f: &Fixture) -> BTreeMap<String, String> {
+    let mut versions = BTreeMap::new();
+    let lp = ListParams::default();
+    for g in f.grants().list(&lp).await.unwrap() {
+        versions.insert(
+            format!("grant/{}", g.name_any()),
+            g.resource_version().unwrap(),
+        );
+    }
+    for a in f.agents().list(&lp).await.unwrap() {
+        versions.insert(
+            format!("agent/{}", a.name_any()),
+            a.resource_version().unwrap(),
+        );
+    }
+    for ns in [f.ns.clone(), f.operator_namespace()] {
+        for s in Api::<Secret>::namespaced(f.client.clone(), &ns)
+            .list_metadata(&lp)
+            .await
+            .unwrap()
+        {
+            versions.insert(
+                format!("secret/{ns}/{}", s.name_any()),
+                s.resource_version().unwrap(),
+            );
+        }
+        for c in Api::<ConfigMap>::namespaced(f.client.clone(), &ns)
+            .list_metadata(&lp)
+            .await
+            .unwrap()
+        {
+            versions.insert(
+                format!("configmap/{ns}/{}", c.name_any()),
+                c.resource_version().unwrap(),
+            );
+        }
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(f.client.clone(), &ns);
+        for e in events.list_metadata(&lp).await.unwrap() {
+            versions.insert(
+                format!("event/{ns}/{}", e.name_any()),
+                e.resource_version().unwrap(),
+            );
+        }
+    }
+    versions
+}
+
+#[tokio::test]
+async fn an_idle_operator_makes_no_writes() {
+    let f = Fixture::start("idle", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(THREE_HOPS).await;
+    for g in ["g1", "g2", "g3"] {
+        f.wait_ready(g, "True", None).await;
+    }
+    wait_for("agent counts settled", Duration::from_secs(10), || async {
+        let s = f.agents().get("notifier").await.ok()?.status?;
+        (s.active_grants == Some(1)).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = resource_versions(&f).await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let after = resource_versions(&f).await;
+    assert_eq!(before, after, "something was written while nothing was due");
+    assert!(
+        before.len() >= 12,
+        "the comparison covers grants, agents, Secrets, ConfigMaps and Events: {before:?}"
+    );
+}
+
+#[tokio::test]
+async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
+    let f = Fixture::start("keys", &["--key-rotation-period", "3s"]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "early",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    let early = f.wait_ready("early", "True", None).await;
+    let early_kid = early.status.unwrap().token.unwrap().key_id;
+    let early_token = f.token_in("early-token").await.unwrap();
+
+    let jwks = wait_for(
+        "a second key in the JWKS",
+        Duration::from_secs(15),
+        || async {
+            let jwks = f.jwks().await;
+            (jwks["keys"].as_array()?.len() >= 2).then_some(jwks)
+        },
+    )
+    .await;
+    let kids: Vec<_> = jwks["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["kid"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        kids.contains(&early_kid),
+        "the retired key is still published"
+    );
+    signing::verify(&early_token, &jwks, "https://tickets.example.com", 0)
+        .expect("a token of the retired key still verifies");
+
+    f.apply(&grant_yaml(
+        "late",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
+    let late = f.wait_ready("late", "True", None).await;
+    let late_kid = late.status.unwrap().token.unwrap().key_id;
+    assert_ne!(
+        late_kid, early_kid,
+        "new tokens are signed with the new key"
+    );
+    signing::verify(
+        &f.token_in("late-token").await.unwrap(),
+        &f.jwks().await,
+        "https://tickets.example.com",
+        0,
+    )
+    .unwrap();
+    // Private keys stay in their Secret; the ConfigMap holds public parts only.
+    let published = serde_json::to_string(&f.jwks().await).unwrap();
+    assert!(
+        !published.contains("\"d\""),
+        "no private key member in the JWKS"
+    );
+}
+
+#[tokio::test]
+async fn the_operator_refuses_to_start_without_its_namespace() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "refuse").await;
+    let (status, log) =
+        Operator::start(&ns, "no-such-namespace", &[]).wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        log.contains("no-such-namespace") && log.contains("does not exist"),
+        "{log}"
+    );
+}
