@@ -441,3 +441,31 @@ async fn a_minimal_grant_is_stored_exactly_as_written() {
         "60m must not become 1h"
     );
 }
+
+#[tokio::test]
+async fn references_cannot_name_another_namespace() {
+    // References carry a name only; a namespace written into one is an error (strict field validation,
+    // what kubectl uses by default), never silently dropped.
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "crossns").await;
+    let api = dynamic_api(&client, &ns, "DelegationGrant");
+    let spec = grant_spec_with(|s| {
+        s.remove("principal");
+        s.insert(
+            "parentGrantRef".into(),
+            json!({"name": "elsewhere", "namespace": "other-team"}),
+        );
+    });
+    let mut obj = grant("cross", spec);
+    obj.metadata.namespace = Some(ns.clone());
+    let params =
+        PatchParams::apply(FIELD_MANAGER).validation(kube::api::ValidationDirective::Strict);
+    let result = api.patch("cross", &params, &Patch::Apply(&obj)).await;
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert!(status.message.contains("namespace"), "{}", status.message);
+        }
+        other => panic!("a cross-namespace reference was accepted: {other:?}"),
+    }
+}

@@ -297,6 +297,39 @@ async fn tokens_rotate_before_they_expire_and_the_old_one_is_not_revoked() {
 }
 
 #[tokio::test]
+async fn a_grant_expires_at_valid_until_and_no_token_outlives_it() {
+    let f = Fixture::start("expire", &[]).await;
+    f.apply(AGENTS).await;
+    let until = k8s_openapi::jiff::Timestamp::now().as_second() + 5;
+    let until = k8s_openapi::jiff::Timestamp::from_second(until).unwrap();
+    f.apply(&grant_yaml(
+        "brief",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "5m",
+        &format!("  validUntil: \"{until}\"\n"),
+    ))
+    .await;
+    let grant = f.wait_ready("brief", "True", None).await;
+    let token = grant.status.unwrap().token.unwrap();
+    assert!(
+        token.expires_at.0 <= until,
+        "the token ends with the delegation"
+    );
+    let expired = f.wait_ready("brief", "False", Some("Expired")).await;
+    assert!(
+        expired.status.unwrap().conditions.unwrap()[0]
+            .message
+            .contains("validUntil")
+    );
+    assert!(
+        f.secrets().get_opt("brief-token").await.unwrap().is_none(),
+        "the Secret goes with the delegation"
+    );
+}
+
+#[tokio::test]
 async fn deleting_a_grant_revokes_its_token() {
     let f = Fixture::start("delete", &[]).await;
     f.apply(AGENTS).await;
@@ -423,6 +456,15 @@ async fn suspending_an_agent_revokes_down_the_chain_and_resuming_recovers() {
         assert_ne!(&token_id(&g), old, "{name} got a fresh token");
         assert!(f.token_in(&format!("{name}-token")).await.is_some());
     }
+
+    // An agent that is deleted takes its grants' tokens with it.
+    let g3 = token_id(&f.grants().get("g3").await.unwrap());
+    f.agents()
+        .delete("notifier", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_ready("g3", "False", Some("AgentMissing")).await;
+    assert!(f.revoked_ids().await.contains(&g3));
 }
 
 #[tokio::test]

@@ -141,13 +141,24 @@ impl Context {
             .is_ok_and(|map| map.get(&uid) == Some(&rv))
     }
 
-    pub fn remember_status_write(&self, grant: &DelegationGrant) {
-        if let (Some(uid), Some(rv), Ok(mut map)) = (
-            grant.uid(),
-            grant.resource_version(),
-            self.status_written_from.lock(),
-        ) {
-            map.insert(uid, rv);
+    /// Records that a status write moved the grant from its cached resourceVersion to `written`. A
+    /// write the apiserver found to change nothing keeps the version, and must not mark the cache stale.
+    pub fn remember_status_write(&self, grant: &DelegationGrant, written: Option<String>) {
+        let (Some(uid), Some(from)) = (grant.uid(), grant.resource_version()) else {
+            return;
+        };
+        if written.as_ref() == Some(&from) {
+            return;
+        }
+        if let Ok(mut map) = self.status_written_from.lock() {
+            map.insert(uid, from);
+        }
+    }
+
+    /// Drops what we remembered about a grant that is going away.
+    pub fn forget_grant(&self, grant: &DelegationGrant) {
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.status_written_from.lock()) {
+            map.remove(&uid);
         }
     }
 }

@@ -117,6 +117,7 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     let message = "the grant was deleted; its tokens are revoked";
     // Children watch this status: they lose their tokens before this grant disappears.
     write_status(grant, ctx, refused_status(grant, REVOKED, message, now)).await?;
+    ctx.forget_grant(grant);
     if !revoked.is_empty() {
         report_revocation(grant, ctx, &revoked, REVOKED, message).await;
     }
@@ -325,7 +326,7 @@ async fn issue(
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
     if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
         // spec.secretName changed: the token moved; the old Secret is ours to remove.
-        delete_our_secret(ctx, grant, previous_secret).await?;
+        delete_our_secret(ctx, grant, previous_secret, true).await?;
     }
 
     let previous_token = if supersedes_by_revocation {
@@ -494,8 +495,14 @@ async fn revoke_tokens(
     now: Timestamp,
 ) -> Result<Vec<String>> {
     let revoked = record_revocations(grant, ctx, reason, now).await?;
+    // When the status says a token was written, a Secret missing from the cache may just be one the
+    // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
+    let wrote_one = grant
+        .status
+        .as_ref()
+        .is_some_and(|s| s.token.is_some() || s.secret_name.is_some());
     for secret_name in secret_names(grant) {
-        delete_our_secret(ctx, grant, &secret_name).await?;
+        delete_our_secret(ctx, grant, &secret_name, wrote_one).await?;
     }
     Ok(revoked)
 }
@@ -567,17 +574,20 @@ fn secret_names(grant: &DelegationGrant) -> Vec<String> {
     names
 }
 
-/// Deletes a Secret if, and only if, it is this grant's.
+/// Deletes a Secret if, and only if, it is this grant's. `confirm` asks the apiserver when the cache
+/// does not show the Secret.
 async fn delete_our_secret(
     ctx: &Context,
     grant: &DelegationGrant,
     secret_name: &str,
+    confirm: bool,
 ) -> Result<()> {
     let namespace = grant.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let meta = match ctx.cached_secret(&namespace, secret_name) {
         Some(cached) => Some((*cached).clone()),
-        None => api.get_metadata_opt(secret_name).await?,
+        None if confirm => api.get_metadata_opt(secret_name).await?,
+        None => None,
     };
     if token_secret::ownership(meta.as_ref(), grant) == Ownership::Ours {
         token_secret::delete(&api, secret_name, meta.and_then(|m| m.metadata.uid)).await?;
@@ -663,8 +673,8 @@ async fn write_status(
         )
         .await
     {
-        Ok(_) => {
-            ctx.remember_status_write(grant);
+        Ok(written) => {
+            ctx.remember_status_write(grant, written.resource_version());
             Ok(true)
         }
         // Deleted meanwhile (finalizer already gone): nothing left to describe.
