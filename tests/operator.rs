@@ -88,6 +88,11 @@ fn grant_yaml(name: &str, root: &str, actor: &str, scopes: &str, ttl: &str, extr
     )
 }
 
+/// A grant from alice to the notifier agent, the simplest valid one.
+fn notifier_grant(name: &str, ttl: &str) -> String {
+    grant_yaml(name, user_root(), "notifier", "[tickets:read]", ttl, "")
+}
+
 fn user_root() -> &'static str {
     "principal: {kind: User, name: alice@example.com}"
 }
@@ -250,15 +255,7 @@ async fn a_three_hop_chain_gets_verifiable_tokens_with_nested_actors() {
 async fn tokens_rotate_before_they_expire_and_the_old_one_is_not_revoked() {
     let f = Fixture::start("rotate", &[]).await;
     f.apply(AGENTS).await;
-    f.apply(&grant_yaml(
-        "short",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "6s",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("short", "6s")).await;
     let first = f.wait_ready("short", "True", Some("Issued")).await;
     let first_token = first.status.as_ref().unwrap().token.clone().unwrap();
     assert!(first_token.renewal_time.0 < first_token.expires_at.0);
@@ -333,15 +330,7 @@ async fn a_grant_expires_at_valid_until_and_no_token_outlives_it() {
 async fn deleting_a_grant_revokes_its_token() {
     let f = Fixture::start("delete", &[]).await;
     f.apply(AGENTS).await;
-    f.apply(&grant_yaml(
-        "doomed",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("doomed", "5m")).await;
     let grant = f.wait_ready("doomed", "True", None).await;
     assert!(
         grant
@@ -509,15 +498,7 @@ async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
         ),
         (
             "audience-not-allowed",
-            grant_yaml(
-                "audience-not-allowed",
-                user_root(),
-                "notifier",
-                "[tickets:read]",
-                "5m",
-                "",
-            )
-            .replace(
+            notifier_grant("audience-not-allowed", "5m").replace(
                 "audience: https://tickets.example.com",
                 "audience: https://other.example.com",
             ),
@@ -525,26 +506,12 @@ async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
         ),
         (
             "ttl-too-long",
-            grant_yaml(
-                "ttl-too-long",
-                user_root(),
-                "notifier",
-                "[tickets:read]",
-                "6m",
-                "",
-            ),
+            notifier_grant("ttl-too-long", "6m"),
             "DeniedTTLTooLong",
         ),
         (
             "ttl-too-short",
-            grant_yaml(
-                "ttl-too-short",
-                user_root(),
-                "notifier",
-                "[tickets:read]",
-                "90s",
-                "",
-            ),
+            notifier_grant("ttl-too-short", "90s"),
             "DeniedTTLTooShort",
         ),
         (
@@ -816,15 +783,7 @@ async fn a_secret_the_operator_did_not_create_is_never_taken_over() {
 async fn a_deleted_or_edited_secret_is_restored() {
     let f = Fixture::start("restore", &[]).await;
     f.apply(AGENTS).await;
-    f.apply(&grant_yaml(
-        "keep",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("keep", "5m")).await;
     let first = token_id(&f.wait_ready("keep", "True", None).await);
 
     f.secrets()
@@ -875,24 +834,8 @@ async fn a_deleted_or_edited_secret_is_restored() {
 async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhile() {
     let mut f = Fixture::start("restart", &[]).await;
     f.apply(AGENTS).await;
-    f.apply(&grant_yaml(
-        "stays",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
-    f.apply(&grant_yaml(
-        "goes",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("stays", "5m")).await;
+    f.apply(&notifier_grant("goes", "5m")).await;
     let stays = token_id(&f.wait_ready("stays", "True", None).await);
     let goes = token_id(&f.wait_ready("goes", "True", None).await);
 
@@ -901,15 +844,7 @@ async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhi
         .delete("goes", &DeleteParams::default())
         .await
         .unwrap();
-    f.apply(&grant_yaml(
-        "arrives",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("arrives", "5m")).await;
     // While the operator is down the finalizer holds the deleted grant, and its token is still there.
     let held = f.grants().get("goes").await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some());
@@ -1029,15 +964,7 @@ async fn an_idle_operator_makes_no_writes() {
 async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
     let f = Fixture::start("keys", &["--key-rotation-period", "3s"]).await;
     f.apply(AGENTS).await;
-    f.apply(&grant_yaml(
-        "early",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("early", "5m")).await;
     let early = f.wait_ready("early", "True", None).await;
     let early_kid = early.status.unwrap().token.unwrap().key_id;
     let early_token = f.token_in("early-token").await.unwrap();
@@ -1064,15 +991,7 @@ async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
     signing::verify(&early_token, &jwks, "https://tickets.example.com", 0)
         .expect("a token of the retired key still verifies");
 
-    f.apply(&grant_yaml(
-        "late",
-        user_root(),
-        "notifier",
-        "[tickets:read]",
-        "5m",
-        "",
-    ))
-    .await;
+    f.apply(&notifier_grant("late", "5m")).await;
     let late = f.wait_ready("late", "True", None).await;
     let late_kid = late.status.unwrap().token.unwrap().key_id;
     assert_ne!(
