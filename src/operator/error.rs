@@ -53,9 +53,10 @@ impl From<serde_json::Error> for Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// Whether an API error is a 404.
+/// Whether an API error is a 404 (an absent object, or an absent API such as uninstalled CRDs,
+/// whose plain-text "404 page not found" carries no `NotFound` reason).
 pub fn is_not_found(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(s) if s.is_not_found())
+    matches!(e, kube::Error::Api(s) if s.code == 404)
 }
 
 /// Whether an API error is a 409 (already exists, or a stale resourceVersion).
