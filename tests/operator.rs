@@ -1026,3 +1026,29 @@ async fn the_operator_refuses_to_start_without_its_namespace() {
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn tightening_an_agent_policy_revokes_hops_further_down_at_once() {
+    let f = Fixture::start("policy", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(THREE_HOPS).await;
+    let g3 = token_id(&f.wait_ready("g3", "True", None).await);
+    let g2 = token_id(&f.wait_ready("g2", "True", None).await);
+    // The orchestrator now allows one hop below it: g3 (two below) must lose its token now, not at
+    // its next renewal, although g1 and g2 do not change.
+    f.agents()
+        .patch(
+            "orchestrator",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"delegation": {"maxDepth": 1}}})),
+        )
+        .await
+        .unwrap();
+    f.wait_ready("g3", "False", Some("DeniedDepth")).await;
+    assert!(f.revoked_ids().await.contains(&g3));
+    assert_eq!(
+        token_id(&f.wait_ready("g2", "True", None).await),
+        g2,
+        "the hop within the limit keeps its token"
+    );
+}

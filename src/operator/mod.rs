@@ -117,7 +117,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let grants = Controller::for_stream(grant_events, grants_store)
         .owns_stream(secret_events)
         .watches(agents_api, watch.clone(), move |agent| {
-            grants_acting_as(&actor_index, &agent)
+            grants_depending_on(&actor_index, &agent)
         })
         .watches(grants_api.clone(), watch.clone(), move |parent| {
             children_of(&children_index, &parent)
@@ -193,18 +193,38 @@ where
     }
 }
 
-/// Grants whose actor is this agent. Grants further down their chains follow through their parents.
-fn grants_acting_as(
+/// Grants with this agent anywhere in their chain: an agent's policy (allowedActors, maxDepth) bounds
+/// hops further down, whose parents' statuses need not change when it does.
+fn grants_depending_on(
     store: &reflector::Store<DelegationGrant>,
     agent: &AgentIdentity,
 ) -> Vec<ObjectRef<DelegationGrant>> {
-    let ns = agent.namespace();
+    let Some(ns) = agent.namespace() else {
+        return Vec::new();
+    };
     let name = agent.name_any();
-    store
-        .state()
+    let grants = store.state();
+    let by_name: std::collections::HashMap<String, &DelegationGrant> = grants
         .iter()
-        .filter(|g| g.namespace() == ns && g.spec.actor_ref.name == name)
-        .map(|g| ObjectRef::from(g.as_ref()))
+        .filter(|g| g.namespace().as_deref() == Some(ns.as_str()))
+        .map(|g| (g.name_any(), g.as_ref()))
+        .collect();
+    by_name
+        .values()
+        .filter(|g| {
+            // Walk up at most the longest chain the operator resolves, so cycles end the walk too.
+            let mut current = Some(**g);
+            (0..crate::delegation::chain::MAX_CHAIN_LENGTH).any(|_| {
+                let Some(grant) = current else { return false };
+                current = grant
+                    .spec
+                    .parent_grant_ref
+                    .as_ref()
+                    .and_then(|p| by_name.get(&p.name).copied());
+                grant.spec.actor_ref.name == name
+            })
+        })
+        .map(|g| ObjectRef::from(*g))
         .collect()
 }
 
