@@ -293,6 +293,11 @@ fn invalid_objects() -> Vec<(&'static str, DynamicObject, &'static str)> {
             "spec.authorizationDetails[0].type",
         ),
         (
+            "a grant name too long for the default Secret name (five 49-character labels)",
+            grant(&vec!["x".repeat(49); 5].join("."), valid_grant_spec()),
+            "spec.secretName",
+        ),
+        (
             "an agent maxDepth above 8",
             agent(
                 "deep",

@@ -70,6 +70,8 @@ spec:
   scopes: [tickets:read, cases:read]
   audience: https://tickets.example.com
   tokenTTL: 10m
+  authorizationDetails:
+  - {type: ticket, identifier: "1234", actions: [read]}
 ---
 apiVersion: delegation.nhi.dev/v1alpha1
 kind: DelegationGrant
@@ -80,6 +82,8 @@ spec:
   scopes: [tickets:read]
   audience: https://tickets.example.com
   tokenTTL: 5m
+  authorizationDetails:
+  - {type: ticket, identifier: "1234", actions: [read]}
 "#;
 
 fn grant_yaml(name: &str, root: &str, actor: &str, scopes: &str, ttl: &str, extra: &str) -> String {
@@ -602,6 +606,25 @@ async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
     for (_, yaml, _) in &cases {
         f.apply(yaml).await;
     }
+    // authorizationDetails only narrow: a hop below a parent limited to one ticket must stay within it.
+    f.apply(&grant_yaml(
+        "one-ticket",
+        user_root(),
+        "orchestrator",
+        "[tickets:read]",
+        "10m",
+        "  authorizationDetails: [{type: ticket, identifier: \"1234\", actions: [read]}]\n",
+    ))
+    .await;
+    f.apply(&grant_yaml(
+        "any-ticket",
+        &parent("one-ticket"),
+        "summarizer",
+        "[tickets:read]",
+        "5m",
+        "",
+    ))
+    .await;
     // Depth: orchestrator allows 2 hops, summarizer 1; a hop below notifier (maxDepth 0) is refused.
     f.apply(&grant_yaml(
         "hop1",
@@ -659,6 +682,7 @@ async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
 
     let mut all = cases.iter().map(|(n, _, r)| (*n, *r)).collect::<Vec<_>>();
     all.push(("too-deep", "DeniedDepth"));
+    all.push(("any-ticket", "DeniedDetailsExceedParent"));
     all.push(("audience-mismatch", "DeniedAudienceMismatch"));
     for (name, reason) in all {
         let g = f.wait_ready(name, "False", Some(reason)).await;
@@ -1050,5 +1074,91 @@ async fn tightening_an_agent_policy_revokes_hops_further_down_at_once() {
         token_id(&f.wait_ready("g2", "True", None).await),
         g2,
         "the hop within the limit keeps its token"
+    );
+}
+
+#[tokio::test]
+async fn a_token_displaced_by_a_second_rotation_while_still_valid_is_revoked() {
+    let f = Fixture::start("displace", &[]).await;
+    f.apply(AGENTS).await;
+    // Renewed every second or two while each token lives ten: several are valid at once.
+    f.apply(&grant_yaml(
+        "busy",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "10s",
+        "  renewBefore: 8s\n",
+    ))
+    .await;
+    let first = token_id(&f.wait_ready("busy", "True", None).await);
+    wait_for(
+        "two rotations after the first token",
+        Duration::from_secs(20),
+        || async {
+            let status = f.grants().get("busy").await.ok()?.status?;
+            let previous = status.previous_token?.id;
+            (status.token?.id != first && previous != first).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        f.revoked_ids().await.contains(&first),
+        "a valid token no status tracks must be in the revocation list"
+    );
+}
+
+#[tokio::test]
+async fn editing_a_parent_in_ways_its_token_survives_revokes_nothing() {
+    let f = Fixture::start("edit", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(THREE_HOPS).await;
+    let mut before = Vec::new();
+    for g in ["g1", "g2", "g3"] {
+        before.push(token_id(&f.wait_ready(g, "True", None).await));
+    }
+    f.grants()
+        .patch(
+            "g1",
+            &PatchParams::default(),
+            &Patch::Merge(
+                &json!({"spec": {"validUntil": "2099-01-01T00:00:00Z", "renewBefore": "2m"}}),
+            ),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "g1 acknowledges generation 2",
+        Duration::from_secs(10),
+        || async {
+            let g = f.grants().get("g1").await.ok()?;
+            (g.status?.observed_generation == Some(2)).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut after = Vec::new();
+    for g in ["g1", "g2", "g3"] {
+        after.push(token_id(&f.wait_ready(g, "True", None).await));
+    }
+    assert_eq!(before, after, "no token was replaced");
+    assert!(f.revoked_ids().await.is_empty(), "nothing was revoked");
+
+    // Narrowing the parent's scopes does replace its token, revokes the old one, and reaches the chain.
+    f.grants()
+        .patch(
+            "g1",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"scopes": ["tickets:read"]}})),
+        )
+        .await
+        .unwrap();
+    f.wait_ready("g2", "False", Some("DeniedScopeExceedsParent"))
+        .await;
+    let g1 = f.wait_ready("g1", "True", None).await;
+    assert_ne!(token_id(&g1), before[0]);
+    assert!(
+        f.revoked_ids().await.contains(&before[0]),
+        "the wider token is revoked, not left to expire"
     );
 }

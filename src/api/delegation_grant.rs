@@ -26,6 +26,8 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
     status = "DelegationGrantStatus",
     derive = "PartialEq",
     doc = "A delegation of scoped authority from a principal (or a parent grant) to an AgentIdentity.",
+    validation = Rule::new("size(self.metadata.name) <= 247 || has(self.spec.secretName)")
+        .message("a grant name longer than 247 characters needs spec.secretName (the default <name>-token would not be a valid Secret name)"),
     printcolumn(name = "Actor", type_ = "string", json_path = ".spec.actorRef.name"),
     printcolumn(
         name = "Principal",

@@ -10,8 +10,8 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::{
-    AgentIdentity, CONDITION_READY, ChainLink, DelegationGrant, Principal, PrincipalKind,
-    agent_subject,
+    AgentIdentity, AuthorizationDetail, CONDITION_READY, ChainLink, DelegationGrant, Principal,
+    PrincipalKind, agent_subject,
 };
 
 /// The longest chain the operator resolves (root grant plus eight hops, the highest `maxDepth`).
@@ -54,6 +54,9 @@ pub enum Reason {
     AgentSuspended,
     /// The parent grant is missing, invalid, or holds no valid token (yet).
     ParentNotReady,
+    /// The parent holds a valid token but its spec changed and it has not been looked at yet: wait,
+    /// rather than revoke on every edit of a parent.
+    ParentUpdating,
     /// The parent grant does not exist.
     DeniedParentMissing,
     /// Following parentGrantRef comes back to a grant already in the chain.
@@ -66,6 +69,8 @@ pub enum Reason {
     DeniedAudienceNotAllowed,
     /// The audience differs from the parent grant's.
     DeniedAudienceMismatch,
+    /// The authorizationDetails are not covered by the parent grant's.
+    DeniedDetailsExceedParent,
     /// tokenTTL exceeds the actor's maxTokenTTL or the operator's ceiling.
     DeniedTTLTooLong,
     /// tokenTTL is below the operator's minimum.
@@ -86,12 +91,14 @@ impl Reason {
             Reason::AgentMissing => "AgentMissing",
             Reason::AgentSuspended => "AgentSuspended",
             Reason::ParentNotReady => "ParentNotReady",
+            Reason::ParentUpdating => "ParentUpdating",
             Reason::DeniedParentMissing => "DeniedParentMissing",
             Reason::DeniedCycle => "DeniedCycle",
             Reason::DeniedScopeNotAllowed => "DeniedScopeNotAllowed",
             Reason::DeniedScopeExceedsParent => "DeniedScopeExceedsParent",
             Reason::DeniedAudienceNotAllowed => "DeniedAudienceNotAllowed",
             Reason::DeniedAudienceMismatch => "DeniedAudienceMismatch",
+            Reason::DeniedDetailsExceedParent => "DeniedDetailsExceedParent",
             Reason::DeniedTTLTooLong => "DeniedTTLTooLong",
             Reason::DeniedTTLTooShort => "DeniedTTLTooShort",
             Reason::DeniedActorNotAllowed => "DeniedActorNotAllowed",
@@ -184,11 +191,14 @@ pub fn resolve(
         1 => None,
         n => Some(parent_token_expiry(&lineage[n - 2], now)?),
     };
+    // Whole seconds, as times are stored: a limit with a fraction would never compare equal to the
+    // expiry read back, and the token would be renewed again and again until the limit.
     let not_after = lineage
         .iter()
         .filter_map(|g| valid_until(g))
         .chain(parent_expiry)
-        .min();
+        .min()
+        .map(|t| Timestamp::from_second(t.as_second()).unwrap_or(t));
 
     let root = &lineage[0];
     let principal = root.spec.principal.clone().ok_or_else(|| {
@@ -387,6 +397,15 @@ fn check_hop(
             ),
         ));
     }
+    if let Err(uncovered) = details_within(
+        grant.spec.authorization_details.as_deref(),
+        parent.spec.authorization_details.as_deref(),
+    ) {
+        return Err(Refusal::new(
+            Reason::DeniedDetailsExceedParent,
+            format!("{uncovered}, which parent grant {parent_name:?} does not cover"),
+        ));
+    }
     let parent_actor_name = &parent.spec.actor_ref.name;
     let parent_actor = lookup.agent(parent_actor_name);
     let may_act = parent_actor
@@ -480,13 +499,17 @@ fn parent_token_expiry(parent: &DelegationGrant, now: Timestamp) -> Result<Times
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_READY))
         .is_some_and(|c| c.status == "True");
-    let current = status.and_then(|s| s.observed_generation) == parent.metadata.generation
-        && parent.metadata.deletion_timestamp.is_none();
+    let current = status.and_then(|s| s.observed_generation) == parent.metadata.generation;
+    let deleting = parent.metadata.deletion_timestamp.is_some();
     let expiry = status
         .and_then(|s| s.token.as_ref())
         .map(|t| t.expires_at.0);
     match expiry {
-        Some(exp) if ready && current && exp > now => Ok(exp),
+        Some(exp) if ready && current && !deleting && exp > now => Ok(exp),
+        Some(exp) if ready && !current && !deleting && exp > now => Err(Refusal::new(
+            Reason::ParentUpdating,
+            format!("parent grant {name:?} changed and is being reconciled"),
+        )),
         _ => Err(Refusal::new(
             Reason::ParentNotReady,
             format!(
@@ -494,6 +517,51 @@ fn parent_token_expiry(parent: &DelegationGrant, now: Timestamp) -> Result<Times
             ),
         )),
     }
+}
+
+/// Fine-grained limits only narrow down a chain: when the parent lists authorizationDetails, every
+/// detail of the child must fall within one of them. A parent without details does not restrict.
+/// Returns what is not covered.
+fn details_within(
+    child: Option<&[AuthorizationDetail]>,
+    parent: Option<&[AuthorizationDetail]>,
+) -> Result<(), String> {
+    let Some(parent) = parent.filter(|p| !p.is_empty()) else {
+        return Ok(());
+    };
+    let child = child.unwrap_or_default();
+    if child.is_empty() {
+        return Err("this grant lists no authorizationDetails, so its token would carry no fine-grained limit".into());
+    }
+    match child.iter().find(|c| !parent.iter().any(|p| covers(p, c))) {
+        None => Ok(()),
+        Some(c) => Err(format!(
+            "authorization detail of type {:?}{} is not within the parent's",
+            c.type_,
+            c.identifier
+                .as_ref()
+                .map(|i| format!(" for {i:?}"))
+                .unwrap_or_default()
+        )),
+    }
+}
+
+/// Whether `outer` allows everything `inner` asks: same type, same identifier when `outer` names
+/// one, and every list of `inner` within `outer`'s where `outer` has that list.
+fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
+    fn within(outer: &Option<Vec<String>>, inner: &Option<Vec<String>>) -> bool {
+        match (outer, inner) {
+            (None, _) => true,
+            (Some(_), None) => false,
+            (Some(o), Some(i)) => i.iter().all(|x| o.contains(x)),
+        }
+    }
+    outer.type_ == inner.type_
+        && (outer.identifier.is_none() || outer.identifier == inner.identifier)
+        && within(&outer.actions, &inner.actions)
+        && within(&outer.locations, &inner.locations)
+        && within(&outer.datatypes, &inner.datatypes)
+        && within(&outer.privileges, &inner.privileges)
 }
 
 fn valid_until(grant: &DelegationGrant) -> Option<Timestamp> {

@@ -458,12 +458,119 @@ fn a_denial_names_what_to_fix() {
 }
 
 #[test]
-fn a_stale_parent_status_is_not_trusted() {
+fn a_parent_changed_but_not_yet_reconciled_makes_children_wait_not_lose_their_tokens() {
     let mut world = three_hops();
     let mut g1 = world.get("g1");
     g1.metadata.generation = Some(2); // spec changed, not yet reconciled
+    world = world.with_grant(g1.clone());
+    assert_eq!(refusal(&world, "g2").0, Reason::ParentUpdating);
+    g1.metadata.deletion_timestamp = Some(Time(now()));
     world = world.with_grant(g1);
-    assert_eq!(refusal(&world, "g2").0, Reason::ParentNotReady);
+    assert_eq!(
+        refusal(&world, "g2").0,
+        Reason::ParentNotReady,
+        "a parent being deleted is not waited for"
+    );
+}
+
+fn detail(type_: &str, identifier: Option<&str>, actions: Option<&[&str]>) -> AuthorizationDetail {
+    AuthorizationDetail {
+        type_: type_.into(),
+        identifier: identifier.map(Into::into),
+        actions: actions.map(strings),
+        locations: None,
+        datatypes: None,
+        privileges: None,
+    }
+}
+
+#[test]
+fn authorization_details_only_narrow_down_the_chain() {
+    let mut g1 = issued(
+        root("g1", "orchestrator", &["t:read", "c:read"]),
+        ts(1_800_000_600),
+    );
+    g1.spec.authorization_details = Some(vec![detail(
+        "ticket",
+        Some("1234"),
+        Some(&["read", "comment"]),
+    )]);
+    let base = three_hops().with_grant(g1);
+    let with_details = |details: Option<Vec<AuthorizationDetail>>| {
+        let mut g = hop("x", "g1", "summarizer", &["t:read"]);
+        g.spec.authorization_details = details;
+        base.clone().with_grant(g)
+    };
+    let verdict = |world: World| {
+        resolve(&world.get("x"), NS, &world, &Policy::default(), now())
+            .map(|_| ())
+            .map_err(|r| r.reason)
+    };
+
+    assert_eq!(
+        verdict(with_details(Some(vec![detail(
+            "ticket",
+            Some("1234"),
+            Some(&["read"])
+        )]))),
+        Ok(())
+    );
+    let denied = Err(Reason::DeniedDetailsExceedParent);
+    assert_eq!(
+        verdict(with_details(None)),
+        denied,
+        "dropping the limits would widen the token"
+    );
+    assert_eq!(
+        verdict(with_details(Some(vec![detail(
+            "ticket",
+            Some("999"),
+            Some(&["read"])
+        )]))),
+        denied
+    );
+    assert_eq!(
+        verdict(with_details(Some(vec![detail(
+            "ticket",
+            Some("1234"),
+            Some(&["delete"])
+        )]))),
+        denied
+    );
+    assert_eq!(
+        verdict(with_details(Some(vec![detail(
+            "ticket",
+            Some("1234"),
+            None
+        )]))),
+        denied,
+        "no actions = any action"
+    );
+    assert_eq!(
+        verdict(with_details(Some(vec![detail(
+            "case",
+            Some("1234"),
+            Some(&["read"])
+        )]))),
+        denied
+    );
+    // A parent without details does not restrict its children's.
+    let free = three_hops().with_grant({
+        let mut g = hop("x", "g1", "summarizer", &["t:read"]);
+        g.spec.authorization_details = Some(vec![detail("anything", None, None)]);
+        g
+    });
+    assert_eq!(verdict(free), Ok(()));
+}
+
+#[test]
+fn limits_are_whole_seconds() {
+    let mut world = three_hops();
+    let mut g2 = world.get("g2");
+    g2.spec.valid_until = Some(Time(Timestamp::new(1_800_000_100, 500_000_000).unwrap()));
+    world = world.with_grant(g2);
+    let r = resolve(&world.get("g2"), NS, &world, &Policy::default(), now()).unwrap();
+    assert_eq!(r.not_after, Some(ts(1_800_000_100)));
 }
 
 #[test]

@@ -31,7 +31,7 @@ use super::{
 use crate::{
     api::{ChainLink, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
     delegation::{
-        Refusal, Resolution,
+        Reason, Refusal, Resolution,
         claims::{GrantReference, build_claims},
         conditions::{ready_condition, set_ready},
         resolve,
@@ -105,6 +105,10 @@ async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
         now,
     );
     match resolved {
+        // The parent's own reconcile is on its way and will trigger this grant again.
+        Err(refusal) if refusal.reason == Reason::ParentUpdating => {
+            Ok(Action::requeue(Duration::from_secs(2)))
+        }
         Err(refusal) => refuse(grant, ctx, &refusal, now).await,
         Ok(resolution) => issue_or_keep(grant, ctx, &resolution, now).await,
     }
@@ -194,33 +198,70 @@ async fn issue_or_keep(
         status.token.as_ref(),
     )
     .await?;
-    match next_step(
-        current,
-        describes(&status, grant, resolution, &secret_name),
-        secret,
-        resolution.not_after,
-        now,
-    ) {
-        TokenStep::Keep { recheck_at } => Ok(Action::requeue(
-            until(now, recheck_at).max(Duration::from_secs(1)),
-        )),
+    let unchanged = describes(&status, grant, resolution, &secret_name, cached.as_deref());
+    // A token may not outlive the grant's limits as they are now: a shortened tokenTTL counts too.
+    let ttl_limit = crate::delegation::chain::add(now, resolution.token_ttl);
+    let limit = resolution.not_after.map_or(ttl_limit, |l| l.min(ttl_limit));
+    match next_step(current, unchanged, secret, Some(limit), now) {
+        TokenStep::Keep { recheck_at } => {
+            acknowledge_generation(grant, ctx, now).await?;
+            Ok(Action::requeue(
+                until(now, recheck_at).max(Duration::from_secs(1)),
+            ))
+        }
         TokenStep::Issue(cause) => issue(grant, ctx, resolution, &secret_name, cause, now).await,
     }
 }
 
-/// Whether the status already describes a token for this spec and this chain.
+/// Whether the current token still says what the grant says now: same chain (principal, actors,
+/// scopes at every hop), same audience and details, same Secret. Timing fields are not compared: a
+/// shorter TTL or an earlier validUntil is caught as a tightened limit, a longer one needs no new token.
 fn describes(
     status: &DelegationGrantStatus,
     grant: &DelegationGrant,
     resolution: &Resolution,
     secret_name: &str,
+    secret: Option<&PartialObjectMeta<Secret>>,
 ) -> bool {
     let ready = ready_condition(status.conditions.as_deref()).is_some_and(|c| c.status == "True");
+    // A Secret that is gone is reported as missing, not as a changed grant.
+    let same_claims = secret.is_none_or(|s| {
+        token_secret::recorded_digest(s) == Some(&token_secret::claims_digest(grant))
+    });
     ready
-        && status.observed_generation == grant.metadata.generation
         && status.chain.as_ref() == Some(&resolution.chain)
         && status.effective_scopes.as_ref() == Some(&resolution.effective_scopes)
         && status.secret_name.as_deref() == Some(secret_name)
+        && same_claims
+}
+
+/// Brings `observedGeneration` up to date when the spec changed in ways the current token survives.
+async fn acknowledge_generation(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<()> {
+    let Some(status) = grant.status.as_ref() else {
+        return Ok(());
+    };
+    if status.observed_generation == grant.metadata.generation {
+        return Ok(());
+    }
+    let Some(ready) = ready_condition(status.conditions.as_deref()) else {
+        return Ok(());
+    };
+    let mut updated = status.clone();
+    updated.observed_generation = grant.metadata.generation;
+    updated.conditions = Some(set_ready(
+        status.conditions.as_deref(),
+        ready.status == "True",
+        &ready.reason,
+        &ready.message,
+        grant.metadata.generation,
+        now,
+    ));
+    write_status(grant, ctx, updated).await?;
+    Ok(())
 }
 
 /// Whether the Secret still holds the token the status describes. The metadata cache tells us when
@@ -271,16 +312,24 @@ async fn issue(
     let name = grant.name_any();
     let old = grant.status.clone().unwrap_or_default();
 
-    // A token that no longer says the right thing (narrowed scopes, tampered Secret) must not live on.
+    // A token that no longer says the right thing (narrowed grant, tightened limit, tampered Secret)
+    // must not live on. On a plain renewal the current token stays valid as `previousToken`; anything
+    // older it displaces (an earlier previous token, a token the status never recorded) is revoked, so
+    // that every token that can still be valid is either in the status or in the revocation list.
     let supersedes_by_revocation = matches!(
         cause,
         IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
     );
-    let revoked = if supersedes_by_revocation {
-        record_revocations(grant, ctx, "Superseded", now).await?
-    } else {
-        Vec::new()
-    };
+    let kept = old
+        .token
+        .as_ref()
+        .filter(|_| !supersedes_by_revocation)
+        .map(|t| t.id.as_str());
+    let displaced = tokens_in_use(grant, ctx, now)
+        .into_iter()
+        .filter(|(jti, _)| Some(jti.as_str()) != kept)
+        .collect();
+    let revoked = record(grant, ctx, displaced, "Superseded", now).await?;
 
     let times = plan_token(
         now,
@@ -437,16 +486,18 @@ async fn write_token_secret(
     if let Written::Done(rv) = token_secret::write(api, &desired).await? {
         return Ok(Some(rv));
     }
-    // Collided: perhaps with our own earlier write that the cache has not seen yet.
-    if let Some(meta) = api.get_metadata_opt(&name).await?
-        && token_secret::ownership(Some(&meta), grant) == Ownership::Ours
-    {
-        desired.metadata.uid = meta.metadata.uid;
-        if let Written::Done(rv) = token_secret::write(api, &desired).await? {
-            return Ok(Some(rv));
-        }
+    // Collided: with our own earlier write the cache has not seen yet, or our Secret was deleted
+    // meanwhile (an update of a missing Secret also collides). Ask the apiserver which, and try once more.
+    let meta = api.get_metadata_opt(&name).await?;
+    match token_secret::ownership(meta.as_ref(), grant) {
+        Ownership::Foreign => return Ok(None),
+        Ownership::Ours => desired.metadata.uid = meta.and_then(|m| m.metadata.uid),
+        Ownership::Absent => desired.metadata.uid = None,
     }
-    Ok(None)
+    match token_secret::write(api, &desired).await? {
+        Written::Done(rv) => Ok(Some(rv)),
+        Written::Conflict => Ok(None),
+    }
 }
 
 /// A Secret of the grant's name exists and is not ours: hands off, revoke what we issued, explain.
@@ -483,18 +534,20 @@ async fn secret_conflict(
             None,
         ));
     }
-    Ok(Action::await_change())
+    // A foreign Secret sends us no events (the watch only sees ours): look again now and then.
+    Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-/// Records every token of the grant that may still be valid in the revocation list, then deletes the
-/// grant's Secret(s). Recording comes first: if it fails, nothing is deleted and we retry (fail closed).
+/// Revokes every token of the grant that may still be valid: records them in the revocation list and
+/// deletes the grant's Secret(s). The Secret goes even when recording fails (the error is returned and
+/// the reconcile retried with the status untouched, so the ids are recorded on the next try).
 async fn revoke_tokens(
     grant: &DelegationGrant,
     ctx: &Context,
     reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
-    let revoked = record_revocations(grant, ctx, reason, now).await?;
+    let recorded = record(grant, ctx, tokens_in_use(grant, ctx, now), reason, now).await;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -504,17 +557,16 @@ async fn revoke_tokens(
     for secret_name in secret_names(grant) {
         delete_our_secret(ctx, grant, &secret_name, wrote_one).await?;
     }
-    Ok(revoked)
+    recorded
 }
 
-/// Adds the grant's still-valid tokens (from its status and from its Secrets' annotations) to the
-/// revocation list. Returns their ids.
-async fn record_revocations(
+/// The grant's tokens that may still be valid, as `(jti, exp)`: the current and previous ones of its
+/// status, and any named by its Secrets' annotations (a token whose status write never happened).
+fn tokens_in_use(
     grant: &DelegationGrant,
     ctx: &Context,
-    reason: &str,
     now: Timestamp,
-) -> Result<Vec<String>> {
+) -> Vec<(String, Timestamp)> {
     let namespace = grant.namespace().unwrap_or_default();
     let mut tokens: Vec<(String, Timestamp)> = Vec::new();
     if let Some(status) = &grant.status {
@@ -534,21 +586,33 @@ async fn record_revocations(
             continue;
         }
         let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-        if let (Some(id), Some(exp)) = (
-            annotations.get(TOKEN_ID_ANNOTATION),
-            annotations.get(EXPIRES_AT_ANNOTATION),
-        ) {
-            // An unparseable expiry is treated as far away: better listed too long than not at all.
-            let exp = exp.parse::<Timestamp>().unwrap_or(Timestamp::MAX);
+        if let Some(id) = annotations.get(TOKEN_ID_ANNOTATION) {
+            // An unreadable expiry is treated as far away: better listed too long than not at all.
+            let exp = annotations
+                .get(EXPIRES_AT_ANNOTATION)
+                .and_then(|e| e.parse::<Timestamp>().ok())
+                .unwrap_or(Timestamp::MAX);
             tokens.push((id.clone(), exp));
         }
     }
     tokens.retain(|(_, exp)| *exp > now);
     tokens.sort();
     tokens.dedup_by(|a, b| a.0 == b.0);
+    tokens
+}
+
+/// Adds tokens to the revocation list. Returns their ids.
+async fn record(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    tokens: Vec<(String, Timestamp)>,
+    reason: &str,
+    now: Timestamp,
+) -> Result<Vec<String>> {
     if tokens.is_empty() {
         return Ok(Vec::new());
     }
+    let namespace = grant.namespace().unwrap_or_default();
     let entries = tokens
         .iter()
         .map(|(jti, exp)| Revocation {

@@ -28,6 +28,9 @@ pub const KEYS_SECRET_NAME: &str = "delegation-operator-signing-keys";
 pub const KEYS_DATA_KEY: &str = "keys.json";
 pub const JWKS_CONFIGMAP_NAME: &str = "delegation-operator-jwks";
 pub const JWKS_DATA_KEY: &str = "jwks.json";
+/// Extra time a retired key stays published: tokens signed in the moment between its retirement and
+/// the switch to the new key may expire that much later.
+const PRUNE_MARGIN_SECS: i64 = 60;
 
 pub struct KeyStore {
     secrets: Api<Secret>,
@@ -93,7 +96,10 @@ impl KeyStore {
             tracing::info!(kid = next.active().kid(), "rotated the signing key");
             changed = true;
         }
-        changed |= next.prune(now.as_second(), self.max_token_lifetime.as_secs() as i64);
+        changed |= next.prune(
+            now.as_second(),
+            self.max_token_lifetime.as_secs() as i64 + PRUNE_MARGIN_SECS,
+        );
         if changed {
             // Persist and publish first, so the new key is verifiable before it signs anything.
             self.persist_and_publish(&next).await?;
@@ -137,7 +143,7 @@ impl KeyStore {
 
     fn next_maintenance(&self) -> Result<Timestamp> {
         let ring = self.ring.read().map_err(|_| poisoned())?;
-        let lifetime = self.max_token_lifetime.as_secs() as i64;
+        let lifetime = self.max_token_lifetime.as_secs() as i64 + PRUNE_MARGIN_SECS;
         let rotation = ring.rotation_due_at(self.rotation_period.as_secs() as i64);
         let prune = ring
             .keys()

@@ -91,7 +91,7 @@ impl RevocationList {
                 labels: Some(super::managed_labels()),
                 ..Default::default()
             },
-            data: Some([(DATA_KEY.to_owned(), serde_json::to_string_pretty(entries)?)].into()),
+            data: Some([(DATA_KEY.to_owned(), serde_json::to_string(entries)?)].into()),
             ..Default::default()
         };
         let mut value = serde_json::to_value(&cm)?;
