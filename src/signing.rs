@@ -367,6 +367,15 @@ impl Keyring {
         Ok(())
     }
 
+    /// Retire the active key at `now` and make `next` (generated earlier and already published)
+    /// active; its `created_at` becomes `now`, when it starts signing.
+    pub fn rotate_to(&mut self, mut next: SigningKey, now: i64) {
+        next.created_at = now;
+        next.retired_at = None;
+        self.keys[0].retired_at = Some(now);
+        self.keys.insert(0, next);
+    }
+
     /// Drop retired keys whose tokens have all expired: retired_at + max_token_lifetime_secs < now.
     /// Returns whether anything was dropped.
     pub fn prune(&mut self, now: i64, max_token_lifetime_secs: i64) -> bool {
@@ -660,6 +669,25 @@ mod tests {
         let ring = Keyring::from_stored(&stored).unwrap();
         assert_eq!(ring.active().kid(), newer.active().kid());
         assert_eq!(ring.keys()[1].retired_at(), Some(20));
+    }
+
+    #[test]
+    fn rotate_to_activates_the_prepared_key() {
+        let mut ring = Keyring::new(SigningKey::generate(Algorithm::ES256, 100).unwrap());
+        let old = ring.active().kid().to_owned();
+        let next = SigningKey::generate(Algorithm::ES256, 150).unwrap();
+        let next_kid = next.kid().to_owned();
+        ring.rotate_to(next, 200);
+        assert_eq!(ring.active().kid(), next_kid);
+        assert_eq!(
+            ring.active().created_at(),
+            200,
+            "the period counts from activation"
+        );
+        assert_eq!(ring.keys()[1].kid(), old);
+        assert_eq!(ring.keys()[1].retired_at(), Some(200));
+        let restored = Keyring::from_stored(&ring.to_stored()).unwrap();
+        assert_eq!(restored.active().kid(), next_kid);
     }
 
     #[test]

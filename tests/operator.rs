@@ -986,15 +986,24 @@ async fn an_idle_operator_makes_no_writes() {
 
 #[tokio::test]
 async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
-    let f = Fixture::start("keys", &["--key-rotation-period", "3s"]).await;
+    let f = Fixture::start("keys", &["--key-rotation-period", "6s"]).await;
     f.apply(AGENTS).await;
     f.apply(&notifier_grant("early", "5m")).await;
     let early = f.wait_ready("early", "True", None).await;
     let early_kid = early.status.unwrap().token.unwrap().key_id;
     let early_token = f.token_in("early-token").await.unwrap();
+    let kids = |jwks: &serde_json::Value| -> Vec<String> {
+        jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|k| k["kid"].as_str().unwrap().to_owned())
+            .collect()
+    };
 
-    let jwks = wait_for(
-        "a second key in the JWKS",
+    // Half a period ahead, the next key is published while the first one still signs.
+    let prepublished = wait_for(
+        "the next key published",
         Duration::from_secs(15),
         || async {
             let jwks = f.jwks().await;
@@ -1002,14 +1011,23 @@ async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
         },
     )
     .await;
-    let kids: Vec<_> = jwks["keys"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|k| k["kid"].as_str().unwrap().to_owned())
-        .collect();
+    let next_kid = kids(&prepublished)
+        .into_iter()
+        .find(|k| *k != early_kid)
+        .unwrap();
+
+    // After the rotation (and the next-but-one key's publication) the retired key is still there.
+    let jwks = wait_for(
+        "a rotation and the following publication",
+        Duration::from_secs(15),
+        || async {
+            let jwks = f.jwks().await;
+            (jwks["keys"].as_array()?.len() >= 3).then_some(jwks)
+        },
+    )
+    .await;
     assert!(
-        kids.contains(&early_kid),
+        kids(&jwks).contains(&early_kid),
         "the retired key is still published"
     );
     signing::verify(&early_token, &jwks, "https://tickets.example.com", 0)
@@ -1018,9 +1036,9 @@ async fn rotated_signing_keys_stay_published_while_their_tokens_live() {
     f.apply(&notifier_grant("late", "5m")).await;
     let late = f.wait_ready("late", "True", None).await;
     let late_kid = late.status.unwrap().token.unwrap().key_id;
-    assert_ne!(
-        late_kid, early_kid,
-        "new tokens are signed with the new key"
+    assert_eq!(
+        late_kid, next_kid,
+        "new tokens are signed with the key that was published ahead"
     );
     signing::verify(
         &f.token_in("late-token").await.unwrap(),
