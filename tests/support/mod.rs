@@ -374,6 +374,19 @@ impl Fixture {
         Some(String::from_utf8(s.data?.get("token")?.0.clone()).unwrap())
     }
 
+    /// The claims of the token in a Secret, if the Secret exists and its token verifies against the
+    /// published JWKS for the examples' audience.
+    pub async fn verified_claims(&self, secret: &str) -> Option<serde_json::Value> {
+        let token = self.token_in(secret).await?;
+        delegation_operator::signing::verify(
+            &token,
+            &self.jwks().await,
+            "https://tickets.example.com",
+            0,
+        )
+        .ok()
+    }
+
     /// The published JWKS.
     pub async fn jwks(&self) -> serde_json::Value {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
