@@ -260,6 +260,10 @@ pub struct TokenStatus {
     pub expires_at: Time,
     /// When the operator will replace it.
     pub renewal_time: Time,
+    /// Digest of the audience and authorizationDetails the token carries: when either changes in the
+    /// spec, the token is replaced and revoked.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub claims_digest: Option<String>,
 }
 
 impl DelegationGrantSpec {

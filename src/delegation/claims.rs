@@ -2,9 +2,10 @@
 //! chain.
 
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
 
 use super::{chain::Resolution, timing::TokenTimes};
-use crate::api::AuthorizationDetail;
+use crate::api::{AuthorizationDetail, DelegationGrantSpec};
 
 /// The claim naming the grant a token was minted for.
 pub const GRANT_CLAIM: &str = "delegation.nhi.dev/grant";
@@ -47,6 +48,17 @@ pub struct GrantReference {
     pub namespace: String,
     pub name: String,
     pub uid: String,
+}
+
+/// Digest of the grant fields a token carries besides its chain and scopes (audience, details),
+/// recorded with the token so that a change to them is noticed: a token for another audience or with
+/// other details must be replaced, while timing edits (TTL, renewBefore, validUntil) need not.
+pub fn claims_digest(spec: &DelegationGrantSpec) -> String {
+    let fields = serde_json::json!([spec.audience, spec.authorization_details]);
+    Sha256::digest(fields.to_string().as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// Nests actors given root-most first so that the last one is outermost and the first deepest.
@@ -103,6 +115,32 @@ mod tests {
             json,
             serde_json::json!({"sub": "agent:ns/c", "act": {"sub": "agent:ns/b", "act": {"sub": "agent:ns/a"}}})
         );
+    }
+
+    #[test]
+    fn the_claims_digest_follows_audience_and_details_only() {
+        let spec: DelegationGrantSpec = serde_json::from_value(serde_json::json!({
+            "principal": {"kind": "User", "name": "a"}, "actorRef": {"name": "x"}, "scopes": ["s"],
+            "audience": "https://api", "tokenTTL": "10m",
+        }))
+        .unwrap();
+        let mut timing = spec.clone();
+        timing.token_ttl = crate::api::Duration::from("5m");
+        timing.renew_before = Some(crate::api::Duration::from("1m"));
+        assert_eq!(claims_digest(&spec), claims_digest(&timing));
+        let mut audience = spec.clone();
+        audience.audience = "https://other".into();
+        assert_ne!(claims_digest(&spec), claims_digest(&audience));
+        let mut details = spec.clone();
+        details.authorization_details = Some(vec![AuthorizationDetail {
+            type_: "ticket".into(),
+            identifier: Some("1".into()),
+            actions: None,
+            locations: None,
+            datatypes: None,
+            privileges: None,
+        }]);
+        assert_ne!(claims_digest(&spec), claims_digest(&details));
     }
 
     #[test]

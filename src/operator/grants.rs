@@ -32,7 +32,7 @@ use crate::{
     api::{ChainLink, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
     delegation::{
         Reason, Refusal, Resolution,
-        claims::{GrantReference, build_claims},
+        claims::{GrantReference, build_claims, claims_digest},
         conditions::{ready_condition, set_ready},
         resolve,
         timing::{IssueCause, SecretState, TokenStep, next_step, plan_token, until},
@@ -198,7 +198,7 @@ async fn issue_or_keep(
         status.token.as_ref(),
     )
     .await?;
-    let unchanged = describes(&status, grant, resolution, &secret_name, cached.as_deref());
+    let unchanged = describes(&status, grant, resolution, &secret_name);
     // A token may not outlive the grant's limits as they are now: a shortened tokenTTL counts too.
     let ttl_limit = crate::delegation::chain::add(now, resolution.token_ttl);
     let limit = resolution.not_after.map_or(ttl_limit, |l| l.min(ttl_limit));
@@ -221,18 +221,17 @@ fn describes(
     grant: &DelegationGrant,
     resolution: &Resolution,
     secret_name: &str,
-    secret: Option<&PartialObjectMeta<Secret>>,
 ) -> bool {
     let ready = ready_condition(status.conditions.as_deref()).is_some_and(|c| c.status == "True");
-    // A Secret that is gone is reported as missing, not as a changed grant.
-    let same_claims = secret.is_none_or(|s| {
-        token_secret::recorded_digest(s) == Some(&token_secret::claims_digest(grant))
-    });
+    let digest = status
+        .token
+        .as_ref()
+        .and_then(|t| t.claims_digest.as_deref());
     ready
         && status.chain.as_ref() == Some(&resolution.chain)
         && status.effective_scopes.as_ref() == Some(&resolution.effective_scopes)
         && status.secret_name.as_deref() == Some(secret_name)
-        && same_claims
+        && digest == Some(claims_digest(&grant.spec).as_str())
 }
 
 /// Brings `observedGeneration` up to date when the spec changed in ways the current token survives.
@@ -312,24 +311,30 @@ async fn issue(
     let name = grant.name_any();
     let old = grant.status.clone().unwrap_or_default();
 
-    // A token that no longer says the right thing (narrowed grant, tightened limit, tampered Secret)
-    // must not live on. On a plain renewal the current token stays valid as `previousToken`; anything
-    // older it displaces (an earlier previous token, a token the status never recorded) is revoked, so
-    // that every token that can still be valid is either in the status or in the revocation list.
-    let supersedes_by_revocation = matches!(
+    // A token that no longer says the right thing (changed grant, tightened limit, tampered Secret)
+    // must not live on: it is revoked ("Superseded"). On a plain renewal the current token stays valid
+    // as `previousToken`, and only an older one it displaces while still valid (renewBefore above half
+    // the TTL) or a token the status never recorded is revoked ("Displaced"): every token that can
+    // still be valid is either in the status or in the revocation list.
+    let supersedes = matches!(
         cause,
         IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
     );
     let kept = old
         .token
         .as_ref()
-        .filter(|_| !supersedes_by_revocation)
+        .filter(|_| !supersedes)
         .map(|t| t.id.as_str());
     let displaced = tokens_in_use(grant, ctx, now)
         .into_iter()
         .filter(|(jti, _)| Some(jti.as_str()) != kept)
         .collect();
-    let revoked = record(grant, ctx, displaced, "Superseded", now).await?;
+    let revocation_reason = if supersedes {
+        "Superseded"
+    } else {
+        "Displaced"
+    };
+    let revoked = record(grant, ctx, displaced, revocation_reason, now).await?;
 
     let times = plan_token(
         now,
@@ -378,7 +383,7 @@ async fn issue(
         delete_our_secret(ctx, grant, previous_secret, true).await?;
     }
 
-    let previous_token = if supersedes_by_revocation {
+    let previous_token = if supersedes {
         None
     } else {
         old.token
@@ -415,6 +420,7 @@ async fn issue(
             issued_at: Time(times.issued_at),
             expires_at: expires_at.clone(),
             renewal_time: Time(times.renewal_at),
+            claims_digest: Some(claims_digest(&grant.spec)),
         }),
         previous_token,
         secret_name: Some(secret_name.to_owned()),
@@ -422,14 +428,12 @@ async fn issue(
     write_status(grant, ctx, status).await?;
 
     if !revoked.is_empty() {
-        report_revocation(
-            grant,
-            ctx,
-            &revoked,
-            "Superseded",
-            "the token no longer matched the grant or its Secret was altered",
-        )
-        .await;
+        let why = if supersedes {
+            "the token no longer matched the grant, a tightened limit, or its Secret"
+        } else {
+            "a newer rotation displaced it while it was still valid"
+        };
+        report_revocation(grant, ctx, &revoked, revocation_reason, why).await;
     }
     ctx.event(grant, EventType::Normal, reason, message.clone())
         .await;
@@ -496,7 +500,10 @@ async fn write_token_secret(
     }
     match token_secret::write(api, &desired).await? {
         Written::Done(rv) => Ok(Some(rv)),
-        Written::Conflict => Ok(None),
+        // The Secret changed again under us: not a foreign Secret, just a race; try again shortly.
+        Written::Conflict => Err(Error::InvalidState(format!(
+            "Secret {name:?} changed while being written; retrying"
+        ))),
     }
 }
 
@@ -538,16 +545,16 @@ async fn secret_conflict(
     Ok(Action::requeue(Duration::from_secs(60)))
 }
 
-/// Revokes every token of the grant that may still be valid: records them in the revocation list and
-/// deletes the grant's Secret(s). The Secret goes even when recording fails (the error is returned and
-/// the reconcile retried with the status untouched, so the ids are recorded on the next try).
+/// Revokes every token of the grant that may still be valid: records them in the revocation list,
+/// then deletes the grant's Secret(s). Recording comes first and must succeed (fail closed): otherwise
+/// nothing is deleted, the status keeps the ids, and the reconcile is retried.
 async fn revoke_tokens(
     grant: &DelegationGrant,
     ctx: &Context,
     reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
-    let recorded = record(grant, ctx, tokens_in_use(grant, ctx, now), reason, now).await;
+    let revoked = record(grant, ctx, tokens_in_use(grant, ctx, now), reason, now).await?;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -557,7 +564,7 @@ async fn revoke_tokens(
     for secret_name in secret_names(grant) {
         delete_our_secret(ctx, grant, &secret_name, wrote_one).await?;
     }
-    recorded
+    Ok(revoked)
 }
 
 /// The grant's tokens that may still be valid, as `(jti, exp)`: the current and previous ones of its

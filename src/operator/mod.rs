@@ -116,9 +116,10 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let children_index = ctx.grants.clone();
     let grants = Controller::for_stream(grant_events, grants_store)
         .owns_stream(secret_events)
-        .watches(agents_api, watch.clone(), move |agent| {
-            grants_depending_on(&actor_index, &agent)
-        })
+        .watches_stream(
+            agent_policy_changes(agents_api, watch.clone()),
+            move |agent| grants_depending_on(&actor_index, &agent),
+        )
         .watches(grants_api.clone(), watch.clone(), move |parent| {
             children_of(&children_index, &parent)
         })
@@ -191,6 +192,36 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
+}
+
+/// The agent events that can change a grant's outcome: spec changes (a new generation) and deletions.
+/// An agent's own status writes are left out, or every `activeGrants` update would re-run every grant
+/// under that agent (quadratic work during a bulk apply).
+fn agent_policy_changes(
+    api: Api<AgentIdentity>,
+    config: watcher::Config,
+) -> impl futures::Stream<Item = std::result::Result<AgentIdentity, watcher::Error>> + Send + 'static
+{
+    let mut generations: std::collections::HashMap<String, Option<i64>> = Default::default();
+    watcher(api, config)
+        .default_backoff()
+        .filter_map(move |event| {
+            let relevant = match event {
+                Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => {
+                    let uid = agent.uid().unwrap_or_default();
+                    (generations.insert(uid, agent.metadata.generation)
+                        != Some(agent.metadata.generation))
+                    .then_some(Ok(agent))
+                }
+                Ok(watcher::Event::Delete(agent)) => {
+                    generations.remove(&agent.uid().unwrap_or_default());
+                    Some(Ok(agent))
+                }
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => Some(Err(e)),
+            };
+            future::ready(relevant)
+        })
 }
 
 /// Grants with this agent anywhere in their chain: an agent's policy (allowedActors, maxDepth) bounds

@@ -65,13 +65,7 @@ impl RevocationList {
     /// Records revocations (before the token's Secret is deleted: fail closed) and prunes expired entries.
     pub async fn add(&self, new: Vec<Revocation>, now: Timestamp) -> Result<()> {
         let mut entries = self.entries.lock().await;
-        let mut next = entries.clone();
-        prune(&mut next, now);
-        for r in new {
-            if r.exp > now.as_second() && !next.iter().any(|e| e.jti == r.jti) {
-                next.push(r);
-            }
-        }
+        let next = merged(&entries, new, now);
         if next != *entries {
             self.write(&next).await?;
             *entries = next;
@@ -116,6 +110,50 @@ pub fn parse(cm: &ConfigMap) -> serde_json::Result<Vec<Revocation>> {
     }
 }
 
-fn prune(entries: &mut Vec<Revocation>, now: Timestamp) {
-    entries.retain(|e| e.exp > now.as_second());
+/// The list after adding `new`: expired entries (the token is dead anyway) are pruned, and a token
+/// already listed, or already expired, is not added again.
+pub fn merged(current: &[Revocation], new: Vec<Revocation>, now: Timestamp) -> Vec<Revocation> {
+    let now = now.as_second();
+    let mut next: Vec<Revocation> = current.iter().filter(|e| e.exp > now).cloned().collect();
+    for r in new {
+        if r.exp > now && !next.iter().any(|e| e.jti == r.jti) {
+            next.push(r);
+        }
+    }
+    next
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(jti: &str, exp: i64) -> Revocation {
+        Revocation {
+            jti: jti.into(),
+            exp,
+            grant: "ns/g".into(),
+            reason: "Deleted".into(),
+            time: "t".into(),
+        }
+    }
+
+    #[test]
+    fn expired_entries_are_pruned_and_new_ones_added_once() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let current = vec![entry("old", 999), entry("live", 2000)];
+        let next = merged(
+            &current,
+            vec![entry("live", 2000), entry("new", 1500), entry("dead", 1000)],
+            now,
+        );
+        let ids: Vec<_> = next.iter().map(|e| e.jti.as_str()).collect();
+        assert_eq!(ids, ["live", "new"]);
+    }
+
+    #[test]
+    fn nothing_new_leaves_the_list_as_it_is() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let current = vec![entry("live", 2000)];
+        assert_eq!(merged(&current, vec![entry("live", 2000)], now), current);
+    }
 }

@@ -3,8 +3,6 @@
 
 use std::collections::BTreeMap;
 
-use sha2::{Digest, Sha256};
-
 use k8s_openapi::{
     ByteString,
     api::core::v1::Secret,
@@ -33,9 +31,6 @@ pub const GRANT_LABEL: &str = "delegation.nhi.dev/grant";
 /// token can be revoked even when the grant's status never recorded it.
 pub const TOKEN_ID_ANNOTATION: &str = "delegation.nhi.dev/token-id";
 pub const EXPIRES_AT_ANNOTATION: &str = "delegation.nhi.dev/expires-at";
-/// Digest of the grant fields a token carries beyond its chain and scopes (audience, details): a change
-/// to them makes the token outdated, a change to anything else (timing, suspension flag) does not.
-pub const CLAIMS_DIGEST_ANNOTATION: &str = "delegation.nhi.dev/claims-digest";
 /// The grant's uid, always; the grant's name also labels the Secret when it fits a label value.
 pub const GRANT_UID_LABEL: &str = "delegation.nhi.dev/grant-uid";
 
@@ -68,25 +63,6 @@ pub fn ownership(secret: Option<&PartialObjectMeta<Secret>>, grant: &DelegationG
     }
 }
 
-/// The digest stored in [`CLAIMS_DIGEST_ANNOTATION`] for a grant's audience and authorization details.
-pub fn claims_digest(grant: &DelegationGrant) -> String {
-    let fields = serde_json::json!([grant.spec.audience, grant.spec.authorization_details]);
-    Sha256::digest(fields.to_string().as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
-/// The claims digest recorded on a Secret, if any.
-pub fn recorded_digest(secret: &PartialObjectMeta<Secret>) -> Option<&str> {
-    secret
-        .metadata
-        .annotations
-        .as_ref()?
-        .get(CLAIMS_DIGEST_ANNOTATION)
-        .map(String::as_str)
-}
-
 /// The Secret for a freshly minted token.
 pub fn desired(
     grant: &DelegationGrant,
@@ -113,7 +89,6 @@ pub fn desired(
             annotations: Some(BTreeMap::from([
                 (TOKEN_ID_ANNOTATION.to_owned(), token_id.to_owned()),
                 (EXPIRES_AT_ANNOTATION.to_owned(), expires.clone()),
-                (CLAIMS_DIGEST_ANNOTATION.to_owned(), claims_digest(grant)),
             ])),
             owner_references: Some(vec![owner_reference(grant)]),
             ..Default::default()
