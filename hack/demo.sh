@@ -32,22 +32,30 @@ if [[ ${1:-} == stop ]]; then
 fi
 
 mkdir -p "$STATE_DIR"
-if [[ -n ${KUBECONFIG:-} || -f $HOME/.kube/config ]] && kubectl version --request-timeout=5s >/dev/null 2>&1; then
+# DELEGATION_DEMO_CLUSTER=local forces the local control plane (the test suite runs this script so).
+if [[ ${DELEGATION_DEMO_CLUSTER:-} != local ]] && [[ -n ${KUBECONFIG:-} || -f $HOME/.kube/config ]] &&
+  kubectl version --request-timeout=5s >/dev/null 2>&1; then
   say "using the cluster of your kubeconfig ($(kubectl config current-context))"
   KUBECTL=(kubectl)
   KUBECONFIG_FLAG=()
 else
-  say "no cluster configured: starting the local control plane (etcd + kube-apiserver built from Go modules)"
+  if hack/control-plane.sh status >/dev/null 2>&1; then
+    say "no cluster configured: using the local control plane that is already running"
+  else
+    say "no cluster configured: starting the local control plane (etcd + kube-apiserver built from Go modules)"
+    touch "$STATE_DIR/local-control-plane" # only what this script started is stopped by `hack/demo.sh stop`
+  fi
   kubeconfig=$(hack/control-plane.sh start)
-  touch "$STATE_DIR/local-control-plane"
   eval "$(hack/control-plane.sh env)"
   KUBECTL=(kubectl --kubeconfig "$kubeconfig")
   KUBECONFIG_FLAG=(--kubeconfig "$kubeconfig")
 fi
 
-say "building the operator"
-cargo build --release --quiet
-BIN=$ROOT/target/release/delegation-operator
+# DELEGATION_DEMO_PROFILE=debug reuses the test build instead of compiling a release build.
+PROFILE=${DELEGATION_DEMO_PROFILE:-release}
+say "building the operator ($PROFILE)"
+if [[ $PROFILE == release ]]; then cargo build --release --quiet; else cargo build --quiet; fi
+BIN=$ROOT/target/$PROFILE/delegation-operator
 
 say "installing the CRDs and namespaces"
 "$BIN" crds | "${KUBECTL[@]}" apply --server-side --field-manager delegation-operator-demo -f -

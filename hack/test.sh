@@ -23,3 +23,8 @@ export DELEGATION_TEST_KUBECONFIG
 
 step "cargo test"
 cargo test --locked --all-targets
+
+# The README's first command, end to end on the same control plane: grants must turn into tokens.
+step "make run (smoke test of the main job)"
+DELEGATION_DEMO_CLUSTER=local DELEGATION_DEMO_PROFILE=debug hack/demo.sh
+hack/demo.sh stop
