@@ -416,6 +416,27 @@ async fn references_and_principal_are_immutable() {
         );
     }
 
+    // A hop cannot be moved under another parent either.
+    let hop = grant_spec_with(|s| {
+        s.remove("principal");
+        s.insert("parentGrantRef".into(), json!({"name": "g"}));
+    });
+    create_document(&client, &ns, &grant("hop", hop))
+        .await
+        .unwrap();
+    let moved = api
+        .patch(
+            "hop",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"parentGrantRef": {"name": "other"}}})),
+        )
+        .await;
+    let message = rejection_message(moved);
+    assert!(
+        message.contains("spec.parentGrantRef") && message.contains("immutable"),
+        "{message}"
+    );
+
     // Mutable fields still change.
     let patch = json!({"spec": {"scopes": ["tickets:read", "tickets:comment"], "tokenTTL": "5m"}});
     let updated = api

@@ -555,6 +555,38 @@ fn authorization_details_only_narrow_down_the_chain() {
         )]))),
         denied
     );
+    // A parent detail without identifier covers any identifier of its type; lists it has bound.
+    let mut wide = issued(
+        root("g1", "orchestrator", &["t:read", "c:read"]),
+        ts(1_800_000_600),
+    );
+    let mut any_ticket = detail("ticket", None, Some(&["read"]));
+    any_ticket.locations = Some(strings(&["https://api/tickets"]));
+    wide.spec.authorization_details = Some(vec![any_ticket]);
+    let under_wide = |details: Vec<AuthorizationDetail>| {
+        let mut g = hop("x", "g1", "summarizer", &["t:read"]);
+        g.spec.authorization_details = Some(details);
+        three_hops().with_grant(wide.clone()).with_grant(g)
+    };
+    let mut located = detail("ticket", Some("77"), Some(&["read"]));
+    located.locations = Some(strings(&["https://api/tickets"]));
+    assert_eq!(verdict(under_wide(vec![located.clone()])), Ok(()));
+    located.locations = Some(strings(&["https://elsewhere"]));
+    assert_eq!(
+        verdict(under_wide(vec![located])),
+        denied,
+        "a location outside the parent's"
+    );
+    assert_eq!(
+        verdict(under_wide(vec![detail(
+            "ticket",
+            Some("77"),
+            Some(&["read"])
+        )])),
+        denied,
+        "no locations = anywhere"
+    );
+
     // A parent without details does not restrict its children's.
     let free = three_hops().with_grant({
         let mut g = hop("x", "g1", "summarizer", &["t:read"]);
