@@ -51,11 +51,14 @@ else
   KUBECONFIG_FLAG=(--kubeconfig "$kubeconfig")
 fi
 
-# DELEGATION_DEMO_PROFILE=debug reuses the test build instead of compiling a release build.
-PROFILE=${DELEGATION_DEMO_PROFILE:-release}
-say "building the operator ($PROFILE)"
-if [[ $PROFILE == release ]]; then cargo build --release --quiet; else cargo build --quiet; fi
-BIN=$ROOT/target/$PROFILE/delegation-operator
+# DELEGATION_DEMO_BIN names an operator binary already built (the test suite passes its own).
+if [[ -n ${DELEGATION_DEMO_BIN:-} ]]; then
+  BIN=$DELEGATION_DEMO_BIN
+else
+  say "building the operator (release)"
+  cargo build --release --quiet
+  BIN=$ROOT/target/release/delegation-operator
+fi
 
 say "installing the CRDs and namespaces"
 "$BIN" crds | "${KUBECTL[@]}" apply --server-side --field-manager delegation-operator-demo -f -

@@ -26,5 +26,5 @@ cargo test --locked --all-targets
 
 # The README's first command, end to end on the same control plane: grants must turn into tokens.
 step "make run (smoke test of the main job)"
-DELEGATION_DEMO_CLUSTER=local DELEGATION_DEMO_PROFILE=debug hack/demo.sh
+DELEGATION_DEMO_CLUSTER=local DELEGATION_DEMO_BIN="$PWD/target/debug/delegation-operator" hack/demo.sh
 hack/demo.sh stop

@@ -35,7 +35,7 @@ use crate::{
         claims::{GrantReference, build_claims, claims_digest},
         conditions::{ready_condition, set_ready},
         resolve,
-        timing::{IssueCause, SecretState, TokenStep, next_step, plan_token, until},
+        timing::{IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token, until},
     },
     signing,
 };
@@ -308,74 +308,31 @@ async fn issue(
     now: Timestamp,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
-    let name = grant.name_any();
     let old = grant.status.clone().unwrap_or_default();
-
-    // A token that no longer says the right thing (changed grant, tightened limit, tampered Secret)
-    // must not live on: it is revoked ("Superseded"). On a plain renewal the current token stays valid
-    // as `previousToken`, and only an older one it displaces while still valid (renewBefore above half
-    // the TTL) or a token the status never recorded is revoked ("Displaced"): every token that can
-    // still be valid is either in the status or in the revocation list.
-    let supersedes = matches!(
-        cause,
-        IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
-    );
-    let kept = old
-        .token
-        .as_ref()
-        .filter(|_| !supersedes)
-        .map(|t| t.id.as_str());
-    let displaced = tokens_in_use(grant, ctx, now)
-        .into_iter()
-        .filter(|(jti, _)| Some(jti.as_str()) != kept)
-        .collect();
-    let revocation_reason = if supersedes {
-        "Superseded"
-    } else {
-        "Displaced"
-    };
-    let revoked = record(grant, ctx, displaced, revocation_reason, now).await?;
-
-    let times = plan_token(
-        now,
-        resolution.token_ttl,
-        resolution.renew_before,
-        resolution.not_after,
-        jitter(),
-    );
-    let jti = uuid::Uuid::new_v4().to_string();
-    let grant_ref = GrantReference {
-        namespace: namespace.clone(),
-        name: name.clone(),
-        uid: grant.uid().unwrap_or_default(),
-    };
-    let claims = build_claims(
-        &ctx.settings.issuer,
-        resolution,
-        grant_ref,
-        grant.spec.authorization_details.clone(),
-        &times,
-        jti.clone(),
-    )
-    .ok_or_else(|| Error::InvalidState("a resolved chain has at least one actor".into()))?;
-    let signed = ctx.keys.sign(&claims)?;
+    let supersedes = supersedes_current(cause);
+    let (revoked, revocation_reason) = revoke_replaced(grant, ctx, supersedes, now).await?;
+    let minted = mint(grant, ctx, resolution, now)?;
 
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let expires_at = Time(times.expires_at);
-    let desired = token_secret::desired(grant, secret_name, &signed.token, &jti, &expires_at);
+    let desired = token_secret::desired(
+        grant,
+        secret_name,
+        &minted.token,
+        &minted.jti,
+        &Time(minted.times.expires_at),
+    );
     let ours = ctx
         .cached_secret(&namespace, secret_name)
         .filter(|s| token_secret::ownership(Some(s), grant) == Ownership::Ours);
-    let rv = match write_token_secret(
+    let Some(rv) = write_token_secret(
         &api,
         desired,
         ours.and_then(|s| s.metadata.uid.clone()),
         grant,
     )
     .await?
-    {
-        Some(rv) => rv,
-        None => return secret_conflict(grant, ctx, secret_name, now).await,
+    else {
+        return secret_conflict(grant, ctx, secret_name, now).await;
     };
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
     if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
@@ -383,17 +340,6 @@ async fn issue(
         delete_our_secret(ctx, grant, previous_secret, true).await?;
     }
 
-    let previous_token = if supersedes {
-        None
-    } else {
-        old.token
-            .as_ref()
-            .filter(|t| t.expires_at.0 > now)
-            .map(|t| PreviousToken {
-                id: t.id.clone(),
-                expires_at: t.expires_at.clone(),
-            })
-    };
     let first =
         matches!(cause, IssueCause::First | IssueCause::SecretMissing) && old.token.is_none();
     let (reason, action) = if first {
@@ -401,30 +347,23 @@ async fn issue(
     } else {
         (ROTATED, AuditAction::Rotated)
     };
-    let message = issue_message(resolution, cause, &times.expires_at, &times.renewal_at);
-    let status = DelegationGrantStatus {
-        conditions: Some(set_ready(
-            old.conditions.as_deref(),
-            true,
-            reason,
-            &message,
-            grant.metadata.generation,
-            now,
-        )),
-        observed_generation: grant.metadata.generation,
-        chain: Some(resolution.chain.clone()),
-        effective_scopes: Some(resolution.effective_scopes.clone()),
-        token: Some(TokenStatus {
-            id: jti.clone(),
-            key_id: signed.key_id.clone(),
-            issued_at: Time(times.issued_at),
-            expires_at: expires_at.clone(),
-            renewal_time: Time(times.renewal_at),
-            claims_digest: Some(claims_digest(&grant.spec)),
-        }),
-        previous_token,
-        secret_name: Some(secret_name.to_owned()),
-    };
+    let message = issue_message(
+        resolution,
+        cause,
+        &minted.times.expires_at,
+        &minted.times.renewal_at,
+    );
+    let status = issued_status(
+        grant,
+        &old,
+        resolution,
+        &minted,
+        secret_name,
+        supersedes,
+        reason,
+        &message,
+        now,
+    );
     write_status(grant, ctx, status).await?;
 
     if !revoked.is_empty() {
@@ -437,18 +376,149 @@ async fn issue(
     }
     ctx.event(grant, EventType::Normal, reason, message.clone())
         .await;
+    let expires_at = Some(minted.times.expires_at.to_string());
     audit::record(&audit_record(
         grant,
         action,
         reason,
         &message,
         Some(resolution),
-        vec![jti.as_str()],
-        Some(times.expires_at.to_string()),
+        vec![minted.jti.as_str()],
+        expires_at,
     ));
     Ok(Action::requeue(
-        until(now, times.renewal_at).max(Duration::from_secs(1)),
+        until(now, minted.times.renewal_at).max(Duration::from_secs(1)),
     ))
+}
+
+/// Whether the current token must be revoked rather than kept as `previousToken`: it no longer says
+/// the right thing (changed grant, tightened limit, tampered Secret).
+fn supersedes_current(cause: IssueCause) -> bool {
+    matches!(
+        cause,
+        IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
+    )
+}
+
+/// Revokes what a new token replaces. When it supersedes the current token, every token of the grant
+/// ("Superseded"). On a plain renewal the current token stays valid as `previousToken`, and only an
+/// older one it displaces while still valid (renewBefore above half the TTL) or a token the status
+/// never recorded ("Displaced"): every token that can still be valid is in the status or revoked.
+async fn revoke_replaced(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    supersedes: bool,
+    now: Timestamp,
+) -> Result<(Vec<String>, &'static str)> {
+    let kept = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.token.as_ref())
+        .filter(|_| !supersedes)
+        .map(|t| t.id.as_str());
+    let replaced = tokens_in_use(grant, ctx, now)
+        .into_iter()
+        .filter(|(jti, _)| Some(jti.as_str()) != kept)
+        .collect();
+    let reason = if supersedes {
+        "Superseded"
+    } else {
+        "Displaced"
+    };
+    Ok((record(grant, ctx, replaced, reason, now).await?, reason))
+}
+
+/// A freshly signed token.
+struct Minted {
+    jti: String,
+    token: String,
+    key_id: String,
+    times: TokenTimes,
+}
+
+/// Plans, builds and signs a token for a resolved grant.
+fn mint(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    resolution: &Resolution,
+    now: Timestamp,
+) -> Result<Minted> {
+    let times = plan_token(
+        now,
+        resolution.token_ttl,
+        resolution.renew_before,
+        resolution.not_after,
+        jitter(),
+    );
+    let jti = uuid::Uuid::new_v4().to_string();
+    let grant_ref = GrantReference {
+        namespace: grant.namespace().unwrap_or_default(),
+        name: grant.name_any(),
+        uid: grant.uid().unwrap_or_default(),
+    };
+    let details = grant.spec.authorization_details.clone();
+    let claims = build_claims(
+        &ctx.settings.issuer,
+        resolution,
+        grant_ref,
+        details,
+        &times,
+        jti.clone(),
+    )
+    .ok_or_else(|| Error::InvalidState("a resolved chain has at least one actor".into()))?;
+    let signed = ctx.keys.sign(&claims)?;
+    Ok(Minted {
+        jti,
+        token: signed.token,
+        key_id: signed.key_id,
+        times,
+    })
+}
+
+/// The status of a grant that now holds `minted`.
+#[allow(clippy::too_many_arguments)]
+fn issued_status(
+    grant: &DelegationGrant,
+    old: &DelegationGrantStatus,
+    resolution: &Resolution,
+    minted: &Minted,
+    secret_name: &str,
+    supersedes: bool,
+    reason: &str,
+    message: &str,
+    now: Timestamp,
+) -> DelegationGrantStatus {
+    let previous_token = old
+        .token
+        .as_ref()
+        .filter(|t| !supersedes && t.expires_at.0 > now)
+        .map(|t| PreviousToken {
+            id: t.id.clone(),
+            expires_at: t.expires_at.clone(),
+        });
+    DelegationGrantStatus {
+        conditions: Some(set_ready(
+            old.conditions.as_deref(),
+            true,
+            reason,
+            message,
+            grant.metadata.generation,
+            now,
+        )),
+        observed_generation: grant.metadata.generation,
+        chain: Some(resolution.chain.clone()),
+        effective_scopes: Some(resolution.effective_scopes.clone()),
+        token: Some(TokenStatus {
+            id: minted.jti.clone(),
+            key_id: minted.key_id.clone(),
+            issued_at: Time(minted.times.issued_at),
+            expires_at: Time(minted.times.expires_at),
+            renewal_time: Time(minted.times.renewal_at),
+            claims_digest: Some(claims_digest(&grant.spec)),
+        }),
+        previous_token,
+        secret_name: Some(secret_name.to_owned()),
+    }
 }
 
 fn issue_message(
