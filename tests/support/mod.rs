@@ -13,8 +13,9 @@ use std::{
     time::Duration,
 };
 
+use delegation_operator::api::{AgentIdentity, DelegationGrant};
 use k8s_openapi::{
-    api::core::v1::Namespace,
+    api::core::v1::{ConfigMap, Namespace, Secret},
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -23,6 +24,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
     runtime::wait::{await_condition, conditions},
 };
+use serde::Deserialize;
 
 pub const FIELD_MANAGER: &str = "delegation-operator-tests";
 
@@ -131,8 +133,6 @@ pub fn load_documents(path: &Path) -> Vec<DynamicObject> {
         })
         .collect()
 }
-
-use serde::Deserialize;
 
 /// The dynamic API for one of our kinds, in a namespace.
 pub fn dynamic_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject> {
@@ -469,6 +469,3 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
-
-use delegation_operator::api::{AgentIdentity, DelegationGrant};
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
