@@ -397,14 +397,7 @@ async fn suspending_an_agent_revokes_down_the_chain_and_resuming_recovers() {
     .collect();
 
     let suspend = |on: bool| json!({"spec": {"suspended": on}});
-    f.agents()
-        .patch(
-            "orchestrator",
-            &PatchParams::default(),
-            &Patch::Merge(&suspend(true)),
-        )
-        .await
-        .unwrap();
+    f.patch_agent("orchestrator", suspend(true)).await;
     f.wait_ready("g1", "False", Some("AgentSuspended")).await;
     let g2 = f.wait_ready("g2", "False", Some("ParentNotReady")).await;
     f.wait_ready("g3", "False", Some("ParentNotReady")).await;
@@ -445,14 +438,7 @@ async fn suspending_an_agent_revokes_down_the_chain_and_resuming_recovers() {
         "Suspended"
     );
 
-    f.agents()
-        .patch(
-            "orchestrator",
-            &PatchParams::default(),
-            &Patch::Merge(&suspend(false)),
-        )
-        .await
-        .unwrap();
+    f.patch_agent("orchestrator", suspend(false)).await;
     for (name, old) in ["g1", "g2", "g3"].iter().zip(&before) {
         let g = f.wait_ready(name, "True", None).await;
         assert_ne!(&token_id(&g), old, "{name} got a fresh token");
@@ -736,14 +722,11 @@ async fn every_violation_is_refused_with_its_own_reason_and_no_token() {
 
     // A valid grant widened beyond what it may have loses its token, it is not narrowed.
     let hop1_jti = token_id(&f.grants().get("hop1").await.unwrap());
-    f.grants()
-        .patch(
-            "hop1",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"scopes": ["tickets:read", "tickets:write"]}})),
-        )
-        .await
-        .unwrap();
+    f.patch_grant(
+        "hop1",
+        json!({"spec": {"scopes": ["tickets:read", "tickets:write"]}}),
+    )
+    .await;
     f.wait_ready("hop1", "False", Some("DeniedScopeNotAllowed"))
         .await;
     assert!(f.revoked_ids().await.contains(&hop1_jti));
@@ -809,14 +792,11 @@ async fn a_secret_the_operator_did_not_create_is_never_taken_over() {
         .delete("taken", &DeleteParams::default())
         .await
         .unwrap();
-    f.grants()
-        .patch(
-            "wants-taken",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"metadata": {"annotations": {"nudge": "1"}}})),
-        )
-        .await
-        .unwrap();
+    f.patch_grant(
+        "wants-taken",
+        json!({"metadata": {"annotations": {"nudge": "1"}}}),
+    )
+    .await;
     f.wait_ready("wants-taken", "True", None).await;
 }
 
@@ -1095,14 +1075,11 @@ async fn tightening_an_agent_policy_revokes_hops_further_down_at_once() {
     let g2 = token_id(&f.wait_ready("g2", "True", None).await);
     // The orchestrator now allows one hop below it: g3 (two below) must lose its token now, not at
     // its next renewal, although g1 and g2 do not change.
-    f.agents()
-        .patch(
-            "orchestrator",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"delegation": {"maxDepth": 1}}})),
-        )
-        .await
-        .unwrap();
+    f.patch_agent(
+        "orchestrator",
+        json!({"spec": {"delegation": {"maxDepth": 1}}}),
+    )
+    .await;
     f.wait_ready("g3", "False", Some("DeniedDepth")).await;
     assert!(f.revoked_ids().await.contains(&g3));
     assert_eq!(
@@ -1152,16 +1129,11 @@ async fn editing_a_parent_in_ways_its_token_survives_revokes_nothing() {
     for g in ["g1", "g2", "g3"] {
         before.push(token_id(&f.wait_ready(g, "True", None).await));
     }
-    f.grants()
-        .patch(
-            "g1",
-            &PatchParams::default(),
-            &Patch::Merge(
-                &json!({"spec": {"validUntil": "2099-01-01T00:00:00Z", "renewBefore": "2m"}}),
-            ),
-        )
-        .await
-        .unwrap();
+    f.patch_grant(
+        "g1",
+        json!({"spec": {"validUntil": "2099-01-01T00:00:00Z", "renewBefore": "2m"}}),
+    )
+    .await;
     wait_for(
         "g1 acknowledges generation 2",
         Duration::from_secs(10),
@@ -1180,14 +1152,8 @@ async fn editing_a_parent_in_ways_its_token_survives_revokes_nothing() {
     assert!(f.revoked_ids().await.is_empty(), "nothing was revoked");
 
     // Narrowing the parent's scopes does replace its token, revokes the old one, and reaches the chain.
-    f.grants()
-        .patch(
-            "g1",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"scopes": ["tickets:read"]}})),
-        )
-        .await
-        .unwrap();
+    f.patch_grant("g1", json!({"spec": {"scopes": ["tickets:read"]}}))
+        .await;
     f.wait_ready("g2", "False", Some("DeniedScopeExceedsParent"))
         .await;
     let g1 = f.wait_ready("g1", "True", None).await;
@@ -1220,14 +1186,11 @@ async fn changes_a_token_cannot_survive_replace_and_revoke_it() {
     let first = token_id(&f.wait_ready("g", "True", None).await);
 
     // Another audience: the old token is for the wrong resource server.
-    f.grants()
-        .patch(
-            "g",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"audience": "https://other.example.com"}})),
-        )
-        .await
-        .unwrap();
+    f.patch_grant(
+        "g",
+        json!({"spec": {"audience": "https://other.example.com"}}),
+    )
+    .await;
     let second = wait_for(
         "a token for the new audience",
         Duration::from_secs(15),
@@ -1244,14 +1207,8 @@ async fn changes_a_token_cannot_survive_replace_and_revoke_it() {
     );
 
     // A shorter tokenTTL: the current token would outlive it.
-    f.grants()
-        .patch(
-            "g",
-            &PatchParams::default(),
-            &Patch::Merge(&json!({"spec": {"tokenTTL": "2m"}})),
-        )
-        .await
-        .unwrap();
+    f.patch_grant("g", json!({"spec": {"tokenTTL": "2m"}}))
+        .await;
     let third = wait_for(
         "a token within the shorter TTL",
         Duration::from_secs(15),

@@ -342,6 +342,22 @@ impl Fixture {
         Api::namespaced(self.client.clone(), &self.ns)
     }
 
+    /// Merge-patches a grant, as `kubectl patch --type merge` would.
+    pub async fn patch_grant(&self, name: &str, patch: serde_json::Value) {
+        self.grants()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
+    /// Merge-patches an agent.
+    pub async fn patch_agent(&self, name: &str, patch: serde_json::Value) {
+        self.agents()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap();
+    }
+
     /// Waits until the grant's Ready condition has `status` (and, if given, `reason`); returns the grant.
     pub async fn wait_ready(
         &self,
