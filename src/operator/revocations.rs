@@ -73,11 +73,6 @@ impl RevocationList {
         Ok(())
     }
 
-    /// Whether a token id is listed (for tests and diagnostics).
-    pub async fn contains(&self, jti: &str) -> bool {
-        self.entries.lock().await.iter().any(|e| e.jti == jti)
-    }
-
     async fn write(&self, entries: &[Revocation]) -> Result<()> {
         let cm = ConfigMap {
             metadata: ObjectMeta {
