@@ -184,3 +184,78 @@ pub async fn read_token(api: &Api<Secret>, name: &str) -> Result<Option<(String,
         .and_then(|b| String::from_utf8(b.0.clone()).ok());
     Ok(token.map(|t| (t, rv)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn grant(uid: &str) -> DelegationGrant {
+        let mut g: DelegationGrant = serde_json::from_value(serde_json::json!({
+            "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+            "metadata": {"name": "g", "namespace": "ns", "uid": uid},
+            "spec": {"principal": {"kind": "User", "name": "a"}, "actorRef": {"name": "x"}, "scopes": ["s"],
+                     "audience": "https://api", "tokenTTL": "10m"},
+        }))
+        .unwrap();
+        g.metadata.uid = Some(uid.into());
+        g
+    }
+
+    fn secret_owned_by(owner: Option<OwnerReference>) -> PartialObjectMeta<Secret> {
+        let mut meta = PartialObjectMeta::<Secret>::default();
+        meta.metadata.name = Some("g-token".into());
+        meta.metadata.owner_references = owner.map(|o| vec![o]);
+        meta
+    }
+
+    #[test]
+    fn only_a_secret_controlled_by_this_very_grant_is_ours() {
+        let g = grant("uid-1");
+        assert_eq!(ownership(None, &g), Ownership::Absent);
+        assert_eq!(
+            ownership(Some(&secret_owned_by(Some(owner_reference(&g)))), &g),
+            Ownership::Ours
+        );
+        assert_eq!(
+            ownership(Some(&secret_owned_by(None)), &g),
+            Ownership::Foreign,
+            "a user's Secret"
+        );
+        let recreated = grant("uid-2");
+        assert_eq!(
+            ownership(
+                Some(&secret_owned_by(Some(owner_reference(&g)))),
+                &recreated
+            ),
+            Ownership::Foreign,
+            "a same-named grant created later does not inherit the old grant's Secret"
+        );
+        let mut not_controller = owner_reference(&g);
+        not_controller.controller = None;
+        assert_eq!(
+            ownership(Some(&secret_owned_by(Some(not_controller))), &g),
+            Ownership::Foreign
+        );
+    }
+
+    #[test]
+    fn the_secret_carries_the_token_its_metadata_and_its_owner() {
+        let g = grant("uid-1");
+        let expires = Time(k8s_openapi::jiff::Timestamp::from_second(1_900_000_000).unwrap());
+        let s = desired(&g, "g-token", "header.payload.sig", "jti-1", &expires);
+        assert_eq!(s.type_.as_deref(), Some(SECRET_TYPE));
+        let data = s.data.unwrap();
+        assert_eq!(data[TOKEN_KEY].0, b"header.payload.sig");
+        assert_eq!(data[EXPIRES_AT_KEY].0, b"2030-03-17T17:46:40Z");
+        let annotations = s.metadata.annotations.unwrap();
+        assert_eq!(annotations[TOKEN_ID_ANNOTATION], "jti-1");
+        assert!(
+            !annotations.values().any(|v| v.contains("payload")),
+            "no token material in metadata"
+        );
+        let labels = s.metadata.labels.unwrap();
+        assert_eq!(labels[GRANT_LABEL], "g");
+        assert_eq!(labels[GRANT_UID_LABEL], "uid-1");
+        assert_eq!(s.metadata.owner_references.unwrap()[0].uid, "uid-1");
+    }
+}
