@@ -351,17 +351,10 @@ async fn deleting_a_grant_revokes_its_token() {
         .delete("doomed", &DeleteParams::default())
         .await
         .unwrap();
-    wait_for(
+    f.wait_grant_gone(
+        "doomed",
         "grant gone (finalizer removed)",
         Duration::from_secs(15),
-        || async {
-            f.grants()
-                .get_opt("doomed")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
     )
     .await;
     assert!(
@@ -876,17 +869,10 @@ async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhi
     assert!(f.secrets().get_opt("goes-token").await.unwrap().is_some());
 
     f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
-    wait_for(
+    f.wait_grant_gone(
+        "goes",
         "deleted grant revoked and released",
         Duration::from_secs(20),
-        || async {
-            f.grants()
-                .get_opt("goes")
-                .await
-                .unwrap()
-                .is_none()
-                .then_some(())
-        },
     )
     .await;
     assert!(f.secrets().get_opt("goes-token").await.unwrap().is_none());

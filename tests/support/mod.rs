@@ -384,6 +384,15 @@ impl Fixture {
         .await
     }
 
+    /// Waits until a grant no longer exists (its finalizer released), panicking with `what` otherwise.
+    pub async fn wait_grant_gone(&self, name: &str, what: &str, timeout: Duration) {
+        let api = self.grants();
+        wait_for(what, timeout, || async {
+            api.get_opt(name).await.unwrap().is_none().then_some(())
+        })
+        .await;
+    }
+
     /// The token in a Secret, if the Secret exists.
     pub async fn token_in(&self, secret: &str) -> Option<String> {
         let s = self.secrets().get_opt(secret).await.unwrap()?;
