@@ -1211,3 +1211,82 @@ async fn changes_a_token_cannot_survive_replace_and_revoke_it() {
         "the longer-lived token is revoked"
     );
 }
+
+/// The kill switch must never miss: a fleet of agents suspended and resumed again and again, each with
+/// a grant and a hop below it. Every suspension revokes every token of that chain within seconds, and
+/// every resumption reissues them — however the agent and grant watches interleave.
+#[tokio::test]
+async fn suspending_and_resuming_a_fleet_of_agents_never_leaves_a_token_behind() {
+    const AGENTS_IN_FLEET: usize = 12;
+    const CYCLES: usize = 5;
+    let f = Fixture::start("fleet", &[]).await;
+    let mut yaml = String::from(
+        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {name: helper}\nspec:\n  owner: {kind: Group, name: platform}\n  allowedScopes: [tickets:read]\n  allowedAudiences: [https://tickets.example.com]\n  maxTokenTTL: 15m\n",
+    );
+    for i in 0..AGENTS_IN_FLEET {
+        yaml += &format!(
+            "---\napiVersion: delegation.nhi.dev/v1alpha1\nkind: AgentIdentity\nmetadata: {{name: agent-{i}}}\nspec:\n  owner: {{kind: Group, name: platform}}\n  allowedScopes: [tickets:read]\n  allowedAudiences: [https://tickets.example.com]\n  maxTokenTTL: 15m\n  delegation: {{maxDepth: 1, allowedActors: [helper]}}\n---\n{}\n---\n{}\n",
+            grant_yaml(
+                &format!("root-{i}"),
+                user_root(),
+                &format!("agent-{i}"),
+                "[tickets:read]",
+                "10m",
+                ""
+            ),
+            grant_yaml(
+                &format!("hop-{i}"),
+                &format!("parentGrantRef: {{name: root-{i}}}"),
+                "helper",
+                "[tickets:read]",
+                "10m",
+                ""
+            ),
+        );
+    }
+    f.apply(&yaml).await;
+    let names: Vec<String> = (0..AGENTS_IN_FLEET)
+        .flat_map(|i| [format!("root-{i}"), format!("hop-{i}")])
+        .collect();
+    let all_in_state = |ready: bool| {
+        let f = &f;
+        let names = &names;
+        async move {
+            let grants = f.grants().list(&ListParams::default()).await.unwrap();
+            let secrets = f.secrets().list(&ListParams::default()).await.unwrap();
+            let secret_names: Vec<String> = secrets.iter().map(|s| s.name_any()).collect();
+            names.iter().all(|name| {
+                let grant = grants.iter().find(|g| &g.name_any() == name);
+                let is_ready = grant.is_some_and(|g| {
+                    g.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+                });
+                let has_secret = secret_names.contains(&format!("{name}-token"));
+                is_ready == ready && has_secret == ready
+            })
+        }
+    };
+    wait_for("the fleet Ready", Duration::from_secs(60), || async {
+        all_in_state(true).await.then_some(())
+    })
+    .await;
+
+    for cycle in 0..CYCLES {
+        for on in [true, false] {
+            let patches = (0..AGENTS_IN_FLEET).map(|i| {
+                f.patch_agent_owned(format!("agent-{i}"), json!({"spec": {"suspended": on}}))
+            });
+            futures::future::join_all(patches).await;
+            let what = format!(
+                "cycle {cycle}: every chain {}",
+                if on { "revoked" } else { "reissued" }
+            );
+            wait_for(&what, Duration::from_secs(10), || async {
+                all_in_state(!on).await.then_some(())
+            })
+            .await;
+        }
+    }
+}

@@ -13,7 +13,6 @@ use super::{
     FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
-    grants::is_ready,
     now,
 };
 use crate::{
@@ -29,16 +28,7 @@ pub async fn reconcile(agent: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<A
         .namespace()
         .ok_or_else(|| Error::InvalidState("agent without namespace".into()))?;
     let name = agent.name_any();
-    let active = ctx
-        .grants
-        .state()
-        .iter()
-        .filter(|g| {
-            g.namespace().as_deref() == Some(namespace.as_str())
-                && g.spec.actor_ref.name == name
-                && is_ready(g)
-        })
-        .count();
+    let active = ctx.index.ready_count(&namespace, &name);
     let (ready, reason, message) = readiness(&agent);
     let previous = agent.status.as_ref().and_then(|s| s.conditions.as_deref());
     let status = AgentIdentityStatus {

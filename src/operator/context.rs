@@ -47,6 +47,8 @@ pub struct Context {
     pub agents: Store<AgentIdentity>,
     /// Token Secrets, metadata only: token bytes never sit in this cache.
     pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Grants by actor and by parent, kept with the grants cache.
+    pub index: Arc<super::index::GrantIndex>,
     /// One flag per cache, true once its initial list is in.
     pub caches_ready: [tokio::sync::watch::Receiver<bool>; 3],
     pub keys: KeyStore,

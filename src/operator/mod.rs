@@ -12,6 +12,7 @@ pub mod audit;
 pub mod context;
 pub mod error;
 pub mod grants;
+pub mod index;
 pub mod keys;
 pub mod revocations;
 pub mod token_secret;
@@ -84,15 +85,23 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     let secrets_api: Api<PartialObjectMeta<Secret>> = scoped_api(&client, &settings);
     let watch = watcher::Config::default();
 
-    // Each cache is filled by a reflector of ours that raises a flag once its initial list is in:
-    // reconciles wait for all flags, so nothing is judged missing at start-up. (kube's own
-    // `Store::wait_until_ready` wakes only one of several waiters, so it is not used for this.)
-    let (grants_store, grant_events, grants_ready) = reflect(grants_api.clone(), watch.clone());
-    let (agents_store, agent_events, agents_ready) = reflect(agents_api.clone(), watch.clone());
-    let managed = watch
-        .clone()
-        .labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed);
+    // Wake-ups between controllers come from the very streams that fill the caches, after the cache
+    // has the change: a grant woken because its agent or parent changed always reads that change.
+    let index = Arc::new(index::GrantIndex::default());
+    let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
+    let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
+    let (grants_store, grant_events, grants_ready) = reflect(
+        grants_api,
+        watch.clone(),
+        grant_fan_out(index.clone(), wake_grant.clone(), wake_agent),
+    );
+    let (agents_store, agent_events, agents_ready) = reflect(
+        agents_api,
+        watch.clone(),
+        agent_fan_out(index.clone(), wake_grant),
+    );
+    let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, |_| {});
 
     let reporter = Reporter {
         controller: MANAGED_BY.into(),
@@ -104,6 +113,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         grants: grants_store.clone(),
         agents: agents_store.clone(),
         secrets,
+        index,
         caches_ready: [grants_ready, agents_ready, secrets_ready],
         keys,
         revocations,
@@ -112,27 +122,15 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         status_written_from: Default::default(),
     });
 
-    let actor_index = ctx.grants.clone();
-    let children_index = ctx.grants.clone();
     let grants = Controller::for_stream(grant_events, grants_store)
         .owns_stream(secret_events)
-        .watches_stream(
-            agent_policy_changes(agents_api, watch.clone()),
-            move |agent| grants_depending_on(&actor_index, &agent),
-        )
-        .watches(grants_api.clone(), watch.clone(), move |parent| {
-            children_of(&children_index, &parent)
-        })
+        .reconcile_on(grant_wakes)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()
         .run(grants::reconcile, grants::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
     let agents = Controller::for_stream(agent_events, agents_store)
-        .watches(grants_api, watch, |grant| {
-            grant
-                .namespace()
-                .map(|ns| ObjectRef::<AgentIdentity>::new(&grant.spec.actor_ref.name).within(&ns))
-        })
+        .reconcile_on(agent_wakes)
         .shutdown_on_signal()
         .run(agents::reconcile, agents::error_policy, ctx.clone())
         .for_each(|_| future::ready(()));
@@ -152,10 +150,12 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
 }
 
 /// A cache of `K`, the stream of touched objects that fills it (to be polled by a controller), and a
-/// flag that turns true once the initial list is in the cache.
+/// flag that turns true once the initial list is in the cache. `after_cached` sees every event once
+/// the cache holds it; managedFields are dropped before caching (nothing reads them).
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
+    mut after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> (
     reflector::Store<K>,
     impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
@@ -174,14 +174,113 @@ where
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let events = watcher(api, config)
         .default_backoff()
+        .modify(|obj| obj.meta_mut().managed_fields = None)
         .reflect(writer)
         .inspect(move |event| {
-            if matches!(event, Ok(watcher::Event::InitDone)) {
-                ready_tx.send_replace(true);
+            if let Ok(event) = event {
+                after_cached(event);
+                if matches!(event, watcher::Event::InitDone) {
+                    ready_tx.send_replace(true);
+                }
             }
         })
         .touched_objects();
     (store, events, ready_rx)
+}
+
+type Wake<K> = futures::channel::mpsc::UnboundedSender<ObjectRef<K>>;
+
+/// After a grant event: index it, wake its children (they read its status) and, when its readiness
+/// changed, its agent (which counts Ready grants).
+fn grant_fan_out(
+    index: Arc<index::GrantIndex>,
+    wake_grant: Wake<DelegationGrant>,
+    wake_agent: Wake<AgentIdentity>,
+) -> impl FnMut(&watcher::Event<DelegationGrant>) + Send + 'static {
+    move |event| {
+        let touched = index.apply(event);
+        if let Some((ns, actor)) = touched.actor {
+            let _ = wake_agent.unbounded_send(ObjectRef::new(&actor).within(&ns));
+        }
+        match event {
+            watcher::Event::Apply(grant) | watcher::Event::Delete(grant) => {
+                let ns = grant.namespace().unwrap_or_default();
+                for child in index.children(&ns, &grant.name_any()) {
+                    let _ = wake_grant.unbounded_send(ObjectRef::new(&child).within(&ns));
+                }
+            }
+            // After a re-list every grant is reconciled anyway; agents recount from the new index.
+            watcher::Event::InitDone => {
+                for (ns, actor) in index.actors() {
+                    let _ = wake_agent.unbounded_send(ObjectRef::new(&actor).within(&ns));
+                }
+            }
+            watcher::Event::Init | watcher::Event::InitApply(_) => {}
+        }
+    }
+}
+
+/// After an agent event: when its spec changed (a new generation) or it is gone, wake every grant
+/// with it anywhere in its chain. Its own status writes wake nobody, or every `activeGrants` update
+/// would re-run every grant under it. During a re-list the changes are collected and woken once the
+/// new list is in the cache.
+fn agent_fan_out(
+    index: Arc<index::GrantIndex>,
+    wake_grant: Wake<DelegationGrant>,
+) -> impl FnMut(&watcher::Event<AgentIdentity>) + Send + 'static {
+    // uid -> (namespace, name, generation) of every agent seen.
+    let mut seen: std::collections::HashMap<String, (String, String, Option<i64>)> =
+        Default::default();
+    let mut relisted: Option<std::collections::HashSet<String>> = None;
+    let mut pending: Vec<(String, String)> = Vec::new();
+    // The first list wakes nobody: every grant is reconciled at start-up anyway.
+    let mut listed_once = false;
+    move |event| {
+        let changed = |agent: &AgentIdentity, seen: &mut std::collections::HashMap<_, _>| {
+            let entry = (
+                agent.namespace().unwrap_or_default(),
+                agent.name_any(),
+                agent.metadata.generation,
+            );
+            let key = (entry.0.clone(), entry.1.clone());
+            (seen.insert(agent.uid().unwrap_or_default(), entry.clone()) != Some(entry))
+                .then_some(key)
+        };
+        match event {
+            watcher::Event::Apply(agent) => pending.extend(changed(agent, &mut seen)),
+            watcher::Event::Delete(agent) => {
+                seen.remove(&agent.uid().unwrap_or_default());
+                pending.push((agent.namespace().unwrap_or_default(), agent.name_any()));
+            }
+            watcher::Event::Init => relisted = Some(Default::default()),
+            watcher::Event::InitApply(agent) => {
+                relisted
+                    .get_or_insert_default()
+                    .insert(agent.uid().unwrap_or_default());
+                pending.extend(changed(agent, &mut seen));
+                return;
+            }
+            watcher::Event::InitDone => {
+                // Agents deleted while the watch was down are absent from the new list.
+                let listed = relisted.take().unwrap_or_default();
+                seen.retain(|uid, (ns, name, _)| {
+                    listed.contains(uid) || {
+                        pending.push((ns.clone(), name.clone()));
+                        false
+                    }
+                });
+                if !listed_once {
+                    listed_once = true;
+                    pending.clear();
+                }
+            }
+        }
+        for (ns, agent) in pending.drain(..) {
+            for grant in index.dependents_of_agent(&ns, &agent) {
+                let _ = wake_grant.unbounded_send(ObjectRef::new(&grant).within(&ns));
+            }
+        }
+    }
 }
 
 fn scoped_api<K>(client: &Client, settings: &Settings) -> Api<K>
@@ -192,92 +291,6 @@ where
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     }
-}
-
-/// The agent events that can change a grant's outcome: spec changes (a new generation) and deletions.
-/// An agent's own status writes are left out, or every `activeGrants` update would re-run every grant
-/// under that agent (quadratic work during a bulk apply).
-fn agent_policy_changes(
-    api: Api<AgentIdentity>,
-    config: watcher::Config,
-) -> impl futures::Stream<Item = std::result::Result<AgentIdentity, watcher::Error>> + Send + 'static
-{
-    let mut generations: std::collections::HashMap<String, Option<i64>> = Default::default();
-    watcher(api, config)
-        .default_backoff()
-        .filter_map(move |event| {
-            let relevant = match event {
-                Ok(watcher::Event::Apply(agent) | watcher::Event::InitApply(agent)) => {
-                    let uid = agent.uid().unwrap_or_default();
-                    (generations.insert(uid, agent.metadata.generation)
-                        != Some(agent.metadata.generation))
-                    .then_some(Ok(agent))
-                }
-                Ok(watcher::Event::Delete(agent)) => {
-                    generations.remove(&agent.uid().unwrap_or_default());
-                    Some(Ok(agent))
-                }
-                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
-                Err(e) => Some(Err(e)),
-            };
-            future::ready(relevant)
-        })
-}
-
-/// Grants with this agent anywhere in their chain: an agent's policy (allowedActors, maxDepth) bounds
-/// hops further down, whose parents' statuses need not change when it does.
-fn grants_depending_on(
-    store: &reflector::Store<DelegationGrant>,
-    agent: &AgentIdentity,
-) -> Vec<ObjectRef<DelegationGrant>> {
-    let Some(ns) = agent.namespace() else {
-        return Vec::new();
-    };
-    let name = agent.name_any();
-    let grants = store.state();
-    let by_name: std::collections::HashMap<String, &DelegationGrant> = grants
-        .iter()
-        .filter(|g| g.namespace().as_deref() == Some(ns.as_str()))
-        .map(|g| (g.name_any(), g.as_ref()))
-        .collect();
-    by_name
-        .values()
-        .filter(|g| {
-            // Walk up at most the longest chain the operator resolves, so cycles end the walk too.
-            let mut current = Some(**g);
-            (0..crate::delegation::chain::MAX_CHAIN_LENGTH).any(|_| {
-                let Some(grant) = current else { return false };
-                current = grant
-                    .spec
-                    .parent_grant_ref
-                    .as_ref()
-                    .and_then(|p| by_name.get(&p.name).copied());
-                grant.spec.actor_ref.name == name
-            })
-        })
-        .map(|g| ObjectRef::from(*g))
-        .collect()
-}
-
-/// Grants whose parent is this grant.
-fn children_of(
-    store: &reflector::Store<DelegationGrant>,
-    parent: &DelegationGrant,
-) -> Vec<ObjectRef<DelegationGrant>> {
-    let ns = parent.namespace();
-    let name = parent.name_any();
-    store
-        .state()
-        .iter()
-        .filter(|g| {
-            g.namespace() == ns
-                && g.spec
-                    .parent_grant_ref
-                    .as_ref()
-                    .is_some_and(|p| p.name == name)
-        })
-        .map(|g| ObjectRef::from(g.as_ref()))
-        .collect()
 }
 
 /// Refuses to start, saying what to do, when the CRDs or the operator namespace are missing.

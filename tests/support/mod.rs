@@ -358,6 +358,21 @@ impl Fixture {
             .unwrap();
     }
 
+    /// Merge-patches an agent; an owned future, for patching many at once.
+    pub fn patch_agent_owned(
+        &self,
+        name: String,
+        patch: serde_json::Value,
+    ) -> impl std::future::Future<Output = ()> + use<> {
+        let agents = self.agents();
+        async move {
+            agents
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .unwrap();
+        }
+    }
+
     /// Waits until the grant's Ready condition has `status` (and, if given, `reason`); returns the grant.
     pub async fn wait_ready(
         &self,
