@@ -1,11 +1,13 @@
 //! delegation-operator: turns DelegationGrants into short-lived, scoped, signed on-behalf-of tokens.
 //!
 //! - [`api`]: the CRD types (the contract).
+//! - [`admission`]: the admission policies that stamp who asked and check who may.
 //! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
 //! - [`signing`]: signing keys, JWKS and token verification.
 #![forbid(unsafe_code)]
 
+pub mod admission;
 pub mod api;
 pub mod delegation;
 pub mod operator;

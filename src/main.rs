@@ -27,6 +27,9 @@ enum Command {
         #[arg(long)]
         dir: Option<std::path::PathBuf>,
     },
+    /// Print the admission policies that stamp who created each grant and check who may delegate
+    /// (pipe into `kubectl apply --server-side -f -`, after the CRDs).
+    AdmissionPolicies,
     /// Run the operator: reconcile DelegationGrants and AgentIdentities into tokens.
     Run(RunArgs),
 }
@@ -72,6 +75,10 @@ fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Crds { dir: None } => print_crds(),
         Command::Crds { dir: Some(dir) } => write_crds(&dir),
+        Command::AdmissionPolicies => {
+            print!("{}", delegation_operator::admission::POLICIES_YAML);
+            ExitCode::SUCCESS
+        }
         Command::Run(args) => run(args),
     }
 }

@@ -60,7 +60,7 @@ fn agent_spec_with(change: impl FnOnce(&mut serde_json::Map<String, Value>)) -> 
 }
 
 #[tokio::test]
-async fn both_crds_install_and_become_established() {
+async fn every_crd_installs_and_becomes_established() {
     let client = client().await;
     let crds = install_crds(&client).await;
     let names: Vec<_> = crds
@@ -71,6 +71,7 @@ async fn both_crds_install_and_become_established() {
         names,
         [
             "agentidentities.delegation.nhi.dev",
+            "delegationapprovals.delegation.nhi.dev",
             "delegationgrants.delegation.nhi.dev"
         ]
     );

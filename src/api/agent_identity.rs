@@ -3,7 +3,7 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN};
+use super::{AUDIENCE_MESSAGE, AUDIENCES_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN};
 
 /// A non-human identity (an AI agent, a service, an automation) that may receive delegated authority
 /// through DelegationGrants. Its spec sets the ceiling for every grant naming it as actor.
@@ -42,8 +42,9 @@ pub struct AgentIdentitySpec {
     /// Who is accountable for this agent: a User or a Group of the organisation.
     pub owner: Owner,
 
-    /// The Kubernetes ServiceAccount (in this namespace) the agent's workload runs as, if any.
-    /// Informational: recorded so that auditors can tie tokens to a workload.
+    /// The Kubernetes ServiceAccount (in this namespace) the agent's workload runs as, if any. That
+    /// ServiceAccount may create hops below grants this agent acts under (sub-delegate), within
+    /// `delegation`.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
     pub service_account_name: Option<String>,
@@ -54,8 +55,10 @@ pub struct AgentIdentitySpec {
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allowed_scopes: Vec<String>,
 
-    /// Audiences (resource servers) tokens for this agent may be minted for.
-    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 512), regex(pattern = AUDIENCE_PATTERN)))]
+    /// Audiences (resource servers) tokens for this agent may be minted for: exact absolute URIs such
+    /// as `https://tickets.example.com`, no wildcards.
+    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 512)))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": AUDIENCES_RULE, "message": AUDIENCE_MESSAGE}]))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allowed_audiences: Vec<String>,
 
@@ -67,6 +70,11 @@ pub struct AgentIdentitySpec {
     /// Absent means the chain ends at this agent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub delegation: Option<DelegationPolicy>,
+
+    /// Grants to this agent need a person's approval (a DelegationApproval) before any token is issued.
+    /// With `scopes`, only grants asking at least one of them do. Absent: no approval needed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_approval: Option<ApprovalRequirement>,
 
     /// Kill switch. When true, every token naming this agent anywhere in its chain is revoked and no
     /// new one is issued until it is set back to false.
@@ -104,6 +112,16 @@ pub struct DelegationPolicy {
     #[schemars(length(max = 64), inner(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN)))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub allowed_actors: Option<Vec<String>>,
+}
+
+/// Which grants to an agent need approval.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+pub struct ApprovalRequirement {
+    /// Only grants asking at least one of these scopes need approval. Absent: every grant does.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128), regex(pattern = SCOPE_PATTERN)))]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub scopes: Option<Vec<String>>,
 }
 
 /// Observed state of an AgentIdentity.

@@ -3,7 +3,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCOPE_PATTERN};
+use super::{
+    AUDIENCE_MESSAGE, AUDIENCE_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCOPE_PATTERN,
+    UserIdentity,
+};
 
 /// "Principal P lets agent A do S, for audience X, until T": one hop of delegated authority.
 ///
@@ -35,6 +38,11 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
         json_path = ".spec.principal.name"
     ),
     printcolumn(
+        name = "Requester",
+        type_ = "string",
+        json_path = ".spec.requester.username"
+    ),
+    printcolumn(
         name = "Parent",
         type_ = "string",
         json_path = ".spec.parentGrantRef.name"
@@ -50,6 +58,11 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].reason",
         priority = 1
+    ),
+    printcolumn(
+        name = "Approval",
+        type_ = "string",
+        json_path = ".status.approval.state"
     ),
     printcolumn(
         name = "Expires",
@@ -71,6 +84,9 @@ use super::{AUDIENCE_PATTERN, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCO
     validation = Rule::new("has(self.parentGrantRef) == has(oldSelf.parentGrantRef) && (!has(self.parentGrantRef) || self.parentGrantRef == oldSelf.parentGrantRef)")
         .message("spec.parentGrantRef is immutable: create a new grant instead")
         .field_path(".parentGrantRef"),
+    validation = Rule::new("has(self.requester) == has(oldSelf.requester) && (!has(self.requester) || self.requester == oldSelf.requester)")
+        .message("spec.requester is stamped by the apiserver when the grant is created and cannot change")
+        .field_path(".requester"),
     validation = Rule::new("self.actorRef == oldSelf.actorRef")
         .message("spec.actorRef is immutable: create a new grant instead")
         .field_path(".actorRef"),
@@ -93,15 +109,23 @@ pub struct DelegationGrantSpec {
     /// The AgentIdentity (in this namespace) that acts with this authority. Immutable.
     pub actor_ref: LocalRef,
 
+    /// Who created this grant, as the apiserver authenticated them: the evidence of who asked. Set by
+    /// the delegation-operator admission policy on creation (anything written here is replaced) and
+    /// immutable afterwards. Leave it out of your manifests. A grant without it gets no token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requester: Option<UserIdentity>,
+
     /// OAuth scopes delegated. Each must be allowed by the actor and held by the parent grant (if any);
     /// a grant asking for more is denied, never silently narrowed.
     #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128), regex(pattern = SCOPE_PATTERN)))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub scopes: Vec<String>,
 
-    /// The one resource server the token is for (its `aud`). Must be in the actor's allowedAudiences,
-    /// and equal to the parent grant's audience for a hop.
-    #[schemars(length(min = 1, max = 512), regex(pattern = AUDIENCE_PATTERN))]
+    /// The one resource server the token is for (its `aud`): an absolute URI such as
+    /// `https://tickets.example.com`, no wildcards. Must be in the actor's allowedAudiences, and equal to
+    /// the parent grant's audience for a hop.
+    #[schemars(length(min = 1, max = 512))]
+    #[schemars(extend("x-kubernetes-validations" = [{"rule": AUDIENCE_RULE, "message": AUDIENCE_MESSAGE}]))]
     pub audience: String,
 
     /// Lifetime of each token, e.g. `10m`. At most the actor's maxTokenTTL. Units h, m, s.
@@ -118,9 +142,11 @@ pub struct DelegationGrantSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub valid_until: Option<Time>,
 
-    /// Fine-grained limits carried in the token's `authorization_details` claim (RFC 9396 shape).
+    /// Fine-grained limits carried in the token's `authorization_details` claim (RFC 9396 shape). A hop
+    /// may only narrow its parent's: same type, same identifier, and lists within the parent's — it may
+    /// not add a list the parent left out. At most 4 KiB once encoded.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16))]
+    #[schemars(length(max = 8))]
     pub authorization_details: Option<Vec<AuthorizationDetail>>,
 
     /// Name of the Secret the token is written to. Defaults to `<grant name>-token`. The operator never
@@ -134,13 +160,31 @@ pub struct DelegationGrantSpec {
     pub suspended: Option<bool>,
 }
 
-/// The principal at the root of a delegation chain.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
+/// The principal at the root of a delegation chain: whose authority is delegated.
+///
+/// Naming a principal needs authority: the grant's requester must be that principal, or be allowed verb
+/// `delegate` on `users`, `groups` or `serviceaccounts` (API group `delegation.nhi.dev`) with the
+/// principal's name as resourceName, in the grant's namespace.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, KubeSchema)]
+#[x_kube(
+    validation = Rule::new(r"!self.name.matches('[\\p{Z}\\p{C}]')")
+        .message("spec.principal.name may not contain spaces, control, zero-width or bidirectional characters")
+        .field_path(".name"),
+    validation = Rule::new("self.kind == 'ServiceAccount' || !self.name.startsWith('system:')")
+        .message("names starting with system: are reserved for Kubernetes; a ServiceAccount principal has kind ServiceAccount")
+        .field_path(".name"),
+    validation = Rule::new("self.kind != 'ServiceAccount' || self.name.matches('^system:serviceaccount:[a-z0-9]([-a-z0-9]*[a-z0-9])?:[a-z0-9]([-.a-z0-9]*[a-z0-9])?$')")
+        .message("a ServiceAccount principal is named system:serviceaccount:<namespace>:<name>")
+        .field_path(".name")
+)]
 pub struct Principal {
-    /// `User` (a person, as your identity provider names them) or `ServiceAccount`.
+    /// `User` (a person, by the user name the Kubernetes apiserver authenticates them with), `Group`
+    /// (a group of users, by its name; no one *is* a group, so naming one always needs `delegate` on
+    /// `groups`), or `ServiceAccount` (a workload, by its Kubernetes user name).
     pub kind: PrincipalKind,
-    /// The user name, or `<namespace>/<name>` style identifier of the ServiceAccount.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^\S+$"))]
+    /// The user name (`alice@example.com`), group name (`payments-approvers`), or ServiceAccount user
+    /// name (`system:serviceaccount:<namespace>:<name>`). It becomes the token's `sub`.
+    #[schemars(length(min = 1, max = 256))]
     pub name: String,
 }
 
@@ -148,7 +192,18 @@ pub struct Principal {
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum PrincipalKind {
     User,
+    Group,
     ServiceAccount,
+}
+
+impl PrincipalKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PrincipalKind::User => "User",
+            PrincipalKind::Group => "Group",
+            PrincipalKind::ServiceAccount => "ServiceAccount",
+        }
+    }
 }
 
 /// One RFC 9396 authorization detail object.
@@ -165,19 +220,19 @@ pub struct AuthorizationDetail {
     pub identifier: Option<String>,
     /// Actions allowed on the resource (e.g. `read`, `comment`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 128)))]
     pub actions: Option<Vec<String>>,
     /// Locations (URIs) of the resource server.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 16), inner(length(min = 1, max = 512)))]
+    #[schemars(length(max = 8), inner(length(min = 1, max = 512)))]
     pub locations: Option<Vec<String>>,
     /// Kinds of data being requested.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 128)))]
     pub datatypes: Option<Vec<String>>,
     /// Privilege levels requested.
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schemars(length(max = 32), inner(length(min = 1, max = 128)))]
+    #[schemars(length(max = 16), inner(length(min = 1, max = 128)))]
     pub privileges: Option<Vec<String>>,
 }
 
@@ -214,6 +269,39 @@ pub struct DelegationGrantStatus {
     /// The Secret holding the current token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+
+    /// For a hop: the uid of the parent grant it was first resolved under. A parent deleted and
+    /// re-created under the same name is not adopted.
+    #[serde(rename = "parentGrantUID", skip_serializing_if = "Option::is_none")]
+    pub parent_grant_uid: Option<String>,
+
+    /// Where the grant stands when its agent requires approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<ApprovalStatus>,
+}
+
+/// The approval state of a grant whose agent requires one.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApprovalStatus {
+    /// `Pending`, `Approved` or `Rejected`, for the grant's current generation.
+    pub state: ApprovalState,
+    /// The generation the state refers to.
+    pub generation: i64,
+    /// The DelegationApproval that decided, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<String>,
+    /// Who decided, as the apiserver authenticated them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approver: Option<String>,
+}
+
+/// Where an approval stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum ApprovalState {
+    Pending,
+    Approved,
+    Rejected,
 }
 
 /// A replaced token that may still be in use.
@@ -243,6 +331,12 @@ pub struct ChainLink {
     /// For agents: the scopes this agent holds at this hop.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<Vec<String>>,
+    /// For agents: who created the grant of this hop, as the apiserver authenticated them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// For agents: who approved the grant of this hop, when its agent requires approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
 }
 
 /// Metadata of an issued token.

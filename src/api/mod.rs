@@ -8,12 +8,16 @@
 //! `kubectl explain`.
 
 mod agent_identity;
+mod delegation_approval;
 mod delegation_grant;
 mod duration;
+mod identity;
 
 pub use agent_identity::*;
+pub use delegation_approval::*;
 pub use delegation_grant::*;
 pub use duration::*;
+pub use identity::*;
 
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
@@ -29,8 +33,13 @@ pub const SCOPE_PATTERN: &str = r#"^[!#-\[\]-~]+$"#;
 /// A DNS-1123 subdomain, what Kubernetes accepts as most object names (Secrets included).
 pub const DNS1123_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
-/// An audience: any non-empty string without whitespace (usually a URL).
-pub const AUDIENCE_PATTERN: &str = r"^\S+$";
+/// An audience is an exact absolute URI (`https://api.example.com`, `urn:example:api`): a scheme, a
+/// colon, then no whitespace and no `*`, so that no audience can read as a wildcard.
+pub const AUDIENCE_RULE: &str = r"self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*:[^\\s*]+$')";
+/// [`AUDIENCE_RULE`] for every item of a list.
+pub const AUDIENCES_RULE: &str = r"self.all(a, a.matches('^[a-zA-Z][a-zA-Z0-9+.-]*:[^\\s*]+$'))";
+pub const AUDIENCE_MESSAGE: &str =
+    "must be an exact absolute URI such as https://api.example.com (no spaces, no wildcards)";
 
 /// A reference to another object of a known kind in the same namespace.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Hash, JsonSchema)]
@@ -53,7 +62,11 @@ pub const CONDITION_READY: &str = "Ready";
 pub fn crds()
 -> Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>
 {
-    vec![AgentIdentity::crd(), DelegationGrant::crd()]
+    vec![
+        AgentIdentity::crd(),
+        DelegationApproval::crd(),
+        DelegationGrant::crd(),
+    ]
 }
 
 /// The file name under `crds/` for a CRD.

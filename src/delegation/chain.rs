@@ -10,8 +10,8 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use crate::api::{
-    AgentIdentity, AuthorizationDetail, CONDITION_READY, ChainLink, DelegationGrant, Principal,
-    PrincipalKind, agent_subject,
+    AgentIdentity, ApprovalState, AuthorizationDetail, CONDITION_READY, ChainLink, DelegationGrant,
+    Principal, agent_subject,
 };
 
 /// The longest chain the operator resolves (root grant plus eight hops, the highest `maxDepth`).
@@ -208,14 +208,13 @@ pub fn resolve(
         )
     })?;
     let mut chain = vec![ChainLink {
-        kind: match principal.kind {
-            PrincipalKind::User => "User".into(),
-            PrincipalKind::ServiceAccount => "ServiceAccount".into(),
-        },
+        kind: principal.kind.as_str().into(),
         name: principal.name.clone(),
         subject: None,
         grant: None,
         scopes: None,
+        requested_by: None,
+        approved_by: None,
     }];
     let mut actors = Vec::with_capacity(lineage.len());
     for g in &lineage {
@@ -227,6 +226,8 @@ pub fn resolve(
             subject: Some(subject),
             grant: g.metadata.name.clone(),
             scopes: Some(g.spec.scopes.clone()),
+            requested_by: g.spec.requester.as_ref().map(|r| r.username.clone()),
+            approved_by: approver_of(g),
         });
     }
     let token_ttl = parse_duration_field(&grant.spec.token_ttl, "spec.tokenTTL")?;
@@ -562,6 +563,15 @@ fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
         && within(&outer.locations, &inner.locations)
         && within(&outer.datatypes, &inner.datatypes)
         && within(&outer.privileges, &inner.privileges)
+}
+
+/// Who approved a grant's current generation, as its status records it.
+fn approver_of(grant: &DelegationGrant) -> Option<String> {
+    let approval = grant.status.as_ref()?.approval.as_ref()?;
+    (approval.state == ApprovalState::Approved
+        && Some(approval.generation) == grant.metadata.generation)
+        .then(|| approval.approver.clone())
+        .flatten()
 }
 
 fn valid_until(grant: &DelegationGrant) -> Option<Timestamp> {

@@ -87,6 +87,7 @@ fn agent(name: &str, scopes: &[&str], delegation: Option<(i32, &[&str])>) -> Age
                 max_depth,
                 allowed_actors: Some(strings(actors)),
             }),
+            require_approval: None,
             suspended: None,
         },
         status: None,
@@ -98,6 +99,10 @@ fn grant_spec(actor: &str, scopes: &[&str]) -> DelegationGrantSpec {
         principal: None,
         parent_grant_ref: None,
         actor_ref: LocalRef::new(actor),
+        requester: Some(UserIdentity {
+            username: "alice@example.com".into(),
+            ..Default::default()
+        }),
         scopes: strings(scopes),
         audience: "https://api".into(),
         token_ttl: Duration::from("10m"),

@@ -518,6 +518,8 @@ fn issued_status(
         }),
         previous_token,
         secret_name: Some(secret_name.to_owned()),
+        parent_grant_uid: old.parent_grant_uid.clone(),
+        approval: old.approval.clone(),
     }
 }
 
@@ -786,6 +788,10 @@ fn refused_status(
             now,
         )),
         observed_generation: grant.metadata.generation,
+        parent_grant_uid: grant
+            .status
+            .as_ref()
+            .and_then(|s| s.parent_grant_uid.clone()),
         ..Default::default()
     }
 }
