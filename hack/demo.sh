@@ -2,8 +2,10 @@
 # The operator's main job, end to end (`make run`):
 #   - with a reachable cluster in your kubeconfig it uses that cluster; with none it builds (or reuses)
 #     the local control plane from hack/control-plane.sh;
-#   - installs the CRDs, starts the operator, applies the examples into namespace `delegation-demo`,
-#     waits for every grant to be Ready, and shows both kinds and the decoded claims of one token.
+#   - installs the CRDs and the admission policies, starts the operator, applies the examples into
+#     namespace `delegation-demo`, waits for the grants to be Ready, approves the one that needs a
+#     person's approval (as a second user, by impersonation), and shows both kinds, the chain with who
+#     requested and approved each hop, and the decoded claims of one token.
 # The cluster and the operator keep running; `make stop` (hack/demo.sh stop) stops what this started.
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -67,6 +69,21 @@ for ns in "$OPERATOR_NS" "$DEMO_NS"; do
   "${KUBECTL[@]}" get namespace "$ns" >/dev/null 2>&1 || "${KUBECTL[@]}" create namespace "$ns"
 done
 
+say "installing the admission policies (the apiserver stamps who creates each grant)"
+"$BIN" admission-policies | "${KUBECTL[@]}" apply --server-side --force-conflicts --field-manager delegation-operator-demo -f -
+# A policy on a CRD applies once the apiserver has loaded the CRD's schema and the policy: probe with a
+# server-side dry run until the requester comes back stamped.
+probe='{"apiVersion":"delegation.nhi.dev/v1alpha1","kind":"DelegationGrant","metadata":{"name":"policy-probe"},
+  "spec":{"principal":{"kind":"User","name":"probe@example.com"},"actorRef":{"name":"probe"},"scopes":["probe"],
+  "audience":"https://probe.example.com","tokenTTL":"1m","requester":{"username":"forged"}}}'
+for _ in $(seq 120); do
+  stamped=$("${KUBECTL[@]}" create --dry-run=server -n "$DEMO_NS" -o jsonpath='{.spec.requester.username}' -f - <<<"$probe" 2>/dev/null || true)
+  [[ -n $stamped && $stamped != forged ]] && break
+  sleep 0.5
+done
+[[ -n ${stamped:-} && $stamped != forged ]] || { echo "the admission policies did not take effect" >&2; exit 1; }
+echo "requesters are stamped (this kubeconfig is $stamped)"
+
 say "starting the operator (logs: $STATE_DIR/operator.log, audit trail: $STATE_DIR/audit.jsonl)"
 if [[ -f $STATE_DIR/operator.pid ]] && kill -0 "$(cat "$STATE_DIR/operator.pid")" 2>/dev/null; then
   kill "$(cat "$STATE_DIR/operator.pid")"
@@ -80,14 +97,48 @@ echo $! >"$STATE_DIR/operator.pid"
 say "applying examples/ into namespace $DEMO_NS"
 "${KUBECTL[@]}" apply -n "$DEMO_NS" -f examples/
 
-say "waiting for every grant to be Ready"
-"${KUBECTL[@]}" wait -n "$DEMO_NS" --for=condition=Ready delegationgrants --all --timeout=90s
+say "waiting for the grants to be Ready (alice-payment-run waits for an approval)"
+"${KUBECTL[@]}" wait -n "$DEMO_NS" --for=condition=Ready --timeout=90s \
+  delegationgrant/alice-support-session delegationgrant/orchestrator-to-summarizer \
+  delegationgrant/case-98765-read delegationgrant/alice-ticket-1234
+"${KUBECTL[@]}" wait -n "$DEMO_NS" --for=jsonpath='{.status.conditions[0].reason}'=ApprovalPending \
+  delegationgrant/alice-payment-run --timeout=60s
+"${KUBECTL[@]}" get delegationgrant alice-payment-run -n "$DEMO_NS" -o jsonpath='{.status.conditions[0].message}{"\n"}'
+
+say "carol@example.com approves it (she may approve that grant; a requester may not approve their own)"
+"${KUBECTL[@]}" apply --server-side --field-manager delegation-operator-demo -n "$DEMO_NS" -f - <<'EOF'
+apiVersion: rbac.authorization.k8s.io/v1
+kind: Role
+metadata: {name: payment-approvers}
+rules:
+- apiGroups: [delegation.nhi.dev]
+  resources: [delegationgrants]
+  resourceNames: [alice-payment-run]
+  verbs: [get, approve]
+- apiGroups: [delegation.nhi.dev]
+  resources: [delegationapprovals]
+  verbs: [create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: payment-approvers}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: payment-approvers}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol@example.com}
+EOF
+"$BIN" approve alice-payment-run -n "$DEMO_NS" "${KUBECONFIG_FLAG[@]}" --as carol@example.com \
+  --comment "invoice 2026-0042 checked"
+"${KUBECTL[@]}" wait -n "$DEMO_NS" --for=condition=Ready delegationgrant/alice-payment-run --timeout=60s
 
 say "kubectl get agentidentities,delegationgrants -n $DEMO_NS"
 "${KUBECTL[@]}" get agentidentities,delegationgrants -n "$DEMO_NS"
 
-say "the delegation chain of orchestrator-to-summarizer (status.chain)"
-"${KUBECTL[@]}" get delegationgrant orchestrator-to-summarizer -n "$DEMO_NS" -o jsonpath='{range .status.chain[*]}{.kind}{"\t"}{.name}{"\t"}{.scopes}{"\n"}{end}'
+say "the delegation chains (status.chain: kind, name, scopes, requested by, approved by)"
+for grant in orchestrator-to-summarizer alice-payment-run; do
+  echo "$grant:"
+  "${KUBECTL[@]}" get delegationgrant "$grant" -n "$DEMO_NS" \
+    -o jsonpath='{range .status.chain[*]}{"  "}{.kind}{"\t"}{.name}{"\t"}{.scopes}{"\t"}{.requestedBy}{"\t"}{.approvedBy}{"\n"}{end}'
+done
 
 say "decoded claims of the token in Secret orchestrator-to-summarizer-token (header and payload; the signature is not shown)"
 "${KUBECTL[@]}" get secret orchestrator-to-summarizer-token -n "$DEMO_NS" -o jsonpath='{.data.token}' |

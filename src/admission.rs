@@ -8,3 +8,154 @@
 
 /// Every policy and binding, as one multi-document YAML stream.
 pub const POLICIES_YAML: &str = include_str!("../admission/policies.yaml");
+
+/// The kinds of document [`POLICIES_YAML`] may hold.
+pub const KINDS: [&str; 4] = [
+    "MutatingAdmissionPolicy",
+    "MutatingAdmissionPolicyBinding",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+];
+
+/// Every document of [`POLICIES_YAML`], in order, as JSON values (what a client sends).
+pub fn documents() -> Vec<serde_json::Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(POLICIES_YAML)
+        .map(|doc| {
+            // The YAML is embedded at compile time and covered by the tests below.
+            let value =
+                serde_yaml::Value::deserialize(doc).expect("admission/policies.yaml parses");
+            serde_json::to_value(value).expect("admission/policies.yaml is plain JSON data")
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn kind(doc: &Value) -> &str {
+        doc["kind"].as_str().unwrap_or_default()
+    }
+
+    fn name(doc: &Value) -> &str {
+        doc["metadata"]["name"].as_str().unwrap_or_default()
+    }
+
+    fn policies() -> Vec<Value> {
+        documents()
+            .into_iter()
+            .filter(|d| !kind(d).ends_with("Binding"))
+            .collect()
+    }
+
+    #[test]
+    fn every_document_is_a_known_admission_kind_in_v1() {
+        let docs = documents();
+        assert!(docs.len() >= 8, "expected four policies and their bindings");
+        for doc in &docs {
+            assert_eq!(
+                doc["apiVersion"], "admissionregistration.k8s.io/v1",
+                "{doc}"
+            );
+            assert!(KINDS.contains(&kind(doc)), "unknown kind: {doc}");
+        }
+    }
+
+    #[test]
+    fn every_document_is_named_and_labelled_for_the_operator() {
+        for doc in documents() {
+            assert!(
+                name(&doc).starts_with("delegation-operator-"),
+                "{} {:?} lacks the delegation-operator- prefix",
+                kind(&doc),
+                name(&doc)
+            );
+            assert_eq!(
+                doc["metadata"]["labels"]["app.kubernetes.io/part-of"],
+                "delegation-operator",
+                "{} {}",
+                kind(&doc),
+                name(&doc)
+            );
+        }
+    }
+
+    #[test]
+    fn names_are_unique_per_kind() {
+        let docs = documents();
+        let mut seen: Vec<(&str, &str)> = docs.iter().map(|d| (kind(d), name(d))).collect();
+        let total = seen.len();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), total, "a kind/name pair is repeated");
+    }
+
+    #[test]
+    fn every_policy_fails_closed() {
+        // An error (a missing field, a policy not yet loaded) must refuse, never wave a request through.
+        for policy in policies() {
+            assert_eq!(policy["spec"]["failurePolicy"], "Fail", "{}", name(&policy));
+        }
+    }
+
+    #[test]
+    fn every_policy_has_a_binding_naming_it() {
+        let docs = documents();
+        for policy in policies() {
+            let binding_kind = format!("{}Binding", kind(&policy));
+            let bound = docs.iter().any(|d| {
+                kind(d) == binding_kind && d["spec"]["policyName"].as_str() == Some(name(&policy))
+            });
+            assert!(bound, "{} {} has no binding", kind(&policy), name(&policy));
+        }
+    }
+
+    #[test]
+    fn every_binding_names_a_policy_and_validating_ones_deny() {
+        let docs = documents();
+        for binding in docs.iter().filter(|d| kind(d).ends_with("Binding")) {
+            let policy_kind = kind(binding).trim_end_matches("Binding");
+            let target = binding["spec"]["policyName"].as_str();
+            assert!(
+                docs.iter()
+                    .any(|d| kind(d) == policy_kind && Some(name(d)) == target),
+                "{} names no {policy_kind}",
+                name(binding)
+            );
+            if policy_kind == "ValidatingAdmissionPolicy" {
+                // Warn or Audit alone would let every refused request through.
+                assert_eq!(
+                    binding["spec"]["validationActions"],
+                    serde_json::json!(["Deny"])
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn both_stamped_fields_are_replaced_whole_by_json_patch() {
+        // ApplyConfiguration merges, so a forged group would survive next to the real ones.
+        for field in ["/spec/requester", "/spec/approver"] {
+            let policy = policies()
+                .into_iter()
+                .find(|p| {
+                    kind(p) == "MutatingAdmissionPolicy"
+                        && p["spec"]["mutations"].to_string().contains(field)
+                })
+                .unwrap_or_else(|| panic!("no mutating policy stamps {field}"));
+            for mutation in policy["spec"]["mutations"].as_array().unwrap() {
+                assert_eq!(mutation["patchType"], "JSONPatch", "{}", name(&policy));
+                let expr = mutation["jsonPatch"]["expression"].as_str().unwrap();
+                assert!(expr.contains(r#"op: "add""#), "{expr}");
+                for guarded in [".?uid.orValue(", ".?groups.orValue(", ".?extra.orValue("] {
+                    assert!(
+                        expr.contains(guarded),
+                        "{field}: {guarded} missing in {expr}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -2,6 +2,7 @@
 //!
 //! - [`api`]: the CRD types (the contract).
 //! - [`admission`]: the admission policies that stamp who asked and check who may.
+//! - [`cli`]: commands for people (approve, reject).
 //! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
 //! - [`signing`]: signing keys, JWKS and token verification.
@@ -9,6 +10,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod cli;
 pub mod delegation;
 pub mod operator;
 pub mod signing;

@@ -4,7 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use delegation_operator::{
-    api::{self, parse_duration},
+    api::{self, Decision, parse_duration},
+    cli,
     delegation::Policy,
     operator::{self, Settings},
     signing::Algorithm,
@@ -32,6 +33,32 @@ enum Command {
     AdmissionPolicies,
     /// Run the operator: reconcile DelegationGrants and AgentIdentities into tokens.
     Run(RunArgs),
+    /// Approve the current generation of a grant whose agent requires approval (you need verb
+    /// `approve` on that grant, and may not approve your own).
+    Approve(DecisionArgs),
+    /// Reject the current generation of a grant whose agent requires approval.
+    Reject(DecisionArgs),
+}
+
+#[derive(Args)]
+struct DecisionArgs {
+    /// The DelegationGrant's name.
+    grant: String,
+    /// Its namespace.
+    #[arg(short, long, default_value = "default")]
+    namespace: String,
+    /// Why, in a sentence (kept with the decision).
+    #[arg(long)]
+    comment: Option<String>,
+    /// Kubeconfig file to use; without it, the usual discovery.
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// Act as this user (impersonation, like kubectl's --as; needs the `impersonate` permission).
+    #[arg(long = "as")]
+    as_user: Option<String>,
+    /// Groups of the impersonated user (repeatable, like kubectl's --as-group).
+    #[arg(long = "as-group")]
+    as_groups: Vec<String>,
 }
 
 #[derive(Args)]
@@ -63,6 +90,10 @@ struct RunArgs {
     /// Longest tokenTTL any grant may have; retired keys stay published this long.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_token_ttl: std::time::Duration,
+    /// How often a Ready grant's authority (its requester's RBAC, its approver's) is checked again
+    /// between issuances; every issuance and rotation checks it too.
+    #[arg(long, default_value = "5m", value_parser = parse_duration)]
+    authority_recheck_period: std::time::Duration,
     /// How many grants are reconciled at once.
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
@@ -80,7 +111,63 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Run(args) => run(args),
+        Command::Approve(args) => decide(args, Decision::Approve),
+        Command::Reject(args) => decide(args, Decision::Reject),
     }
+}
+
+fn decide(args: DecisionArgs, decision: Decision) -> ExitCode {
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let mut config = config(args.kubeconfig.as_deref())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if let Some(user) = args.as_user {
+                    config.auth_info.impersonate = Some(user);
+                    config.auth_info.impersonate_groups =
+                        (!args.as_groups.is_empty()).then_some(args.as_groups);
+                }
+                let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
+                cli::decide(client, &args.namespace, &args.grant, decision, args.comment).await
+            })
+        });
+    match outcome {
+        Ok(name) => {
+            println!(
+                "delegationapproval.delegation.nhi.dev/{name} created ({decision:?} {}/{})",
+                args.namespace, args.grant
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A client from a kubeconfig file, or from the usual discovery (in-cluster included).
+async fn client(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Client, Box<dyn std::error::Error>> {
+    Ok(kube::Client::try_from(config(kubeconfig).await?)?)
+}
+
+async fn config(
+    kubeconfig: Option<&std::path::Path>,
+) -> Result<kube::Config, Box<dyn std::error::Error>> {
+    Ok(match kubeconfig {
+        Some(path) => {
+            kube::Config::from_custom_kubeconfig(
+                Kubeconfig::read_from(path)?,
+                &KubeConfigOptions::default(),
+            )
+            .await?
+        }
+        None => kube::Config::infer().await?,
+    })
 }
 
 fn run(args: RunArgs) -> ExitCode {
@@ -103,17 +190,7 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let config = match &args.kubeconfig {
-        Some(path) => {
-            kube::Config::from_custom_kubeconfig(
-                Kubeconfig::read_from(path)?,
-                &KubeConfigOptions::default(),
-            )
-            .await?
-        }
-        None => kube::Config::infer().await?,
-    };
-    let client = kube::Client::try_from(config)?;
+    let client = client(args.kubeconfig.as_deref()).await?;
     let settings = Settings {
         operator_namespace: args.operator_namespace,
         watch_namespace: args.namespace,
@@ -125,6 +202,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             max_token_ttl: args.max_token_ttl,
         },
         concurrency: args.concurrency,
+        authority_recheck_period: args.authority_recheck_period,
     };
     operator::run(client, settings).await?;
     Ok(())

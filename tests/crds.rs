@@ -17,6 +17,16 @@ fn grant(name: &str, spec: Value) -> DynamicObject {
     .unwrap()
 }
 
+/// A spec without the fields the admission policies stamp (`spec.requester` of grants): what the user
+/// wrote, when nothing else was changed on the way in.
+fn as_written(spec: &Value) -> Value {
+    let mut spec = spec.clone();
+    if let Some(fields) = spec.as_object_mut() {
+        fields.remove("requester");
+    }
+    spec
+}
+
 fn agent(name: &str, spec: Value) -> DynamicObject {
     serde_json::from_value(json!({
         "apiVersion": "delegation.nhi.dev/v1alpha1",
@@ -99,6 +109,8 @@ async fn every_crd_installs_and_becomes_established() {
 async fn every_example_applies() {
     let client = client().await;
     install_crds(&client).await;
+    let me = whoami(&client).await.username.unwrap();
+    // Top level only: examples/rbac/ holds RBAC objects, applied by tests/admission.rs.
     let files = yaml_files(&repo_root().join("examples"));
     assert!(
         files.len() >= 3,
@@ -118,13 +130,26 @@ async fn every_example_applies() {
                         doc.metadata.name
                     )
                 });
-            // What the apiserver stores is what the user wrote: no defaults, no normalising.
+            // What the apiserver stores is what the user wrote: no defaults, no normalising; only
+            // the requester is added, and it is the user who created the grant.
             assert_eq!(
-                created.data["spec"],
+                as_written(&created.data["spec"]),
                 doc.data["spec"],
                 "spec changed on the way in ({})",
                 file.display()
             );
+            if doc
+                .types
+                .as_ref()
+                .is_some_and(|t| t.kind == "DelegationGrant")
+            {
+                assert_eq!(
+                    created.data["spec"]["requester"]["username"],
+                    me.as_str(),
+                    "{}: requester not stamped",
+                    file.display()
+                );
+            }
         }
     }
 }
@@ -462,7 +487,7 @@ async fn a_minimal_grant_is_stored_exactly_as_written() {
     obj.metadata.namespace = Some(ns.clone());
     api.create(&PostParams::default(), &obj).await.unwrap();
     let stored = api.get("as-written").await.unwrap();
-    assert_eq!(stored.data["spec"], obj.data["spec"]);
+    assert_eq!(as_written(&stored.data["spec"]), obj.data["spec"]);
     assert_eq!(
         stored.data["spec"]["tokenTTL"], "60m",
         "60m must not become 1h"

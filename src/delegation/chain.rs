@@ -81,6 +81,22 @@ pub enum Reason {
     DeniedDepth,
     /// A field the apiserver should have rejected (kept as a safety net, fail closed).
     DeniedInvalidSpec,
+    /// The authorizationDetails are larger than the token budget allows.
+    DeniedDetailsTooLarge,
+    /// The parent grant was deleted and re-created under the same name: a hop is bound to the parent
+    /// it was first resolved under.
+    DeniedParentReplaced,
+    /// Nothing proves who created the grant (the admission policies were not installed then).
+    DeniedRequesterMissing,
+    /// The grant carries a requester, but it was created while the stamping policy was not in force,
+    /// so its author may have typed it.
+    DeniedRequesterUnverified,
+    /// The requester may not speak for the principal, or may not extend the parent actor's chain.
+    DeniedNotAuthorized,
+    /// The actor requires approval and no allowed approver has approved this generation yet.
+    ApprovalPending,
+    /// An allowed approver rejected this generation of the grant.
+    ApprovalRejected,
 }
 
 impl Reason {
@@ -104,6 +120,13 @@ impl Reason {
             Reason::DeniedActorNotAllowed => "DeniedActorNotAllowed",
             Reason::DeniedDepth => "DeniedDepth",
             Reason::DeniedInvalidSpec => "DeniedInvalidSpec",
+            Reason::DeniedDetailsTooLarge => "DeniedDetailsTooLarge",
+            Reason::DeniedParentReplaced => "DeniedParentReplaced",
+            Reason::DeniedRequesterMissing => "DeniedRequesterMissing",
+            Reason::DeniedRequesterUnverified => "DeniedRequesterUnverified",
+            Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
+            Reason::ApprovalPending => "ApprovalPending",
+            Reason::ApprovalRejected => "ApprovalRejected",
         }
     }
 
@@ -121,7 +144,7 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn new(reason: Reason, message: impl Into<String>) -> Self {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
         Self {
             reason,
             message: message.into(),
@@ -207,29 +230,8 @@ pub fn resolve(
             format!("root grant {:?} has no principal", root.metadata.name),
         )
     })?;
-    let mut chain = vec![ChainLink {
-        kind: principal.kind.as_str().into(),
-        name: principal.name.clone(),
-        subject: None,
-        grant: None,
-        scopes: None,
-        requested_by: None,
-        approved_by: None,
-    }];
-    let mut actors = Vec::with_capacity(lineage.len());
-    for g in &lineage {
-        let subject = agent_subject(namespace, &g.spec.actor_ref.name);
-        actors.push(subject.clone());
-        chain.push(ChainLink {
-            kind: "AgentIdentity".into(),
-            name: g.spec.actor_ref.name.clone(),
-            subject: Some(subject),
-            grant: g.metadata.name.clone(),
-            scopes: Some(g.spec.scopes.clone()),
-            requested_by: g.spec.requester.as_ref().map(|r| r.username.clone()),
-            approved_by: approver_of(g),
-        });
-    }
+    let chain = links(&lineage, namespace);
+    let actors = chain.iter().filter_map(|l| l.subject.clone()).collect();
     let token_ttl = parse_duration_field(&grant.spec.token_ttl, "spec.tokenTTL")?;
     let renew_before = grant
         .spec
@@ -247,6 +249,55 @@ pub fn resolve(
         renew_before,
         not_after,
     })
+}
+
+/// The chain links of a lineage (root grant first): the principal, when the root names one, then one
+/// link per agent.
+fn links(lineage: &[Arc<DelegationGrant>], namespace: &str) -> Vec<ChainLink> {
+    let principal = lineage
+        .first()
+        .and_then(|root| root.spec.principal.as_ref());
+    let principal_link = principal.map(|p| ChainLink {
+        kind: p.kind.as_str().into(),
+        name: p.name.clone(),
+        subject: None,
+        grant: None,
+        scopes: None,
+        requested_by: None,
+        approved_by: None,
+    });
+    let agent_links = lineage.iter().map(|g| ChainLink {
+        kind: "AgentIdentity".into(),
+        name: g.spec.actor_ref.name.clone(),
+        subject: Some(agent_subject(namespace, &g.spec.actor_ref.name)),
+        grant: g.metadata.name.clone(),
+        scopes: Some(g.spec.scopes.clone()),
+        requested_by: g.spec.requester.as_ref().map(|r| r.username.clone()),
+        approved_by: approver_of(g),
+    });
+    principal_link.into_iter().chain(agent_links).collect()
+}
+
+/// The chain as written, followed as far as it goes (no rule checked): the evidence the audit trail
+/// records for a grant that was refused before its chain could be resolved.
+pub fn chain_as_written(
+    grant: &DelegationGrant,
+    namespace: &str,
+    lookup: &impl Lookup,
+) -> Vec<ChainLink> {
+    let mut lineage = vec![Arc::new(grant.clone())];
+    let mut seen = BTreeSet::from([grant.metadata.name.clone().unwrap_or_default()]);
+    while let Some(parent_ref) = lineage.last().and_then(|g| g.spec.parent_grant_ref.clone()) {
+        if lineage.len() >= MAX_CHAIN_LENGTH || !seen.insert(parent_ref.name.clone()) {
+            break;
+        }
+        let Some(parent) = lookup.grant(&parent_ref.name) else {
+            break;
+        };
+        lineage.push(parent);
+    }
+    lineage.reverse();
+    links(&lineage, namespace)
 }
 
 /// The grants from the root down to `grant` (inclusive). Refuses cycles, dangling parents and chains
@@ -353,6 +404,12 @@ fn check_hop(
         ));
     }
     check_ttl(grant, &actor, policy)?;
+    check_details_budget(grant)?;
+    if let Some(principal) = &grant.spec.principal
+        && let Some(problem) = super::authority::principal_name_problem(principal)
+    {
+        return Err(Refusal::new(Reason::DeniedInvalidSpec, problem));
+    }
 
     let not_allowed = missing_from(&grant.spec.scopes, &actor.spec.allowed_scopes);
     if !not_allowed.is_empty() {
@@ -379,6 +436,20 @@ fn check_hop(
 
     let parent = &lineage[index - 1];
     let parent_name = parent.metadata.name.as_deref().unwrap_or_default();
+    let pinned = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.parent_grant_uid.as_deref());
+    if let Some(pinned) = pinned
+        && parent.metadata.uid.as_deref() != Some(pinned)
+    {
+        return Err(Refusal::new(
+            Reason::DeniedParentReplaced,
+            format!(
+                "parent grant {parent_name:?} was deleted and re-created since grant {name:?} was created under it (uid {pinned}); a hop never moves to a new parent: delete and re-create it"
+            ),
+        ));
+    }
     let beyond_parent = missing_from(&grant.spec.scopes, &parent.spec.scopes);
     if !beyond_parent.is_empty() {
         return Err(Refusal::new(
@@ -438,6 +509,26 @@ fn check_hop(
                 ),
             ));
         }
+    }
+    Ok(())
+}
+
+/// The most `authorizationDetails` may take in a token once encoded: tokens travel in HTTP headers,
+/// which servers commonly cap at 8 KiB.
+pub const MAX_DETAILS_BYTES: usize = 4096;
+
+fn check_details_budget(grant: &DelegationGrant) -> Result<(), Refusal> {
+    let Some(details) = &grant.spec.authorization_details else {
+        return Ok(());
+    };
+    let size = serde_json::to_string(details).map_or(usize::MAX, |s| s.len());
+    if size > MAX_DETAILS_BYTES {
+        return Err(Refusal::new(
+            Reason::DeniedDetailsTooLarge,
+            format!(
+                "authorizationDetails take {size} bytes in the token, more than the {MAX_DETAILS_BYTES} allowed; list fewer or shorter entries"
+            ),
+        ));
     }
     Ok(())
 }
@@ -547,13 +638,16 @@ fn details_within(
     }
 }
 
-/// Whether `outer` allows everything `inner` asks: same type, same identifier when `outer` names
-/// one, and every list of `inner` within `outer`'s where `outer` has that list.
+/// Whether `outer` allows everything `inner` asks: same type, same identifier when `outer` names one
+/// (naming one where the parent named none narrows to one resource), and each list exactly where
+/// `outer` has it, within `outer`'s. A list the parent left out may not appear below it: what
+/// `privileges: [admin]` means to a resource server is its own business, so it is never added on the way
+/// down.
 fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
     fn within(outer: &Option<Vec<String>>, inner: &Option<Vec<String>>) -> bool {
         match (outer, inner) {
-            (None, _) => true,
-            (Some(_), None) => false,
+            (None, None) => true,
+            (None, Some(_)) | (Some(_), None) => false,
             (Some(o), Some(i)) => i.iter().all(|x| o.contains(x)),
         }
     }

@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{chain::Resolution, timing::TokenTimes};
-use crate::api::{AuthorizationDetail, DelegationGrantSpec};
+use crate::api::{AuthorizationDetail, ChainLink, DelegationGrantSpec};
 
 /// The claim naming the grant a token was minted for.
 pub const GRANT_CLAIM: &str = "delegation.nhi.dev/grant";
@@ -30,8 +30,61 @@ pub struct AccessTokenClaims {
     pub act: Actor,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub authorization_details: Option<Vec<AuthorizationDetail>>,
+    /// Every hop of the delegation, root first: who delegated to whom, what, and who asked for and
+    /// approved it (in the spirit of draft-liu-oauth-chain-delegation's `delegation_chain`, beside
+    /// the RFC 8693 `act`, which carries identities only). The first record's delegator says which
+    /// kind of principal `sub` is.
+    pub delegation_chain: Vec<DelegationRecord>,
     #[serde(rename = "delegation.nhi.dev/grant")]
     pub grant: GrantReference,
+}
+
+/// One hop of a delegation as the token records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DelegationRecord {
+    /// Who handed authority on: the principal (kind `User`, `Group` or `ServiceAccount`) or the
+    /// agent of the hop above (kind `AgentIdentity`).
+    pub delegator: Party,
+    /// The agent that received it (its `act.sub`).
+    pub delegate: String,
+    /// The DelegationGrant of this hop (in the token's namespace).
+    pub grant: String,
+    /// The scopes of this hop, space-separated.
+    pub scope: String,
+    /// Who created the grant, as the Kubernetes apiserver authenticated them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requested_by: Option<String>,
+    /// Who approved it, when its agent requires approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approved_by: Option<String>,
+}
+
+/// A delegating party.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Party {
+    pub kind: String,
+    pub sub: String,
+}
+
+/// The hop records of a resolved chain (`status.chain`, root first).
+pub fn delegation_records(chain: &[ChainLink]) -> Vec<DelegationRecord> {
+    chain
+        .windows(2)
+        .map(|pair| {
+            let (from, to) = (&pair[0], &pair[1]);
+            DelegationRecord {
+                delegator: Party {
+                    kind: from.kind.clone(),
+                    sub: from.subject.clone().unwrap_or_else(|| from.name.clone()),
+                },
+                delegate: to.subject.clone().unwrap_or_else(|| to.name.clone()),
+                grant: to.grant.clone().unwrap_or_default(),
+                scope: to.scopes.clone().unwrap_or_default().join(" "),
+                requested_by: to.requested_by.clone(),
+                approved_by: to.approved_by.clone(),
+            }
+        })
+        .collect()
 }
 
 /// One actor of the chain; identity claims only.
@@ -94,6 +147,7 @@ pub fn build_claims(
         jti,
         act,
         authorization_details,
+        delegation_chain: delegation_records(&resolution.chain),
         grant,
     })
 }
@@ -141,6 +195,35 @@ mod tests {
             privileges: None,
         }]);
         assert_ne!(claims_digest(&spec), claims_digest(&details));
+    }
+
+    #[test]
+    fn delegation_records_name_each_hop_its_requester_and_approver() {
+        let link = |kind: &str, name: &str, subject: Option<&str>| ChainLink {
+            kind: kind.into(),
+            name: name.into(),
+            subject: subject.map(Into::into),
+            grant: subject.map(|_| format!("grant-{name}")),
+            scopes: subject.map(|_| vec!["a".into(), "b".into()]),
+            requested_by: subject.map(|_| "alice".into()),
+            approved_by: (name == "second").then(|| "carol".into()),
+        };
+        let chain = [
+            link("User", "alice", None),
+            link("AgentIdentity", "first", Some("agent:ns/first")),
+            link("AgentIdentity", "second", Some("agent:ns/second")),
+        ];
+        let json = serde_json::to_value(delegation_records(&chain)).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!([
+                {"delegator": {"kind": "User", "sub": "alice"}, "delegate": "agent:ns/first",
+                 "grant": "grant-first", "scope": "a b", "requested_by": "alice"},
+                {"delegator": {"kind": "AgentIdentity", "sub": "agent:ns/first"},
+                 "delegate": "agent:ns/second", "grant": "grant-second", "scope": "a b",
+                 "requested_by": "alice", "approved_by": "carol"},
+            ])
+        );
     }
 
     #[test]

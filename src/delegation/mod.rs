@@ -1,11 +1,13 @@
 //! The pure delegation core: no I/O, no clock, no randomness. Everything here takes its inputs as
 //! arguments so it can be unit- and property-tested without a cluster.
 //!
+//! - [`authority`]: who may speak for a principal, extend a chain, or approve.
 //! - [`chain`]: resolve a grant's chain from principal to actor and enforce every attenuation rule.
 //! - [`timing`]: when a token expires and when it is renewed.
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 
+pub mod authority;
 pub mod chain;
 pub mod claims;
 pub mod conditions;

@@ -602,6 +602,89 @@ fn authorization_details_only_narrow_down_the_chain() {
 }
 
 #[test]
+fn a_hop_may_not_add_a_list_its_parent_left_out() {
+    // The parent limits ticket 1234 to reading, and says nothing about privileges.
+    let mut g1 = issued(
+        root("g1", "orchestrator", &["t:read", "c:read"]),
+        ts(1_800_000_600),
+    );
+    g1.spec.authorization_details = Some(vec![detail("ticket", None, Some(&["read"]))]);
+    let world = |child: AuthorizationDetail| {
+        let mut g = hop("x", "g1", "summarizer", &["t:read"]);
+        g.spec.authorization_details = Some(vec![child]);
+        three_hops().with_grant(g1.clone()).with_grant(g)
+    };
+    let verdict = |world: World| {
+        resolve(&world.get("x"), NS, &world, &Policy::default(), now())
+            .map(|_| ())
+            .map_err(|r| r.reason)
+    };
+    let mut admin = detail("ticket", None, Some(&["read"]));
+    admin.privileges = Some(strings(&["admin"]));
+    assert_eq!(
+        verdict(world(admin)),
+        Err(Reason::DeniedDetailsExceedParent),
+        "privileges: [admin] below a parent with none"
+    );
+    let mut located = detail("ticket", None, Some(&["read"]));
+    located.locations = Some(strings(&["https://api"]));
+    assert_eq!(
+        verdict(world(located)),
+        Err(Reason::DeniedDetailsExceedParent)
+    );
+    assert_eq!(
+        verdict(world(detail("ticket", Some("1234"), Some(&["read"])))),
+        Ok(()),
+        "naming one ticket narrows"
+    );
+}
+
+#[test]
+fn authorization_details_have_a_size_budget() {
+    let mut g = root("big", "orchestrator", &["t:read"]);
+    let long = "x".repeat(120);
+    let actions: Vec<&str> = std::iter::repeat_n(long.as_str(), 16).collect();
+    g.spec.authorization_details = Some(
+        (0..8)
+            .map(|i| detail("ticket", Some(&i.to_string()), Some(&actions)))
+            .collect(),
+    );
+    let world = three_hops().with_grant(g);
+    let refusal = resolve(&world.get("big"), NS, &world, &Policy::default(), now()).unwrap_err();
+    assert_eq!(refusal.reason, Reason::DeniedDetailsTooLarge);
+    assert!(refusal.message.contains("4096"), "{}", refusal.message);
+}
+
+#[test]
+fn a_hop_is_not_adopted_by_a_re_created_parent() {
+    let world = three_hops();
+    let mut g2 = world.get("g2");
+    g2.status.get_or_insert_default().parent_grant_uid = Some("uid-g1".into());
+    let world = world.with_grant(g2);
+    assert!(resolve(&world.get("g2"), NS, &world, &Policy::default(), now()).is_ok());
+    let mut g1 = world.get("g1");
+    g1.metadata.uid = Some("uid-g1-recreated".into());
+    let world = world.with_grant(g1);
+    let refusal = resolve(&world.get("g2"), NS, &world, &Policy::default(), now()).unwrap_err();
+    assert_eq!(refusal.reason, Reason::DeniedParentReplaced);
+    assert!(
+        refusal.message.contains("re-created"),
+        "{}",
+        refusal.message
+    );
+}
+
+#[test]
+fn each_link_of_the_chain_names_who_requested_it() {
+    let world = three_hops();
+    let r = resolve(&world.get("g3"), NS, &world, &Policy::default(), now()).unwrap();
+    assert_eq!(r.chain[0].requested_by, None, "the principal link");
+    for link in &r.chain[1..] {
+        assert_eq!(link.requested_by.as_deref(), Some("alice@example.com"));
+    }
+}
+
+#[test]
 fn limits_are_whole_seconds() {
     let mut world = three_hops();
     let mut g2 = world.get("g2");

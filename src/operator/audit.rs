@@ -28,10 +28,14 @@ pub struct AuditRecord<'a> {
     /// The condition reason behind the action (e.g. `DeniedScopeNotAllowed`, `AgentSuspended`).
     pub reason: &'a str,
     pub message: &'a str,
+    /// The root principal, when the chain reaches one.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub principal: Option<&'a str>,
-    /// Root principal first; empty when the chain could not be resolved.
-    pub chain: &'a [ChainLink],
+    pub principal: Option<String>,
+    /// Who created the grant, as the apiserver authenticated them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requester: Option<&'a str>,
+    /// Root principal first: the resolved chain, or for a refusal the chain as written.
+    pub chain: Vec<ChainLink>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub scopes: Option<&'a [String]>,
     #[serde(skip_serializing_if = "Option::is_none")]

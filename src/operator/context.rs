@@ -19,7 +19,7 @@ use kube::{
 
 use super::{keys::KeyStore, revocations::RevocationList};
 use crate::{
-    api::{AgentIdentity, DelegationGrant},
+    api::{AgentIdentity, DelegationApproval, DelegationGrant},
     delegation::{Lookup, Policy},
     signing::Algorithm,
 };
@@ -36,6 +36,8 @@ pub struct Settings {
     pub algorithm: Algorithm,
     pub key_rotation_period: Duration,
     pub policy: Policy,
+    /// How often a Ready grant's authority (requester, approver) is re-checked between issuances.
+    pub authority_recheck_period: Duration,
     /// How many grants are reconciled at once.
     pub concurrency: u16,
 }
@@ -45,12 +47,17 @@ pub struct Context {
     pub settings: Settings,
     pub grants: Store<DelegationGrant>,
     pub agents: Store<AgentIdentity>,
+    pub approvals: Store<DelegationApproval>,
+    /// The identity-stamping admission policies, to know from when stamps are proven.
+    pub stamps: super::stamps::Stamps,
     /// Token Secrets, metadata only: token bytes never sit in this cache.
     pub secrets: Store<PartialObjectMeta<Secret>>,
     /// Grants by actor and by parent, kept with the grants cache.
     pub index: Arc<super::index::GrantIndex>,
     /// One flag per cache, true once its initial list is in.
-    pub caches_ready: [tokio::sync::watch::Receiver<bool>; 3],
+    pub caches_ready: Vec<tokio::sync::watch::Receiver<bool>>,
+    /// The last positive authority check of each grant.
+    pub authority: super::authority::CheckedAuthority,
     pub keys: KeyStore,
     pub revocations: RevocationList,
     pub recorder: Recorder,

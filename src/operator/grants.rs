@@ -22,6 +22,7 @@ use kube::{
 use super::{
     FIELD_MANAGER, FINALIZER,
     audit::{self, AuditAction, AuditRecord},
+    authority::{self, Evidence},
     context::Context,
     error::{Error, Result},
     now,
@@ -29,9 +30,10 @@ use super::{
     token_secret::{self, EXPIRES_AT_ANNOTATION, Ownership, TOKEN_ID_ANNOTATION, Written},
 };
 use crate::{
-    api::{ChainLink, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
+    api::{ApprovalStatus, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
     delegation::{
-        Reason, Refusal, Resolution,
+        Lookup, Reason, Refusal, Resolution,
+        chain::chain_as_written,
         claims::{GrantReference, build_claims, claims_digest},
         conditions::{ready_condition, set_ready},
         resolve,
@@ -109,8 +111,32 @@ async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
         Err(refusal) if refusal.reason == Reason::ParentUpdating => {
             Ok(Action::requeue(Duration::from_secs(2)))
         }
-        Err(refusal) => refuse(grant, ctx, &refusal, now).await,
-        Ok(resolution) => issue_or_keep(grant, ctx, &resolution, now).await,
+        Err(refusal) => refuse(grant, ctx, &refusal, None, now).await,
+        Ok(mut resolution) => match authority::evaluate(grant, ctx, now, false).await? {
+            Err(unauthorized) => {
+                refuse(
+                    grant,
+                    ctx,
+                    &unauthorized.refusal,
+                    unauthorized.approval,
+                    now,
+                )
+                .await?;
+                Ok(match unauthorized.refusal.reason {
+                    // RBAC changes send no events: look again now and then.
+                    Reason::DeniedNotAuthorized => {
+                        Action::requeue(ctx.settings.authority_recheck_period)
+                    }
+                    _ => Action::await_change(),
+                })
+            }
+            Ok(evidence) => {
+                if let Some(actor) = resolution.chain.last_mut() {
+                    actor.approved_by = evidence.approval.as_ref().and_then(|a| a.approver.clone());
+                }
+                issue_or_keep(grant, ctx, &resolution, &evidence, now).await
+            }
+        },
     }
 }
 
@@ -120,8 +146,14 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     let revoked = revoke_tokens(grant, ctx, "Deleted", now).await?;
     let message = "the grant was deleted; its tokens are revoked";
     // Children watch this status: they lose their tokens before this grant disappears.
-    write_status(grant, ctx, refused_status(grant, REVOKED, message, now)).await?;
+    write_status(
+        grant,
+        ctx,
+        refused_status(grant, None, REVOKED, message, now),
+    )
+    .await?;
     ctx.forget_grant(grant);
+    ctx.authority.forget_grant(grant);
     if !revoked.is_empty() {
         report_revocation(grant, ctx, &revoked, REVOKED, message).await;
     }
@@ -133,6 +165,7 @@ async fn refuse(
     grant: &DelegationGrant,
     ctx: &Context,
     refusal: &Refusal,
+    approval: Option<ApprovalStatus>,
     now: Timestamp,
 ) -> Result<Action> {
     let reason = refusal.reason.as_str();
@@ -140,7 +173,7 @@ async fn refuse(
     let changed = write_status(
         grant,
         ctx,
-        refused_status(grant, reason, &refusal.message, now),
+        refused_status(grant, approval, reason, &refusal.message, now),
     )
     .await?;
     if !revoked.is_empty() {
@@ -156,6 +189,7 @@ async fn refuse(
         .await;
         audit::record(&audit_record(
             grant,
+            ctx,
             AuditAction::Denied,
             reason,
             &refusal.message,
@@ -176,6 +210,7 @@ async fn issue_or_keep(
     grant: &DelegationGrant,
     ctx: &Context,
     resolution: &Resolution,
+    evidence: &Evidence,
     now: Timestamp,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
@@ -205,11 +240,39 @@ async fn issue_or_keep(
     match next_step(current, unchanged, secret, Some(limit), now) {
         TokenStep::Keep { recheck_at } => {
             acknowledge_generation(grant, ctx, now).await?;
+            let authority_due = ctx
+                .authority
+                .due_at(grant, ctx.settings.authority_recheck_period)
+                .unwrap_or(recheck_at);
             Ok(Action::requeue(
-                until(now, recheck_at).max(Duration::from_secs(1)),
+                until(now, recheck_at.min(authority_due)).max(Duration::from_secs(1)),
             ))
         }
-        TokenStep::Issue(cause) => issue(grant, ctx, resolution, &secret_name, cause, now).await,
+        TokenStep::Issue(cause) => {
+            // Every issuance and rotation asks the apiserver again (continuous evaluation).
+            let evidence = if evidence.checked_at == now {
+                evidence.clone()
+            } else {
+                match authority::evaluate(grant, ctx, now, true).await? {
+                    Ok(evidence) => evidence,
+                    Err(unauthorized) => {
+                        return refuse(
+                            grant,
+                            ctx,
+                            &unauthorized.refusal,
+                            unauthorized.approval,
+                            now,
+                        )
+                        .await;
+                    }
+                }
+            };
+            let mut resolution = resolution.clone();
+            if let Some(actor) = resolution.chain.last_mut() {
+                actor.approved_by = evidence.approval.as_ref().and_then(|a| a.approver.clone());
+            }
+            issue(grant, ctx, &resolution, &evidence, &secret_name, cause, now).await
+        }
     }
 }
 
@@ -303,6 +366,7 @@ async fn issue(
     grant: &DelegationGrant,
     ctx: &Context,
     resolution: &Resolution,
+    evidence: &Evidence,
     secret_name: &str,
     cause: IssueCause,
     now: Timestamp,
@@ -356,6 +420,7 @@ async fn issue(
     let status = issued_status(
         grant,
         &old,
+        evidence,
         resolution,
         &minted,
         secret_name,
@@ -379,6 +444,7 @@ async fn issue(
     let expires_at = Some(minted.times.expires_at.to_string());
     audit::record(&audit_record(
         grant,
+        ctx,
         action,
         reason,
         &message,
@@ -480,6 +546,7 @@ fn mint(
 fn issued_status(
     grant: &DelegationGrant,
     old: &DelegationGrantStatus,
+    evidence: &Evidence,
     resolution: &Resolution,
     minted: &Minted,
     secret_name: &str,
@@ -519,7 +586,7 @@ fn issued_status(
         previous_token,
         secret_name: Some(secret_name.to_owned()),
         parent_grant_uid: old.parent_grant_uid.clone(),
-        approval: old.approval.clone(),
+        approval: evidence.approval.clone(),
     }
 }
 
@@ -594,7 +661,7 @@ async fn secret_conflict(
     let changed = write_status(
         grant,
         ctx,
-        refused_status(grant, SECRET_CONFLICT, &message, now),
+        refused_status(grant, None, SECRET_CONFLICT, &message, now),
     )
     .await?;
     if !revoked.is_empty() {
@@ -605,6 +672,7 @@ async fn secret_conflict(
             .await;
         audit::record(&audit_record(
             grant,
+            ctx,
             AuditAction::Denied,
             SECRET_CONFLICT,
             &message,
@@ -751,28 +819,22 @@ async fn report_revocation(
         revoked.join(", ")
     );
     ctx.event(grant, EventType::Normal, REVOKED, note).await;
-    let chain = grant
-        .status
-        .as_ref()
-        .and_then(|s| s.chain.clone())
-        .unwrap_or_default();
-    let mut record = audit_record(
+    audit::record(&audit_record(
         grant,
+        ctx,
         AuditAction::Revoked,
         reason,
         message,
         None,
         revoked.iter().map(String::as_str).collect(),
         None,
-    );
-    record.chain = &chain;
-    record.principal = chain.first().map(|l| l.name.as_str());
-    audit::record(&record);
+    ));
 }
 
 /// The status of a grant that holds no token.
 fn refused_status(
     grant: &DelegationGrant,
+    approval: Option<ApprovalStatus>,
     reason: &str,
     message: &str,
     now: Timestamp,
@@ -792,6 +854,7 @@ fn refused_status(
             .status
             .as_ref()
             .and_then(|s| s.parent_grant_uid.clone()),
+        approval,
         ..Default::default()
     }
 }
@@ -800,8 +863,11 @@ fn refused_status(
 async fn write_status(
     grant: &DelegationGrant,
     ctx: &Context,
-    status: DelegationGrantStatus,
+    mut status: DelegationGrantStatus,
 ) -> Result<bool> {
+    if status.parent_grant_uid.is_none() {
+        status.parent_grant_uid = parent_uid(grant, ctx);
+    }
     if grant.status.as_ref() == Some(&status) {
         return Ok(false);
     }
@@ -830,8 +896,12 @@ async fn write_status(
     }
 }
 
+/// An audit record naming the principal, the requester and the chain: the resolved chain when there
+/// is one, else the chain of the token being revoked, else the chain as written.
+#[allow(clippy::too_many_arguments)]
 fn audit_record<'a>(
     grant: &'a DelegationGrant,
+    ctx: &Context,
     action: AuditAction,
     reason: &'a str,
     message: &'a str,
@@ -839,21 +909,42 @@ fn audit_record<'a>(
     token_ids: Vec<&'a str>,
     expires_at: Option<String>,
 ) -> AuditRecord<'a> {
-    const NO_CHAIN: &[ChainLink] = &[];
+    let namespace = grant.metadata.namespace.as_deref().unwrap_or_default();
+    let chain = match resolution {
+        Some(r) => r.chain.clone(),
+        None => grant
+            .status
+            .as_ref()
+            .and_then(|s| s.chain.clone())
+            .unwrap_or_else(|| chain_as_written(grant, namespace, &ctx.namespace_view(namespace))),
+    };
+    let principal = chain
+        .first()
+        .filter(|l| l.kind != "AgentIdentity")
+        .map(|l| l.name.clone());
     AuditRecord {
         time: now().to_string(),
         action,
-        namespace: grant.metadata.namespace.as_deref().unwrap_or_default(),
+        namespace,
         grant: grant.metadata.name.as_deref().unwrap_or_default(),
         reason,
         message,
-        principal: resolution.map(|r| r.principal.name.as_str()),
-        chain: resolution.map_or(NO_CHAIN, |r| r.chain.as_slice()),
+        principal,
+        requester: grant.spec.requester.as_ref().map(|r| r.username.as_str()),
+        chain,
         scopes: resolution.map(|r| r.effective_scopes.as_slice()),
         audience: resolution.map(|r| r.audience.as_str()),
         token_ids,
         expires_at,
     }
+}
+
+/// The uid of a hop's parent as the cache shows it now: pinned into the status the first time the
+/// grant's status is written, and never changed afterwards.
+fn parent_uid(grant: &DelegationGrant, ctx: &Context) -> Option<String> {
+    let parent = grant.spec.parent_grant_ref.as_ref()?;
+    let namespace = grant.namespace()?;
+    ctx.namespace_view(&namespace).grant(&parent.name)?.uid()
 }
 
 /// A random fraction in [0, 1) for renewal jitter.

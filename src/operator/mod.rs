@@ -9,12 +9,14 @@
 
 pub mod agents;
 pub mod audit;
+pub mod authority;
 pub mod context;
 pub mod error;
 pub mod grants;
 pub mod index;
 pub mod keys;
 pub mod revocations;
+pub mod stamps;
 pub mod token_secret;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -40,7 +42,7 @@ use kube::{
 pub use context::{Context, Settings};
 pub use error::{Error, Result};
 
-use crate::api::{AgentIdentity, DelegationGrant};
+use crate::api::{AgentIdentity, DelegationApproval, DelegationGrant};
 
 /// The one field manager of every write.
 pub const FIELD_MANAGER: &str = "delegation-operator";
@@ -100,6 +102,17 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         watch.clone(),
         agent_fan_out(index.clone(), wake_grant),
     );
+    let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
+    let (approvals, approval_events, approvals_ready) =
+        reflect(approvals_api, watch.clone(), |_| {});
+    // Cluster-scoped, metadata only: from when identity stamps are proven.
+    let ours = watch
+        .clone()
+        .labels("app.kubernetes.io/part-of=delegation-operator");
+    let (policies, policy_events, policies_ready) =
+        reflect(Api::all(client.clone()), ours.clone(), |_| {});
+    let (bindings, binding_events, bindings_ready) =
+        reflect(Api::all(client.clone()), ours, |_| {});
     let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, |_| {});
 
@@ -112,9 +125,19 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         settings: settings.clone(),
         grants: grants_store.clone(),
         agents: agents_store.clone(),
+        approvals,
+        stamps: stamps::Stamps { policies, bindings },
         secrets,
         index,
-        caches_ready: [grants_ready, agents_ready, secrets_ready],
+        caches_ready: vec![
+            grants_ready,
+            agents_ready,
+            approvals_ready,
+            secrets_ready,
+            policies_ready,
+            bindings_ready,
+        ],
+        authority: Default::default(),
         keys,
         revocations,
         recorder: Recorder::new(client.clone(), reporter),
@@ -124,6 +147,12 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
 
     let grants = Controller::for_stream(grant_events, grants_store)
         .owns_stream(secret_events)
+        // The approvals cache is filled by this very stream: a woken grant reads the new approval.
+        .watches_stream(approval_events, |approval| {
+            approval
+                .namespace()
+                .map(|ns| ObjectRef::new(&approval.spec.grant_ref.name).within(&ns))
+        })
         .reconcile_on(grant_wakes)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()
@@ -141,8 +170,14 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
         issuer = %settings.issuer,
         "delegation-operator running"
     );
+    // The policy caches have no controller of their own: their streams only need polling.
+    let policy_caches = future::join(
+        policy_events.for_each(|_| future::ready(())),
+        binding_events.for_each(|_| future::ready(())),
+    );
     tokio::select! {
         _ = future::join(grants, agents) => {},
+        _ = policy_caches => {},
         _ = ctx.keys.run_rotation() => {},
     }
     tracing::info!("delegation-operator stopped");

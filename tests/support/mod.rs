@@ -7,15 +7,24 @@
 #![allow(dead_code)] // each test binary uses a different part of this module
 
 use std::{
+    collections::HashMap,
     path::{Path, PathBuf},
     process::Command,
-    sync::OnceLock,
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
 use delegation_operator::api::{AgentIdentity, DelegationGrant};
 use k8s_openapi::{
-    api::core::v1::{ConfigMap, Namespace, Secret},
+    api::{
+        authentication::v1::{SelfSubjectReview, UserInfo},
+        authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+        core::v1::{ConfigMap, Namespace, Secret},
+        rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
+    },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 };
 use kube::{
@@ -25,6 +34,7 @@ use kube::{
     runtime::wait::{await_condition, conditions},
 };
 use serde::Deserialize;
+use serde_json::json;
 
 pub const FIELD_MANAGER: &str = "delegation-operator-tests";
 
@@ -55,14 +65,59 @@ pub fn kubeconfig_path() -> PathBuf {
 
 /// A client for the test control plane.
 pub async fn client() -> Client {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("readable test kubeconfig");
-    let config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid test kubeconfig");
-    Client::try_from(config).expect("client for the test control plane")
+    Client::try_from(admin_config().await).expect("client for the test control plane")
 }
 
-/// Applies every CRD under `crds/` (server-side apply, idempotent) and waits until each is Established.
+/// The configuration of the test kubeconfig's own (admin) user.
+async fn admin_config() -> Config {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("readable test kubeconfig");
+    Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("valid test kubeconfig")
+}
+
+/// A client acting as `user` in `groups` (impersonated with the admin's credentials). The apiserver
+/// adds `system:authenticated` itself.
+pub async fn client_as(user: &str, groups: &[&str]) -> Client {
+    client_impersonating(user, groups, None, &[]).await
+}
+
+/// [`client_as`] with a uid and extra attributes too, as an authenticator that provides them would.
+pub async fn client_impersonating(
+    user: &str,
+    groups: &[&str],
+    uid: Option<&str>,
+    extra: &[(&str, &[&str])],
+) -> Client {
+    let mut config = admin_config().await;
+    let auth = &mut config.auth_info;
+    auth.impersonate = Some(user.to_owned());
+    auth.impersonate_groups = Some(groups.iter().map(|g| g.to_string()).collect());
+    auth.impersonate_uid = uid.map(str::to_owned);
+    if !extra.is_empty() {
+        let extra: HashMap<String, Vec<String>> = extra
+            .iter()
+            .map(|(k, vs)| (k.to_string(), vs.iter().map(|v| v.to_string()).collect()))
+            .collect();
+        auth.impersonate_user_extra = Some(extra);
+    }
+    Client::try_from(config).expect("impersonating client for the test control plane")
+}
+
+/// Who the apiserver says the client is (a SelfSubjectReview).
+pub async fn whoami(client: &Client) -> UserInfo {
+    Api::<SelfSubjectReview>::all(client.clone())
+        .create(&PostParams::default(), &SelfSubjectReview::default())
+        .await
+        .expect("SelfSubjectReview")
+        .status
+        .and_then(|s| s.user_info)
+        .expect("SelfSubjectReview has a userInfo")
+}
+
+/// Applies every CRD under `crds/` (server-side apply, idempotent) and waits until each is Established,
+/// then the admission policies (see [`install_admission_policies`]): every object of our kinds is
+/// created under them, as in a real installation.
 pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut installed = Vec::new();
@@ -85,7 +140,237 @@ pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
             .unwrap();
         installed.push(crd);
     }
+    install_admission_policies(client).await;
     installed
+}
+
+// ---- admission policies ------------------------------------------------------------------------
+
+/// Set once this test binary has applied the admission policies and seen them take effect.
+static POLICIES_EFFECTIVE: AtomicBool = AtomicBool::new(false);
+
+/// The user whose dry-run requests show that the validating policies are loaded: allowed to create
+/// grants and approvals in `default`, allowed to delegate and approve nothing.
+const PROBE_USER: &str = "delegation-operator-tests:admission-probe";
+const PROBE_NAMESPACE: &str = "default";
+
+/// Applies `admission/policies.yaml` (server-side apply, idempotent) and waits until every policy is
+/// in effect. Once per test binary; later calls return at once.
+pub async fn install_admission_policies(client: &Client) {
+    if POLICIES_EFFECTIVE.load(Ordering::Acquire) {
+        return;
+    }
+    for doc in delegation_operator::admission::documents() {
+        apply_cluster_document(client, doc).await;
+    }
+    allow_probe_user(client).await;
+    wait_policies_effective(client).await;
+    wait_stamps_trusted(client).await;
+    POLICIES_EFFECTIVE.store(true, Ordering::Release);
+}
+
+/// The operator trusts a stamp only on objects created a settling time after the stamping policy and
+/// its binding (`delegation::authority::STAMP_SETTLE`, so that nothing created while a policy was
+/// still loading counts as proven). Right after a first install, wait that out once.
+async fn wait_stamps_trusted(client: &Client) {
+    use k8s_openapi::api::admissionregistration::v1::{
+        MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding,
+    };
+    let mut latest_ms = 0;
+    for doc in delegation_operator::admission::documents() {
+        let name = doc["metadata"]["name"].as_str().unwrap_or_default();
+        let created = match doc["kind"].as_str() {
+            Some("MutatingAdmissionPolicy") => Api::<MutatingAdmissionPolicy>::all(client.clone())
+                .get(name)
+                .await
+                .map(|p| p.metadata.creation_timestamp),
+            Some("MutatingAdmissionPolicyBinding") => {
+                Api::<MutatingAdmissionPolicyBinding>::all(client.clone())
+                    .get(name)
+                    .await
+                    .map(|b| b.metadata.creation_timestamp)
+            }
+            _ => continue,
+        };
+        let created = created.unwrap_or_else(|e| panic!("reading {name}: {e}"));
+        latest_ms = latest_ms.max(created.map_or(0, |t| t.0.as_millisecond()));
+    }
+    let settle = delegation_operator::delegation::authority::STAMP_SETTLE;
+    // A second of margin for the clock the creation timestamps were taken with.
+    let trusted_from_ms = latest_ms + settle.as_millis() as i64 + 1000;
+    let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
+    if trusted_from_ms > now_ms {
+        tokio::time::sleep(Duration::from_millis((trusted_from_ms - now_ms) as u64)).await;
+    }
+}
+
+/// Applies the admission policies again and waits until they are in effect, even if this binary did
+/// so before: for tests that remove a policy or binding for a while.
+pub async fn reinstall_admission_policies(client: &Client) {
+    POLICIES_EFFECTIVE.store(false, Ordering::Release);
+    install_admission_policies(client).await;
+}
+
+async fn apply_cluster_document(client: &Client, doc: serde_json::Value) {
+    let obj: DynamicObject = serde_json::from_value(doc).expect("a Kubernetes object");
+    let types = obj.types.clone().expect("apiVersion and kind");
+    let name = obj.metadata.name.clone().expect("a name");
+    let plural = match types.kind.as_str() {
+        "MutatingAdmissionPolicy" => "mutatingadmissionpolicies",
+        "MutatingAdmissionPolicyBinding" => "mutatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicy" => "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicyBinding" => "validatingadmissionpolicybindings",
+        other => panic!("unexpected kind in admission/policies.yaml: {other}"),
+    };
+    let gvk = GroupVersionKind::try_from(&types).expect("a valid apiVersion");
+    let api: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    );
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+}
+
+async fn allow_probe_user(client: &Client) {
+    let rules = [rule(
+        "delegation.nhi.dev",
+        &["delegationgrants", "delegationapprovals"],
+        &["create"],
+        &[],
+    )];
+    grant_role(
+        client,
+        PROBE_NAMESPACE,
+        "delegation-operator-tests-admission-probe",
+        &[user_subject(PROBE_USER)],
+        &rules,
+    )
+    .await;
+}
+
+/// Waits (up to 60 s) until dry-run requests show all four policies at work. Right after the CRDs are
+/// installed the mutating policies answer 503 until the apiserver has loaded the CRD schemas, and
+/// every policy takes a few seconds to load: errors are retried.
+async fn wait_policies_effective(admin: &Client) {
+    let me = whoami(admin)
+        .await
+        .username
+        .expect("the test user has a name");
+    let probe = client_as(PROBE_USER, &[]).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let Some(why) = policies_pending(admin, &probe, &me).await else {
+            return;
+        };
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the admission policies were not in effect after 60s: {why}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Why the policies are not (yet) in effect, or `None` when they are.
+async fn policies_pending(admin: &Client, probe: &Client, me: &str) -> Option<String> {
+    let forged = json!({"username": "mallory", "groups": ["system:masters"]});
+    let grant = probe_grant(json!({"kind": "User", "name": me}), Some(forged.clone()));
+    let stamped = dry_run_create(admin, "DelegationGrant", &grant).await;
+    if let Err(why) = stamped_as(stamped, "requester", me) {
+        return Some(format!("grant requester: {why}"));
+    }
+    let approval = probe_approval(Some(forged));
+    let stamped = dry_run_create(admin, "DelegationApproval", &approval).await;
+    if let Err(why) = stamped_as(stamped, "approver", me) {
+        return Some(format!("approval approver: {why}"));
+    }
+    let group_grant = probe_grant(json!({"kind": "Group", "name": "probe-group"}), None);
+    let refused = dry_run_create(probe, "DelegationGrant", &group_grant).await;
+    if let Err(why) = refused_with(refused, "may not delegate") {
+        return Some(format!("grant authority: {why}"));
+    }
+    let refused = dry_run_create(probe, "DelegationApproval", &probe_approval(None)).await;
+    refused_with(refused, "may not approve")
+        .err()
+        .map(|why| format!("approval authority: {why}"))
+}
+
+fn probe_grant(
+    principal: serde_json::Value,
+    requester: Option<serde_json::Value>,
+) -> DynamicObject {
+    let mut spec = json!({
+        "principal": principal,
+        "actorRef": {"name": "probe"},
+        "scopes": ["probe"],
+        "audience": "https://probe.test",
+        "tokenTTL": "1m",
+    });
+    if let Some(r) = requester {
+        spec["requester"] = r;
+    }
+    our_object("DelegationGrant", "admission-probe", spec)
+}
+
+fn probe_approval(approver: Option<serde_json::Value>) -> DynamicObject {
+    let mut spec = json!({
+        "grantRef": {"name": "admission-probe", "uid": "probe"},
+        "generation": 1,
+        "decision": "Approve",
+    });
+    if let Some(a) = approver {
+        spec["approver"] = a;
+    }
+    our_object("DelegationApproval", "admission-probe", spec)
+}
+
+/// An object of one of our kinds, from its spec.
+pub fn our_object(kind: &str, name: &str, spec: serde_json::Value) -> DynamicObject {
+    serde_json::from_value(json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1",
+        "kind": kind,
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .expect("a valid object")
+}
+
+async fn dry_run_create(
+    client: &Client,
+    kind: &str,
+    obj: &DynamicObject,
+) -> Result<DynamicObject, kube::Error> {
+    let params = PostParams {
+        dry_run: true,
+        ..Default::default()
+    };
+    dynamic_api(client, PROBE_NAMESPACE, kind)
+        .create(&params, obj)
+        .await
+}
+
+fn stamped_as(
+    result: Result<DynamicObject, kube::Error>,
+    field: &str,
+    user: &str,
+) -> Result<(), String> {
+    let obj = result.map_err(|e| e.to_string())?;
+    let stamped = &obj.data["spec"][field]["username"];
+    (stamped == user)
+        .then_some(())
+        .ok_or_else(|| format!("{field} is {stamped}, not {user}"))
+}
+
+fn refused_with(result: Result<DynamicObject, kube::Error>, words: &str) -> Result<(), String> {
+    match result {
+        Ok(_) => Err("accepted".into()),
+        Err(kube::Error::Api(s)) if s.code == 403 && s.message.contains(words) => Ok(()),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 pub fn crd_files() -> Vec<PathBuf> {
@@ -140,6 +425,7 @@ pub fn dynamic_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicO
     let plural = match kind {
         "AgentIdentity" => "agentidentities",
         "DelegationGrant" => "delegationgrants",
+        "DelegationApproval" => "delegationapprovals",
         other => panic!("not one of our kinds: {other}"),
     };
     Api::namespaced_with(
@@ -178,6 +464,167 @@ pub fn rejection_message<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> 
         }
         Err(other) => panic!("expected an apiserver validation error, got {other}"),
     }
+}
+
+// ---- RBAC --------------------------------------------------------------------------------------
+
+/// An RBAC rule; an empty `names` means every name.
+pub fn rule(group: &str, resources: &[&str], verbs: &[&str], names: &[&str]) -> PolicyRule {
+    let strings = |xs: &[&str]| xs.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+    PolicyRule {
+        api_groups: Some(vec![group.to_owned()]),
+        resources: Some(strings(resources)),
+        verbs: strings(verbs),
+        resource_names: (!names.is_empty()).then(|| strings(names)),
+        ..Default::default()
+    }
+}
+
+pub fn user_subject(name: &str) -> Subject {
+    Subject {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: "User".into(),
+        name: name.into(),
+        namespace: None,
+    }
+}
+
+pub fn group_subject(name: &str) -> Subject {
+    Subject {
+        api_group: Some("rbac.authorization.k8s.io".into()),
+        kind: "Group".into(),
+        name: name.into(),
+        namespace: None,
+    }
+}
+
+pub fn service_account_subject(namespace: &str, name: &str) -> Subject {
+    Subject {
+        api_group: None,
+        kind: "ServiceAccount".into(),
+        name: name.into(),
+        namespace: Some(namespace.into()),
+    }
+}
+
+/// Creates (server-side apply) a Role with `rules` and a RoleBinding of it to `subjects`, both named
+/// `name`, and waits until the authorizer allows each subject the first verb of each rule — RBAC is
+/// served from a cache that lags writes a little.
+pub async fn grant_role(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    subjects: &[Subject],
+    rules: &[PolicyRule],
+) {
+    let meta = kube::api::ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(namespace.into()),
+        ..Default::default()
+    };
+    let role = Role {
+        metadata: meta.clone(),
+        rules: Some(rules.to_vec()),
+    };
+    let binding = RoleBinding {
+        metadata: meta,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: name.into(),
+        },
+        subjects: Some(subjects.to_vec()),
+    };
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    Api::<Role>::namespaced(client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(&role))
+        .await
+        .unwrap_or_else(|e| panic!("Role {namespace}/{name}: {e}"));
+    Api::<RoleBinding>::namespaced(client.clone(), namespace)
+        .patch(name, &params, &Patch::Apply(&binding))
+        .await
+        .unwrap_or_else(|e| panic!("RoleBinding {namespace}/{name}: {e}"));
+    for subject in subjects {
+        for rule in rules {
+            wait_allowed(client, namespace, subject, rule).await;
+        }
+    }
+}
+
+/// Waits until a SubjectAccessReview says `subject` may do the first verb of `rule`.
+async fn wait_allowed(client: &Client, namespace: &str, subject: &Subject, rule: &PolicyRule) {
+    let first = |xs: &Option<Vec<String>>| xs.as_ref().and_then(|v| v.first().cloned());
+    let (user, groups) = match subject.kind.as_str() {
+        "User" => (Some(subject.name.clone()), None),
+        "Group" => (Some("any-member".into()), Some(vec![subject.name.clone()])),
+        _ => {
+            let ns = subject.namespace.as_deref().unwrap_or(namespace);
+            (
+                Some(format!("system:serviceaccount:{ns}:{}", subject.name)),
+                None,
+            )
+        }
+    };
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user,
+            groups,
+            resource_attributes: Some(ResourceAttributes {
+                namespace: Some(namespace.into()),
+                group: first(&rule.api_groups),
+                resource: first(&rule.resources),
+                name: first(&rule.resource_names),
+                verb: rule.verbs.first().cloned(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api = Api::<SubjectAccessReview>::all(client.clone());
+    let what = format!("{} {} allowed {:?}", subject.kind, subject.name, rule);
+    wait_for(&what, Duration::from_secs(10), || async {
+        let answer = api.create(&PostParams::default(), &review).await.ok()?;
+        answer.status?.allowed.then_some(())
+    })
+    .await;
+}
+
+// ---- kubectl -----------------------------------------------------------------------------------
+
+/// The kubectl matching the test control plane: `DELEGATION_TEST_KUBECTL`, else the one
+/// `hack/control-plane.sh env` puts on PATH, else `kubectl`.
+pub fn kubectl_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(p) = std::env::var_os("DELEGATION_TEST_KUBECTL") {
+            return PathBuf::from(p);
+        }
+        let out = Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg("env")
+            .output()
+            .expect("could not run hack/control-plane.sh env");
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("export PATH="))
+            .and_then(|p| p.split(':').next())
+            .map(|dir| Path::new(dir).join("kubectl"))
+            .filter(|p| p.exists())
+            .unwrap_or_else(|| PathBuf::from("kubectl"))
+    })
+    .clone()
+}
+
+/// Runs kubectl against the test control plane (with the admin kubeconfig; pass `--as` to act as
+/// someone else).
+pub async fn kubectl(args: &[&str]) -> std::process::Output {
+    tokio::process::Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args(args)
+        .output()
+        .await
+        .expect("run kubectl")
 }
 
 // ---- running the operator --------------------------------------------------------------------

@@ -1,0 +1,571 @@
+//! Who may speak for whom: the pure half of the authority decision.
+//!
+//! A grant's requester (stamped by the apiserver) may name a principal when it *is* that principal, or
+//! when Kubernetes RBAC allows it verb `delegate` on the principal (resource `users`, `groups` or
+//! `serviceaccounts` of group `delegation.nhi.dev`, resourceName = the principal). It may extend a chain
+//! when it is the parent actor's workload (its ServiceAccount), or when RBAC allows it `delegate` on
+//! `agentidentities` named after the parent's actor. An approval counts when its approver was allowed
+//! `approve` on the grant and is not the requester. This module says which question to ask; the
+//! operator asks the apiserver (SubjectAccessReview) and this module turns the answer into a decision.
+
+use crate::api::{
+    AgentIdentity, Decision, DelegationApproval, DelegationGrant, Principal, PrincipalKind,
+    UserIdentity, service_account_username,
+};
+
+use super::{Reason, Refusal};
+
+/// The API group of the authority resources.
+pub const GROUP: &str = "delegation.nhi.dev";
+/// The verb that lets a requester speak for a principal or extend an agent's chain.
+pub const DELEGATE: &str = "delegate";
+/// The verb that lets an approver approve or reject a grant.
+pub const APPROVE: &str = "approve";
+
+/// How long after a stamping policy and its binding exist the operator trusts that the apiserver applies
+/// them (it loads policies within seconds).
+pub const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Whether an object created at `created` carries a stamp the apiserver wrote: the stamping policy
+/// was in force (`stamped_since`, `None` when it is not installed) when the object was created.
+/// Returns the problem in words otherwise; `what` names the stamped field.
+pub fn stamp_proven(
+    created: Option<k8s_openapi::jiff::Timestamp>,
+    stamped_since: Option<k8s_openapi::jiff::Timestamp>,
+    policy: &str,
+    what: &str,
+) -> Result<(), String> {
+    let Some(since) = stamped_since else {
+        return Err(format!(
+            "the admission policy {policy} (and its binding) that stamps {what} is not installed, so \
+             nothing proves who wrote it; install the admission policies \
+             (`delegation-operator admission-policies | kubectl apply --server-side -f -`)"
+        ));
+    };
+    match created {
+        Some(created) if created >= since => Ok(()),
+        _ => Err(format!(
+            "this object was created before the admission policy {policy} was in force (from {since}), so \
+             nothing proves {what} was not typed by its author; delete and re-create it"
+        )),
+    }
+}
+
+/// A question for the apiserver's authorizer: may `user` do `verb` on `resource` named `name`?
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessQuestion {
+    pub verb: &'static str,
+    pub resource: &'static str,
+    pub name: String,
+    pub namespace: String,
+}
+
+impl AccessQuestion {
+    /// The permission in words, for messages: what a RoleBinding must grant.
+    pub fn describe(&self) -> String {
+        format!(
+            "verb {:?} on {:?} named {:?} (API group {GROUP}) in namespace {:?}",
+            self.verb, self.resource, self.name, self.namespace
+        )
+    }
+}
+
+/// What it takes for a grant's requester to be allowed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequesterCheck {
+    /// The requester is the principal, or the parent actor's workload: allowed without asking.
+    Itself,
+    /// Allowed only if the apiserver says yes.
+    Ask(AccessQuestion),
+}
+
+/// Which check a grant's requester must pass. `parent_actor` is the AgentIdentity acting under the
+/// parent grant (for a hop). Refuses a grant without a stamped requester: the admission policies were
+/// not installed when it was created, so nothing proves who asked.
+pub fn requester_check<'a>(
+    grant: &'a DelegationGrant,
+    namespace: &str,
+    parent_actor: Option<&AgentIdentity>,
+) -> Result<(&'a UserIdentity, RequesterCheck), Refusal> {
+    let Some(requester) = grant
+        .spec
+        .requester
+        .as_ref()
+        .filter(|r| !r.username.is_empty())
+    else {
+        return Err(Refusal::new(
+            Reason::DeniedRequesterMissing,
+            "spec.requester is empty: nothing proves who created this grant. Install the admission \
+             policies (`delegation-operator admission-policies | kubectl apply --server-side -f -`), \
+             then delete and re-create the grant",
+        ));
+    };
+    let check = match (&grant.spec.principal, &grant.spec.parent_grant_ref) {
+        (Some(principal), _) => principal_check(requester, principal, namespace),
+        (None, Some(_)) => {
+            let actor_name = parent_actor
+                .and_then(|a| a.metadata.name.clone())
+                .unwrap_or_default();
+            let workload = parent_actor
+                .and_then(|a| a.spec.service_account_name.as_deref())
+                .map(|sa| service_account_username(namespace, sa));
+            if workload.as_deref() == Some(requester.username.as_str()) {
+                RequesterCheck::Itself
+            } else {
+                RequesterCheck::Ask(AccessQuestion {
+                    verb: DELEGATE,
+                    resource: "agentidentities",
+                    name: actor_name,
+                    namespace: namespace.to_owned(),
+                })
+            }
+        }
+        (None, None) => {
+            return Err(Refusal::new(
+                Reason::DeniedInvalidSpec,
+                "exactly one of spec.principal or spec.parentGrantRef must be set",
+            ));
+        }
+    };
+    Ok((requester, check))
+}
+
+fn principal_check(
+    requester: &UserIdentity,
+    principal: &Principal,
+    namespace: &str,
+) -> RequesterCheck {
+    let resource = match principal.kind {
+        PrincipalKind::User => "users",
+        PrincipalKind::Group => "groups",
+        PrincipalKind::ServiceAccount => "serviceaccounts",
+    };
+    // No one *is* a group: naming one always needs the permission.
+    if principal.kind != PrincipalKind::Group && requester.username == principal.name {
+        return RequesterCheck::Itself;
+    }
+    RequesterCheck::Ask(AccessQuestion {
+        verb: DELEGATE,
+        resource,
+        name: principal.name.clone(),
+        namespace: namespace.to_owned(),
+    })
+}
+
+/// The refusal when the apiserver said no to a requester.
+pub fn requester_refused(
+    grant: &DelegationGrant,
+    requester: &UserIdentity,
+    question: &AccessQuestion,
+) -> Refusal {
+    let what = match &grant.spec.principal {
+        Some(p) => format!("delegate for {} {:?}", p.kind.as_str(), p.name),
+        None => format!(
+            "extend the chain of AgentIdentity {:?} (only its workload's ServiceAccount may, or someone allowed to)",
+            question.name
+        ),
+    };
+    Refusal::new(
+        Reason::DeniedNotAuthorized,
+        format!(
+            "requester {:?} may not {what}: it needs {}",
+            requester.username,
+            question.describe()
+        ),
+    )
+}
+
+/// Whether a grant to `actor` needs a person's approval.
+pub fn approval_required(grant: &DelegationGrant, actor: &AgentIdentity) -> bool {
+    match &actor.spec.require_approval {
+        None => false,
+        Some(requirement) => match &requirement.scopes {
+            None => true,
+            Some(scopes) => grant.spec.scopes.iter().any(|s| scopes.contains(s)),
+        },
+    }
+}
+
+/// An approval or rejection that may count, once its approver is confirmed allowed to decide.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    /// The DelegationApproval's name.
+    pub name: String,
+    pub decision: Decision,
+    pub approver: UserIdentity,
+    pub question: AccessQuestion,
+}
+
+/// The decisions recorded for a grant, sorted for the operator to confirm: rejections first (one
+/// confirmed rejection wins), then approvals, oldest first. `ignored` says, per record, why it cannot
+/// count at all.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Decisions {
+    pub candidates: Vec<Candidate>,
+    pub ignored: Vec<String>,
+}
+
+/// Sorts the approvals of one namespace into those that may decide this grant's current generation.
+pub fn decisions_for(
+    grant: &DelegationGrant,
+    namespace: &str,
+    approvals: &[std::sync::Arc<DelegationApproval>],
+    approver_stamped_since: Option<k8s_openapi::jiff::Timestamp>,
+) -> Decisions {
+    let name = grant.metadata.name.clone().unwrap_or_default();
+    let uid = grant.metadata.uid.clone().unwrap_or_default();
+    let generation = grant.metadata.generation.unwrap_or_default();
+    let requester = grant.spec.requester.as_ref();
+    let mut mine: Vec<&DelegationApproval> = approvals
+        .iter()
+        .map(AsRef::as_ref)
+        .filter(|a| a.spec.grant_ref.name == name && a.spec.grant_ref.uid == uid)
+        .filter(|a| a.spec.generation == generation)
+        .collect();
+    mine.sort_by_key(|a| {
+        (
+            a.spec.decision == Decision::Approve,
+            a.metadata.creation_timestamp.clone().map(|t| t.0),
+        )
+    });
+    let mut decisions = Decisions::default();
+    for approval in mine {
+        let approval_name = approval.metadata.name.clone().unwrap_or_default();
+        let Some(approver) = approval
+            .spec
+            .approver
+            .as_ref()
+            .filter(|a| !a.username.is_empty())
+        else {
+            decisions.ignored.push(format!(
+                "{approval_name:?} has no stamped approver (admission policies missing when it was created)"
+            ));
+            continue;
+        };
+        let created = approval.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        if let Err(problem) = stamp_proven(
+            created,
+            approver_stamped_since,
+            "delegation-operator-stamp-approver",
+            "spec.approver",
+        ) {
+            decisions
+                .ignored
+                .push(format!("{approval_name:?}: {problem}"));
+            continue;
+        }
+        if requester.is_some_and(|r| r.same_user(approver)) {
+            decisions.ignored.push(format!(
+                "{approval_name:?} is by the grant's own requester {:?}: a requester may not approve their own grant",
+                approver.username
+            ));
+            continue;
+        }
+        decisions.candidates.push(Candidate {
+            name: approval_name,
+            decision: approval.spec.decision,
+            approver: approver.clone(),
+            question: AccessQuestion {
+                verb: APPROVE,
+                resource: "delegationgrants",
+                name: name.clone(),
+                namespace: namespace.to_owned(),
+            },
+        });
+    }
+    decisions
+}
+
+/// Control, zero-width and bidirectional characters: they make a name read differently from what it
+/// is. The CRD refuses them; this is the operator's own check, fail closed.
+pub fn principal_name_problem(principal: &Principal) -> Option<String> {
+    let name = &principal.name;
+    if name
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control() || is_invisible_format(c))
+    {
+        return Some(format!(
+            "principal name {name:?} contains whitespace, control, zero-width or bidirectional characters"
+        ));
+    }
+    if principal.kind != PrincipalKind::ServiceAccount && name.starts_with("system:") {
+        return Some(format!(
+            "principal name {name:?} starts with system:, which is reserved for Kubernetes"
+        ));
+    }
+    None
+}
+
+fn is_invisible_format(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}' | '\u{061C}' | '\u{180E}' | '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206F}' | '\u{FEFF}' | '\u{FFF9}'..='\u{FFFB}')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::{DelegationApprovalSpec, GrantRef};
+
+    fn grant(spec: serde_json::Value) -> DelegationGrant {
+        let mut base = serde_json::json!({"actorRef": {"name": "bot"}, "scopes": ["s"],
+            "audience": "https://api", "tokenTTL": "10m"});
+        base.as_object_mut()
+            .unwrap()
+            .extend(spec.as_object().unwrap().clone());
+        serde_json::from_value(serde_json::json!({
+            "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+            "metadata": {"name": "g", "namespace": "ns", "uid": "uid-g", "generation": 2},
+            "spec": base,
+        }))
+        .unwrap()
+    }
+
+    fn agent(service_account: Option<&str>) -> AgentIdentity {
+        let mut a: AgentIdentity = serde_json::from_value(serde_json::json!({
+            "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "AgentIdentity",
+            "metadata": {"name": "orchestrator", "namespace": "ns"},
+            "spec": {"owner": {"kind": "Group", "name": "p"}, "allowedScopes": ["s"],
+                     "allowedAudiences": ["https://api"], "maxTokenTTL": "15m"},
+        }))
+        .unwrap();
+        a.spec.service_account_name = service_account.map(Into::into);
+        a
+    }
+
+    fn requested_by(user: &str) -> serde_json::Value {
+        serde_json::json!({"username": user, "groups": ["system:authenticated"]})
+    }
+
+    #[test]
+    fn a_grant_without_a_stamped_requester_is_refused_saying_what_to_install() {
+        let g = grant(serde_json::json!({"principal": {"kind": "User", "name": "alice"}}));
+        let refusal = requester_check(&g, "ns", None).unwrap_err();
+        assert_eq!(refusal.reason, Reason::DeniedRequesterMissing);
+        assert!(
+            refusal.message.contains("admission-policies"),
+            "{}",
+            refusal.message
+        );
+    }
+
+    #[test]
+    fn a_requester_may_always_delegate_for_itself_but_never_is_a_group() {
+        let own = grant(
+            serde_json::json!({"principal": {"kind": "User", "name": "alice"},
+            "requester": requested_by("alice")}),
+        );
+        assert_eq!(
+            requester_check(&own, "ns", None).unwrap().1,
+            RequesterCheck::Itself
+        );
+        let sa = "system:serviceaccount:ns:robot";
+        let own_sa = grant(
+            serde_json::json!({"principal": {"kind": "ServiceAccount", "name": sa},
+            "requester": requested_by(sa)}),
+        );
+        assert_eq!(
+            requester_check(&own_sa, "ns", None).unwrap().1,
+            RequesterCheck::Itself
+        );
+        let group = grant(
+            serde_json::json!({"principal": {"kind": "Group", "name": "alice"},
+            "requester": requested_by("alice")}),
+        );
+        let RequesterCheck::Ask(q) = requester_check(&group, "ns", None).unwrap().1 else {
+            panic!("a group principal needs the permission");
+        };
+        assert_eq!(
+            (q.verb, q.resource, q.name.as_str()),
+            (DELEGATE, "groups", "alice")
+        );
+    }
+
+    #[test]
+    fn someone_else_needs_delegate_on_the_principal_in_the_namespace() {
+        let g = grant(
+            serde_json::json!({"principal": {"kind": "User", "name": "cfo@corp.example"},
+            "requester": requested_by("mallory")}),
+        );
+        let (requester, RequesterCheck::Ask(q)) = requester_check(&g, "ns", None).unwrap() else {
+            panic!("must ask");
+        };
+        assert_eq!(
+            q,
+            AccessQuestion {
+                verb: DELEGATE,
+                resource: "users",
+                name: "cfo@corp.example".into(),
+                namespace: "ns".into()
+            }
+        );
+        let refusal = requester_refused(&g, requester, &q);
+        assert_eq!(refusal.reason, Reason::DeniedNotAuthorized);
+        for word in [
+            "mallory",
+            "cfo@corp.example",
+            "\"delegate\"",
+            "\"users\"",
+            "\"ns\"",
+        ] {
+            assert!(
+                refusal.message.contains(word),
+                "{word} missing: {}",
+                refusal.message
+            );
+        }
+    }
+
+    #[test]
+    fn a_hop_is_the_parent_actors_workload_or_needs_delegate_on_that_agent() {
+        let by_workload = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
+            "requester": requested_by("system:serviceaccount:ns:orchestrator-sa")}));
+        let workload = agent(Some("orchestrator-sa"));
+        assert_eq!(
+            requester_check(&by_workload, "ns", Some(&workload))
+                .unwrap()
+                .1,
+            RequesterCheck::Itself
+        );
+        let by_other_sa = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
+            "requester": requested_by("system:serviceaccount:other-ns:orchestrator-sa")}));
+        let RequesterCheck::Ask(q) = requester_check(&by_other_sa, "ns", Some(&workload))
+            .unwrap()
+            .1
+        else {
+            panic!("a same-named ServiceAccount of another namespace is not the workload");
+        };
+        assert_eq!(
+            (q.resource, q.name.as_str()),
+            ("agentidentities", "orchestrator")
+        );
+        let no_workload = agent(None);
+        assert!(matches!(
+            requester_check(&by_workload, "ns", Some(&no_workload))
+                .unwrap()
+                .1,
+            RequesterCheck::Ask(_)
+        ));
+    }
+
+    fn approval(
+        name: &str,
+        by: &str,
+        decision: Decision,
+        generation: i64,
+        uid: &str,
+    ) -> std::sync::Arc<DelegationApproval> {
+        let mut a = DelegationApproval::new(
+            name,
+            DelegationApprovalSpec {
+                grant_ref: GrantRef {
+                    name: "g".into(),
+                    uid: uid.into(),
+                },
+                generation,
+                decision,
+                comment: None,
+                approver: (!by.is_empty()).then(|| UserIdentity {
+                    username: by.into(),
+                    ..Default::default()
+                }),
+            },
+        );
+        a.metadata.namespace = Some("ns".into());
+        a.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::from_second(100).unwrap(),
+        ));
+        std::sync::Arc::new(a)
+    }
+
+    #[test]
+    fn only_approvals_of_this_grant_and_generation_by_someone_else_may_count_rejections_first() {
+        let g = grant(
+            serde_json::json!({"principal": {"kind": "User", "name": "alice"},
+            "requester": requested_by("alice")}),
+        );
+        let approvals = vec![
+            approval("ok", "carol", Decision::Approve, 2, "uid-g"),
+            approval("no", "dave", Decision::Reject, 2, "uid-g"),
+            approval("old-generation", "carol", Decision::Approve, 1, "uid-g"),
+            approval(
+                "other-grant",
+                "carol",
+                Decision::Approve,
+                2,
+                "uid-recreated",
+            ),
+            approval("self", "alice", Decision::Approve, 2, "uid-g"),
+            approval("unstamped", "", Decision::Approve, 2, "uid-g"),
+        ];
+        let since = Some(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
+        let d = decisions_for(&g, "ns", &approvals, since);
+        let names: Vec<_> = d.candidates.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["no", "ok"]);
+        assert_eq!(d.candidates[0].question.verb, APPROVE);
+        assert_eq!(d.ignored.len(), 2, "{:?}", d.ignored);
+        assert!(d.ignored.iter().any(|m| m.contains("own requester")));
+        assert!(d.ignored.iter().any(|m| m.contains("no stamped approver")));
+    }
+
+    #[test]
+    fn approval_is_required_for_all_grants_or_listed_scopes() {
+        let g = grant(serde_json::json!({"principal": {"kind": "User", "name": "alice"}}));
+        let mut a = agent(None);
+        assert!(!approval_required(&g, &a));
+        a.spec.require_approval = Some(crate::api::ApprovalRequirement { scopes: None });
+        assert!(approval_required(&g, &a));
+        a.spec.require_approval = Some(crate::api::ApprovalRequirement {
+            scopes: Some(vec!["payments:execute".into()]),
+        });
+        assert!(!approval_required(&g, &a));
+        a.spec.require_approval = Some(crate::api::ApprovalRequirement {
+            scopes: Some(vec!["s".into()]),
+        });
+        assert!(approval_required(&g, &a));
+    }
+
+    #[test]
+    fn a_stamp_is_proven_only_on_objects_created_while_the_policy_was_in_force() {
+        let t = |s| k8s_openapi::jiff::Timestamp::from_second(s).unwrap();
+        assert!(stamp_proven(Some(t(100)), Some(t(50)), "p", "spec.requester").is_ok());
+        let missing = stamp_proven(Some(t(100)), None, "p", "spec.requester").unwrap_err();
+        assert!(
+            missing.contains("not installed") && missing.contains("admission-policies"),
+            "{missing}"
+        );
+        let before = stamp_proven(Some(t(40)), Some(t(50)), "p", "spec.requester").unwrap_err();
+        assert!(before.contains("re-create"), "{before}");
+        assert!(stamp_proven(None, Some(t(50)), "p", "spec.requester").is_err());
+    }
+
+    #[test]
+    fn principal_names_that_read_differently_are_refused() {
+        let p = |kind, name: &str| Principal {
+            kind,
+            name: name.into(),
+        };
+        assert!(principal_name_problem(&p(PrincipalKind::User, "alice@example.com")).is_none());
+        for bad in [
+            "ali\u{200B}ce",
+            "alice\u{202E}moc.evil",
+            "a\tb",
+            "a b",
+            "\u{FEFF}alice",
+            "a\u{2066}b",
+        ] {
+            assert!(
+                principal_name_problem(&p(PrincipalKind::User, bad)).is_some(),
+                "{bad:?}"
+            );
+        }
+        assert!(principal_name_problem(&p(PrincipalKind::Group, "system:masters")).is_some());
+        assert!(
+            principal_name_problem(&p(
+                PrincipalKind::ServiceAccount,
+                "system:serviceaccount:a:b"
+            ))
+            .is_none()
+        );
+    }
+}

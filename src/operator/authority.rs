@@ -1,0 +1,272 @@
+//! Asking the apiserver who may speak for whom: SubjectAccessReviews of the stamped requester and of
+//! approvers, at every issuance and rotation and at least every `--authority-recheck-period` while a
+//! token lives (continuous evaluation: removing a RoleBinding ends the delegation).
+
+use std::{collections::HashMap, sync::Mutex, time::Duration};
+
+use k8s_openapi::{
+    api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+    jiff::Timestamp,
+};
+use kube::{Api, ResourceExt, api::PostParams};
+
+use super::{
+    context::Context,
+    error::Result,
+    stamps::{APPROVER_POLICY, REQUESTER_POLICY},
+};
+use crate::{
+    api::{
+        ApprovalState, ApprovalStatus, Decision, DelegationApproval, DelegationGrant, UserIdentity,
+    },
+    delegation::{
+        Lookup, Reason, Refusal,
+        authority::{
+            AccessQuestion, GROUP, RequesterCheck, approval_required, decisions_for,
+            requester_check, requester_refused, stamp_proven,
+        },
+        chain::add,
+    },
+};
+
+/// What a grant's authority check found: the approval it stands on, if its agent requires one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evidence {
+    pub approval: Option<ApprovalStatus>,
+    /// When the apiserver was asked.
+    pub checked_at: Timestamp,
+}
+
+/// A refusal, with the approval state to show when the refusal is about approval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unauthorized {
+    pub refusal: Refusal,
+    pub approval: Option<ApprovalStatus>,
+}
+
+/// The last positive check of each grant (by uid), reused until the recheck period has passed.
+/// Refusals are never reused: a refused grant is looked at afresh every time.
+#[derive(Default)]
+pub struct CheckedAuthority {
+    checked: Mutex<HashMap<String, Checked>>,
+}
+
+/// One positive check: for which generation, when, and what it found.
+struct Checked {
+    generation: Option<i64>,
+    at: Timestamp,
+    evidence: Evidence,
+}
+
+impl CheckedAuthority {
+    fn get(&self, grant: &DelegationGrant, period: Duration, now: Timestamp) -> Option<Evidence> {
+        let map = self.checked.lock().ok()?;
+        let checked = map.get(&grant.uid()?)?;
+        (checked.generation == grant.metadata.generation && add(checked.at, period) > now)
+            .then(|| checked.evidence.clone())
+    }
+
+    fn put(&self, grant: &DelegationGrant, now: Timestamp, evidence: &Evidence) {
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.checked.lock()) {
+            let checked = Checked {
+                generation: grant.metadata.generation,
+                at: now,
+                evidence: evidence.clone(),
+            };
+            map.insert(uid, checked);
+        }
+    }
+
+    fn forget(&self, grant: &DelegationGrant) {
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.checked.lock()) {
+            map.remove(&uid);
+        }
+    }
+
+    /// When the grant's authority must be checked again.
+    pub fn due_at(&self, grant: &DelegationGrant, period: Duration) -> Option<Timestamp> {
+        let map = self.checked.lock().ok()?;
+        map.get(&grant.uid()?).map(|c| add(c.at, period))
+    }
+
+    /// Drops what is remembered of a grant that is going away.
+    pub fn forget_grant(&self, grant: &DelegationGrant) {
+        self.forget(grant);
+    }
+}
+
+/// Checks whether the grant's requester may ask for it and, when its agent requires approval, whether
+/// an allowed approver approved this generation. `fresh` forces asking the apiserver even when a recent
+/// positive answer is remembered (every issuance and rotation asks).
+pub async fn evaluate(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+    fresh: bool,
+) -> Result<std::result::Result<Evidence, Unauthorized>> {
+    let period = ctx.settings.authority_recheck_period;
+    if !fresh && let Some(evidence) = ctx.authority.get(grant, period, now) {
+        return Ok(Ok(evidence));
+    }
+    let outcome = ask(grant, ctx, now).await?;
+    match &outcome {
+        Ok(evidence) => ctx.authority.put(grant, now, evidence),
+        Err(_) => ctx.authority.forget(grant),
+    }
+    Ok(outcome)
+}
+
+async fn ask(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<std::result::Result<Evidence, Unauthorized>> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let view = ctx.namespace_view(&namespace);
+    let parent_actor = grant
+        .spec
+        .parent_grant_ref
+        .as_ref()
+        .and_then(|p| view.grant(&p.name))
+        .and_then(|p| view.agent(&p.spec.actor_ref.name));
+    let unauthorized = |refusal| Unauthorized {
+        refusal,
+        approval: None,
+    };
+    let (requester, check) = match requester_check(grant, &namespace, parent_actor.as_deref()) {
+        Ok(found) => found,
+        Err(refusal) => return Ok(Err(unauthorized(refusal))),
+    };
+    let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
+    let since = ctx.stamps.since(REQUESTER_POLICY);
+    if let Err(problem) = stamp_proven(created, since, REQUESTER_POLICY, "spec.requester") {
+        let refusal = Refusal::new(Reason::DeniedRequesterUnverified, problem);
+        return Ok(Err(unauthorized(refusal)));
+    }
+    if let RequesterCheck::Ask(question) = &check
+        && !allowed(ctx, requester, question).await?
+    {
+        return Ok(Err(unauthorized(requester_refused(
+            grant, requester, question,
+        ))));
+    }
+    let Some(actor) = view.agent(&grant.spec.actor_ref.name) else {
+        // Chain resolution has already refused a grant without its agent.
+        return Ok(Ok(Evidence {
+            approval: None,
+            checked_at: now,
+        }));
+    };
+    if !approval_required(grant, &actor) {
+        return Ok(Ok(Evidence {
+            approval: None,
+            checked_at: now,
+        }));
+    }
+    approval(grant, ctx, &namespace, now).await
+}
+
+/// Finds the decision of an allowed approver on this generation: a rejection wins over approvals.
+async fn approval(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    namespace: &str,
+    now: Timestamp,
+) -> Result<std::result::Result<Evidence, Unauthorized>> {
+    let generation = grant.metadata.generation.unwrap_or_default();
+    let approvals: Vec<std::sync::Arc<DelegationApproval>> = ctx
+        .approvals
+        .state()
+        .into_iter()
+        .filter(|a| a.namespace().as_deref() == Some(namespace))
+        .collect();
+    let since = ctx.stamps.since(APPROVER_POLICY);
+    let mut decisions = decisions_for(grant, namespace, &approvals, since);
+    for candidate in &decisions.candidates {
+        if !allowed(ctx, &candidate.approver, &candidate.question).await? {
+            decisions.ignored.push(format!(
+                "{:?} by {:?} does not count: it needs {}",
+                candidate.name,
+                candidate.approver.username,
+                candidate.question.describe()
+            ));
+            continue;
+        }
+        let status = ApprovalStatus {
+            state: match candidate.decision {
+                Decision::Approve => ApprovalState::Approved,
+                Decision::Reject => ApprovalState::Rejected,
+            },
+            generation,
+            approval: Some(candidate.name.clone()),
+            approver: Some(candidate.approver.username.clone()),
+        };
+        if candidate.decision == Decision::Reject {
+            let refusal = Refusal::new(
+                Reason::ApprovalRejected,
+                format!(
+                    "{:?} rejected generation {generation} of this grant (DelegationApproval {:?}); change the grant and ask again",
+                    candidate.approver.username, candidate.name
+                ),
+            );
+            return Ok(Err(Unauthorized {
+                refusal,
+                approval: Some(status),
+            }));
+        }
+        return Ok(Ok(Evidence {
+            approval: Some(status),
+            checked_at: now,
+        }));
+    }
+    let name = grant.name_any();
+    let mut message = format!(
+        "AgentIdentity {:?} requires approval: waiting for someone allowed verb \"approve\" on \"delegationgrants\" named {name:?} (API group {GROUP}) to approve generation {generation}, e.g. `delegation-operator approve {name} -n {namespace}`",
+        grant.spec.actor_ref.name
+    );
+    if !decisions.ignored.is_empty() {
+        message += &format!("; not counted: {}", decisions.ignored.join("; "));
+    }
+    Ok(Err(Unauthorized {
+        refusal: Refusal::new(Reason::ApprovalPending, message),
+        approval: Some(ApprovalStatus {
+            state: ApprovalState::Pending,
+            generation,
+            approval: None,
+            approver: None,
+        }),
+    }))
+}
+
+/// One SubjectAccessReview: may this authenticated user do what the question asks? Uses everything
+/// the apiserver stamped (name, uid, groups, extra), so RBAC sees the user as it authenticated.
+async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) -> Result<bool> {
+    let review = SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.username.clone()),
+            uid: user.uid().map(str::to_owned),
+            groups: user.groups.clone(),
+            extra: user.extra.as_ref().map(|extra| {
+                extra
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.0.clone()))
+                    .collect()
+            }),
+            resource_attributes: Some(ResourceAttributes {
+                group: Some(GROUP.into()),
+                resource: Some(question.resource.into()),
+                verb: Some(question.verb.into()),
+                name: Some(question.name.clone()),
+                namespace: Some(question.namespace.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
+    let answer = api.create(&PostParams::default(), &review).await?;
+    Ok(answer
+        .status
+        .is_some_and(|s| s.allowed && s.denied != Some(true)))
+}

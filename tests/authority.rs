@@ -1,0 +1,464 @@
+//! Evidence of authority, end to end: grants created by distinct users (impersonated by the admin
+//! client), stamped by the admission policies, checked by the operator with SubjectAccessReviews.
+
+mod support;
+
+use std::time::Duration;
+
+use delegation_operator::{
+    api::{Decision, DelegationGrant},
+    cli,
+};
+use kube::{
+    Api, Client,
+    api::{DeleteParams, DynamicObject, PostParams},
+};
+use serde_json::json;
+use support::*;
+
+const GROUP: &str = "delegation.nhi.dev";
+
+const AGENTS: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: orchestrator}
+spec:
+  owner: {kind: Group, name: platform}
+  serviceAccountName: orchestrator-sa
+  allowedScopes: [tickets:read, tickets:write]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+  delegation: {maxDepth: 1, allowedActors: [summarizer]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: summarizer}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 10m
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: payments}
+spec:
+  owner: {kind: Group, name: finance}
+  allowedScopes: [payments:read, payments:execute]
+  allowedAudiences: [https://payments.example.com]
+  maxTokenTTL: 10m
+  requireApproval: {scopes: [payments:execute]}
+"#;
+
+fn root_grant(name: &str, principal: &str, ttl: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": name},
+        "spec": {"principal": {"kind": "User", "name": principal}, "actorRef": {"name": "orchestrator"},
+                 "scopes": ["tickets:read"], "audience": "https://tickets.example.com", "tokenTTL": ttl},
+    })
+}
+
+fn hop_grant(name: &str, parent: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": name},
+        "spec": {"parentGrantRef": {"name": parent}, "actorRef": {"name": "summarizer"},
+                 "scopes": ["tickets:read"], "audience": "https://tickets.example.com", "tokenTTL": "5m"},
+    })
+}
+
+fn payment_grant(name: &str) -> serde_json::Value {
+    json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": name},
+        "spec": {"principal": {"kind": "User", "name": "alice@example.com"}, "actorRef": {"name": "payments"},
+                 "scopes": ["payments:execute"], "audience": "https://payments.example.com", "tokenTTL": "5m"},
+    })
+}
+
+/// Lets these users create and read grants and approvals in the namespace (nothing more).
+async fn tenants(f: &Fixture, users: &[&str]) {
+    let subjects: Vec<_> = users.iter().map(|u| user_subject(u)).collect();
+    grant_role(
+        &f.client,
+        &f.ns,
+        "tenants",
+        &subjects,
+        &[rule(
+            GROUP,
+            &["delegationgrants", "delegationapprovals"],
+            &[
+                "create", "get", "list", "watch", "update", "patch", "delete",
+            ],
+            &[],
+        )],
+    )
+    .await;
+}
+
+async fn create_as(
+    client: &Client,
+    ns: &str,
+    doc: serde_json::Value,
+) -> Result<DynamicObject, kube::Error> {
+    let obj: DynamicObject = serde_json::from_value(doc).unwrap();
+    let kind = obj.types.as_ref().unwrap().kind.clone();
+    dynamic_api(client, ns, &kind)
+        .create(&PostParams::default(), &obj)
+        .await
+}
+
+fn condition(grant: &DelegationGrant) -> (String, String) {
+    let c = grant.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].clone();
+    (c.reason, c.message)
+}
+
+#[tokio::test]
+async fn a_user_delegates_for_herself_and_the_token_says_who_asked() {
+    let f = Fixture::start("self", &[]).await;
+    f.apply(AGENTS).await;
+    tenants(&f, &["alice@example.com"]).await;
+    let alice = client_as("alice@example.com", &[]).await;
+    create_as(
+        &alice,
+        &f.ns,
+        root_grant("mine", "alice@example.com", "10m"),
+    )
+    .await
+    .unwrap();
+
+    let grant = f.wait_ready("mine", "True", None).await;
+    assert_eq!(
+        grant.spec.requester.as_ref().unwrap().username,
+        "alice@example.com"
+    );
+    let chain = grant.status.as_ref().unwrap().chain.clone().unwrap();
+    assert_eq!(chain[1].requested_by.as_deref(), Some("alice@example.com"));
+    let claims = f
+        .verified_claims("mine-token")
+        .await
+        .expect("a verifiable token");
+    assert_eq!(
+        claims["delegation_chain"],
+        json!([{"delegator": {"kind": "User", "sub": "alice@example.com"},
+                "delegate": format!("agent:{}/orchestrator", f.ns), "grant": "mine",
+                "scope": "tickets:read", "requested_by": "alice@example.com"}])
+    );
+    let issued = f
+        .operator()
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "Issued")
+        .expect("an Issued audit line");
+    assert_eq!(issued["requester"], "alice@example.com");
+    assert_eq!(issued["principal"], "alice@example.com");
+}
+
+/// Authority is re-checked while a token lives: with a 2 s recheck period, removing bob's RoleBinding
+/// revokes his grant's token (with its own reason) and the hop below it, long before its renewal.
+#[tokio::test]
+async fn a_delegate_permission_lets_bob_speak_for_alice_until_it_is_removed() {
+    let f = Fixture::start("delegate", &["--authority-recheck-period", "2s"]).await;
+    f.apply(AGENTS).await;
+    tenants(&f, &["bob@example.com"]).await;
+    let bob = client_as("bob@example.com", &[]).await;
+
+    let refused = create_as(
+        &bob,
+        &f.ns,
+        root_grant("for-alice", "alice@example.com", "10m"),
+    )
+    .await;
+    let message = match refused {
+        Err(kube::Error::Api(status)) => status.message,
+        other => panic!("bob without permission must be refused at admission: {other:?}"),
+    };
+    assert!(message.contains("delegate"), "{message}");
+
+    grant_role(
+        &f.client,
+        &f.ns,
+        "bob-for-alice",
+        &[user_subject("bob@example.com")],
+        &[rule(
+            GROUP,
+            &["users"],
+            &["delegate"],
+            &["alice@example.com"],
+        )],
+    )
+    .await;
+    create_as(
+        &bob,
+        &f.ns,
+        root_grant("for-alice", "alice@example.com", "10m"),
+    )
+    .await
+    .unwrap();
+    // A hop below it (created by the admin, who may do anything).
+    f.apply(&serde_yaml::to_string(&hop_grant("below", "for-alice")).unwrap())
+        .await;
+    let token = f
+        .wait_ready("for-alice", "True", None)
+        .await
+        .status
+        .unwrap()
+        .token
+        .unwrap()
+        .id;
+    f.wait_ready("below", "True", None).await;
+
+    Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(f.client.clone(), &f.ns)
+        .delete("bob-for-alice", &DeleteParams::default())
+        .await
+        .unwrap();
+    let grant = f
+        .wait_ready("for-alice", "False", Some("DeniedNotAuthorized"))
+        .await;
+    let (_, message) = condition(&grant);
+    for word in [
+        "bob@example.com",
+        "alice@example.com",
+        "\"delegate\"",
+        "\"users\"",
+    ] {
+        assert!(message.contains(word), "{word} missing from {message}");
+    }
+    f.wait_ready("below", "False", Some("ParentNotReady")).await;
+    assert!(f.revoked_ids().await.contains(&token));
+    assert!(
+        f.secrets()
+            .get_opt("for-alice-token")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    let revoked = f
+        .operator()
+        .audit()
+        .into_iter()
+        .find(|r| r["action"] == "Revoked" && r["grant"] == "for-alice")
+        .expect("a Revoked audit line");
+    assert_eq!(revoked["reason"], "DeniedNotAuthorized");
+    assert_eq!(revoked["requester"], "bob@example.com");
+    assert_eq!(revoked["principal"], "alice@example.com");
+}
+
+/// A hop is the parent actor's workload's to create, or needs `delegate` on that agent.
+#[tokio::test]
+async fn only_the_parent_actors_workload_may_extend_a_chain() {
+    let f = Fixture::start("hop", &[]).await;
+    f.apply(AGENTS).await;
+    let workload = format!("system:serviceaccount:{}:orchestrator-sa", f.ns);
+    tenants(&f, &["alice@example.com", "mallory@example.com", &workload]).await;
+    let alice = client_as("alice@example.com", &[]).await;
+    create_as(
+        &alice,
+        &f.ns,
+        root_grant("root", "alice@example.com", "10m"),
+    )
+    .await
+    .unwrap();
+    f.wait_ready("root", "True", None).await;
+
+    let mallory = client_as("mallory@example.com", &[]).await;
+    create_as(&mallory, &f.ns, hop_grant("by-mallory", "root"))
+        .await
+        .unwrap();
+    let refused = f
+        .wait_ready("by-mallory", "False", Some("DeniedNotAuthorized"))
+        .await;
+    let (_, message) = condition(&refused);
+    assert!(
+        message.contains("orchestrator") && message.contains("agentidentities"),
+        "{message}"
+    );
+    assert!(
+        f.secrets()
+            .get_opt("by-mallory-token")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        f.event_reasons("by-mallory")
+            .await
+            .contains(&("Warning".into(), "Denied".into())),
+        "a Warning Denied event"
+    );
+
+    let sa = client_as(&workload, &["system:serviceaccounts"]).await;
+    create_as(&sa, &f.ns, hop_grant("by-workload", "root"))
+        .await
+        .unwrap();
+    let hop = f.wait_ready("by-workload", "True", None).await;
+    let chain = hop.status.unwrap().chain.unwrap();
+    assert_eq!(chain[1].requested_by.as_deref(), Some("alice@example.com"));
+    assert_eq!(chain[2].requested_by.as_deref(), Some(workload.as_str()));
+    let claims = f.verified_claims("by-workload-token").await.unwrap();
+    assert_eq!(
+        claims["delegation_chain"][1]["requested_by"],
+        workload.as_str()
+    );
+}
+
+/// A parent deleted and re-created under the same name does not adopt its old children.
+#[tokio::test]
+async fn a_re_created_parent_does_not_adopt_old_hops() {
+    let f = Fixture::start("pin", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&serde_yaml::to_string(&root_grant("root", "alice@example.com", "10m")).unwrap())
+        .await;
+    f.apply(&serde_yaml::to_string(&hop_grant("child", "root")).unwrap())
+        .await;
+    let first_uid = f
+        .wait_ready("root", "True", None)
+        .await
+        .metadata
+        .uid
+        .unwrap();
+    let child = f.wait_ready("child", "True", None).await;
+    assert_eq!(
+        child.status.unwrap().parent_grant_uid.as_deref(),
+        Some(first_uid.as_str())
+    );
+
+    f.grants()
+        .delete("root", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("root", "root released", Duration::from_secs(20))
+        .await;
+    f.apply(&serde_yaml::to_string(&root_grant("root", "alice@example.com", "10m")).unwrap())
+        .await;
+    f.wait_ready("root", "True", None).await;
+    let child = f
+        .wait_ready("child", "False", Some("DeniedParentReplaced"))
+        .await;
+    assert!(condition(&child).1.contains(&first_uid));
+    assert!(f.secrets().get_opt("child-token").await.unwrap().is_none());
+}
+
+/// The seed's "after a human approver signs off": no token before an allowed approver (who is not the
+/// requester) approves this generation; a spec change needs a new approval; a rejection holds.
+#[tokio::test]
+async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_requester() {
+    let f = Fixture::start("approval", &[]).await;
+    f.apply(AGENTS).await;
+    tenants(&f, &["alice@example.com", "carol@example.com"]).await;
+    let alice = client_as("alice@example.com", &[]).await;
+    let carol = client_as("carol@example.com", &[]).await;
+    create_as(&alice, &f.ns, payment_grant("pay"))
+        .await
+        .unwrap();
+
+    let pending = f.wait_ready("pay", "False", Some("ApprovalPending")).await;
+    let approval = pending.status.as_ref().unwrap().approval.clone().unwrap();
+    assert_eq!(serde_json::to_value(approval.state).unwrap(), "Pending");
+    assert!(
+        condition(&pending).1.contains("approve pay"),
+        "{}",
+        condition(&pending).1
+    );
+    assert!(f.secrets().get_opt("pay-token").await.unwrap().is_none());
+    wait_for(
+        "an ApprovalPending event",
+        Duration::from_secs(10),
+        || async {
+            f.event_reasons("pay")
+                .await
+                .contains(&("Normal".into(), "ApprovalPending".into()))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Carol may not approve yet: refused at admission, naming the permission.
+    let refused = cli::decide(carol.clone(), &f.ns, "pay", Decision::Approve, None)
+        .await
+        .unwrap_err();
+    assert!(refused.contains("approve"), "{refused}");
+
+    // Alice may approve grants here, but not her own.
+    let approvers = [
+        user_subject("alice@example.com"),
+        user_subject("carol@example.com"),
+    ];
+    grant_role(
+        &f.client,
+        &f.ns,
+        "approvers",
+        &approvers,
+        &[rule(GROUP, &["delegationgrants"], &["approve"], &["pay"])],
+    )
+    .await;
+    cli::decide(alice.clone(), &f.ns, "pay", Decision::Approve, None)
+        .await
+        .unwrap();
+    let still = wait_for(
+        "the self-approval reported",
+        Duration::from_secs(10),
+        || async {
+            let g = f.grants().get("pay").await.ok()?;
+            condition(&g).1.contains("own requester").then_some(g)
+        },
+    )
+    .await;
+    assert_eq!(condition(&still).0, "ApprovalPending");
+
+    cli::decide(
+        carol.clone(),
+        &f.ns,
+        "pay",
+        Decision::Approve,
+        Some("invoice 42 checked".into()),
+    )
+    .await
+    .unwrap();
+    let approved = f.wait_ready("pay", "True", None).await;
+    let status = approved.status.clone().unwrap();
+    assert_eq!(
+        status.approval.as_ref().unwrap().approver.as_deref(),
+        Some("carol@example.com")
+    );
+    assert_eq!(
+        status.chain.unwrap()[1].approved_by.as_deref(),
+        Some("carol@example.com")
+    );
+    let token = f.token_in("pay-token").await.unwrap();
+    let claims = delegation_operator::signing::verify(
+        &token,
+        &f.jwks().await,
+        "https://payments.example.com",
+        0,
+    )
+    .unwrap();
+    assert_eq!(
+        claims["delegation_chain"][0]["approved_by"],
+        "carol@example.com"
+    );
+    assert_eq!(
+        claims["delegation_chain"][0]["requested_by"],
+        "alice@example.com"
+    );
+    let first_token = status.token.unwrap().id;
+
+    // A new generation needs a new approval: the approved token is revoked meanwhile.
+    f.patch_grant("pay", json!({"spec": {"tokenTTL": "4m"}}))
+        .await;
+    f.wait_ready("pay", "False", Some("ApprovalPending")).await;
+    assert!(f.revoked_ids().await.contains(&first_token));
+    cli::decide(
+        carol,
+        &f.ns,
+        "pay",
+        Decision::Reject,
+        Some("amount changed".into()),
+    )
+    .await
+    .unwrap();
+    let rejected = f.wait_ready("pay", "False", Some("ApprovalRejected")).await;
+    assert!(condition(&rejected).1.contains("carol@example.com"));
+    assert!(f.secrets().get_opt("pay-token").await.unwrap().is_none());
+}
