@@ -97,6 +97,22 @@ struct RunArgs {
     /// How many grants are reconciled at once.
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
+    /// Elect one writing replica through a Lease in the operator namespace. Turn off only when exactly
+    /// one replica can ever run.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    leader_election: bool,
+    /// How long standby replicas wait after the leader's last renewal before taking over.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    leader_election_lease_duration: std::time::Duration,
+    /// How long the leader keeps trying to renew before it stops writing; below the lease duration.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    leader_election_renew_deadline: std::time::Duration,
+    /// How often the leader renews and standbys retry; below the renew deadline.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    leader_election_retry_period: std::time::Duration,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host name and process id).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     /// Log format on stderr (audit records always go to stdout as JSON lines).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -191,6 +207,7 @@ fn run(args: RunArgs) -> ExitCode {
 
 async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let client = client(args.kubeconfig.as_deref()).await?;
+    let leader_election = leader_election(&args)?;
     let settings = Settings {
         operator_namespace: args.operator_namespace,
         watch_namespace: args.namespace,
@@ -203,9 +220,44 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         },
         concurrency: args.concurrency,
         authority_recheck_period: args.authority_recheck_period,
+        leader_election,
     };
     operator::run(client, settings).await?;
     Ok(())
+}
+
+/// The leader election settings, checked: each timing must be below the one before, or the leader
+/// could still be writing when another replica takes over.
+fn leader_election(
+    args: &RunArgs,
+) -> Result<Option<operator::LeaderElectionSettings>, Box<dyn std::error::Error>> {
+    if !args.leader_election {
+        return Ok(None);
+    }
+    let (lease, renew, retry) = (
+        args.leader_election_lease_duration,
+        args.leader_election_renew_deadline,
+        args.leader_election_retry_period,
+    );
+    if !(retry < renew && renew < lease) {
+        return Err(format!(
+            "leader election needs --leader-election-retry-period < --leader-election-renew-deadline \
+             < --leader-election-lease-duration (got {retry:?}, {renew:?}, {lease:?})"
+        )
+        .into());
+    }
+    let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "delegation-operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    Ok(Some(operator::LeaderElectionSettings {
+        identity,
+        lease_duration: lease,
+        renew_deadline: renew,
+        retry_period: retry,
+    }))
 }
 
 /// Operational logs go to stderr; stdout carries only audit records.

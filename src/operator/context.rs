@@ -40,6 +40,21 @@ pub struct Settings {
     pub authority_recheck_period: Duration,
     /// How many grants are reconciled at once.
     pub concurrency: u16,
+    /// Lease-based leader election; `None` runs without (one replica only).
+    pub leader_election: Option<LeaderElectionSettings>,
+}
+
+/// Timings of the leader Lease (client-go's protocol and meaning).
+#[derive(Clone, Debug)]
+pub struct LeaderElectionSettings {
+    /// Unique among the replicas (the pod name in a cluster).
+    pub identity: String,
+    /// How long the others wait after the last renewal they saw before taking over.
+    pub lease_duration: Duration,
+    /// How long the leader keeps trying to renew before it stops writing (shorter than the lease).
+    pub renew_deadline: Duration,
+    /// How often the leader renews and candidates retry.
+    pub retry_period: Duration,
 }
 
 pub struct Context {

@@ -39,8 +39,9 @@ use kube::{
     },
 };
 
-pub use context::{Context, Settings};
+pub use context::{Context, LeaderElectionSettings, Settings};
 pub use error::{Error, Result};
+use k8s_controller::LeaderElection;
 
 use crate::api::{AgentIdentity, DelegationApproval, DelegationGrant};
 
@@ -69,6 +70,75 @@ pub fn add_secs(t: Timestamp, secs: u64) -> Timestamp {
 /// Runs both controllers and key rotation until a termination signal.
 pub async fn run(client: Client, settings: Settings) -> Result<()> {
     check_prerequisites(&client, &settings).await?;
+    let Some(election) = settings.leader_election.clone() else {
+        tracing::warn!(
+            "leader election is off: run exactly one replica, or revocations can be lost"
+        );
+        return lead(client, settings).await;
+    };
+    let election = LeaderElection::new(
+        client.clone(),
+        &settings.operator_namespace,
+        LEASE_NAME,
+        &election.identity,
+    )
+    .with_lease_duration(election.lease_duration)
+    .with_renew_deadline(election.renew_deadline)
+    .with_retry_period(election.retry_period);
+    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let work = election.with_lease({
+        let leading = leading.clone();
+        async move {
+            leading.store(true, std::sync::atomic::Ordering::SeqCst);
+            lead(client, settings).await
+        }
+    });
+    tokio::pin!(work);
+    tokio::select! {
+        outcome = &mut work => return lease_outcome(outcome),
+        _ = shutdown_signal() => {}
+    }
+    if leading.load(std::sync::atomic::Ordering::SeqCst) {
+        // The controllers stop on the same signal; the lease is then released for the next leader.
+        return lease_outcome(work.await);
+    }
+    tracing::info!("delegation-operator stopped while waiting for the leader lease");
+    Ok(())
+}
+
+/// The Lease in the operator namespace that elects the one replica allowed to write.
+pub const LEASE_NAME: &str = "delegation-operator-leader";
+
+/// Losing the lease means another replica may already be writing: stop at once (the process exits
+/// non-zero and is restarted as a candidate) rather than write beside it.
+fn lease_outcome(outcome: Option<Result<()>>) -> Result<()> {
+    outcome.unwrap_or_else(|| {
+        Err(Error::InvalidState(
+            "lost the leader lease (it could not be renewed within the renew deadline, or another \
+             replica took it); stopped writing"
+                .into(),
+        ))
+    })
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}
+
+/// Everything the leader does: keys, revocations, both controllers. Nothing here runs on a standby.
+async fn lead(client: Client, settings: Settings) -> Result<()> {
+    tracing::info!("leading: loading keys and starting the controllers");
     let keys = keys::KeyStore::load_or_create(
         client.clone(),
         &settings.operator_namespace,

@@ -629,6 +629,17 @@ pub async fn kubectl(args: &[&str]) -> std::process::Output {
 
 // ---- running the operator --------------------------------------------------------------------
 
+/// Leader election timings of the operators the tests start: short, so that a successor started after
+/// a kill takes over within seconds.
+pub const LEASE_TIMINGS: [&str; 6] = [
+    "--leader-election-lease-duration",
+    "3s",
+    "--leader-election-renew-deadline",
+    "2s",
+    "--leader-election-retry-period",
+    "1s",
+];
+
 /// The operator binary running against the test control plane, watching one namespace. Its audit
 /// trail (stdout) and logs (stderr) go to files; it is killed when dropped.
 pub struct Operator {
@@ -658,6 +669,8 @@ impl Operator {
                 operator_namespace,
             ])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
+            // A killed operator's lease must not keep the next one waiting long.
+            .args(LEASE_TIMINGS)
             .args(extra_args)
             .env(
                 "RUST_LOG",
