@@ -330,6 +330,19 @@ async fn a_re_created_parent_does_not_adopt_old_hops() {
         .unwrap();
     f.wait_grant_gone("root", "root released", Duration::from_secs(20))
         .await;
+    // A parent that existed and was deleted: the hop waits for it (not a Denied* of its own).
+    let waiting = f.wait_ready("child", "False", Some("ParentNotReady")).await;
+    assert!(
+        condition(&waiting).1.contains("no longer exists"),
+        "{}",
+        condition(&waiting).1
+    );
+    assert!(
+        !f.event_reasons("child")
+            .await
+            .contains(&("Warning".into(), "Denied".into())),
+        "no Warning Denied event for a deleted parent"
+    );
     f.apply(&serde_yaml::to_string(&root_grant("root", "alice@example.com", "10m")).unwrap())
         .await;
     f.wait_ready("root", "True", None).await;

@@ -846,6 +846,29 @@ async fn a_deleted_or_edited_secret_is_restored() {
         "the token of an altered Secret is revoked"
     );
     assert_ne!(third, second);
+
+    // Any key counts: a later expires-at would tell clients to keep a token past its exp.
+    let postponed = json!({"data": {"expires-at": ByteString(b"2099-01-01T00:00:00Z".to_vec())}});
+    f.secrets()
+        .patch(
+            "keep-token",
+            &PatchParams::default(),
+            &Patch::Merge(&postponed),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "Secret restored after an expires-at edit",
+        Duration::from_secs(15),
+        || async {
+            let claims = f.verified_claims("keep-token").await?;
+            let secret = f.secrets().get("keep-token").await.ok()?;
+            let expires = String::from_utf8(secret.data?.get("expires-at")?.0.clone()).ok()?;
+            (claims["jti"] != third.as_str() && expires != "2099-01-01T00:00:00Z").then_some(())
+        },
+    )
+    .await;
+    assert!(f.revoked_ids().await.contains(&third));
 }
 
 #[tokio::test]
@@ -1289,4 +1312,46 @@ async fn suspending_and_resuming_a_fleet_of_agents_never_leaves_a_token_behind()
             .await;
         }
     }
+}
+
+/// Deleting many grants at once is normal operation: every token is revoked, and the log has no
+/// warning in it (nor colour codes: it is a file, not a terminal).
+#[tokio::test]
+async fn deleting_many_grants_at_once_revokes_them_all_quietly() {
+    let f = Fixture::start("quiet", &[]).await;
+    f.apply(AGENTS).await;
+    let names: Vec<String> = (0..30).map(|i| format!("g{i}")).collect();
+    for name in &names {
+        f.apply(&notifier_grant(name, "5m")).await;
+    }
+    let mut ids = Vec::new();
+    for name in &names {
+        ids.push(token_id(&f.wait_ready(name, "True", None).await));
+    }
+    let deletes = names.iter().map(|name| {
+        let grants = f.grants();
+        let name = name.clone();
+        async move {
+            grants
+                .delete(&name, &DeleteParams::default())
+                .await
+                .unwrap()
+        }
+    });
+    futures::future::join_all(deletes).await;
+    for name in &names {
+        f.wait_grant_gone(name, &format!("{name} released"), Duration::from_secs(30))
+            .await;
+    }
+    let revoked = f.revoked_ids().await;
+    assert!(
+        ids.iter().all(|id| revoked.contains(id)),
+        "every token revoked"
+    );
+    let log = std::fs::read_to_string(&f.operator().log_path).unwrap();
+    assert!(
+        !log.contains(" WARN "),
+        "warnings in a normal deletion:\n{log}"
+    );
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
 }

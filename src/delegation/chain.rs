@@ -330,7 +330,11 @@ fn lineage(
             .and_then(|g| g.metadata.name.clone())
             .unwrap_or_default();
         let Some(parent) = lookup.grant(&parent_ref.name) else {
-            return Err(if lineage.len() == 1 {
+            let pinned = lineage
+                .last()
+                .and_then(|g| g.status.as_ref())
+                .is_some_and(|s| s.parent_grant_uid.is_some());
+            return Err(if lineage.len() == 1 && !pinned {
                 Refusal::new(
                     Reason::DeniedParentMissing,
                     format!(
@@ -342,7 +346,7 @@ fn lineage(
                 Refusal::new(
                     Reason::ParentNotReady,
                     format!(
-                        "ancestor grant {child:?} refers to grant {:?}, which does not exist",
+                        "grant {child:?} hangs below grant {:?}, which no longer exists",
                         parent_ref.name
                     ),
                 )

@@ -20,11 +20,16 @@ pub struct TokenTimes {
 /// same second.
 pub const MAX_JITTER: Duration = Duration::from_secs(30);
 
+/// The least share of its lifetime a token is used before it is renewed, whatever `renewBefore` says:
+/// a `renewBefore` close to `tokenTTL` would otherwise mint (and revoke) a token every second.
+pub const RENEWAL_FLOOR_DIVISOR: u32 = 4;
+
 /// Plans a token minted at `now`.
 ///
 /// - It expires after `ttl`, but never after `not_after` (validUntil, the parent token's expiry).
 /// - It is renewed `renew_before` ahead of expiry, or after two thirds of its lifetime when that is
-///   absent or longer than the (possibly shortened) lifetime itself.
+///   absent or longer than the (possibly shortened) lifetime itself — but never before a quarter of
+///   its lifetime has passed (the renewal floor).
 /// - `jitter` in `[0, 1)` moves the renewal earlier by up to a tenth of the lifetime (at most
 ///   [`MAX_JITTER`]); the caller draws it at random, tests pass fixed values.
 pub fn plan_token(
@@ -43,7 +48,8 @@ pub fn plan_token(
     };
     let jitter = jitter.clamp(0.0, 1.0);
     let max_jitter = (lifetime / 10).min(MAX_JITTER);
-    let advance = lead + max_jitter.mul_f64(jitter);
+    let floor = lifetime / RENEWAL_FLOOR_DIVISOR;
+    let advance = (lead + max_jitter.mul_f64(jitter)).min(lifetime - floor);
     let renewal_at = expires_at - SignedDuration::try_from(advance).unwrap_or(SignedDuration::ZERO);
     // Whole seconds, as the apiserver stores times: what we compute is what we read back.
     let mut renewal_at = Timestamp::from_second(renewal_at.as_second()).unwrap_or(renewal_at);
@@ -258,6 +264,18 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_renew_before_close_to_the_ttl_cannot_renew_before_a_quarter_of_the_lifetime() {
+        let t = plan_token(
+            ts(0),
+            Duration::from_secs(600),
+            Some(Duration::from_secs(599)),
+            None,
+            0.999,
+        );
+        assert_eq!(t.renewal_at, ts(150), "{t:?}");
+    }
+
     proptest! {
         #[test]
         fn renewal_is_always_inside_the_lifetime_and_expiry_never_past_the_caps(
@@ -273,6 +291,9 @@ mod tests {
             if let Some(cap) = not_after { prop_assert!(t.expires_at <= cap); }
             prop_assert!(t.renewal_at > t.issued_at || t.expires_at == t.issued_at);
             prop_assert!(t.renewal_at < t.expires_at || t.expires_at.duration_since(t.issued_at).as_secs() <= 1);
+            // The renewal floor: a token is used for at least a quarter of its (whole-second) lifetime.
+            let lifetime = t.expires_at.duration_since(t.issued_at).as_secs();
+            prop_assert!(t.renewal_at.duration_since(t.issued_at).as_secs() >= lifetime / 4);
         }
     }
 }

@@ -47,6 +47,8 @@ const ISSUED: &str = "Issued";
 const ROTATED: &str = "Rotated";
 const REVOKED: &str = "Revoked";
 const SECRET_CONFLICT: &str = "SecretConflict";
+/// The revocation reason of a deleted grant's tokens, in the revocation list and the audit trail alike.
+const DELETED: &str = "Deleted";
 
 pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result<Action> {
     if !ctx.caches_ready().await {
@@ -71,6 +73,11 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
 }
 
 pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Context>) -> Action {
+    if is_finalizer_of_a_deleted_grant(error) {
+        // The grant is gone: its tokens were revoked before the finalizer was let go.
+        tracing::debug!(grant = %grant.name_any(), "grant already deleted");
+        return Action::await_change();
+    }
     if is_stale_finalizer_write(error) {
         // Raced with our own finalizer write, seen through a cache that had not caught up: look again soon.
         tracing::debug!(grant = %grant.name_any(), "finalizer write raced with the cache; retrying");
@@ -78,6 +85,13 @@ pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Contex
     }
     tracing::warn!(grant = %grant.name_any(), namespace = grant.namespace().unwrap_or_default(), error = %error, kind = error.metric_label(), "reconcile failed; retrying");
     Action::requeue(Duration::from_secs(5))
+}
+
+/// Removing the finalizer of a grant that is already gone (a normal race of concurrent deletes): 404.
+fn is_finalizer_of_a_deleted_grant(error: &Error) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    matches!(error, Error::Finalizer(inner)
+        if matches!(inner.as_ref(), F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404))
 }
 
 /// The finalizer helper writes with a JSON-patch `test` against the cached finalizer list; a stale
@@ -143,7 +157,7 @@ async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
 /// The grant is being deleted: revoke its tokens, say so, and let the finalizer go.
 async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     let now = now();
-    let revoked = revoke_tokens(grant, ctx, "Deleted", now).await?;
+    let revoked = revoke_tokens(grant, ctx, DELETED, now).await?;
     let message = "the grant was deleted; its tokens are revoked";
     // Children watch this status: they lose their tokens before this grant disappears.
     write_status(
@@ -155,7 +169,7 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     ctx.forget_grant(grant);
     ctx.authority.forget_grant(grant);
     if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, REVOKED, message).await;
+        report_revocation(grant, ctx, &revoked, DELETED, message).await;
     }
     Ok(Action::await_change())
 }
@@ -345,14 +359,17 @@ async fn secret_state(
     };
     // Not in the cache, or changed since we last looked: ask the apiserver (the cache may lag our write).
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let Some((stored, rv)) = token_secret::read_token(&api, secret_name).await? else {
+    let Some(stored) = api.get_opt(secret_name).await? else {
         ctx.forget_secret(&namespace, secret_name);
         return Ok(SecretState::Missing);
     };
+    let rv = stored.metadata.resource_version.clone().unwrap_or_default();
     let jwks = ctx.keys.jwks()?;
-    let verified = signing::verify(&stored, &jwks, &grant.spec.audience, 0)
-        .ok()
-        .is_some_and(|claims| claims["jti"].as_str() == Some(token.id.as_str()));
+    // Every key counts: an edited `expires-at` misleads a client as much as an edited token.
+    let verified = token_secret::stored_token(&stored, &token.expires_at).is_some_and(|t| {
+        signing::verify(t, &jwks, &grant.spec.audience, 0)
+            .is_ok_and(|claims| claims["jti"].as_str() == Some(token.id.as_str()))
+    });
     if verified {
         ctx.remember_trusted_secret(&namespace, secret_name, rv);
         Ok(SecretState::Intact)

@@ -281,12 +281,16 @@ where
         .default_backoff()
         .modify(|obj| obj.meta_mut().managed_fields = None)
         .reflect(writer)
-        .inspect(move |event| {
-            if let Ok(event) = event {
+        .inspect(move |event| match event {
+            Ok(event) => {
                 after_cached(event);
                 if matches!(event, watcher::Event::InitDone) {
                     ready_tx.send_replace(true);
                 }
+            }
+            // The watch retries with backoff; say so once per failure, loudly enough to be seen.
+            Err(e) => {
+                tracing::warn!(kind = K::kind(&()).as_ref(), error = %e, "watch failed; retrying")
             }
         })
         .touched_objects();

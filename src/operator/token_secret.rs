@@ -171,18 +171,20 @@ pub async fn delete(api: &Api<Secret>, name: &str, uid: Option<String>) -> Resul
     }
 }
 
-/// The token stored in a Secret (read only to check a Secret whose content changed unseen).
-pub async fn read_token(api: &Api<Secret>, name: &str) -> Result<Option<(String, String)>> {
-    let Some(secret) = api.get_opt(name).await? else {
-        return Ok(None);
-    };
-    let rv = secret.metadata.resource_version.clone().unwrap_or_default();
-    let token = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(TOKEN_KEY))
-        .and_then(|b| String::from_utf8(b.0.clone()).ok());
-    Ok(token.map(|t| (t, rv)))
+/// The token of a Secret whose content is exactly what the operator writes: its type, the keys
+/// `token` and `expires-at` and nothing else, `expires-at` as recorded. `None` when anything differs
+/// (read only to check a Secret whose content changed unseen).
+pub fn stored_token<'a>(secret: &'a Secret, expires_at: &Time) -> Option<&'a str> {
+    let data = secret.data.as_ref()?;
+    let shaped = secret.type_.as_deref() == Some(SECRET_TYPE)
+        && data.len() == 2
+        && data.get(EXPIRES_AT_KEY).map(|b| b.0.as_slice())
+            == Some(expires_at.0.to_string().as_bytes())
+        && secret.string_data.is_none();
+    shaped
+        .then(|| data.get(TOKEN_KEY))
+        .flatten()
+        .and_then(|b| std::str::from_utf8(&b.0).ok())
 }
 
 #[cfg(test)]
@@ -236,6 +238,30 @@ mod tests {
             ownership(Some(&secret_owned_by(Some(not_controller))), &g),
             Ownership::Foreign
         );
+    }
+
+    #[test]
+    fn a_secret_is_intact_only_with_exactly_the_keys_and_expiry_written() {
+        let g = grant("uid-1");
+        let expires = Time(k8s_openapi::jiff::Timestamp::from_second(1_900_000_000).unwrap());
+        let written = desired(&g, "g-token", "header.payload.sig", "jti-1", &expires);
+        assert_eq!(stored_token(&written, &expires), Some("header.payload.sig"));
+        let mut later = written.clone();
+        later.data.as_mut().unwrap().insert(
+            EXPIRES_AT_KEY.into(),
+            ByteString(b"2099-01-01T00:00:00Z".to_vec()),
+        );
+        assert_eq!(stored_token(&later, &expires), None, "an edited expires-at");
+        let mut extra = written.clone();
+        extra
+            .data
+            .as_mut()
+            .unwrap()
+            .insert("note".into(), ByteString(b"x".to_vec()));
+        assert_eq!(stored_token(&extra, &expires), None, "an added key");
+        let mut retyped = written;
+        retyped.type_ = Some("Opaque".into());
+        assert_eq!(stored_token(&retyped, &expires), None, "another type");
     }
 
     #[test]
