@@ -1355,3 +1355,51 @@ async fn deleting_many_grants_at_once_revokes_them_all_quietly() {
     );
     assert!(!log.contains('\u{1b}'), "colour codes in a log file");
 }
+
+/// A grant deleted with its finalizer forced off (while the operator was down) leaves its Secret
+/// behind; the orphan sweep proves the token in it is ours, revokes it and deletes the Secret.
+#[tokio::test]
+async fn a_token_secret_whose_grant_is_gone_is_revoked_and_deleted() {
+    let mut f = Fixture::start("orphan", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("orphan", "5m")).await;
+    let jti = token_id(&f.wait_ready("orphan", "True", None).await);
+
+    f.operator.take().unwrap().stop();
+    f.patch_grant("orphan", json!({"metadata": {"finalizers": null}}))
+        .await;
+    f.grants()
+        .delete("orphan", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone(
+        "orphan",
+        "grant gone without its finalizer",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(f.secrets().get_opt("orphan-token").await.unwrap().is_some());
+
+    f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
+    wait_for(
+        "the orphaned Secret deleted",
+        Duration::from_secs(20),
+        || async {
+            f.secrets()
+                .get_opt("orphan-token")
+                .await
+                .unwrap()
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert!(f.revoked_ids().await.contains(&jti));
+    let audit = f.operator().audit();
+    assert!(
+        audit.iter().any(|r| r["action"] == "Revoked"
+            && r["reason"] == "Orphaned"
+            && r["tokenIds"][0] == jti.as_str()),
+        "{audit:?}"
+    );
+}

@@ -792,7 +792,7 @@ async fn record(
 }
 
 /// The Secret names a grant may have written: the current one and the one its status recorded.
-fn secret_names(grant: &DelegationGrant) -> Vec<String> {
+pub fn secret_names(grant: &DelegationGrant) -> Vec<String> {
     let mut names = vec![grant.spec.secret_name_or_default(&grant.name_any())];
     if let Some(recorded) = grant.status.as_ref().and_then(|s| s.secret_name.clone())
         && !names.contains(&recorded)

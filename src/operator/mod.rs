@@ -15,6 +15,7 @@ pub mod error;
 pub mod grants;
 pub mod index;
 pub mod keys;
+pub mod orphans;
 pub mod revocations;
 pub mod stamps;
 pub mod token_secret;
@@ -160,12 +161,13 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     // Wake-ups between controllers come from the very streams that fill the caches, after the cache
     // has the change: a grant woken because its agent or parent changed always reads that change.
     let index = Arc::new(index::GrantIndex::default());
+    let (sweep, orphan_keys) = futures::channel::mpsc::unbounded();
     let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
     let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
     let (grants_store, grant_events, grants_ready) = reflect(
         grants_api,
         watch.clone(),
-        grant_fan_out(index.clone(), wake_grant.clone(), wake_agent),
+        grant_fan_out(index.clone(), wake_grant.clone(), wake_agent, sweep.clone()),
     );
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
@@ -184,7 +186,13 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     let (bindings, binding_events, bindings_ready) =
         reflect(Api::all(client.clone()), ours, |_| {});
     let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, |_| {});
+    // Every token Secret the cache sees is checked for a grant that is gone.
+    let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, move |event| {
+        if let watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) = event {
+            let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+            let _ = sweep.unbounded_send(key);
+        }
+    });
 
     let reporter = Reporter {
         controller: MANAGED_BY.into(),
@@ -248,6 +256,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     tokio::select! {
         _ = future::join(grants, agents) => {},
         _ = policy_caches => {},
+        _ = orphans::run(ctx.clone(), orphan_keys) => {},
         _ = ctx.keys.run_rotation() => {},
     }
     tracing::info!("delegation-operator stopped");
@@ -305,6 +314,7 @@ fn grant_fan_out(
     index: Arc<index::GrantIndex>,
     wake_grant: Wake<DelegationGrant>,
     wake_agent: Wake<AgentIdentity>,
+    sweep: futures::channel::mpsc::UnboundedSender<orphans::SecretKey>,
 ) -> impl FnMut(&watcher::Event<DelegationGrant>) + Send + 'static {
     move |event| {
         let touched = index.apply(event);
@@ -316,6 +326,12 @@ fn grant_fan_out(
                 let ns = grant.namespace().unwrap_or_default();
                 for child in index.children(&ns, &grant.name_any()) {
                     let _ = wake_grant.unbounded_send(ObjectRef::new(&child).within(&ns));
+                }
+                // A grant gone without its finalizer (forced off) leaves its Secret behind.
+                if matches!(event, watcher::Event::Delete(_)) {
+                    for secret in grants::secret_names(grant) {
+                        let _ = sweep.unbounded_send((ns.clone(), secret));
+                    }
                 }
             }
             // After a re-list every grant is reconciled anyway; agents recount from the new index.

@@ -1,0 +1,145 @@
+//! The orphan sweep: a token Secret whose grant is gone (deleted while its finalizer was forced off,
+//! or re-created under the same name) still holds a token that verifies. It is found from the
+//! Secrets cache, proven ours by verifying the token it holds against our own keys, revoked, and
+//! deleted.
+
+use std::sync::Arc;
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+use futures::StreamExt;
+use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
+use kube::{Api, runtime::reflector::ObjectRef};
+
+use super::{
+    audit::{self, AuditAction, AuditRecord},
+    context::Context,
+    error::Result,
+    now,
+    revocations::Revocation,
+    token_secret::{self, TOKEN_KEY},
+};
+use crate::{api::DelegationGrant, delegation::claims::GRANT_CLAIM, signing};
+
+/// Why an orphaned token is revoked, in the revocation list and the audit trail alike.
+const ORPHANED: &str = "Orphaned";
+
+/// A token Secret to look at: `(namespace, name)`.
+pub type SecretKey = (String, String);
+
+/// Sweeps every Secret sent on `keys` once the caches are in. Runs on the leader only.
+pub async fn run(ctx: Arc<Context>, keys: futures::channel::mpsc::UnboundedReceiver<SecretKey>) {
+    if !ctx.caches_ready().await {
+        return;
+    }
+    keys.for_each(|(namespace, name)| {
+        let ctx = ctx.clone();
+        async move {
+            if let Err(e) = sweep(&ctx, &namespace, &name).await {
+                tracing::warn!(namespace, secret = name, error = %e, "orphan sweep failed; retried on the next change");
+            }
+        }
+    })
+    .await;
+}
+
+/// The grant a token Secret names as its controller, as `(name, uid)`.
+fn owner(secret: &kube::api::PartialObjectMeta<Secret>) -> Option<(String, String)> {
+    secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|r| r.controller == Some(true) && r.kind == "DelegationGrant")
+        .map(|r| (r.name.clone(), r.uid.clone()))
+}
+
+async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
+    let Some(cached) = ctx.cached_secret(namespace, name) else {
+        return Ok(());
+    };
+    let Some((grant_name, grant_uid)) = owner(&cached) else {
+        return Ok(());
+    };
+    let live = ctx
+        .grants
+        .get(&ObjectRef::<DelegationGrant>::new(&grant_name).within(namespace));
+    if live.is_some_and(|g| g.metadata.uid.as_deref() == Some(grant_uid.as_str())) {
+        return Ok(());
+    }
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let Some(secret) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let Some(claims) = our_token(ctx, &secret)? else {
+        // Not a token we can prove we minted: not ours to touch.
+        tracing::debug!(
+            namespace,
+            secret = name,
+            "labelled Secret without a token of ours"
+        );
+        return Ok(());
+    };
+    if claims["delegation.nhi.dev/grant"]["uid"] != grant_uid.as_str() {
+        return Ok(());
+    }
+    let now = now();
+    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+    let exp = claims["exp"].as_i64().unwrap_or(i64::MAX);
+    if exp > now.as_second() {
+        let entry = Revocation {
+            jti: jti.clone(),
+            exp,
+            grant: format!("{namespace}/{grant_name}"),
+            reason: ORPHANED.to_owned(),
+            time: now.to_string(),
+        };
+        // Recorded before the delete: fail closed.
+        ctx.revocations.add(vec![entry], now).await?;
+    }
+    token_secret::delete(&api, name, secret.metadata.uid.clone()).await?;
+    ctx.forget_secret(namespace, name);
+    audit::record(&AuditRecord {
+        time: now.to_string(),
+        action: AuditAction::Revoked,
+        namespace,
+        grant: &grant_name,
+        reason: ORPHANED,
+        message: "the token's Secret outlived its grant; the token is revoked and the Secret deleted",
+        principal: claims["sub"].as_str().map(str::to_owned),
+        requester: None,
+        chain: Vec::new(),
+        scopes: None,
+        audience: claims["aud"].as_str(),
+        token_ids: vec![jti.as_str()],
+        expires_at: Timestamp::from_second(exp).ok().map(|t| t.to_string()),
+    });
+    Ok(())
+}
+
+/// The claims of the token in a Secret, if its signature verifies against our keys (expired or not).
+fn our_token(ctx: &Context, secret: &Secret) -> Result<Option<serde_json::Value>> {
+    let Some(token) = secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(TOKEN_KEY))
+        .and_then(|b| std::str::from_utf8(&b.0).ok())
+    else {
+        return Ok(None);
+    };
+    // The audience is only known from the token itself; the signature is what proves it ours.
+    let Some(audience) = unverified_audience(token) else {
+        return Ok(None);
+    };
+    let jwks = ctx.keys.jwks()?;
+    let any_expiry = u64::MAX;
+    Ok(signing::verify(token, &jwks, &audience, any_expiry)
+        .ok()
+        .filter(|claims| claims.get(GRANT_CLAIM).is_some()))
+}
+
+fn unverified_audience(token: &str) -> Option<String> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    claims["aud"].as_str().map(str::to_owned)
+}
