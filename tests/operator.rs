@@ -1403,3 +1403,86 @@ async fn a_token_secret_whose_grant_is_gone_is_revoked_and_deleted() {
         "{audit:?}"
     );
 }
+
+/// What verifiers trust is guarded: a key injected into the JWKS, a deleted revocation list and an
+/// edited keys Secret are all put back as the operator holds them.
+#[tokio::test]
+async fn published_keys_and_revocations_are_restored_when_tampered_with() {
+    let f = Fixture::start("guard", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("gone", "5m")).await;
+    let jti = token_id(&f.wait_ready("gone", "True", None).await);
+    f.grants()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("gone", "grant released", Duration::from_secs(20))
+        .await;
+    assert!(f.revoked_ids().await.contains(&jti));
+
+    let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let original = cms
+        .get("delegation-operator-jwks")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let mut forged: serde_json::Value = serde_json::from_str(&original["jwks.json"]).unwrap();
+    forged["keys"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"kty": "EC", "crv": "P-256", "kid": "attacker", "x": "AAAA", "y": "AAAA"}));
+    let injected = json!({"data": {"jwks.json": forged.to_string(), "extra.json": "{}"}});
+    cms.patch(
+        "delegation-operator-jwks",
+        &PatchParams::default(),
+        &Patch::Merge(&injected),
+    )
+    .await
+    .unwrap();
+    wait_for("the JWKS restored", Duration::from_secs(15), || async {
+        let data = cms.get("delegation-operator-jwks").await.ok()?.data?;
+        (data == original).then_some(())
+    })
+    .await;
+
+    cms.delete("delegation-operator-revocations", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the revocation list restored",
+        Duration::from_secs(15),
+        || async { f.revoked_ids().await.contains(&jti).then_some(()) },
+    )
+    .await;
+
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let keys = secrets
+        .get("delegation-operator-signing-keys")
+        .await
+        .unwrap()
+        .data
+        .unwrap();
+    let planted = json!({"data": {"planted.json": ByteString(b"{}".to_vec())}});
+    secrets
+        .patch(
+            "delegation-operator-signing-keys",
+            &PatchParams::default(),
+            &Patch::Merge(&planted),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the keys Secret restored",
+        Duration::from_secs(15),
+        || async {
+            let data = secrets
+                .get("delegation-operator-signing-keys")
+                .await
+                .ok()?
+                .data?;
+            (data == keys).then_some(())
+        },
+    )
+    .await;
+}

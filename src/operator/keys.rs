@@ -15,7 +15,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client,
-    api::{ObjectMeta, Patch, PatchParams},
+    api::{ObjectMeta, PostParams},
 };
 use serde::Serialize;
 
@@ -165,6 +165,18 @@ impl KeyStore {
         }
     }
 
+    /// Puts the keys Secret and the published JWKS back to what this operator holds, when someone
+    /// edited or deleted them (a key injected into the JWKS would let its holder mint tokens that
+    /// verify). Writes nothing when they are intact.
+    pub async fn restore(&self) -> Result<()> {
+        if self.persist_and_publish(&self.snapshot()?).await? {
+            tracing::warn!(
+                "the signing keys Secret or the published JWKS was edited or deleted; restored"
+            );
+        }
+        Ok(())
+    }
+
     fn snapshot(&self) -> Result<Keys> {
         Ok(self.state.read().map_err(|_| poisoned())?.clone())
     }
@@ -207,7 +219,9 @@ impl KeyStore {
         Ok(Timestamp::from_second(at).unwrap_or(Timestamp::MAX))
     }
 
-    async fn persist_and_publish(&self, keys: &Keys) -> Result<()> {
+    /// Writes the keys Secret and the JWKS when they differ from `keys`, whole (keys someone else
+    /// added are removed too). Returns whether anything was written.
+    async fn persist_and_publish(&self, keys: &Keys) -> Result<bool> {
         let mut data = vec![(
             KEYS_DATA_KEY.to_owned(),
             ByteString(serde_json::to_vec(&keys.ring.to_stored())?),
@@ -220,6 +234,7 @@ impl KeyStore {
             ));
         }
         let data: std::collections::BTreeMap<String, ByteString> = data.into_iter().collect();
+        let mut wrote = false;
         let current = self.secrets.get_opt(KEYS_SECRET_NAME).await?;
         if current.as_ref().and_then(|s| s.data.as_ref()) != Some(&data) {
             let secret = Secret {
@@ -232,29 +247,30 @@ impl KeyStore {
                 data: Some(data),
                 ..Default::default()
             };
-            apply(&self.secrets, KEYS_SECRET_NAME, &secret, "Secret").await?;
+            overwrite(&self.secrets, current, secret).await?;
+            wrote = true;
         }
 
-        let jwks = serde_json::to_string_pretty(&keys.jwks())?;
+        let jwks = [(
+            JWKS_DATA_KEY.to_owned(),
+            serde_json::to_string_pretty(&keys.jwks())?,
+        )]
+        .into();
         let published = self.configmaps.get_opt(JWKS_CONFIGMAP_NAME).await?;
-        if published
-            .as_ref()
-            .and_then(|c| c.data.as_ref())
-            .and_then(|d| d.get(JWKS_DATA_KEY))
-            != Some(&jwks)
-        {
+        if published.as_ref().and_then(|c| c.data.as_ref()) != Some(&jwks) {
             let cm = ConfigMap {
                 metadata: ObjectMeta {
                     name: Some(JWKS_CONFIGMAP_NAME.into()),
                     labels: Some(managed_labels()),
                     ..Default::default()
                 },
-                data: Some([(JWKS_DATA_KEY.to_owned(), jwks)].into()),
+                data: Some(jwks),
                 ..Default::default()
             };
-            apply(&self.configmaps, JWKS_CONFIGMAP_NAME, &cm, "ConfigMap").await?;
+            overwrite(&self.configmaps, published, cm).await?;
+            wrote = true;
         }
-        Ok(())
+        Ok(wrote)
     }
 }
 
@@ -281,20 +297,37 @@ fn keys_from_secret(secret: &Secret) -> std::result::Result<Keys, String> {
     Ok(Keys { ring, next })
 }
 
-/// Server-side apply of a core object we own entirely.
-async fn apply<K>(api: &Api<K>, name: &str, obj: &K, kind: &str) -> Result<()>
+/// Writes an object we own entirely, replacing whatever is there (a server-side apply would keep
+/// fields another manager added, such as an injected key). Guarded by the resourceVersion read.
+pub async fn overwrite<K>(api: &Api<K>, current: Option<K>, mut desired: K) -> Result<()>
 where
-    K: Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+    K: kube::Resource + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    let mut value = serde_json::to_value(obj)?;
-    value["apiVersion"] = "v1".into();
-    value["kind"] = kind.into();
-    api.patch(
-        name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&value),
-    )
-    .await?;
+    match current {
+        None => {
+            api.create(
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &desired,
+            )
+            .await?;
+        }
+        Some(current) => {
+            let name = current.meta().name.clone().unwrap_or_default();
+            desired.meta_mut().resource_version = current.meta().resource_version.clone();
+            api.replace(
+                &name,
+                &PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                },
+                &desired,
+            )
+            .await?;
+        }
+    }
     Ok(())
 }
 

@@ -24,7 +24,7 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use futures::{StreamExt, future};
 use k8s_openapi::{
-    api::core::v1::{Namespace, Secret},
+    api::core::v1::{ConfigMap, Namespace, Secret},
     jiff::Timestamp,
 };
 use kube::{
@@ -257,10 +257,61 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         _ = future::join(grants, agents) => {},
         _ = policy_caches => {},
         _ = orphans::run(ctx.clone(), orphan_keys) => {},
+        _ = guard_published_artifacts(ctx.clone()) => {},
         _ = ctx.keys.run_rotation() => {},
     }
     tracing::info!("delegation-operator stopped");
     Ok(())
+}
+
+/// Watches what verifiers trust — the JWKS, the revocation list, the keys Secret — and puts each back
+/// when someone edits or deletes it. Metadata only; each event costs one read of that one object.
+async fn guard_published_artifacts(ctx: Arc<Context>) {
+    let namespace = ctx.settings.operator_namespace.clone();
+    let configmaps: Api<PartialObjectMeta<ConfigMap>> =
+        Api::namespaced(ctx.client.clone(), &namespace);
+    let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &namespace);
+    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    let changed = futures::stream::select(
+        watcher(configmaps, ours.clone())
+            .default_backoff()
+            .flat_map(|e| futures::stream::iter(touched_names(e))),
+        watcher(secrets, ours)
+            .default_backoff()
+            .flat_map(|e| futures::stream::iter(touched_names(e))),
+    );
+    changed
+        .for_each(|name| {
+            let ctx = ctx.clone();
+            async move {
+                let restored = match name.as_str() {
+                    keys::JWKS_CONFIGMAP_NAME | keys::KEYS_SECRET_NAME => ctx.keys.restore().await,
+                    revocations::CONFIGMAP_NAME => ctx.revocations.restore().await,
+                    _ => Ok(()),
+                };
+                if let Err(e) = restored {
+                    tracing::warn!(object = name, error = %e, "could not restore a published artifact; retried on its next change");
+                }
+            }
+        })
+        .await;
+}
+
+/// The names a watch event concerns; the end of a (re-)list checks everything once.
+fn touched_names<K: kube::Resource>(
+    event: std::result::Result<watcher::Event<K>, watcher::Error>,
+) -> Vec<String> {
+    match event {
+        Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
+            vec![obj.meta().name.clone().unwrap_or_default()]
+        }
+        Ok(watcher::Event::InitDone) => vec![
+            keys::JWKS_CONFIGMAP_NAME.into(),
+            keys::KEYS_SECRET_NAME.into(),
+            revocations::CONFIGMAP_NAME.into(),
+        ],
+        _ => Vec::new(),
+    }
 }
 
 /// A cache of `K`, the stream of touched objects that fills it (to be polled by a controller), and a

@@ -73,16 +73,25 @@ impl RevocationList {
         Ok(())
     }
 
+    /// Puts the published list back to what this operator recorded, when someone edited or deleted
+    /// it (erasing a revocation would make a revoked token pass). Writes nothing when it is intact.
+    pub async fn restore(&self) -> Result<()> {
+        let entries = self.entries.lock().await;
+        let published = self.api.get_opt(CONFIGMAP_NAME).await?;
+        let intact = published.as_ref().is_some_and(|cm| {
+            cm.data.as_ref().and_then(|d| d.get(DATA_KEY))
+                == Some(&serde_json::to_string(&*entries).unwrap_or_default())
+                && cm.data.as_ref().is_some_and(|d| d.len() == 1)
+        });
+        if !intact {
+            tracing::warn!("the published revocation list was edited or deleted; restoring it");
+            super::keys::overwrite(&self.api, published, desired(&entries)?).await?;
+        }
+        Ok(())
+    }
+
     async fn write(&self, entries: &[Revocation]) -> Result<()> {
-        let cm = ConfigMap {
-            metadata: ObjectMeta {
-                name: Some(CONFIGMAP_NAME.into()),
-                labels: Some(super::managed_labels()),
-                ..Default::default()
-            },
-            data: Some([(DATA_KEY.to_owned(), serde_json::to_string(entries)?)].into()),
-            ..Default::default()
-        };
+        let cm = desired(entries)?;
         let mut value = serde_json::to_value(&cm)?;
         value["apiVersion"] = "v1".into();
         value["kind"] = "ConfigMap".into();
@@ -95,6 +104,19 @@ impl RevocationList {
             .await?;
         Ok(())
     }
+}
+
+/// The revocation ConfigMap holding exactly `entries`.
+fn desired(entries: &[Revocation]) -> Result<ConfigMap> {
+    Ok(ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CONFIGMAP_NAME.into()),
+            labels: Some(super::managed_labels()),
+            ..Default::default()
+        },
+        data: Some([(DATA_KEY.to_owned(), serde_json::to_string(entries)?)].into()),
+        ..Default::default()
+    })
 }
 
 /// The entries of a revocation ConfigMap.
