@@ -1486,3 +1486,65 @@ async fn published_keys_and_revocations_are_restored_when_tampered_with() {
     )
     .await;
 }
+
+/// Revocation comes from what the operator minted, never from what a tenant writes: a Secret
+/// annotation naming another grant's token id (with an unreadable expiry) and a forged status entry
+/// put nothing into the revocation list; the other grant's token stays valid.
+#[tokio::test]
+async fn tenant_written_annotations_and_status_cannot_revoke_or_bloat() {
+    let f = Fixture::start("forged-ids", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("victim", "5m")).await;
+    f.apply(&notifier_grant("attacker", "5m")).await;
+    let victim = token_id(&f.wait_ready("victim", "True", None).await);
+    let attacker = token_id(&f.wait_ready("attacker", "True", None).await);
+
+    let forged = json!({"metadata": {"annotations": {
+        "delegation.nhi.dev/token-id": victim,
+        "delegation.nhi.dev/expires-at": "not-a-time",
+    }}});
+    f.secrets()
+        .patch(
+            "attacker-token",
+            &PatchParams::default(),
+            &Patch::Merge(&forged),
+        )
+        .await
+        .unwrap();
+    let huge = "a".repeat(100_000);
+    let forged_status =
+        json!({"status": {"previousToken": {"id": huge, "expiresAt": "2099-01-01T00:00:00Z"}}});
+    f.grants()
+        .patch_status(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(&forged_status),
+        )
+        .await
+        .unwrap();
+
+    f.grants()
+        .delete("attacker", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("attacker", "attacker released", Duration::from_secs(20))
+        .await;
+    let revoked = f.revoked_ids().await;
+    assert!(
+        revoked.contains(&attacker),
+        "the attacker's own token is revoked"
+    );
+    assert!(
+        !revoked.contains(&victim),
+        "another grant's token id named in an annotation"
+    );
+    assert!(
+        revoked.iter().all(|id| id.len() < 64),
+        "no forged, oversized entry"
+    );
+    let claims = f
+        .verified_claims("victim-token")
+        .await
+        .expect("the victim's token");
+    assert_eq!(claims["jti"], victim.as_str());
+}

@@ -27,7 +27,7 @@ use super::{
     error::{Error, Result},
     now,
     revocations::Revocation,
-    token_secret::{self, EXPIRES_AT_ANNOTATION, Ownership, TOKEN_ID_ANNOTATION, Written},
+    token_secret::{self, Ownership, TOKEN_ID_ANNOTATION, Written},
 };
 use crate::{
     api::{ApprovalStatus, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
@@ -500,6 +500,7 @@ async fn revoke_replaced(
         .filter(|_| !supersedes)
         .map(|t| t.id.as_str());
     let replaced = tokens_in_use(grant, ctx, now)
+        .await?
         .into_iter()
         .filter(|(jti, _)| Some(jti.as_str()) != kept)
         .collect();
@@ -711,7 +712,8 @@ async fn revoke_tokens(
     reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
-    let revoked = record(grant, ctx, tokens_in_use(grant, ctx, now), reason, now).await?;
+    let in_use = tokens_in_use(grant, ctx, now).await?;
+    let revoked = record(grant, ctx, in_use, reason, now).await?;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -725,23 +727,35 @@ async fn revoke_tokens(
 }
 
 /// The grant's tokens that may still be valid, as `(jti, exp)`: the current and previous ones of its
-/// status, and any named by its Secrets' annotations (a token whose status write never happened).
-fn tokens_in_use(
+/// status, and the token held by its Secret when the status does not name it (a token whose status
+/// write never happened). Nothing a tenant writes can add an entry of its choosing: a status id must
+/// have the shape of the ids we mint and an expiry no later than the longest lifetime allows, and the
+/// Secret's token counts only when it verifies against our keys and names this very grant — its
+/// annotations are not read.
+async fn tokens_in_use(
     grant: &DelegationGrant,
     ctx: &Context,
     now: Timestamp,
-) -> Vec<(String, Timestamp)> {
-    let namespace = grant.namespace().unwrap_or_default();
+) -> Result<Vec<(String, Timestamp)>> {
+    let latest = crate::delegation::chain::add(now, ctx.settings.policy.max_token_ttl);
+    let plausible = |jti: &str, exp: Timestamp| {
+        uuid::Uuid::try_parse(jti).is_ok() && exp > now && exp <= latest
+    };
     let mut tokens: Vec<(String, Timestamp)> = Vec::new();
     if let Some(status) = &grant.status {
-        tokens.extend(status.token.iter().map(|t| (t.id.clone(), t.expires_at.0)));
-        tokens.extend(
-            status
-                .previous_token
-                .iter()
-                .map(|t| (t.id.clone(), t.expires_at.0)),
-        );
+        let recorded = status
+            .token
+            .iter()
+            .map(|t| (t.id.clone(), t.expires_at.0))
+            .chain(
+                status
+                    .previous_token
+                    .iter()
+                    .map(|t| (t.id.clone(), t.expires_at.0)),
+            );
+        tokens.extend(recorded.filter(|(jti, exp)| plausible(jti, *exp)));
     }
+    let namespace = grant.namespace().unwrap_or_default();
     for secret_name in secret_names(grant) {
         let Some(secret) = ctx.cached_secret(&namespace, &secret_name) else {
             continue;
@@ -749,20 +763,52 @@ fn tokens_in_use(
         if token_secret::ownership(Some(&secret), grant) != Ownership::Ours {
             continue;
         }
-        let annotations = secret.metadata.annotations.clone().unwrap_or_default();
-        if let Some(id) = annotations.get(TOKEN_ID_ANNOTATION) {
-            // An unreadable expiry is treated as far away: better listed too long than not at all.
-            let exp = annotations
-                .get(EXPIRES_AT_ANNOTATION)
-                .and_then(|e| e.parse::<Timestamp>().ok())
-                .unwrap_or(Timestamp::MAX);
-            tokens.push((id.clone(), exp));
+        // The annotation only says whether the Secret may hold a token the status does not name.
+        let named = secret
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(TOKEN_ID_ANNOTATION));
+        if named.is_some_and(|id| tokens.iter().any(|(jti, _)| jti == id)) {
+            continue;
+        }
+        if let Some((jti, exp)) = signed_token_in(ctx, grant, &secret_name).await?
+            && plausible(&jti, exp)
+        {
+            tokens.push((jti, exp));
         }
     }
-    tokens.retain(|(_, exp)| *exp > now);
     tokens.sort();
     tokens.dedup_by(|a, b| a.0 == b.0);
-    tokens
+    Ok(tokens)
+}
+
+/// The id and expiry of the token in a grant's Secret, read from its verified claims (so they are
+/// ours, for this grant uid), or `None`.
+async fn signed_token_in(
+    ctx: &Context,
+    grant: &DelegationGrant,
+    secret_name: &str,
+) -> Result<Option<(String, Timestamp)>> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let Some(secret) = api.get_opt(secret_name).await? else {
+        return Ok(None);
+    };
+    // Whatever audience it was minted for: the spec's may have changed since.
+    let Some(claims) = super::orphans::our_token(ctx, &secret, 0)? else {
+        return Ok(None);
+    };
+    if claims[crate::delegation::claims::GRANT_CLAIM]["uid"].as_str()
+        != grant.metadata.uid.as_deref()
+    {
+        return Ok(None);
+    }
+    let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
+    let exp = claims["exp"]
+        .as_i64()
+        .and_then(|e| Timestamp::from_second(e).ok());
+    Ok(exp.map(|exp| (jti, exp)))
 }
 
 /// Adds tokens to the revocation list. Returns their ids.

@@ -70,7 +70,7 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
     let Some(secret) = api.get_opt(name).await? else {
         return Ok(());
     };
-    let Some(claims) = our_token(ctx, &secret)? else {
+    let Some(claims) = our_token(ctx, &secret, u64::MAX)? else {
         // Not a token we can prove we minted: not ours to touch.
         tracing::debug!(
             namespace,
@@ -116,8 +116,13 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
-/// The claims of the token in a Secret, if its signature verifies against our keys (expired or not).
-fn our_token(ctx: &Context, secret: &Secret) -> Result<Option<serde_json::Value>> {
+/// The claims of the token in a Secret, if its signature verifies against our keys (within
+/// `leeway_secs` of its expiry) and it names a grant: a token we minted, whatever anyone wrote around it.
+pub fn our_token(
+    ctx: &Context,
+    secret: &Secret,
+    leeway_secs: u64,
+) -> Result<Option<serde_json::Value>> {
     let Some(token) = secret
         .data
         .as_ref()
@@ -131,8 +136,7 @@ fn our_token(ctx: &Context, secret: &Secret) -> Result<Option<serde_json::Value>
         return Ok(None);
     };
     let jwks = ctx.keys.jwks()?;
-    let any_expiry = u64::MAX;
-    Ok(signing::verify(token, &jwks, &audience, any_expiry)
+    Ok(signing::verify(token, &jwks, &audience, leeway_secs)
         .ok()
         .filter(|claims| claims.get(GRANT_CLAIM).is_some()))
 }
