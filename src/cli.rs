@@ -72,3 +72,50 @@ fn truncate(name: &str, max: usize) -> &str {
         None => name,
     }
 }
+
+/// Asks the running operator to revoke signing keys at once (an emergency, e.g. a leaked key): the
+/// key ids are added to an annotation of the keys Secret in the operator namespace; the operator drops
+/// them from its keyring and the published JWKS, signs with a fresh key, and reissues every token they
+/// signed. Needs `get` and `patch` on that Secret (operator administrators only).
+pub async fn revoke_keys(
+    client: Client,
+    operator_namespace: &str,
+    kids: &[String],
+) -> Result<String, String> {
+    use crate::operator::keys::{KEYS_SECRET_NAME, REVOKE_KEYS_ANNOTATION};
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(client, operator_namespace);
+    let current = secrets
+        .get_metadata_opt(KEYS_SECRET_NAME)
+        .await
+        .map_err(|e| format!("reading Secret {operator_namespace}/{KEYS_SECRET_NAME}: {e}"))?
+        .ok_or_else(|| format!("Secret {operator_namespace}/{KEYS_SECRET_NAME} does not exist: is the operator running there?"))?;
+    let mut revoked: Vec<String> = current
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(REVOKE_KEYS_ANNOTATION))
+        .map(|v| {
+            v.split(',')
+                .map(str::to_owned)
+                .filter(|k| !k.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    for kid in kids {
+        if !revoked.contains(kid) {
+            revoked.push(kid.clone());
+        }
+    }
+    let value = revoked.join(",");
+    let patch = serde_json::json!({"metadata": {"annotations": {REVOKE_KEYS_ANNOTATION: value}}});
+    secrets
+        .patch(
+            KEYS_SECRET_NAME,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(value)
+}

@@ -38,6 +38,26 @@ enum Command {
     Approve(DecisionArgs),
     /// Reject the current generation of a grant whose agent requires approval.
     Reject(DecisionArgs),
+    /// Signing keys of a running operator.
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Revoke signing keys at once (e.g. a leaked key): dropped from the JWKS, a fresh key signs, and
+    /// every token they signed is reissued. Key ids are the `kid`s of the JWKS.
+    Revoke {
+        /// Key ids to revoke.
+        #[arg(required = true)]
+        kids: Vec<String>,
+        /// The operator's namespace.
+        #[arg(long, default_value = "delegation-system")]
+        operator_namespace: String,
+        /// Kubeconfig file to use; without it, the usual discovery.
+        #[arg(long)]
+        kubeconfig: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -129,6 +149,36 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
+        Command::Keys(KeysCommand::Revoke {
+            kids,
+            operator_namespace,
+            kubeconfig,
+        }) => revoke_keys(&kids, &operator_namespace, kubeconfig.as_deref()),
+    }
+}
+
+fn revoke_keys(
+    kids: &[String],
+    operator_namespace: &str,
+    kubeconfig: Option<&std::path::Path>,
+) -> ExitCode {
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let client = client(kubeconfig).await.map_err(|e| e.to_string())?;
+                cli::revoke_keys(client, operator_namespace, kids).await
+            })
+        });
+    match outcome {
+        Ok(all) => {
+            println!("revocation requested; revoked keys: {all}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 

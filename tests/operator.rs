@@ -1548,3 +1548,79 @@ async fn tenant_written_annotations_and_status_cannot_revoke_or_bloat() {
         .expect("the victim's token");
     assert_eq!(claims["jti"], victim.as_str());
 }
+
+/// The emergency key revocation is a command, not a hand edit: the key leaves the JWKS at once, a
+/// fresh key signs, and every token it signed is replaced and revoked.
+#[tokio::test]
+async fn an_emergency_key_revocation_replaces_every_token_the_key_signed() {
+    let f = Fixture::start("key-revoke", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("a", "5m")).await;
+    f.apply(&notifier_grant("b", "5m")).await;
+    let a = f
+        .wait_ready("a", "True", None)
+        .await
+        .status
+        .unwrap()
+        .token
+        .unwrap();
+    let b = f
+        .wait_ready("b", "True", None)
+        .await
+        .status
+        .unwrap()
+        .token
+        .unwrap();
+    let old_token = f.token_in("a-token").await.unwrap();
+    assert_eq!(a.key_id, b.key_id);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
+        .args([
+            "keys",
+            "revoke",
+            &a.key_id,
+            "--operator-namespace",
+            &f.operator_namespace(),
+        ])
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    for (name, old) in [("a", &a), ("b", &b)] {
+        let fresh = wait_for(
+            &format!("{name} reissued"),
+            Duration::from_secs(20),
+            || async {
+                let t = f.grants().get(name).await.ok()?.status?.token?;
+                (t.key_id != old.key_id).then_some(t)
+            },
+        )
+        .await;
+        assert_ne!(fresh.id, old.id);
+    }
+    let jwks = f.jwks().await;
+    assert!(
+        !jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["kid"] == a.key_id.as_str()),
+        "the revoked key left the JWKS"
+    );
+    assert!(
+        signing::verify(&old_token, &jwks, "https://tickets.example.com", 0).is_err(),
+        "a token the revoked key signed no longer verifies"
+    );
+    let revoked = f.revoked_ids().await;
+    assert!(revoked.contains(&a.id) && revoked.contains(&b.id));
+    assert!(
+        f.verified_claims("a-token").await.is_some(),
+        "the new token verifies"
+    );
+}

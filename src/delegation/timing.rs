@@ -93,6 +93,8 @@ pub enum IssueCause {
     SecretMissing,
     /// The Secret was edited.
     SecretChanged,
+    /// The key that signed the token was revoked.
+    KeyRevoked,
 }
 
 /// The next step for a valid grant's token.

@@ -59,6 +59,8 @@ pub struct LeaderElectionSettings {
 
 pub struct Context {
     pub client: Client,
+    /// Wakes a grant's reconcile from outside its watches (e.g. after a key revocation).
+    pub wake_grant: futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
     pub settings: Settings,
     pub grants: Store<DelegationGrant>,
     pub agents: Store<AgentIdentity>,

@@ -251,7 +251,19 @@ async fn issue_or_keep(
     // A token may not outlive the grant's limits as they are now: a shortened tokenTTL counts too.
     let ttl_limit = crate::delegation::chain::add(now, resolution.token_ttl);
     let limit = resolution.not_after.map_or(ttl_limit, |l| l.min(ttl_limit));
-    match next_step(current, unchanged, secret, Some(limit), now) {
+    let step = match next_step(current, unchanged, secret, Some(limit), now) {
+        // A token whose key was revoked no longer verifies: replace it at once.
+        TokenStep::Keep { .. }
+            if status
+                .token
+                .as_ref()
+                .is_some_and(|t| !ctx.keys.is_published(&t.key_id)) =>
+        {
+            TokenStep::Issue(IssueCause::KeyRevoked)
+        }
+        step => step,
+    };
+    match step {
         TokenStep::Keep { recheck_at } => {
             acknowledge_generation(grant, ctx, now).await?;
             let authority_due = ctx
@@ -479,7 +491,10 @@ async fn issue(
 fn supersedes_current(cause: IssueCause) -> bool {
     matches!(
         cause,
-        IssueCause::GrantChanged | IssueCause::OutlivesLimit | IssueCause::SecretChanged
+        IssueCause::GrantChanged
+            | IssueCause::OutlivesLimit
+            | IssueCause::SecretChanged
+            | IssueCause::KeyRevoked
     )
 }
 
@@ -621,6 +636,7 @@ fn issue_message(
         IssueCause::OutlivesLimit => "reissued because a limit above it tightened",
         IssueCause::SecretMissing => "reissued because its Secret was deleted",
         IssueCause::SecretChanged => "reissued because its Secret was altered",
+        IssueCause::KeyRevoked => "reissued because the key that signed it was revoked",
     };
     let actor = resolution
         .actors

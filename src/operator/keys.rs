@@ -31,6 +31,9 @@ pub const KEYS_DATA_KEY: &str = "keys.json";
 /// The published key that becomes active at the next rotation.
 pub const NEXT_KEY_DATA_KEY: &str = "next.json";
 pub const JWKS_CONFIGMAP_NAME: &str = "delegation-operator-jwks";
+/// Annotation of the keys Secret listing key ids to revoke at once (comma-separated), written by
+/// `delegation-operator keys revoke <kid>`: an emergency, e.g. a leaked private key.
+pub const REVOKE_KEYS_ANNOTATION: &str = "delegation.nhi.dev/revoked-keys";
 pub const JWKS_DATA_KEY: &str = "jwks.json";
 /// Extra time a retired key stays published: tokens signed in the moment between its retirement and
 /// the switch to the new key may expire that much later.
@@ -163,6 +166,66 @@ impl KeyStore {
             };
             tokio::time::sleep(crate::delegation::timing::until(super::now(), next)).await;
         }
+    }
+
+    /// Drops the named keys from the keyring and the JWKS at once, so nothing they signed verifies
+    /// any more; a revoked active key is replaced by a fresh one without waiting for its
+    /// pre-publication. Returns the key ids dropped (those still held).
+    pub async fn revoke(&self, kids: &[String], now: Timestamp) -> Result<Vec<String>> {
+        let mut keys = self.snapshot()?;
+        let held: Vec<String> = keys
+            .ring
+            .keys()
+            .iter()
+            .map(|k| k.kid().to_owned())
+            .chain(keys.next.iter().map(|k| k.kid().to_owned()))
+            .filter(|kid| kids.contains(kid))
+            .collect();
+        if held.is_empty() {
+            return Ok(held);
+        }
+        if keys
+            .next
+            .as_ref()
+            .is_some_and(|k| held.iter().any(|h| h == k.kid()))
+        {
+            keys.next = None;
+        }
+        if held.iter().any(|h| h == keys.ring.active().kid()) {
+            let fresh = SigningKey::generate(self.algorithm, now.as_second())?;
+            keys.ring.rotate_to(fresh, now.as_second());
+        }
+        let kept: Vec<_> = keys
+            .ring
+            .to_stored()
+            .into_iter()
+            .filter(|k| !held.contains(&k.kid))
+            .collect();
+        keys.ring = Keyring::from_stored(&kept)?;
+        self.persist_and_publish(&keys).await?;
+        *self.state.write().map_err(|_| poisoned())? = keys;
+        tracing::warn!(kids = ?held, active = self.active_kid()?, "revoked signing keys on request; tokens they signed are reissued");
+        Ok(held)
+    }
+
+    /// The key id that signs now.
+    pub fn active_kid(&self) -> Result<String> {
+        Ok(self
+            .state
+            .read()
+            .map_err(|_| poisoned())?
+            .ring
+            .active()
+            .kid()
+            .to_owned())
+    }
+
+    /// Whether a key id is still published (tokens it signed still verify).
+    pub fn is_published(&self, kid: &str) -> bool {
+        self.state.read().is_ok_and(|keys| {
+            keys.ring.keys().iter().any(|k| k.kid() == kid)
+                || keys.next.as_ref().is_some_and(|k| k.kid() == kid)
+        })
     }
 
     /// Puts the keys Secret and the published JWKS back to what this operator holds, when someone

@@ -172,7 +172,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
         watch.clone(),
-        agent_fan_out(index.clone(), wake_grant),
+        agent_fan_out(index.clone(), wake_grant.clone()),
     );
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
     let (approvals, approval_events, approvals_ready) =
@@ -199,6 +199,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         instance: std::env::var("POD_NAME").ok(),
     };
     let ctx = Arc::new(Context {
+        wake_grant: wake_grant.clone(),
         client: client.clone(),
         settings: settings.clone(),
         grants: grants_store.clone(),
@@ -285,7 +286,8 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
             let ctx = ctx.clone();
             async move {
                 let restored = match name.as_str() {
-                    keys::JWKS_CONFIGMAP_NAME | keys::KEYS_SECRET_NAME => ctx.keys.restore().await,
+                    keys::KEYS_SECRET_NAME => revoke_requested_keys(&ctx).await,
+                    keys::JWKS_CONFIGMAP_NAME => ctx.keys.restore().await,
                     revocations::CONFIGMAP_NAME => ctx.revocations.restore().await,
                     _ => Ok(()),
                 };
@@ -295,6 +297,40 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// Carries out `delegation-operator keys revoke` (an annotation on the keys Secret), wakes every grant
+/// whose token a revoked key signed, and puts the Secret back to the keys held.
+async fn revoke_requested_keys(ctx: &Context) -> Result<()> {
+    let secrets: Api<Secret> =
+        Api::namespaced(ctx.client.clone(), &ctx.settings.operator_namespace);
+    let requested: Vec<String> = secrets
+        .get_metadata_opt(keys::KEYS_SECRET_NAME)
+        .await?
+        .and_then(|s| s.metadata.annotations)
+        .and_then(|a| a.get(keys::REVOKE_KEYS_ANNOTATION).cloned())
+        .map(|v| {
+            v.split(',')
+                .map(|k| k.trim().to_owned())
+                .filter(|k| !k.is_empty())
+                .collect()
+        })
+        .unwrap_or_default();
+    if !requested.is_empty() && !ctx.keys.revoke(&requested, now()).await?.is_empty() {
+        for grant in ctx.grants.state() {
+            let signed_by = grant
+                .status
+                .as_ref()
+                .and_then(|s| s.token.as_ref())
+                .map(|t| t.key_id.as_str());
+            if signed_by.is_some_and(|kid| !ctx.keys.is_published(kid)) {
+                let _ = ctx
+                    .wake_grant
+                    .unbounded_send(ObjectRef::from(grant.as_ref()));
+            }
+        }
+    }
+    ctx.keys.restore().await
 }
 
 /// The names a watch event concerns; the end of a (re-)list checks everything once.
