@@ -6,6 +6,7 @@
 //! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
 //! - [`signing`]: signing keys, JWKS and token verification.
+//! - [`status_list`]: the IETF Token Status List for revocation — the bit list, its claims, the index allocator.
 #![forbid(unsafe_code)]
 
 pub mod admission;
@@ -14,3 +15,4 @@ pub mod cli;
 pub mod delegation;
 pub mod operator;
 pub mod signing;
+pub mod status_list;

@@ -197,6 +197,24 @@ impl fmt::Debug for SigningKey {
     }
 }
 
+/// Tokens other than access tokens, such as the Status List Token (`statuslist+jwt`), signed with
+/// the same keys and kid: their own `typ` keeps them from being accepted as access tokens (and
+/// `verify` accepts only `at+jwt`).
+impl SigningKey {
+    /// Signs claims into a compact JWT with header {alg, typ: `typ`, kid}.
+    pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String, SigningError> {
+        let mut header = Header::new(self.alg.jwt());
+        header.typ = Some(typ.to_owned());
+        header.kid = Some(self.kid.clone());
+        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| {
+            SigningError::Signing(match e.kind() {
+                ErrorKind::Json(_) => "claims could not be serialized",
+                _ => "signature creation failed",
+            })
+        })
+    }
+}
+
 fn random(buf: &mut [u8]) -> Result<(), SigningError> {
     getrandom::fill(buf).map_err(|_| SigningError::KeyGeneration("OS random source unavailable"))
 }
