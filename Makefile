@@ -1,7 +1,7 @@
 # Two commands do everything on a fresh machine:
 #   make run    the operator's main job (brings up a local control plane when no cluster is configured)
 #   make test   the whole test suite (what CI runs)
-.PHONY: test run crds control-plane stop bench
+.PHONY: test run crds control-plane stop bench chaos
 
 test:
 	hack/test.sh
@@ -21,3 +21,10 @@ stop:
 
 bench:
 	python3 hack/bench.py
+
+# The chaos test at length (kill -9 the operator during churn, check the revocation invariants); the
+# test suite runs 4 rounds. CHAOS_ROUNDS and CHAOS_SEED (printed by every run) override.
+chaos:
+	hack/control-plane.sh start >/dev/null
+	DELEGATION_TEST_KUBECONFIG=$$(hack/control-plane.sh env | sed -n 's/^export KUBECONFIG=//p') \
+	  CHAOS_ROUNDS=$${CHAOS_ROUNDS:-40} cargo test --locked --test chaos -- --nocapture
