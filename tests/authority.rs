@@ -475,3 +475,63 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
     assert!(condition(&rejected).1.contains("carol@example.com"));
     assert!(f.secrets().get_opt("pay-token").await.unwrap().is_none());
 }
+
+/// What an approval rests on counts at once: requiring approval on an agent whose grant is Ready
+/// revokes its token until someone approves, and a rejection of the approved generation wins.
+#[tokio::test]
+async fn requiring_approval_later_or_rejecting_an_approved_grant_takes_effect_at_once() {
+    let f = Fixture::start("approval-later", &[]).await;
+    f.apply(AGENTS).await;
+    tenants(&f, &["alice@example.com", "carol@example.com"]).await;
+    let alice = client_as("alice@example.com", &[]).await;
+    create_as(
+        &alice,
+        &f.ns,
+        root_grant("work", "alice@example.com", "10m"),
+    )
+    .await
+    .unwrap();
+    let token = f
+        .wait_ready("work", "True", None)
+        .await
+        .status
+        .unwrap()
+        .token
+        .unwrap()
+        .id;
+
+    f.patch_agent("orchestrator", json!({"spec": {"requireApproval": {}}}))
+        .await;
+    f.wait_ready("work", "False", Some("ApprovalPending")).await;
+    assert!(f.revoked_ids().await.contains(&token));
+
+    grant_role(
+        &f.client,
+        &f.ns,
+        "approvers",
+        &[user_subject("carol@example.com")],
+        &[rule(GROUP, &["delegationgrants"], &["approve"], &["work"])],
+    )
+    .await;
+    let carol = client_as("carol@example.com", &[]).await;
+    cli::decide(carol.clone(), &f.ns, "work", Decision::Approve, None)
+        .await
+        .unwrap();
+    f.wait_ready("work", "True", None).await;
+    cli::decide(
+        carol,
+        &f.ns,
+        "work",
+        Decision::Reject,
+        Some("second thoughts".into()),
+    )
+    .await
+    .unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        f.wait_ready("work", "False", Some("ApprovalRejected")),
+    )
+    .await
+    .expect("the rejection counted at once, not after the recheck period");
+    assert!(f.secrets().get_opt("work-token").await.unwrap().is_none());
+}

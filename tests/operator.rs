@@ -1624,3 +1624,348 @@ async fn an_emergency_key_revocation_replaces_every_token_the_key_signed() {
         "the new token verifies"
     );
 }
+
+/// The `status` claim of the token in a Secret (verified against the JWKS).
+async fn status_claim(f: &Fixture, secret: &str) -> serde_json::Value {
+    let claims = f
+        .verified_claims(secret)
+        .await
+        .expect("a token that verifies");
+    claims["status"].clone()
+}
+
+/// Every token points into an IETF Token Status List the operator publishes and signs; the entry
+/// is VALID while the grant holds it and INVALID once the grant is deleted.
+#[tokio::test]
+async fn every_token_has_a_status_list_entry_that_deletion_sets_invalid() {
+    let f = Fixture::start("statuslist", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("listed", "5m")).await;
+    f.wait_ready("listed", "True", None).await;
+    let status = status_claim(&f, "listed-token").await;
+    let uri = status["status_list"]["uri"].as_str().unwrap().to_owned();
+    assert!(uri.starts_with("https://issuer.test/statuslists/"), "{uri}");
+    assert!(status["status_list"]["idx"].as_u64().is_some(), "{status}");
+    assert_eq!(f.published_status(&status).await, 0, "VALID while held");
+
+    f.grants()
+        .delete("listed", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("listed", "grant released", Duration::from_secs(20))
+        .await;
+    // Set INVALID and published before the Secret went: nothing to wait for.
+    assert_eq!(f.published_status(&status).await, 1, "INVALID once deleted");
+}
+
+/// A rotation keeps the previous token VALID; a token displaced while still valid, and the tokens a
+/// grant change supersedes, read INVALID.
+#[tokio::test]
+async fn rotation_keeps_the_previous_token_valid_and_invalidates_displaced_and_superseded_ones() {
+    let f = Fixture::start("statusrot", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "spin",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "6s",
+        "  renewBefore: 2s\n",
+    ))
+    .await;
+    // Renewed every 2 s while each token lives 6 s: the first is displaced while still valid.
+    f.apply(&grant_yaml(
+        "busy",
+        user_root(),
+        "notifier",
+        "[tickets:read]",
+        "6s",
+        "  renewBefore: 4s\n",
+    ))
+    .await;
+    let busy_first = f.wait_ready("busy", "True", None).await;
+    let busy_first_id = token_id(&busy_first);
+    let busy_first_status = status_claim(&f, "busy-token").await;
+
+    let first = token_id(&f.wait_ready("spin", "True", None).await);
+    let first_status = status_claim(&f, "spin-token").await;
+    let second = wait_for("a rotation of spin", Duration::from_secs(20), || async {
+        let status = f.grants().get("spin").await.ok()?.status?;
+        let current = status.token?.id;
+        (current != first && status.previous_token?.id == first).then_some(current)
+    })
+    .await;
+    let second_status = wait_for("the rotated token", Duration::from_secs(10), || async {
+        let claims = f.verified_claims("spin-token").await?;
+        (claims["jti"] == second.as_str()).then(|| claims["status"].clone())
+    })
+    .await;
+    assert_ne!(
+        second_status, first_status,
+        "every token gets its own entry"
+    );
+    assert_eq!(
+        f.published_status(&first_status).await,
+        0,
+        "the previous token stays VALID"
+    );
+    assert_eq!(f.published_status(&second_status).await, 0);
+
+    // A change the token cannot survive supersedes it: the current token (and a still-valid
+    // previous one) become INVALID.
+    f.patch_grant(
+        "spin",
+        json!({"spec": {"authorizationDetails": [{"type": "ticket", "identifier": "9"}]}}),
+    )
+    .await;
+    let superseding = wait_for("the superseding token", Duration::from_secs(20), || async {
+        let g = f.grants().get("spin").await.ok()?;
+        let status = g.status?;
+        let token = status.token?;
+        (token.claims_digest.is_some()
+            && token.id != first
+            && token.id != second
+            && status.previous_token.is_none()
+            && f.revoked_ids().await.contains(&second))
+        .then_some(token.id)
+    })
+    .await;
+    assert_eq!(
+        f.published_status(&second_status).await,
+        1,
+        "the superseded token is INVALID"
+    );
+    let current = status_claim(&f, "spin-token").await;
+    let claims = f.verified_claims("spin-token").await.unwrap();
+    if claims["jti"] == superseding.as_str() {
+        assert_eq!(f.published_status(&current).await, 0);
+    }
+
+    wait_for(
+        "busy's first token displaced",
+        Duration::from_secs(20),
+        || async { f.revoked_ids().await.contains(&busy_first_id).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        f.published_status(&busy_first_status).await,
+        1,
+        "a token displaced while still valid is INVALID"
+    );
+}
+
+/// The published status lists are guarded like the JWKS: an edited or deleted ConfigMap is put
+/// back as the operator holds it.
+#[tokio::test]
+async fn the_published_status_lists_are_restored_when_tampered_with() {
+    let f = Fixture::start("statusguard", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("kept", "5m")).await;
+    f.apply(&notifier_grant("gone", "5m")).await;
+    f.wait_ready("kept", "True", None).await;
+    f.wait_ready("gone", "True", None).await;
+    let gone = status_claim(&f, "gone-token").await;
+    f.grants()
+        .delete("gone", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("gone", "grant released", Duration::from_secs(20))
+        .await;
+    assert_eq!(f.published_status(&gone).await, 1);
+    let original = f.status_list_tokens().await;
+    assert!(!original.is_empty());
+
+    // A list reset to all-VALID (here: another list's token under its key) and an extra key.
+    let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let key = original.keys().next().unwrap().clone();
+    let forged = json!({"data": {key.clone(): "e30.e30.", "extra.jwt": "e30.e30."}});
+    cms.patch(
+        "delegation-operator-status-lists",
+        &PatchParams::default(),
+        &Patch::Merge(&forged),
+    )
+    .await
+    .unwrap();
+    wait_for(
+        "the status lists restored after an edit",
+        Duration::from_secs(15),
+        || async { (f.status_list_tokens().await == original).then_some(()) },
+    )
+    .await;
+
+    cms.delete("delegation-operator-status-lists", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the status lists restored after a deletion",
+        Duration::from_secs(15),
+        || async { (f.status_list_tokens().await == original).then_some(()) },
+    )
+    .await;
+    assert_eq!(f.published_status(&gone).await, 1);
+}
+
+/// An independent decoder (Python's standard library) reads the published list the same way: the
+/// revoked token's index is 1, the kept token's 0.
+#[tokio::test]
+async fn an_independent_decoder_agrees_with_the_published_status_list() {
+    let f = Fixture::start("statuspy", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("stays", "5m")).await;
+    f.apply(&notifier_grant("revoked", "5m")).await;
+    f.wait_ready("stays", "True", None).await;
+    f.wait_ready("revoked", "True", None).await;
+    let stays = status_claim(&f, "stays-token").await;
+    let revoked = status_claim(&f, "revoked-token").await;
+    f.grants()
+        .delete("revoked", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("revoked", "grant released", Duration::from_secs(20))
+        .await;
+
+    let uri = revoked["status_list"]["uri"].as_str().unwrap();
+    let idx = revoked["status_list"]["idx"].as_u64().unwrap() as usize;
+    let (token, _) = f.status_list_token(uri).await.expect("a published list");
+    let mut indices = vec![idx];
+    if stays["status_list"]["uri"] == uri {
+        indices.push(stays["status_list"]["idx"].as_u64().unwrap() as usize);
+    }
+    let lines = python_decode_status_list(&token, &indices);
+    let meta: serde_json::Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(meta["typ"], "statuslist+jwt");
+    assert_eq!(meta["sub"], uri);
+    assert_eq!(meta["bits"], 2);
+    assert_eq!(lines[1], "1", "python reads the revoked index as INVALID");
+    assert_eq!(
+        f.published_status(&revoked).await,
+        1,
+        "as the Rust reader does"
+    );
+    if indices.len() == 2 {
+        assert_eq!(lines[2], "0", "and the kept one as VALID");
+    }
+    assert_eq!(f.published_status(&stays).await, 0);
+}
+
+/// The status-list indices a revocation touches come from the operator's own record of what it
+/// minted for that grant, never from what a tenant writes: a grant whose status and Secret name
+/// another grant's token (with a plausible expiry) invalidates only its own entry.
+#[tokio::test]
+async fn tenant_written_ids_cannot_invalidate_another_grants_status_entry() {
+    let f = Fixture::start("statusforge", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("victim", "5m")).await;
+    f.apply(&notifier_grant("attacker", "5m")).await;
+    let victim = f.wait_ready("victim", "True", None).await;
+    f.wait_ready("attacker", "True", None).await;
+    let victim_status = status_claim(&f, "victim-token").await;
+    let attacker_status = status_claim(&f, "attacker-token").await;
+    let victim_token = victim.status.unwrap().token.unwrap();
+
+    let forged =
+        json!({"metadata": {"annotations": {"delegation.nhi.dev/token-id": victim_token.id}}});
+    f.secrets()
+        .patch(
+            "attacker-token",
+            &PatchParams::default(),
+            &Patch::Merge(&forged),
+        )
+        .await
+        .unwrap();
+    let forged_status = json!({"status": {"previousToken": {
+        "id": victim_token.id,
+        "expiresAt": victim_token.expires_at,
+    }}});
+    f.grants()
+        .patch_status(
+            "attacker",
+            &PatchParams::default(),
+            &Patch::Merge(&forged_status),
+        )
+        .await
+        .unwrap();
+    f.grants()
+        .delete("attacker", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("attacker", "attacker released", Duration::from_secs(20))
+        .await;
+    assert_eq!(f.published_status(&attacker_status).await, 1);
+    assert_eq!(
+        f.published_status(&victim_status).await,
+        0,
+        "another grant's entry is untouched"
+    );
+}
+
+/// What the operator minted is persisted with the lists: after a restart, deleting a grant still
+/// invalidates its token's entry, read from the operator's own state (not from the tenant's
+/// Secret), in the same list under the same uri.
+#[tokio::test]
+async fn a_restarted_operator_still_invalidates_the_entries_it_handed_out() {
+    let mut f = Fixture::start("statusrestart", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("before", "5m")).await;
+    f.wait_ready("before", "True", None).await;
+    let before = status_claim(&f, "before-token").await;
+    let published = f.status_list_tokens().await;
+
+    f.operator.take().unwrap().stop();
+    f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
+    f.apply(&notifier_grant("after", "5m")).await;
+    f.wait_ready("after", "True", None).await;
+    let after = status_claim(&f, "after-token").await;
+    assert_ne!(
+        after, before,
+        "no index is handed out twice across a restart"
+    );
+    if after["status_list"]["uri"] != before["status_list"]["uri"] {
+        assert_eq!(
+            f.status_list_tokens().await.len(),
+            published.len() + 1,
+            "a new list only when the new token's expiry falls in another bucket"
+        );
+    }
+
+    f.grants()
+        .delete("before", &DeleteParams::default())
+        .await
+        .unwrap();
+    f.wait_grant_gone("before", "grant released", Duration::from_secs(20))
+        .await;
+    assert_eq!(f.published_status(&before).await, 1);
+    assert_eq!(f.published_status(&after).await, 0);
+}
+
+/// An unreadable status-list state stops the start, like an unreadable revocation list: starting
+/// over would forget which tokens are INVALID.
+#[tokio::test]
+async fn the_operator_refuses_to_start_with_an_unreadable_status_list_state() {
+    let client = client().await;
+    install_crds(&client).await;
+    let ns = fresh_namespace(&client, "statusbad").await;
+    let op_ns = operator_namespace_for(&ns);
+    create_namespace(&client, &op_ns).await;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some("delegation-operator-status-lists".into()),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "state.json".to_owned(),
+            ByteString(b"{\"not\": \"a state\"}".to_vec()),
+        )])),
+        ..Default::default()
+    };
+    Api::<Secret>::namespaced(client.clone(), &op_ns)
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let (status, log) = Operator::start(&ns, &op_ns, &[]).wait_exit(Duration::from_secs(20));
+    assert!(!status.success());
+    assert!(
+        log.contains("delegation-operator-status-lists") && log.contains("refusing to start"),
+        "{log}"
+    );
+}

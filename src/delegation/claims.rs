@@ -37,6 +37,11 @@ pub struct AccessTokenClaims {
     pub delegation_chain: Vec<DelegationRecord>,
     #[serde(rename = "delegation.nhi.dev/grant")]
     pub grant: GrantReference,
+    /// Where the token's status lives (draft-ietf-oauth-status-list §6.2):
+    /// `{"status_list": {"idx": N, "uri": "<list>"}}`, set by the operator when it allocates the
+    /// token's index ([`crate::status_list::TokenStatusRef::status_claim`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<serde_json::Value>,
 }
 
 /// One hop of a delegation as the token records it.
@@ -149,6 +154,7 @@ pub fn build_claims(
         authorization_details,
         delegation_chain: delegation_records(&resolution.chain),
         grant,
+        status: None,
     })
 }
 

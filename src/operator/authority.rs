@@ -44,15 +44,17 @@ pub struct Unauthorized {
     pub approval: Option<ApprovalStatus>,
 }
 
-/// The last positive check of each grant (by uid), reused until the recheck period has passed.
+/// The last positive check of each grant (by namespace and name), reused until the recheck period has
+/// passed, the grant changes, or something it rests on changes (its agent's spec, an approval of it).
 /// Refusals are never reused: a refused grant is looked at afresh every time.
 #[derive(Default)]
 pub struct CheckedAuthority {
-    checked: Mutex<HashMap<String, Checked>>,
+    checked: Mutex<HashMap<(String, String), Checked>>,
 }
 
-/// One positive check: for which generation, when, and what it found.
+/// One positive check: of which grant (uid) and generation, when, and what it found.
 struct Checked {
+    uid: Option<String>,
     generation: Option<i64>,
     at: Timestamp,
     evidence: Evidence,
@@ -61,38 +63,50 @@ struct Checked {
 impl CheckedAuthority {
     fn get(&self, grant: &DelegationGrant, period: Duration, now: Timestamp) -> Option<Evidence> {
         let map = self.checked.lock().ok()?;
-        let checked = map.get(&grant.uid()?)?;
-        (checked.generation == grant.metadata.generation && add(checked.at, period) > now)
+        let checked = map.get(&key(grant))?;
+        (checked.uid == grant.uid()
+            && checked.generation == grant.metadata.generation
+            && add(checked.at, period) > now)
             .then(|| checked.evidence.clone())
     }
 
     fn put(&self, grant: &DelegationGrant, now: Timestamp, evidence: &Evidence) {
-        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.checked.lock()) {
+        if let Ok(mut map) = self.checked.lock() {
             let checked = Checked {
+                uid: grant.uid(),
                 generation: grant.metadata.generation,
                 at: now,
                 evidence: evidence.clone(),
             };
-            map.insert(uid, checked);
+            map.insert(key(grant), checked);
         }
     }
 
     fn forget(&self, grant: &DelegationGrant) {
-        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.checked.lock()) {
-            map.remove(&uid);
+        self.forget_named(&key(grant).0, &key(grant).1);
+    }
+
+    /// Forgets the check of a grant whose grounds changed (its agent, an approval of it).
+    pub fn forget_named(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.checked.lock() {
+            map.remove(&(namespace.to_owned(), name.to_owned()));
         }
     }
 
     /// When the grant's authority must be checked again.
     pub fn due_at(&self, grant: &DelegationGrant, period: Duration) -> Option<Timestamp> {
         let map = self.checked.lock().ok()?;
-        map.get(&grant.uid()?).map(|c| add(c.at, period))
+        map.get(&key(grant)).map(|c| add(c.at, period))
     }
 
     /// Drops what is remembered of a grant that is going away.
     pub fn forget_grant(&self, grant: &DelegationGrant) {
         self.forget(grant);
     }
+}
+
+fn key(grant: &DelegationGrant) -> (String, String) {
+    (grant.namespace().unwrap_or_default(), grant.name_any())
 }
 
 /// Checks whether the grant's requester may ask for it and, when its agent requires approval, whether

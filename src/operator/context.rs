@@ -17,7 +17,7 @@ use kube::{
     },
 };
 
-use super::{keys::KeyStore, revocations::RevocationList};
+use super::{keys::KeyStore, revocations::RevocationList, status_lists::StatusLists};
 use crate::{
     api::{AgentIdentity, DelegationApproval, DelegationGrant},
     delegation::{Lookup, Policy},
@@ -74,9 +74,11 @@ pub struct Context {
     /// One flag per cache, true once its initial list is in.
     pub caches_ready: Vec<tokio::sync::watch::Receiver<bool>>,
     /// The last positive authority check of each grant.
-    pub authority: super::authority::CheckedAuthority,
+    pub authority: Arc<super::authority::CheckedAuthority>,
     pub keys: KeyStore,
     pub revocations: RevocationList,
+    /// The Token Status Lists every token points into.
+    pub status_lists: StatusLists,
     pub recorder: Recorder,
     /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
     /// A different version means someone else changed it.

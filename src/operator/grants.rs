@@ -40,6 +40,7 @@ use crate::{
         timing::{IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token, until},
     },
     signing,
+    status_list::TokenStatusRef,
 };
 
 /// Condition reasons of a Ready grant, and of a grant whose tokens were revoked on deletion or conflict.
@@ -404,7 +405,7 @@ async fn issue(
     let old = grant.status.clone().unwrap_or_default();
     let supersedes = supersedes_current(cause);
     let (revoked, revocation_reason) = revoke_replaced(grant, ctx, supersedes, now).await?;
-    let minted = mint(grant, ctx, resolution, now)?;
+    let minted = mint(grant, ctx, resolution, now).await?;
 
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let desired = token_secret::desired(
@@ -514,8 +515,9 @@ async fn revoke_replaced(
         .and_then(|s| s.token.as_ref())
         .filter(|_| !supersedes)
         .map(|t| t.id.as_str());
-    let replaced = tokens_in_use(grant, ctx, now)
-        .await?
+    let in_use = tokens_in_use(grant, ctx, now).await?;
+    let replaced = in_use
+        .tokens
         .into_iter()
         .filter(|(jti, _)| Some(jti.as_str()) != kept)
         .collect();
@@ -524,7 +526,15 @@ async fn revoke_replaced(
     } else {
         "Displaced"
     };
-    Ok((record(grant, ctx, replaced, reason, now).await?, reason))
+    let revoked = record(grant, ctx, replaced, reason, now).await?;
+    let verified: Vec<TokenStatusRef> = in_use
+        .verified_refs
+        .into_iter()
+        .filter(|(jti, _)| Some(jti.as_str()) != kept)
+        .map(|(_, r)| r)
+        .collect();
+    revoke_statuses(grant, ctx, kept, &verified, now).await?;
+    Ok((revoked, reason))
 }
 
 /// A freshly signed token.
@@ -535,8 +545,9 @@ struct Minted {
     times: TokenTimes,
 }
 
-/// Plans, builds and signs a token for a resolved grant.
-fn mint(
+/// Plans, builds and signs a token for a resolved grant, with its status-list reference (allocated,
+/// recorded and published before the token exists).
+async fn mint(
     grant: &DelegationGrant,
     ctx: &Context,
     resolution: &Resolution,
@@ -556,7 +567,7 @@ fn mint(
         uid: grant.uid().unwrap_or_default(),
     };
     let details = grant.spec.authorization_details.clone();
-    let claims = build_claims(
+    let mut claims = build_claims(
         &ctx.settings.issuer,
         resolution,
         grant_ref,
@@ -565,6 +576,17 @@ fn mint(
         jti.clone(),
     )
     .ok_or_else(|| Error::InvalidState("a resolved chain has at least one actor".into()))?;
+    let status_ref = ctx
+        .status_lists
+        .allocate(
+            &ctx.keys,
+            &grant.uid().unwrap_or_default(),
+            &jti,
+            now.as_second(),
+            claims.exp,
+        )
+        .await?;
+    claims.status = Some(status_ref.status_claim());
     let signed = ctx.keys.sign(&claims)?;
     Ok(Minted {
         jti,
@@ -729,7 +751,9 @@ async fn revoke_tokens(
     now: Timestamp,
 ) -> Result<Vec<String>> {
     let in_use = tokens_in_use(grant, ctx, now).await?;
-    let revoked = record(grant, ctx, in_use, reason, now).await?;
+    let revoked = record(grant, ctx, in_use.tokens, reason, now).await?;
+    let verified: Vec<TokenStatusRef> = in_use.verified_refs.into_iter().map(|(_, r)| r).collect();
+    revoke_statuses(grant, ctx, None, &verified, now).await?;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -748,16 +772,13 @@ async fn revoke_tokens(
 /// have the shape of the ids we mint and an expiry no later than the longest lifetime allows, and the
 /// Secret's token counts only when it verifies against our keys and names this very grant — its
 /// annotations are not read.
-async fn tokens_in_use(
-    grant: &DelegationGrant,
-    ctx: &Context,
-    now: Timestamp,
-) -> Result<Vec<(String, Timestamp)>> {
+async fn tokens_in_use(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result<InUse> {
     let latest = crate::delegation::chain::add(now, ctx.settings.policy.max_token_ttl);
     let plausible = |jti: &str, exp: Timestamp| {
         uuid::Uuid::try_parse(jti).is_ok() && exp > now && exp <= latest
     };
     let mut tokens: Vec<(String, Timestamp)> = Vec::new();
+    let mut verified_refs = Vec::new();
     if let Some(status) = &grant.status {
         let recorded = status
             .token
@@ -788,24 +809,58 @@ async fn tokens_in_use(
         if named.is_some_and(|id| tokens.iter().any(|(jti, _)| jti == id)) {
             continue;
         }
-        if let Some((jti, exp)) = signed_token_in(ctx, grant, &secret_name).await?
+        if let Some((jti, exp, status_ref)) = signed_token_in(ctx, grant, &secret_name).await?
             && plausible(&jti, exp)
         {
+            if let Some(status_ref) = status_ref {
+                verified_refs.push((jti.clone(), status_ref));
+            }
             tokens.push((jti, exp));
         }
     }
     tokens.sort();
     tokens.dedup_by(|a, b| a.0 == b.0);
-    Ok(tokens)
+    Ok(InUse {
+        tokens,
+        verified_refs,
+    })
 }
 
-/// The id and expiry of the token in a grant's Secret, read from its verified claims (so they are
-/// ours, for this grant uid), or `None`.
+/// The tokens of a grant that may still be valid.
+struct InUse {
+    /// `(jti, exp)` of each, for the revocation list.
+    tokens: Vec<(String, Timestamp)>,
+    /// Status-list references read from a token of this grant that verified against our keys, by
+    /// jti. The others come from the operator's own record of what it minted for the grant.
+    verified_refs: Vec<(String, TokenStatusRef)>,
+}
+
+/// Sets the status-list entries of the grant's tokens to INVALID, all but `keep`: the references
+/// the operator recorded for this grant uid when it minted them, plus `verified` ones (from tokens
+/// of this grant that verified). Persisted and published before any Secret is deleted (fail closed).
+async fn revoke_statuses(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    keep: Option<&str>,
+    verified: &[TokenStatusRef],
+    now: Timestamp,
+) -> Result<()> {
+    let Some(uid) = grant.uid() else {
+        return Ok(());
+    };
+    ctx.status_lists
+        .revoke_grant(&ctx.keys, &uid, keep, verified, now.as_second())
+        .await?;
+    Ok(())
+}
+
+/// The id, expiry and status-list reference of the token in a grant's Secret, read from its
+/// verified claims (so they are ours, for this grant uid), or `None`.
 async fn signed_token_in(
     ctx: &Context,
     grant: &DelegationGrant,
     secret_name: &str,
-) -> Result<Option<(String, Timestamp)>> {
+) -> Result<Option<(String, Timestamp, Option<TokenStatusRef>)>> {
     let namespace = grant.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(secret) = api.get_opt(secret_name).await? else {
@@ -824,7 +879,8 @@ async fn signed_token_in(
     let exp = claims["exp"]
         .as_i64()
         .and_then(|e| Timestamp::from_second(e).ok());
-    Ok(exp.map(|exp| (jti, exp)))
+    let status_ref = TokenStatusRef::from_status_claim(&claims["status"]);
+    Ok(exp.map(|exp| (jti, exp, status_ref)))
 }
 
 /// Adds tokens to the revocation list. Returns their ids.

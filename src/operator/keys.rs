@@ -149,6 +149,17 @@ impl KeyStore {
         })
     }
 
+    /// Signs claims of another token type (e.g. a Status List Token, `statuslist+jwt`) with the
+    /// active key: same keys and kid as the access tokens, told apart by `typ`.
+    pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<Signed> {
+        let keys = self.state.read().map_err(|_| poisoned())?;
+        let key = keys.ring.active();
+        Ok(Signed {
+            token: key.sign_typed(claims, typ)?,
+            key_id: key.kid().to_owned(),
+        })
+    }
+
     /// The public keys as a JWKS document: active, retired, and next.
     pub fn jwks(&self) -> Result<serde_json::Value> {
         Ok(self.state.read().map_err(|_| poisoned())?.jwks())

@@ -5,6 +5,7 @@
 //! - [`token_secret`]: the token Secrets and who owns them.
 //! - [`keys`]: signing keys and the published JWKS.
 //! - [`revocations`]: the revocation list.
+//! - [`status_lists`]: the Token Status Lists (every token's `status`, set INVALID on revocation).
 //! - [`audit`]: the JSON audit trail.
 
 pub mod agents;
@@ -18,6 +19,7 @@ pub mod keys;
 pub mod orphans;
 pub mod revocations;
 pub mod stamps;
+pub mod status_lists;
 pub mod token_secret;
 
 use std::{collections::BTreeMap, sync::Arc};
@@ -151,6 +153,15 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     .await?;
     let revocations =
         revocations::RevocationList::load(client.clone(), &settings.operator_namespace).await?;
+    let status_lists = status_lists::StatusLists::load(
+        client.clone(),
+        &settings.operator_namespace,
+        &settings.issuer,
+        settings.policy.max_token_ttl,
+        &keys,
+        now().as_second(),
+    )
+    .await?;
 
     let grants_api: Api<DelegationGrant> = scoped_api(&client, &settings);
     let agents_api: Api<AgentIdentity> = scoped_api(&client, &settings);
@@ -161,6 +172,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     // Wake-ups between controllers come from the very streams that fill the caches, after the cache
     // has the change: a grant woken because its agent or parent changed always reads that change.
     let index = Arc::new(index::GrantIndex::default());
+    let authority = Arc::new(authority::CheckedAuthority::default());
     let (sweep, orphan_keys) = futures::channel::mpsc::unbounded();
     let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
     let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
@@ -172,11 +184,18 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
         watch.clone(),
-        agent_fan_out(index.clone(), wake_grant.clone()),
+        agent_fan_out(index.clone(), wake_grant.clone(), authority.clone()),
     );
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
+    // A new approval or rejection must count at once, not when a remembered check expires.
+    let forget_checked = authority.clone();
     let (approvals, approval_events, approvals_ready) =
-        reflect(approvals_api, watch.clone(), |_| {});
+        reflect(approvals_api, watch.clone(), move |event| {
+            if let watcher::Event::Apply(a) | watcher::Event::Delete(a) = event {
+                forget_checked
+                    .forget_named(&a.namespace().unwrap_or_default(), &a.spec.grant_ref.name);
+            }
+        });
     // Cluster-scoped, metadata only: from when identity stamps are proven.
     let ours = watch
         .clone()
@@ -216,9 +235,10 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
             policies_ready,
             bindings_ready,
         ],
-        authority: Default::default(),
+        authority: authority.clone(),
         keys,
         revocations,
+        status_lists,
         recorder: Recorder::new(client.clone(), reporter),
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
@@ -260,12 +280,14 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         _ = orphans::run(ctx.clone(), orphan_keys) => {},
         _ = guard_published_artifacts(ctx.clone()) => {},
         _ = ctx.keys.run_rotation() => {},
+        _ = ctx.status_lists.run_maintenance(&ctx.keys) => {},
     }
     tracing::info!("delegation-operator stopped");
     Ok(())
 }
 
-/// Watches what verifiers trust — the JWKS, the revocation list, the keys Secret — and puts each back
+/// Watches what verifiers trust — the JWKS, the revocation list, the status lists (and their state
+/// Secret), the keys Secret — and puts each back
 /// when someone edits or deletes it. Metadata only; each event costs one read of that one object.
 async fn guard_published_artifacts(ctx: Arc<Context>) {
     let namespace = ctx.settings.operator_namespace.clone();
@@ -273,22 +295,29 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
         Api::namespaced(ctx.client.clone(), &namespace);
     let secrets: Api<PartialObjectMeta<Secret>> = Api::namespaced(ctx.client.clone(), &namespace);
     let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    // Tagged with their kind: the status lists' ConfigMap and state Secret share a name.
     let changed = futures::stream::select(
         watcher(configmaps, ours.clone())
             .default_backoff()
-            .flat_map(|e| futures::stream::iter(touched_names(e))),
+            .flat_map(|e| futures::stream::iter(touched_names(e)))
+            .map(|name| (false, name)),
         watcher(secrets, ours)
             .default_backoff()
-            .flat_map(|e| futures::stream::iter(touched_names(e))),
+            .flat_map(|e| futures::stream::iter(touched_names(e)))
+            .map(|name| (true, name)),
     );
     changed
-        .for_each(|name| {
+        .for_each(|(secret, name)| {
             let ctx = ctx.clone();
             async move {
-                let restored = match name.as_str() {
-                    keys::KEYS_SECRET_NAME => revoke_requested_keys(&ctx).await,
-                    keys::JWKS_CONFIGMAP_NAME => ctx.keys.restore().await,
-                    revocations::CONFIGMAP_NAME => ctx.revocations.restore().await,
+                let restored = match (secret, name.as_str()) {
+                    (true, keys::KEYS_SECRET_NAME) => revoke_requested_keys(&ctx).await,
+                    (false, keys::JWKS_CONFIGMAP_NAME) => ctx.keys.restore().await,
+                    (false, revocations::CONFIGMAP_NAME) => ctx.revocations.restore().await,
+                    (false, status_lists::CONFIGMAP_NAME) => {
+                        ctx.status_lists.restore_published().await
+                    }
+                    (true, status_lists::SECRET_NAME) => ctx.status_lists.restore_state().await,
                     _ => Ok(()),
                 };
                 if let Err(e) = restored {
@@ -317,6 +346,10 @@ async fn revoke_requested_keys(ctx: &Context) -> Result<()> {
         })
         .unwrap_or_default();
     if !requested.is_empty() && !ctx.keys.revoke(&requested, now()).await?.is_empty() {
+        // Status List Tokens the revoked key signed no longer verify: re-sign them at once.
+        ctx.status_lists
+            .maintain(&ctx.keys, now().as_second())
+            .await?;
         for grant in ctx.grants.state() {
             let signed_by = grant
                 .status
@@ -345,6 +378,7 @@ fn touched_names<K: kube::Resource>(
             keys::JWKS_CONFIGMAP_NAME.into(),
             keys::KEYS_SECRET_NAME.into(),
             revocations::CONFIGMAP_NAME.into(),
+            status_lists::CONFIGMAP_NAME.into(),
         ],
         _ => Vec::new(),
     }
@@ -439,6 +473,7 @@ fn grant_fan_out(
 fn agent_fan_out(
     index: Arc<index::GrantIndex>,
     wake_grant: Wake<DelegationGrant>,
+    authority: Arc<authority::CheckedAuthority>,
 ) -> impl FnMut(&watcher::Event<AgentIdentity>) + Send + 'static {
     // uid -> (namespace, name, generation) of every agent seen.
     let mut seen: std::collections::HashMap<String, (String, String, Option<i64>)> =
@@ -489,6 +524,8 @@ fn agent_fan_out(
         }
         for (ns, agent) in pending.drain(..) {
             for grant in index.dependents_of_agent(&ns, &agent) {
+                // Approval requirements and workloads live on the agent: ask again.
+                authority.forget_named(&ns, &grant);
                 let _ = wake_grant.unbounded_send(ObjectRef::new(&grant).within(&ns));
             }
         }

@@ -18,7 +18,9 @@ use super::{
     revocations::Revocation,
     token_secret::{self, TOKEN_KEY},
 };
-use crate::{api::DelegationGrant, delegation::claims::GRANT_CLAIM, signing};
+use crate::{
+    api::DelegationGrant, delegation::claims::GRANT_CLAIM, signing, status_list::TokenStatusRef,
+};
 
 /// Why an orphaned token is revoked, in the revocation list and the audit trail alike.
 const ORPHANED: &str = "Orphaned";
@@ -96,6 +98,15 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
         // Recorded before the delete: fail closed.
         ctx.revocations.add(vec![entry], now).await?;
     }
+    // Its status-list entry too (from its verified claims), and whatever else the operator minted
+    // for that grant uid and still holds on record.
+    let verified: Vec<_> = TokenStatusRef::from_status_claim(&claims["status"])
+        .filter(|_| exp > now.as_second())
+        .into_iter()
+        .collect();
+    ctx.status_lists
+        .revoke_grant(&ctx.keys, &grant_uid, None, &verified, now.as_second())
+        .await?;
     token_secret::delete(&api, name, secret.metadata.uid.clone()).await?;
     ctx.forget_secret(namespace, name);
     audit::record(&AuditRecord {

@@ -917,6 +917,73 @@ impl Fixture {
             .collect()
     }
 
+    /// The published Status List Tokens: ConfigMap `delegation-operator-status-lists`, one
+    /// `<serial>.jwt` key per list.
+    pub async fn status_list_tokens(&self) -> std::collections::BTreeMap<String, String> {
+        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
+        cms.get_opt("delegation-operator-status-lists")
+            .await
+            .unwrap()
+            .and_then(|cm| cm.data)
+            .unwrap_or_default()
+    }
+
+    /// The Status List Token published for `uri` (under the last segment of the uri), checked the
+    /// way a verifier would: `typ: statuslist+jwt`, signed by a key of the published JWKS (the
+    /// header's `alg` must be the key's), `sub` = `uri`, `iss` = the operator's issuer. Returns the
+    /// token and its claims; `None` when nothing is published for it.
+    pub async fn status_list_token(&self, uri: &str) -> Option<(String, serde_json::Value)> {
+        let key = format!("{}.jwt", uri.rsplit('/').next().unwrap());
+        let token = self.status_list_tokens().await.remove(&key)?;
+        let jwks = self.jwks().await;
+        let header = jsonwebtoken::decode_header(&token).unwrap();
+        assert_eq!(header.typ.as_deref(), Some("statuslist+jwt"));
+        let kid = header.kid.clone().expect("a kid");
+        let jwk = jwks["keys"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|k| k["kid"] == kid.as_str())
+            .unwrap_or_else(|| panic!("the list's kid {kid} is in the JWKS"))
+            .clone();
+        assert_eq!(
+            jwk["alg"].as_str(),
+            Some(format!("{:?}", header.alg).as_str()),
+            "the list's alg is its key's"
+        );
+        let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk).unwrap();
+        let mut validation = jsonwebtoken::Validation::new(header.alg);
+        validation.validate_aud = false;
+        validation.set_required_spec_claims(&["sub", "iat", "exp"]);
+        let claims = jsonwebtoken::decode::<serde_json::Value>(
+            &token,
+            &jsonwebtoken::DecodingKey::from_jwk(&jwk).unwrap(),
+            &validation,
+        )
+        .expect("the Status List Token verifies against the JWKS")
+        .claims;
+        assert_eq!(claims["sub"], uri, "sub is the list's uri");
+        assert_eq!(claims["iss"], "https://issuer.test");
+        assert!(claims["ttl"].as_u64().is_some_and(|t| t > 0));
+        Some((token, claims))
+    }
+
+    /// The status value (0 VALID, 1 INVALID, 2 SUSPENDED) the published, verified list gives the
+    /// token whose `status` claim is `status` (`{"status_list": {"idx", "uri"}}`).
+    pub async fn published_status(&self, status: &serde_json::Value) -> u8 {
+        let reference = &status["status_list"];
+        let uri = reference["uri"].as_str().expect("status_list.uri");
+        let idx = reference["idx"].as_u64().expect("status_list.idx") as usize;
+        let (_, claims) = self
+            .status_list_token(uri)
+            .await
+            .unwrap_or_else(|| panic!("no list published for {uri}"));
+        let list = delegation_operator::status_list::StatusList::from_claim(&claims["status_list"])
+            .unwrap();
+        list.value(idx)
+            .unwrap_or_else(|| panic!("index {idx} is outside the list of {}", list.len()))
+    }
+
     /// Reasons of the Events recorded for an object.
     pub async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
         let events: Api<k8s_openapi::api::events::v1::Event> =
@@ -968,4 +1035,43 @@ where
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Runs the independent decoder `tests/python/decode_status_list.py` on a Status List Token and
+/// returns its lines: a JSON line (`typ`, `sub`, `bits`, `len`), then the value at each of `indices`.
+pub fn python_decode_status_list(token: &str, indices: &[usize]) -> Vec<String> {
+    use std::io::Write;
+    let path = std::env::temp_dir().join(format!(
+        "delegation-operator-status-list-{}.jwt",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::write(&path, token).unwrap();
+    let script = repo_root().join("tests/python/decode_status_list.py");
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(&path)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for this test");
+    let input: String = indices.iter().map(|i| format!("{i}\n")).collect();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    assert!(
+        output.status.success(),
+        "decoder failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
 }

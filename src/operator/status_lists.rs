@@ -1,0 +1,636 @@
+//! The operator's IETF Token Status Lists (draft-ietf-oauth-status-list): the shell around the pure
+//! [`crate::status_list::Registry`].
+//!
+//! - **State**: Secret `delegation-operator-status-lists` in the operator namespace, key
+//!   `state.json`: the registry's [`RegistryState`] (serial counter, live lists with their reserved
+//!   marks and statuses), the lists' `baseUri` (`<issuer>/statuslists/<uid of that Secret>`, fixed
+//!   when the Secret is created and stored beside the state so that it never changes), and `tokens`:
+//!   for every grant uid, the tokens the operator minted for it that may still be valid, as
+//!   `[jti, exp, list serial, idx]`. The Secret is created when missing; an unreadable one stops the
+//!   start (an empty registry would forget revocations and restart serials).
+//! - **Publication**: ConfigMap `delegation-operator-status-lists`, one key `<serial>.jwt` per live
+//!   list (the last segment of its uri), each a Status List Token (`typ: statuslist+jwt`) signed
+//!   with the active signing key, with `sub` = the list's uri, `iss`, `iat`, `exp` (a day) and `ttl`.
+//!   A list is re-signed when its statuses change, when less than half a day of its token is left,
+//!   and when the signing key changed; the ConfigMap is written only when a token changed, and put
+//!   back when someone edits or deletes it.
+//! - **Which index a revocation may touch**: only indices this operator handed out for that very
+//!   grant uid, as recorded at issuance in the state above (operator namespace, never written by a
+//!   tenant), or read from a token whose signature verifies against our keys and whose grant claim
+//!   names that uid. Nothing a tenant writes (status, annotations, Secret contents) adds an index:
+//!   tenant-written token ids can at most choose which of the grant's *own* tokens is kept.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    num::NonZeroU64,
+    time::Duration,
+};
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Secret},
+};
+use kube::{
+    Api, Client,
+    api::{ObjectMeta, Patch, PatchParams, PostParams},
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use super::{
+    FIELD_MANAGER,
+    error::{Error, Result},
+    keys::{KeyStore, overwrite},
+    managed_labels,
+};
+use crate::status_list::{
+    Registry, RegistryConfig, RegistryError, RegistryState, STATUS_LIST_TYP, StatusList,
+    TokenStatusRef, status_list_claims,
+};
+
+pub const SECRET_NAME: &str = "delegation-operator-status-lists";
+pub const STATE_KEY: &str = "state.json";
+pub const CONFIGMAP_NAME: &str = "delegation-operator-status-lists";
+/// How long a Status List Token is valid (its `exp`).
+const LIST_TOKEN_LIFETIME_SECS: i64 = 86_400;
+/// A Status List Token with less than this left is re-signed.
+const RESIGN_WHEN_LEFT_SECS: i64 = 43_200;
+/// How long a verifier may cache a Status List Token (`ttl`): the delay of a revocation for it.
+const LIST_TTL_SECS: u64 = 60;
+/// How often lists are pruned and checked for re-signing.
+pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(30);
+/// A Secret holds at most 1 MiB: refuse to grow the state beyond this (fail closed: no token).
+const MAX_STATE_BYTES: usize = 1_000_000;
+
+/// A token the operator minted and may have to revoke: `[jti, exp, list serial, idx]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+struct Held(String, i64, String, usize);
+
+/// What the state Secret holds.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Persisted {
+    base_uri: String,
+    registry: RegistryState,
+    #[serde(default)]
+    tokens: BTreeMap<String, Vec<Held>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PersistedRef<'a> {
+    base_uri: &'a str,
+    registry: &'a RegistryState,
+    tokens: &'a BTreeMap<String, Vec<Held>>,
+}
+
+/// A Status List Token as published.
+#[derive(Clone, Debug)]
+struct Published {
+    uri: String,
+    token: String,
+    /// The `status_list` claim it carries.
+    claim: Value,
+    exp: i64,
+    kid: String,
+}
+
+struct Inner {
+    registry: Registry,
+    /// Grant uid -> the tokens minted for it that may still be valid.
+    tokens: BTreeMap<String, Vec<Held>>,
+    /// ConfigMap data key -> the Status List Token published under it.
+    published: BTreeMap<String, Published>,
+    /// The state JSON last written to the Secret.
+    written: String,
+    /// A revocation is in memory but not yet persisted and published (a write failed): the next
+    /// call writes it before anything else, so a retried revocation never passes it by.
+    pending: bool,
+}
+
+impl Inner {
+    fn base(&self) -> String {
+        self.registry
+            .config()
+            .base_uri
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    fn state_json(&self) -> Result<String> {
+        Ok(serde_json::to_string(&PersistedRef {
+            base_uri: &self.registry.config().base_uri,
+            registry: self.registry.state(),
+            tokens: &self.tokens,
+        })?)
+    }
+
+    fn status_ref(&self, held: &Held) -> TokenStatusRef {
+        TokenStatusRef {
+            idx: held.3,
+            uri: format!("{}/{}", self.base(), held.2),
+        }
+    }
+}
+
+/// The status lists, mirrored in memory and written through to their Secret and ConfigMap. One
+/// writer (the leader), so a mutex around every change is enough.
+pub struct StatusLists {
+    secrets: Api<Secret>,
+    configmaps: Api<ConfigMap>,
+    issuer: String,
+    inner: Mutex<Inner>,
+}
+
+impl StatusLists {
+    /// Loads the state from its Secret (creating it on the very first start), and brings the
+    /// published lists up to date (re-using Status List Tokens that are still good).
+    pub async fn load(
+        client: Client,
+        namespace: &str,
+        issuer: &str,
+        max_token_lifetime: Duration,
+        keys: &KeyStore,
+        now: i64,
+    ) -> Result<Self> {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+        let configmaps: Api<ConfigMap> = Api::namespaced(client, namespace);
+        let unreadable = |why: String| {
+            Error::InvalidState(format!(
+                "Secret {namespace}/{SECRET_NAME} key {STATE_KEY} is unreadable ({why}); refusing to start rather than forget status-list revocations or reuse list uris. Delete it to start over (lists get new uris)."
+            ))
+        };
+        let (persisted, written) = match secrets.get_opt(SECRET_NAME).await? {
+            Some(secret) => {
+                let text = secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(STATE_KEY))
+                    .and_then(|b| String::from_utf8(b.0.clone()).ok())
+                    .ok_or_else(|| unreadable("missing or not UTF-8".into()))?;
+                let persisted: Persisted =
+                    serde_json::from_str(&text).map_err(|e| unreadable(e.to_string()))?;
+                (persisted, text)
+            }
+            None => {
+                let created = secrets
+                    .create(
+                        &PostParams {
+                            field_manager: Some(FIELD_MANAGER.into()),
+                            ..Default::default()
+                        },
+                        &Secret {
+                            metadata: ObjectMeta {
+                                name: Some(SECRET_NAME.into()),
+                                labels: Some(managed_labels()),
+                                ..Default::default()
+                            },
+                            type_: Some("Opaque".into()),
+                            ..Default::default()
+                        },
+                    )
+                    .await?;
+                let uid = created.metadata.uid.ok_or_else(|| {
+                    Error::InvalidState("the created status-list Secret has no uid".into())
+                })?;
+                let base_uri = format!("{}/statuslists/{uid}", issuer.trim_end_matches('/'));
+                tracing::info!(%base_uri, "created the status-list state");
+                let fresh = Persisted {
+                    base_uri,
+                    registry: RegistryState::default(),
+                    tokens: BTreeMap::new(),
+                };
+                (fresh, String::new())
+            }
+        };
+        let max_secs = i64::try_from(max_token_lifetime.as_secs())
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let config = RegistryConfig::new(persisted.base_uri, max_secs);
+        let registry =
+            Registry::restore(config, persisted.registry).map_err(|e| unreadable(e.to_string()))?;
+        let lists = Self {
+            secrets,
+            configmaps,
+            issuer: issuer.to_owned(),
+            inner: Mutex::new(Inner {
+                registry,
+                tokens: persisted.tokens,
+                published: BTreeMap::new(),
+                written,
+                pending: false,
+            }),
+        };
+        {
+            let mut inner = lists.inner.lock().await;
+            inner.published = lists.adopt_published(&inner, keys).await?;
+            lists.persist(&mut inner).await?;
+            lists.publish(&mut inner, keys, now, true).await?;
+        }
+        Ok(lists)
+    }
+
+    /// Hands out the status reference of a token the operator is about to mint for `grant_uid`,
+    /// recording it (and persisting the state) before the token exists, and publishing its list if
+    /// it is new: a verifier must never see an index its list does not cover.
+    pub async fn allocate(
+        &self,
+        keys: &KeyStore,
+        grant_uid: &str,
+        jti: &str,
+        now: i64,
+        exp: i64,
+    ) -> Result<TokenStatusRef> {
+        let mut inner = self.inner.lock().await;
+        let allocation = inner
+            .registry
+            .allocate(now, exp)
+            .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
+        let status_ref = allocation.status_ref;
+        let serial = status_ref
+            .uri
+            .rsplit('/')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let held = inner.tokens.entry(grant_uid.to_owned()).or_default();
+        held.retain(|h| h.1 > now);
+        held.push(Held(jti.to_owned(), exp, serial, status_ref.idx));
+        // Persisted whether or not a new block was reserved (`persist_before_use`): the token's
+        // entry must survive a restart so that it can be revoked while it lives.
+        self.persist(&mut inner).await?;
+        self.publish(&mut inner, keys, now, false).await?;
+        Ok(status_ref)
+    }
+
+    /// Sets to INVALID every token of `grant_uid` the operator recorded except `keep` (a jti), plus
+    /// `verified` references read from tokens of that grant that verified against our keys; then
+    /// persists and republishes (call this before deleting any Secret: fail closed). The revoked
+    /// tokens are forgotten (they stay INVALID in their lists). Returns how many entries changed.
+    pub async fn revoke_grant(
+        &self,
+        keys: &KeyStore,
+        grant_uid: &str,
+        keep: Option<&str>,
+        verified: &[TokenStatusRef],
+        now: i64,
+    ) -> Result<usize> {
+        let mut inner = self.inner.lock().await;
+        if !inner.pending && verified.is_empty() && !inner.tokens.contains_key(grant_uid) {
+            return Ok(0);
+        }
+        let held = inner.tokens.remove(grant_uid).unwrap_or_default();
+        let (kept, dropped): (Vec<Held>, Vec<Held>) = held
+            .into_iter()
+            .partition(|h| keep == Some(h.0.as_str()) && h.1 > now);
+        if !kept.is_empty() {
+            inner.tokens.insert(grant_uid.to_owned(), kept.clone());
+        }
+        let kept_refs: BTreeSet<TokenStatusRef> =
+            kept.iter().map(|h| inner.status_ref(h)).collect();
+        let mut refs: BTreeSet<TokenStatusRef> = dropped
+            .iter()
+            .filter(|h| h.1 > now)
+            .map(|h| inner.status_ref(h))
+            .collect();
+        refs.extend(verified.iter().cloned());
+        let mut changed = 0;
+        for status_ref in refs.difference(&kept_refs) {
+            match inner.registry.revoke(status_ref) {
+                Ok(true) => changed += 1,
+                Ok(false) => {}
+                // The list was retired: every token in it has expired.
+                Err(RegistryError::UnknownList) => {}
+                Err(e) => {
+                    tracing::warn!(uri = status_ref.uri, idx = status_ref.idx, error = %e, "a status reference could not be revoked")
+                }
+            }
+        }
+        // Forgetting tokens alone is not worth a write: it rides along with the next one.
+        if changed > 0 || inner.pending {
+            inner.pending = true;
+            self.persist(&mut inner).await?;
+            self.publish(&mut inner, keys, now, false).await?;
+            inner.pending = false;
+        }
+        Ok(changed)
+    }
+
+    /// Retires lists whose tokens have all expired, forgets expired tokens, and re-signs Status List
+    /// Tokens that are due. Writes only what is due.
+    pub async fn maintain(&self, keys: &KeyStore, now: i64) -> Result<()> {
+        let mut inner = self.inner.lock().await;
+        let retired = inner.registry.prune(now);
+        // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
+        for held in inner.tokens.values_mut() {
+            held.retain(|h| h.1 > now);
+        }
+        inner.tokens.retain(|_, held| !held.is_empty());
+        if !retired.is_empty() {
+            tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");
+        }
+        if !retired.is_empty() || inner.pending {
+            self.persist(&mut inner).await?;
+        }
+        self.publish(&mut inner, keys, now, false).await?;
+        inner.pending = false;
+        Ok(())
+    }
+
+    /// Runs [`maintain`](Self::maintain) forever.
+    pub async fn run_maintenance(&self, keys: &KeyStore) {
+        loop {
+            tokio::time::sleep(MAINTENANCE_PERIOD).await;
+            if let Err(e) = self.maintain(keys, super::now().as_second()).await {
+                tracing::error!(error = %e, "status list maintenance failed; retrying");
+            }
+        }
+    }
+
+    /// Puts the published lists back when someone edited or deleted them (an erased revocation would
+    /// make a revoked token pass). Writes nothing when they are intact.
+    pub async fn restore_published(&self) -> Result<()> {
+        let inner = self.inner.lock().await;
+        let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
+        let desired = published_data(&inner.published);
+        if !holds(current.as_ref(), &desired) {
+            tracing::warn!("the published status lists were edited or deleted; restoring them");
+            overwrite(&self.configmaps, current, desired_configmap(desired)).await?;
+        }
+        Ok(())
+    }
+
+    /// Puts the state Secret back when someone edited or deleted it.
+    pub async fn restore_state(&self) -> Result<()> {
+        let inner = self.inner.lock().await;
+        if inner.written.is_empty() {
+            return Ok(());
+        }
+        let current = self.secrets.get_opt(SECRET_NAME).await?;
+        let desired = desired_secret(&inner.written);
+        if current.as_ref().and_then(|s| s.data.as_ref()) != desired.data.as_ref() {
+            tracing::warn!("the status-list state Secret was edited or deleted; restoring it");
+            overwrite(&self.secrets, current, desired).await?;
+        }
+        Ok(())
+    }
+
+    /// Writes the state when it differs from what was last written.
+    async fn persist(&self, inner: &mut Inner) -> Result<()> {
+        let text = inner.state_json()?;
+        if text == inner.written {
+            return Ok(());
+        }
+        if text.len() > MAX_STATE_BYTES {
+            return Err(Error::InvalidState(format!(
+                "the status-list state would take {} bytes, more than a Secret holds; refusing to issue",
+                text.len()
+            )));
+        }
+        let mut value = serde_json::to_value(desired_secret(&text))?;
+        value["apiVersion"] = "v1".into();
+        value["kind"] = "Secret".into();
+        self.secrets
+            .patch(
+                SECRET_NAME,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&value),
+            )
+            .await?;
+        inner.written = text;
+        Ok(())
+    }
+
+    /// Signs what needs signing (new or changed lists, tokens with less than half their life left,
+    /// tokens of a key that no longer signs), drops retired lists, and writes the ConfigMap when
+    /// anything changed (or, with `check`, when the ConfigMap differs from what we hold).
+    async fn publish(
+        &self,
+        inner: &mut Inner,
+        keys: &KeyStore,
+        now: i64,
+        check: bool,
+    ) -> Result<()> {
+        let active = keys.active_kid()?;
+        let mut next = BTreeMap::new();
+        let mut changed = false;
+        for (uri, list) in inner.registry.lists() {
+            let key = data_key(uri);
+            let claim = list.to_claim();
+            let fresh = inner.published.get(&key).filter(|p| {
+                p.uri == uri
+                    && p.claim == claim
+                    && p.exp - now > RESIGN_WHEN_LEFT_SECS
+                    && p.kid == active
+            });
+            let published = match fresh {
+                Some(p) => p.clone(),
+                None => {
+                    changed = true;
+                    self.sign(keys, uri, list, claim, now)?
+                }
+            };
+            next.insert(key, published);
+        }
+        changed |= inner.published.keys().any(|k| !next.contains_key(k));
+        let data = published_data(&next);
+        if changed || check {
+            let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
+            if !holds(current.as_ref(), &data) {
+                overwrite(&self.configmaps, current, desired_configmap(data)).await?;
+            }
+        }
+        inner.published = next;
+        Ok(())
+    }
+
+    fn sign(
+        &self,
+        keys: &KeyStore,
+        uri: &str,
+        list: &StatusList,
+        claim: Value,
+        now: i64,
+    ) -> Result<Published> {
+        let exp = now + LIST_TOKEN_LIFETIME_SECS;
+        let mut claims =
+            status_list_claims(uri, list, now, Some(exp), NonZeroU64::new(LIST_TTL_SECS));
+        claims["iss"] = self.issuer.clone().into();
+        let signed = keys.sign_typed(&claims, STATUS_LIST_TYP)?;
+        Ok(Published {
+            uri: uri.to_owned(),
+            token: signed.token,
+            claim,
+            exp,
+            kid: signed.key_id,
+        })
+    }
+
+    /// The Status List Tokens already published for live lists that verify against our keys: a
+    /// restart re-signs nothing that is still good.
+    async fn adopt_published(
+        &self,
+        inner: &Inner,
+        keys: &KeyStore,
+    ) -> Result<BTreeMap<String, Published>> {
+        let Some(cm) = self.configmaps.get_opt(CONFIGMAP_NAME).await? else {
+            return Ok(BTreeMap::new());
+        };
+        let jwks = keys.jwks()?;
+        let data = cm.data.unwrap_or_default();
+        Ok(inner
+            .registry
+            .lists()
+            .filter_map(|(uri, _)| {
+                let key = data_key(uri);
+                let token = data.get(&key)?;
+                verify_list_token(token, &jwks, uri).map(|p| (key, p))
+            })
+            .collect())
+    }
+}
+
+/// The ConfigMap key of a list: the last segment of its uri.
+pub fn data_key(uri: &str) -> String {
+    format!("{}.jwt", uri.rsplit('/').next().unwrap_or_default())
+}
+
+/// Whether the ConfigMap exists and holds exactly `data` (the apiserver drops an empty map).
+fn holds(current: Option<&ConfigMap>, data: &BTreeMap<String, String>) -> bool {
+    current.is_some_and(|cm| match cm.data.as_ref() {
+        Some(held) => held == data,
+        None => data.is_empty(),
+    })
+}
+
+fn published_data(published: &BTreeMap<String, Published>) -> BTreeMap<String, String> {
+    published
+        .iter()
+        .map(|(k, p)| (k.clone(), p.token.clone()))
+        .collect()
+}
+
+fn desired_configmap(data: BTreeMap<String, String>) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(CONFIGMAP_NAME.into()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+fn desired_secret(state: &str) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(SECRET_NAME.into()),
+            labels: Some(managed_labels()),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some([(STATE_KEY.to_owned(), ByteString(state.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    }
+}
+
+/// A published Status List Token for `uri`, if its signature verifies against `jwks` (the header
+/// `alg` must be the JWK's), its `typ` is `statuslist+jwt` and its `sub` is `uri`.
+fn verify_list_token(token: &str, jwks: &Value, uri: &str) -> Option<Published> {
+    let header = jsonwebtoken::decode_header(token).ok()?;
+    if header.typ.as_deref() != Some(STATUS_LIST_TYP) {
+        return None;
+    }
+    let kid = header.kid?;
+    let jwk = jwks["keys"]
+        .as_array()?
+        .iter()
+        .find(|k| k["kid"] == kid.as_str())?;
+    let alg = match jwk["alg"].as_str()? {
+        "ES256" => jsonwebtoken::Algorithm::ES256,
+        "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
+        _ => return None,
+    };
+    if header.alg != alg {
+        return None;
+    }
+    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).ok()?;
+    let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).ok()?;
+    let mut validation = jsonwebtoken::Validation::new(alg);
+    validation.validate_aud = false;
+    validation.set_required_spec_claims(&["sub", "iat", "exp"]);
+    let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .ok()?
+        .claims;
+    if claims["sub"].as_str() != Some(uri) {
+        return None;
+    }
+    Some(Published {
+        uri: uri.to_owned(),
+        token: token.to_owned(),
+        claim: claims.get("status_list")?.clone(),
+        exp: claims["exp"].as_i64()?,
+        kid,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn held_tokens_persist_compactly() {
+        let held = Held(
+            "0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f".into(),
+            1_800_000_600,
+            "3".into(),
+            17,
+        );
+        assert_eq!(
+            serde_json::to_string(&held).unwrap(),
+            r#"["0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f",1800000600,"3",17]"#
+        );
+    }
+
+    /// A restart reads back exactly what was written: the state is not rewritten for nothing.
+    #[test]
+    fn the_persisted_state_reads_back_byte_for_byte() {
+        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
+        let mut registry = Registry::new(config.clone()).unwrap();
+        let a = registry.allocate(1_800_000_000, 1_800_000_600).unwrap();
+        registry.revoke(&a.status_ref).unwrap();
+        let mut tokens = BTreeMap::new();
+        tokens.insert(
+            "uid-1".to_owned(),
+            vec![Held("j".into(), 1_800_000_600, "0".into(), 0)],
+        );
+        let inner = Inner {
+            registry,
+            tokens,
+            published: BTreeMap::new(),
+            written: String::new(),
+            pending: false,
+        };
+        let text = inner.state_json().unwrap();
+        let read: Persisted = serde_json::from_str(&text).unwrap();
+        let restored = Inner {
+            registry: Registry::restore(config, read.registry).unwrap(),
+            tokens: read.tokens,
+            published: BTreeMap::new(),
+            written: text.clone(),
+            pending: false,
+        };
+        assert_eq!(restored.state_json().unwrap(), text);
+        assert_eq!(
+            restored.status_ref(&restored.tokens["uid-1"][0]),
+            a.status_ref
+        );
+    }
+
+    #[test]
+    fn the_data_key_is_the_last_segment_of_the_uri() {
+        assert_eq!(data_key("https://i/statuslists/abc/12"), "12.jwt");
+    }
+}
