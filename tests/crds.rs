@@ -309,6 +309,119 @@ fn invalid_objects() -> Vec<(&'static str, DynamicObject, &'static str)> {
             "spec.validUntil",
         ),
         (
+            "a validUntil past the last instant the operator can represent",
+            grant(
+                "until-9999",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("9999-12-31T00:00:00Z"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil with ten fractional digits",
+            grant(
+                "until-ten-digits",
+                grant_spec_with(|s| {
+                    s.insert(
+                        "validUntil".into(),
+                        json!("2030-01-01T00:00:00.1234567890Z"),
+                    );
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil with a +99:00 offset",
+            grant(
+                "until-offset",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("2030-01-01T00:00:00+99:00"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil with text after a second T",
+            grant(
+                "until-trailing",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("2030-01-01T00:00:00ZT00:00:00"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "an empty validUntil",
+            grant(
+                "until-empty",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!(""));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil with lowercase t and z",
+            grant(
+                "until-lowercase",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("2030-01-01t00:00:00z"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil without a time",
+            grant(
+                "until-date",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("2030-01-01"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil in year 0000",
+            grant(
+                "until-year-zero",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("0000-01-01T00:00:00Z"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a validUntil on February 30",
+            grant(
+                "until-feb-30",
+                grant_spec_with(|s| {
+                    s.insert("validUntil".into(), json!("2030-02-30T00:00:00Z"));
+                }),
+            ),
+            "spec.validUntil",
+        ),
+        (
+            "a TTL whose sum would overflow CEL's duration",
+            grant(
+                "huge-ttl",
+                grant_spec_with(|s| {
+                    s.insert("tokenTTL".into(), json!("999999h999999h999999h"));
+                }),
+            ),
+            "spec.tokenTTL",
+        ),
+        (
+            "a malformed renewBefore",
+            grant(
+                "bad-renew",
+                grant_spec_with(|s| {
+                    s.insert("renewBefore".into(), json!("soon"));
+                }),
+            ),
+            "spec.renewBefore",
+        ),
+        (
             "an authorization detail without type",
             grant(
                 "no-type",
@@ -379,6 +492,10 @@ async fn the_apiserver_rejects_invalid_objects_naming_the_field() {
             message.contains(field),
             "{what}: message does not name {field:?}: {message}"
         );
+        // Sentences for people: never a CEL evaluation error, nor the laxer date-time check.
+        for phrase in ["type conversion", "evaluation error", "must be of type"] {
+            assert!(!message.contains(phrase), "{what}: {phrase:?} in {message}");
+        }
     }
 }
 

@@ -3,7 +3,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::{AUDIENCE_MESSAGE, AUDIENCES_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, SCOPE_PATTERN};
+use super::{
+    AUDIENCE_MESSAGE, AUDIENCES_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, MAX_CONDITIONS,
+    SCOPE_PATTERN, lenient_status, strict_times,
+};
 
 /// A non-human identity (an AI agent, a service, an automation) that may receive delegated authority
 /// through DelegationGrants. Its spec sets the ceiling for every grant naming it as actor.
@@ -125,8 +128,11 @@ pub struct ApprovalRequirement {
 }
 
 /// Observed state of an AgentIdentity.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+// Deserialize is written by hand (below): a status that does not decode reads as no status instead of
+// making the whole agent undecodable. Every time in it must be one the operator can read.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = strict_times)]
 pub struct AgentIdentityStatus {
     /// The identifier used for this agent in tokens (`client_id`, `act.sub`): `agent:<namespace>/<name>`.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -139,11 +145,48 @@ pub struct AgentIdentityStatus {
 
     /// `Ready` is True when the agent can receive grants (it is valid and not suspended).
     #[serde(skip_serializing_if = "Option::is_none")]
+    // Bounded so that the apiserver can afford the time rules on every lastTransitionTime.
+    #[schemars(length(max = MAX_CONDITIONS))]
     pub conditions: Option<Vec<Condition>>,
 
     /// The metadata.generation this status describes.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+}
+
+/// [`AgentIdentityStatus`] as stored, decoded strictly; kept field for field in step with it.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StrictAgentIdentityStatus {
+    subject: Option<String>,
+    active_grants: Option<i32>,
+    conditions: Option<Vec<Condition>>,
+    observed_generation: Option<i64>,
+}
+
+impl From<StrictAgentIdentityStatus> for AgentIdentityStatus {
+    fn from(s: StrictAgentIdentityStatus) -> Self {
+        let StrictAgentIdentityStatus {
+            subject,
+            active_grants,
+            conditions,
+            observed_generation,
+        } = s;
+        Self {
+            subject,
+            active_grants,
+            conditions,
+            observed_generation,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AgentIdentityStatus {
+    /// Never fails on content: a status that does not decode reads as an empty status, so that one
+    /// agent cannot stop the operator's watch of every agent. The operator writes a fresh one.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient_status::<D, StrictAgentIdentityStatus, _>(deserializer, "AgentIdentity")
+    }
 }
 
 impl AgentIdentitySpec {

@@ -4,9 +4,19 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    AUDIENCE_MESSAGE, AUDIENCE_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, SCOPE_PATTERN,
-    UserIdentity,
+    AUDIENCE_MESSAGE, AUDIENCE_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, MAX_CONDITIONS,
+    SCOPE_PATTERN, UserIdentity, duration_guard, fail_closed_time, lenient_status, strict_times,
 };
+
+/// `renewBefore < tokenTTL`, evaluated only when both are durations CEL can parse (each field's own
+/// rule reports a malformed one), so that it never fails with a CEL type-conversion error.
+fn renew_before_rule() -> String {
+    format!(
+        "!has(self.renewBefore) || !{} || !{} || duration(self.renewBefore) < duration(self.tokenTTL)",
+        duration_guard("self.renewBefore"),
+        duration_guard("self.tokenTTL"),
+    )
+}
 
 /// "Principal P lets agent A do S, for audience X, until T": one hop of delegated authority.
 ///
@@ -90,7 +100,7 @@ use super::{
     validation = Rule::new("self.actorRef == oldSelf.actorRef")
         .message("spec.actorRef is immutable: create a new grant instead")
         .field_path(".actorRef"),
-    validation = Rule::new("!has(self.renewBefore) || duration(self.renewBefore) < duration(self.tokenTTL)")
+    validation = Rule::new(renew_before_rule())
         .message("spec.renewBefore must be shorter than spec.tokenTTL")
         .field_path(".renewBefore")
 )]
@@ -137,9 +147,17 @@ pub struct DelegationGrantSpec {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub renew_before: Option<Duration>,
 
-    /// End of the delegation itself (RFC 3339). No token outlives it; once passed, the token is revoked
-    /// and the grant reports Expired.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// End of the delegation itself, an RFC 3339 time such as `2030-01-01T00:00:00Z` or
+    /// `2030-01-01T09:30:00+02:00` (at most 9 fractional digits). No token outlives it; once passed, the
+    /// token is revoked and the grant reports Expired.
+    // The apiserver accepts only times the operator can read (`strict_times`). One stored before it
+    // did, and unreadable, counts as long passed rather than making the grant undecodable.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "fail_closed_time"
+    )]
+    #[schemars(transform = strict_times)]
     pub valid_until: Option<Time>,
 
     /// Fine-grained limits carried in the token's `authorization_details` claim (RFC 9396 shape). A hop
@@ -237,12 +255,17 @@ pub struct AuthorizationDetail {
 }
 
 /// Observed state of a DelegationGrant: the evidence of who authorised what.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+// Deserialize is written by hand (below): a status that does not decode reads as no status instead of
+// making the whole grant undecodable. Every time in it must be one the operator can read.
+#[derive(Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(transform = strict_times)]
 pub struct DelegationGrantStatus {
     /// `Ready` is True once a valid token is in the Secret. Its reason says why not otherwise
     /// (Denied*, Revoked, Expired, ParentNotReady, AgentSuspended, AgentMissing, SecretConflict, ...).
     #[serde(skip_serializing_if = "Option::is_none")]
+    // Bounded so that the apiserver can afford the time rules on every lastTransitionTime.
+    #[schemars(length(max = MAX_CONDITIONS))]
     pub conditions: Option<Vec<Condition>>,
 
     /// The metadata.generation this status describes.
@@ -278,6 +301,59 @@ pub struct DelegationGrantStatus {
     /// Where the grant stands when its agent requires approval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approval: Option<ApprovalStatus>,
+}
+
+/// [`DelegationGrantStatus`] as stored, decoded strictly; kept field for field in step with it (the
+/// conversion below names every field, and a round-trip test checks the names).
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct StrictDelegationGrantStatus {
+    conditions: Option<Vec<Condition>>,
+    observed_generation: Option<i64>,
+    chain: Option<Vec<ChainLink>>,
+    effective_scopes: Option<Vec<String>>,
+    token: Option<TokenStatus>,
+    previous_token: Option<PreviousToken>,
+    secret_name: Option<String>,
+    #[serde(rename = "parentGrantUID")]
+    parent_grant_uid: Option<String>,
+    approval: Option<ApprovalStatus>,
+}
+
+impl From<StrictDelegationGrantStatus> for DelegationGrantStatus {
+    fn from(s: StrictDelegationGrantStatus) -> Self {
+        let StrictDelegationGrantStatus {
+            conditions,
+            observed_generation,
+            chain,
+            effective_scopes,
+            token,
+            previous_token,
+            secret_name,
+            parent_grant_uid,
+            approval,
+        } = s;
+        Self {
+            conditions,
+            observed_generation,
+            chain,
+            effective_scopes,
+            token,
+            previous_token,
+            secret_name,
+            parent_grant_uid,
+            approval,
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DelegationGrantStatus {
+    /// Never fails on content: a status that does not decode (say a time jiff cannot read, written
+    /// through the status subresource) is read as an empty status, so that one grant cannot stop
+    /// the operator's watch of every grant. The operator writes a fresh status over it.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        lenient_status::<D, StrictDelegationGrantStatus, _>(deserializer, "DelegationGrant")
+    }
 }
 
 /// The approval state of a grant whose agent requires one.
@@ -371,5 +447,192 @@ impl DelegationGrantSpec {
     /// Whether the grant is switched off.
     pub fn is_suspended(&self) -> bool {
         self.suspended.unwrap_or(false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::jiff::Timestamp;
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::api::{AgentIdentity, AgentIdentityStatus, UNREADABLE_VALID_UNTIL};
+
+    fn grant_json(status: Value) -> Value {
+        json!({
+            "apiVersion": "delegation.nhi.dev/v1alpha1",
+            "kind": "DelegationGrant",
+            "metadata": {"name": "g", "namespace": "ns", "generation": 3},
+            "spec": {
+                "principal": {"kind": "User", "name": "alice@example.com"},
+                "actorRef": {"name": "ticket-triage"},
+                "scopes": ["tickets:read"],
+                "audience": "https://tickets.example.com",
+                "tokenTTL": "10m",
+                "validUntil": "2030-01-01T00:00:00Z",
+            },
+            "status": status,
+        })
+    }
+
+    fn full_status() -> DelegationGrantStatus {
+        let t = |s: i64| Time(Timestamp::from_second(s).unwrap());
+        DelegationGrantStatus {
+            conditions: Some(vec![Condition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                reason: "Issued".into(),
+                message: "m".into(),
+                last_transition_time: t(1_800_000_000),
+                observed_generation: Some(3),
+            }]),
+            observed_generation: Some(3),
+            chain: Some(vec![ChainLink {
+                kind: "User".into(),
+                name: "alice@example.com".into(),
+                subject: Some("s".into()),
+                grant: Some("g".into()),
+                scopes: Some(vec!["tickets:read".into()]),
+                requested_by: Some("admin".into()),
+                approved_by: Some("carol".into()),
+            }]),
+            effective_scopes: Some(vec!["tickets:read".into()]),
+            token: Some(TokenStatus {
+                id: "jti".into(),
+                key_id: "kid".into(),
+                issued_at: t(1_800_000_000),
+                expires_at: t(1_800_000_600),
+                renewal_time: t(1_800_000_400),
+                claims_digest: Some("d".into()),
+            }),
+            previous_token: Some(PreviousToken {
+                id: "old".into(),
+                expires_at: t(1_800_000_100),
+            }),
+            secret_name: Some("g-token".into()),
+            parent_grant_uid: Some("uid".into()),
+            approval: Some(ApprovalStatus {
+                state: ApprovalState::Approved,
+                generation: 3,
+                approval: Some("a".into()),
+                approver: Some("carol".into()),
+            }),
+        }
+    }
+
+    /// The strict twin of the status decodes every field the status writes: no rename drifted.
+    #[test]
+    fn a_readable_status_round_trips() {
+        let status = full_status();
+        let text = serde_json::to_value(&status).unwrap();
+        assert!(text.get("parentGrantUID").is_some() && text["token"].get("keyID").is_some());
+        let read: DelegationGrantStatus = serde_json::from_value(text).unwrap();
+        assert_eq!(read, status);
+        let grant: DelegationGrant =
+            serde_json::from_value(grant_json(serde_json::to_value(&status).unwrap())).unwrap();
+        assert_eq!(grant.status, Some(status));
+    }
+
+    /// A status holding a time jiff cannot read (the apiserver's `format: date-time` let these
+    /// through) decodes as an empty status; the grant, and its spec, decode.
+    #[test]
+    fn a_hostile_status_reads_as_no_status_and_keeps_the_spec() {
+        let hostile_times = [
+            "9999-12-31T00:00:00Z",
+            "2030-01-01T00:00:00.1234567890Z",
+            "2030-01-01T00:00:00+99:00",
+            "2030-01-01T00:00:00ZT00:00:00",
+            "",
+        ];
+        let paths: [&[&str]; 5] = [
+            &["token", "issuedAt"],
+            &["token", "expiresAt"],
+            &["token", "renewalTime"],
+            &["previousToken", "expiresAt"],
+            &["conditions", "0", "lastTransitionTime"],
+        ];
+        for hostile in hostile_times {
+            for path in paths {
+                let mut status = serde_json::to_value(full_status()).unwrap();
+                let mut at = &mut status;
+                for key in path {
+                    at = match key.parse::<usize>() {
+                        Ok(i) => &mut at[i],
+                        Err(_) => &mut at[*key],
+                    };
+                }
+                *at = json!(hostile);
+                let grant: DelegationGrant = serde_json::from_value(grant_json(status))
+                    .unwrap_or_else(|e| panic!("{path:?} = {hostile}: {e}"));
+                assert_eq!(
+                    grant.status,
+                    Some(DelegationGrantStatus::default()),
+                    "{path:?} = {hostile}"
+                );
+                assert_eq!(grant.spec.actor_ref.name, "ticket-triage");
+                assert_eq!(grant.spec.scopes, ["tickets:read"]);
+                assert_eq!(grant.spec.token_ttl.as_str(), "10m");
+                assert_eq!(
+                    grant.spec.valid_until.map(|t| t.0),
+                    Some("2030-01-01T00:00:00Z".parse().unwrap())
+                );
+                assert_eq!(grant.metadata.generation, Some(3));
+            }
+        }
+        // A status of the wrong shape altogether reads as empty too; a null one as none.
+        let grant: DelegationGrant =
+            serde_json::from_value(grant_json(json!({"token": 7}))).unwrap();
+        assert_eq!(grant.status, Some(DelegationGrantStatus::default()));
+        let grant: DelegationGrant = serde_json::from_value(grant_json(Value::Null)).unwrap();
+        assert_eq!(grant.status, None);
+    }
+
+    #[test]
+    fn an_unreadable_valid_until_decodes_as_long_passed() {
+        let mut value = grant_json(Value::Null);
+        value["spec"]["validUntil"] = json!("9999-12-31T00:00:00Z");
+        let grant: DelegationGrant = serde_json::from_value(value).unwrap();
+        assert_eq!(
+            grant.spec.valid_until.map(|t| t.0),
+            Some(UNREADABLE_VALID_UNTIL)
+        );
+        let mut value = grant_json(Value::Null);
+        value["spec"].as_object_mut().unwrap().remove("validUntil");
+        let grant: DelegationGrant = serde_json::from_value(value).unwrap();
+        assert_eq!(grant.spec.valid_until, None);
+    }
+
+    #[test]
+    fn an_agent_with_a_hostile_status_decodes() {
+        let agent = |status: Value| {
+            serde_json::from_value::<AgentIdentity>(json!({
+                "apiVersion": "delegation.nhi.dev/v1alpha1",
+                "kind": "AgentIdentity",
+                "metadata": {"name": "a", "namespace": "ns"},
+                "spec": {
+                    "owner": {"kind": "Group", "name": "platform"},
+                    "allowedScopes": ["tickets:read"],
+                    "allowedAudiences": ["https://tickets.example.com"],
+                    "maxTokenTTL": "15m",
+                },
+                "status": status,
+            }))
+            .unwrap()
+        };
+        let good = AgentIdentityStatus {
+            subject: Some("agent:ns/a".into()),
+            active_grants: Some(2),
+            conditions: full_status().conditions,
+            observed_generation: Some(3),
+        };
+        assert_eq!(
+            agent(serde_json::to_value(&good).unwrap()).status,
+            Some(good.clone())
+        );
+        let mut hostile = serde_json::to_value(&good).unwrap();
+        hostile["conditions"][0]["lastTransitionTime"] = json!("9999-12-31T00:00:00Z");
+        let read = agent(hostile);
+        assert_eq!(read.status, Some(AgentIdentityStatus::default()));
+        assert_eq!(read.spec.max_token_ttl.as_str(), "15m");
     }
 }

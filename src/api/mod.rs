@@ -12,12 +12,14 @@ mod delegation_approval;
 mod delegation_grant;
 mod duration;
 mod identity;
+mod times;
 
 pub use agent_identity::*;
 pub use delegation_approval::*;
 pub use delegation_grant::*;
 pub use duration::*;
 pub use identity::*;
+pub use times::*;
 
 use kube::CustomResourceExt;
 use schemars::JsonSchema;
