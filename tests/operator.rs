@@ -1897,6 +1897,10 @@ async fn tenant_written_ids_cannot_invalidate_another_grants_status_entry() {
         0,
         "another grant's entry is untouched"
     );
+    assert!(
+        !f.revoked_ids().await.contains(&victim_token.id),
+        "another grant's token id copied into a status is not revoked in the jti list either"
+    );
 }
 
 /// What the operator minted is persisted with the lists: after a restart, deleting a grant still
@@ -1968,4 +1972,97 @@ async fn the_operator_refuses_to_start_with_an_unreadable_status_list_state() {
         log.contains("delegation-operator-status-lists") && log.contains("refusing to start"),
         "{log}"
     );
+}
+
+/// A look-alike Secret wrapping another grant's token (any token ever minted for it) with an owner
+/// reference to that grant's uid does not make the orphan sweep revoke the victim's live tokens.
+#[tokio::test]
+async fn a_look_alike_orphan_cannot_revoke_another_grants_tokens() {
+    let f = Fixture::start("lookalike", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("victim", "5m")).await;
+    let victim = f.wait_ready("victim", "True", None).await;
+    let uid = victim.metadata.uid.clone().unwrap();
+    let jti = token_id(&victim);
+    let token = f.token_in("victim-token").await.unwrap();
+    let status = status_claim(&f, "victim-token").await;
+    let lookalike = Secret {
+        metadata: ObjectMeta {
+            name: Some("lookalike".into()),
+            labels: Some(BTreeMap::from([(
+                "app.kubernetes.io/managed-by".to_owned(),
+                "delegation-operator".to_owned(),
+            )])),
+            owner_references: Some(vec![
+                k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+                    api_version: "delegation.nhi.dev/v1alpha1".into(),
+                    kind: "DelegationGrant".into(),
+                    name: "gone-long-ago".into(),
+                    uid: uid.clone(),
+                    controller: Some(true),
+                    block_owner_deletion: None,
+                },
+            ]),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([(
+            "token".to_owned(),
+            ByteString(token.into_bytes()),
+        )])),
+        ..Default::default()
+    };
+    f.secrets()
+        .create(&PostParams::default(), &lookalike)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !f.revoked_ids().await.contains(&jti),
+        "the victim's token is not revoked"
+    );
+    assert_eq!(
+        f.published_status(&status).await,
+        0,
+        "nor its status-list entry"
+    );
+    assert!(
+        f.secrets().get_opt("lookalike").await.unwrap().is_some(),
+        "nor the Secret touched"
+    );
+    assert_eq!(token_id(&f.wait_ready("victim", "True", None).await), jti);
+}
+
+/// A grant whose Secret lost its label (out of the operator's cache) and whose finalizer was forced
+/// off is still revoked when it is deleted: from the operator's own record of what it minted.
+#[tokio::test]
+async fn a_grant_deleted_around_the_operator_is_still_revoked_from_its_record() {
+    let f = Fixture::start("unlabelled", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("sly", "5m")).await;
+    let jti = token_id(&f.wait_ready("sly", "True", None).await);
+    let status = status_claim(&f, "sly-token").await;
+    let unlabel = json!({"metadata": {"labels": {"app.kubernetes.io/managed-by": null}}});
+    f.secrets()
+        .patch(
+            "sly-token",
+            &PatchParams::default(),
+            &Patch::Merge(&unlabel),
+        )
+        .await
+        .unwrap();
+    f.patch_grant("sly", json!({"metadata": {"finalizers": null}}))
+        .await;
+    f.grants()
+        .delete("sly", &DeleteParams::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the token revoked from the record",
+        Duration::from_secs(15),
+        || async {
+            (f.revoked_ids().await.contains(&jti) && f.published_status(&status).await == 1)
+                .then_some(())
+        },
+    )
+    .await;
 }

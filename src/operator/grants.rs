@@ -526,7 +526,6 @@ async fn revoke_replaced(
     } else {
         "Displaced"
     };
-    let revoked = record(grant, ctx, replaced, reason, now).await?;
     let verified: Vec<TokenStatusRef> = in_use
         .verified_refs
         .into_iter()
@@ -534,6 +533,7 @@ async fn revoke_replaced(
         .map(|(_, r)| r)
         .collect();
     revoke_statuses(grant, ctx, kept, &verified, now).await?;
+    let revoked = record(grant, ctx, replaced, reason, now).await?;
     Ok((revoked, reason))
 }
 
@@ -751,9 +751,10 @@ async fn revoke_tokens(
     now: Timestamp,
 ) -> Result<Vec<String>> {
     let in_use = tokens_in_use(grant, ctx, now).await?;
-    let revoked = record(grant, ctx, in_use.tokens, reason, now).await?;
     let verified: Vec<TokenStatusRef> = in_use.verified_refs.into_iter().map(|(_, r)| r).collect();
+    // The status list first: it is what verifiers check, and bounded whatever tenants do.
     revoke_statuses(grant, ctx, None, &verified, now).await?;
+    let revoked = record(grant, ctx, in_use.tokens, reason, now).await?;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -766,32 +767,28 @@ async fn revoke_tokens(
     Ok(revoked)
 }
 
-/// The grant's tokens that may still be valid, as `(jti, exp)`: the current and previous ones of its
-/// status, and the token held by its Secret when the status does not name it (a token whose status
-/// write never happened). Nothing a tenant writes can add an entry of its choosing: a status id must
-/// have the shape of the ids we mint and an expiry no later than the longest lifetime allows, and the
-/// Secret's token counts only when it verifies against our keys and names this very grant — its
-/// annotations are not read.
+/// The grant's tokens that may still be valid, as `(jti, exp)`: those the operator recorded minting
+/// for this grant uid, and the token held by its Secret when the record does not name it (one minted
+/// before the record existed). Nothing a tenant writes can add an entry of its choosing: the status
+/// and the Secret's annotations are not read for it, and the Secret's token counts only when it
+/// verifies against our keys and names this very grant.
 async fn tokens_in_use(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result<InUse> {
     let latest = crate::delegation::chain::add(now, ctx.settings.policy.max_token_ttl);
     let plausible = |jti: &str, exp: Timestamp| {
         uuid::Uuid::try_parse(jti).is_ok() && exp > now && exp <= latest
     };
-    let mut tokens: Vec<(String, Timestamp)> = Vec::new();
     let mut verified_refs = Vec::new();
-    if let Some(status) = &grant.status {
-        let recorded = status
-            .token
-            .iter()
-            .map(|t| (t.id.clone(), t.expires_at.0))
-            .chain(
-                status
-                    .previous_token
-                    .iter()
-                    .map(|t| (t.id.clone(), t.expires_at.0)),
-            );
-        tokens.extend(recorded.filter(|(jti, exp)| plausible(jti, *exp)));
-    }
+    // What the operator recorded minting for this grant uid (its own state, operator namespace):
+    // nothing a tenant writes into the status can add another grant's token here.
+    let recorded = match grant.uid() {
+        Some(uid) => ctx.status_lists.recorded(&uid, now.as_second()).await,
+        None => Vec::new(),
+    };
+    let mut tokens: Vec<(String, Timestamp)> = recorded
+        .into_iter()
+        .filter_map(|(jti, exp)| Timestamp::from_second(exp).ok().map(|exp| (jti, exp)))
+        .filter(|(jti, exp)| plausible(jti, *exp))
+        .collect();
     let namespace = grant.namespace().unwrap_or_default();
     for secret_name in secret_names(grant) {
         let Some(secret) = ctx.cached_secret(&namespace, &secret_name) else {
@@ -905,7 +902,11 @@ async fn record(
             time: now.to_string(),
         })
         .collect();
-    ctx.revocations.add(entries, now).await?;
+    // The jti list is kept beside the status lists for older verifiers, best effort: it is one
+    // ConfigMap, and a full one must not stop revocation (the status lists already hold it).
+    if let Err(e) = ctx.revocations.add(entries, now).await {
+        tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
+    }
     Ok(tokens.into_iter().map(|(jti, _)| jti).collect())
 }
 

@@ -209,7 +209,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
     let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, move |event| {
         if let watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) = event {
             let key = (secret.namespace().unwrap_or_default(), secret.name_any());
-            let _ = sweep.unbounded_send(key);
+            let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
         }
     });
 
@@ -317,7 +317,12 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
                     (false, status_lists::CONFIGMAP_NAME) => {
                         ctx.status_lists.restore_published().await
                     }
-                    (true, status_lists::SECRET_NAME) => ctx.status_lists.restore_state().await,
+                    (true, name)
+                        if name == status_lists::SECRET_NAME
+                            || name.starts_with(status_lists::SHARD_PREFIX) =>
+                    {
+                        ctx.status_lists.restore_state(name).await
+                    }
                     _ => Ok(()),
                 };
                 if let Err(e) = restored {
@@ -435,7 +440,7 @@ fn grant_fan_out(
     index: Arc<index::GrantIndex>,
     wake_grant: Wake<DelegationGrant>,
     wake_agent: Wake<AgentIdentity>,
-    sweep: futures::channel::mpsc::UnboundedSender<orphans::SecretKey>,
+    sweep: futures::channel::mpsc::UnboundedSender<orphans::Sweep>,
 ) -> impl FnMut(&watcher::Event<DelegationGrant>) + Send + 'static {
     move |event| {
         let touched = index.apply(event);
@@ -451,8 +456,14 @@ fn grant_fan_out(
                 // A grant gone without its finalizer (forced off) leaves its Secret behind.
                 if matches!(event, watcher::Event::Delete(_)) {
                     for secret in grants::secret_names(grant) {
-                        let _ = sweep.unbounded_send((ns.clone(), secret));
+                        let _ = sweep.unbounded_send(orphans::Sweep::Secret(ns.clone(), secret));
                     }
+                    // ... or takes the label off its Secret first: the operator's own record decides.
+                    let _ = sweep.unbounded_send(orphans::Sweep::Grant {
+                        namespace: ns.clone(),
+                        name: grant.name_any(),
+                        uid: grant.uid().unwrap_or_default(),
+                    });
                 }
             }
             // After a re-list every grant is reconciled anyway; agents recount from the new index.

@@ -25,23 +25,89 @@ use crate::{
 /// Why an orphaned token is revoked, in the revocation list and the audit trail alike.
 const ORPHANED: &str = "Orphaned";
 
-/// A token Secret to look at: `(namespace, name)`.
-pub type SecretKey = (String, String);
+/// What to look at.
+pub enum Sweep {
+    /// A token Secret, `(namespace, name)`: does its grant still exist?
+    Secret(String, String),
+    /// A grant that was deleted: did it go without its finalizer (so its tokens were not revoked)?
+    Grant {
+        namespace: String,
+        name: String,
+        uid: String,
+    },
+}
 
-/// Sweeps every Secret sent on `keys` once the caches are in. Runs on the leader only.
-pub async fn run(ctx: Arc<Context>, keys: futures::channel::mpsc::UnboundedReceiver<SecretKey>) {
+/// Sweeps everything sent on `items` once the caches are in. Runs on the leader only.
+pub async fn run(ctx: Arc<Context>, items: futures::channel::mpsc::UnboundedReceiver<Sweep>) {
     if !ctx.caches_ready().await {
         return;
     }
-    keys.for_each(|(namespace, name)| {
-        let ctx = ctx.clone();
-        async move {
-            if let Err(e) = sweep(&ctx, &namespace, &name).await {
-                tracing::warn!(namespace, secret = name, error = %e, "orphan sweep failed; retried on the next change");
+    items
+        .for_each(|item| {
+            let ctx = ctx.clone();
+            async move {
+                let (what, swept) = match &item {
+                    Sweep::Secret(namespace, name) => (name.clone(), sweep(&ctx, namespace, name).await),
+                    Sweep::Grant { namespace, name, uid } => {
+                        (name.clone(), sweep_grant(&ctx, namespace, name, uid).await)
+                    }
+                };
+                if let Err(e) = swept {
+                    tracing::warn!(object = what, error = %e, "orphan sweep failed; retried on the next change");
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+}
+
+/// A grant gone without its finalizer having run (forced off): whatever the operator recorded
+/// minting for its uid is revoked from that record alone — its Secret may have lost the label that
+/// puts it in the cache, so the Secret cannot be relied on.
+async fn sweep_grant(ctx: &Context, namespace: &str, name: &str, uid: &str) -> Result<()> {
+    let live = ctx
+        .grants
+        .get(&ObjectRef::<DelegationGrant>::new(name).within(namespace));
+    if live.is_some_and(|g| g.metadata.uid.as_deref() == Some(uid)) {
+        return Ok(());
+    }
+    let now = now();
+    let recorded = ctx.status_lists.recorded(uid, now.as_second()).await;
+    if recorded.is_empty() {
+        return Ok(());
+    }
+    let entries = recorded
+        .iter()
+        .map(|(jti, exp)| Revocation {
+            jti: jti.clone(),
+            exp: *exp,
+            grant: format!("{namespace}/{name}"),
+            reason: ORPHANED.to_owned(),
+            time: now.to_string(),
+        })
+        .collect();
+    ctx.status_lists
+        .revoke_grant(&ctx.keys, uid, None, &[], now.as_second())
+        .await?;
+    if let Err(e) = ctx.revocations.add(entries, now).await {
+        tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
+    }
+    let ids: Vec<&str> = recorded.iter().map(|(jti, _)| jti.as_str()).collect();
+    audit::record(&AuditRecord {
+        time: now.to_string(),
+        action: AuditAction::Revoked,
+        namespace,
+        grant: name,
+        reason: ORPHANED,
+        message: "the grant was deleted without its finalizer; the tokens minted for it are revoked",
+        principal: None,
+        requester: None,
+        chain: Vec::new(),
+        scopes: None,
+        audience: None,
+        token_ids: ids,
+        expires_at: None,
+    });
+    Ok(())
 }
 
 /// The grant a token Secret names as its controller, as `(name, uid)`.
@@ -81,7 +147,13 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
         );
         return Ok(());
     };
-    if claims["delegation.nhi.dev/grant"]["uid"] != grant_uid.as_str() {
+    // The token must name this very Secret's grant — namespace, name and uid — or a tenant could
+    // wrap another grant's (old) token in a look-alike Secret to revoke that grant's live tokens.
+    let named = &claims["delegation.nhi.dev/grant"];
+    if named["uid"] != grant_uid.as_str()
+        || named["namespace"] != namespace
+        || named["name"] != grant_name.as_str()
+    {
         return Ok(());
     }
     let now = now();
@@ -95,11 +167,12 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
             reason: ORPHANED.to_owned(),
             time: now.to_string(),
         };
-        // Recorded before the delete: fail closed.
-        ctx.revocations.add(vec![entry], now).await?;
+        if let Err(e) = ctx.revocations.add(vec![entry], now).await {
+            tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
+        }
     }
-    // Its status-list entry too (from its verified claims), and whatever else the operator minted
-    // for that grant uid and still holds on record.
+    // Its status-list entry (from its verified claims) and whatever else the operator minted for
+    // that grant uid and still holds on record — before the delete: fail closed.
     let verified: Vec<_> = TokenStatusRef::from_status_claim(&claims["status"])
         .filter(|_| exp > now.as_second())
         .into_iter()

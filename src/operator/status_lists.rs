@@ -3,11 +3,14 @@
 //!
 //! - **State**: Secret `delegation-operator-status-lists` in the operator namespace, key
 //!   `state.json`: the registry's [`RegistryState`] (serial counter, live lists with their reserved
-//!   marks and statuses), the lists' `baseUri` (`<issuer>/statuslists/<uid of that Secret>`, fixed
-//!   when the Secret is created and stored beside the state so that it never changes), and `tokens`:
-//!   for every grant uid, the tokens the operator minted for it that may still be valid, as
-//!   `[jti, exp, list serial, idx]`. The Secret is created when missing; an unreadable one stops the
-//!   start (an empty registry would forget revocations and restart serials).
+//!   marks and statuses) and the lists' `baseUri` (`<issuer>/statuslists/<uid of that Secret>`, fixed
+//!   when the Secret is created and stored beside the state so that it never changes). Beside it,
+//!   [`SHARDS`] Secrets `delegation-operator-status-lists-tokens-NN` (key `tokens.json`) hold, for
+//!   every grant uid hashed to that shard, the tokens the operator minted for it that may still be
+//!   valid, as `[jti, exp, list serial, idx]`: an issuance rewrites one small shard, never the whole
+//!   record (a whole-record rewrite per token filled etcd's quota at a few thousand grants). The
+//!   Secrets are created when missing; an unreadable one stops the start (an empty registry would
+//!   forget revocations and restart serials).
 //! - **Publication**: ConfigMap `delegation-operator-status-lists`, one key `<serial>.jwt` per live
 //!   list (the last segment of its uri), each a Status List Token (`typ: statuslist+jwt`) signed
 //!   with the active signing key, with `sub` = the list's uri, `iss`, `iat`, `exp` (a day) and `ttl`.
@@ -51,6 +54,13 @@ use crate::status_list::{
 
 pub const SECRET_NAME: &str = "delegation-operator-status-lists";
 pub const STATE_KEY: &str = "state.json";
+/// The per-grant token records are spread over this many Secrets, by a hash of the grant uid.
+pub const SHARDS: usize = 64;
+/// The name prefix of the shard Secrets (`<prefix>NN`).
+pub const SHARD_PREFIX: &str = "delegation-operator-status-lists-tokens-";
+const TOKENS_KEY: &str = "tokens.json";
+/// Label of a shard Secret: its number.
+const SHARD_LABEL: &str = "delegation.nhi.dev/status-list-shard";
 pub const CONFIGMAP_NAME: &str = "delegation-operator-status-lists";
 /// How long a Status List Token is valid (its `exp`).
 const LIST_TOKEN_LIFETIME_SECS: i64 = 86_400;
@@ -82,7 +92,20 @@ struct Persisted {
 struct PersistedRef<'a> {
     base_uri: &'a str,
     registry: &'a RegistryState,
-    tokens: &'a BTreeMap<String, Vec<Held>>,
+}
+
+/// Grant uid -> the tokens minted for it, one map per shard.
+type Shards = Vec<BTreeMap<String, Vec<Held>>>;
+
+/// The shard of a grant uid: stable across restarts and versions (SHA-256, not a std hasher).
+fn shard_of(grant_uid: &str) -> usize {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(grant_uid.as_bytes());
+    usize::from(u16::from_be_bytes([digest[0], digest[1]])) % SHARDS
+}
+
+fn shard_name(shard: usize) -> String {
+    format!("{SHARD_PREFIX}{shard:02}")
 }
 
 /// A Status List Token as published.
@@ -98,8 +121,12 @@ struct Published {
 
 struct Inner {
     registry: Registry,
-    /// Grant uid -> the tokens minted for it that may still be valid.
-    tokens: BTreeMap<String, Vec<Held>>,
+    /// Per shard: grant uid -> the tokens minted for it that may still be valid.
+    tokens: Shards,
+    /// The JSON last written to each shard Secret.
+    shards_written: Vec<String>,
+    /// Shards changed since they were written.
+    dirty: BTreeSet<usize>,
     /// ConfigMap data key -> the Status List Token published under it.
     published: BTreeMap<String, Published>,
     /// The state JSON last written to the Secret.
@@ -122,8 +149,22 @@ impl Inner {
         Ok(serde_json::to_string(&PersistedRef {
             base_uri: &self.registry.config().base_uri,
             registry: self.registry.state(),
-            tokens: &self.tokens,
         })?)
+    }
+
+    fn held_of(&mut self, grant_uid: &str) -> &mut Vec<Held> {
+        let shard = shard_of(grant_uid);
+        self.dirty.insert(shard);
+        self.tokens[shard].entry(grant_uid.to_owned()).or_default()
+    }
+
+    fn take_held(&mut self, grant_uid: &str) -> Option<Vec<Held>> {
+        let shard = shard_of(grant_uid);
+        let held = self.tokens[shard].remove(grant_uid);
+        if held.is_some() {
+            self.dirty.insert(shard);
+        }
+        held
     }
 
     fn status_ref(&self, held: &Held) -> TokenStatusRef {
@@ -210,13 +251,23 @@ impl StatusLists {
         let config = RegistryConfig::new(persisted.base_uri, max_secs);
         let registry =
             Registry::restore(config, persisted.registry).map_err(|e| unreadable(e.to_string()))?;
+        let (mut tokens, shards_written) = load_shards(&secrets, namespace).await?;
+        // Records of an older single-Secret state move into their shards.
+        let mut dirty = BTreeSet::new();
+        for (uid, held) in persisted.tokens {
+            let shard = shard_of(&uid);
+            tokens[shard].entry(uid).or_default().extend(held);
+            dirty.insert(shard);
+        }
         let lists = Self {
             secrets,
             configmaps,
             issuer: issuer.to_owned(),
             inner: Mutex::new(Inner {
                 registry,
-                tokens: persisted.tokens,
+                tokens,
+                shards_written,
+                dirty,
                 published: BTreeMap::new(),
                 written,
                 pending: false,
@@ -254,7 +305,7 @@ impl StatusLists {
             .next()
             .unwrap_or_default()
             .to_owned();
-        let held = inner.tokens.entry(grant_uid.to_owned()).or_default();
+        let held = inner.held_of(grant_uid);
         held.retain(|h| h.1 > now);
         held.push(Held(jti.to_owned(), exp, serial, status_ref.idx));
         // Persisted whether or not a new block was reserved (`persist_before_use`): the token's
@@ -262,6 +313,21 @@ impl StatusLists {
         self.persist(&mut inner).await?;
         self.publish(&mut inner, keys, now, false).await?;
         Ok(status_ref)
+    }
+
+    /// The tokens the operator recorded minting for `grant_uid` that have not expired, as `(jti, exp)`:
+    /// its own knowledge of what a revocation of that grant must cover.
+    pub async fn recorded(&self, grant_uid: &str, now: i64) -> Vec<(String, i64)> {
+        let inner = self.inner.lock().await;
+        inner.tokens[shard_of(grant_uid)]
+            .get(grant_uid)
+            .map(|held| {
+                held.iter()
+                    .filter(|h| h.1 > now)
+                    .map(|h| (h.0.clone(), h.1))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Sets to INVALID every token of `grant_uid` the operator recorded except `keep` (a jti), plus
@@ -277,15 +343,18 @@ impl StatusLists {
         now: i64,
     ) -> Result<usize> {
         let mut inner = self.inner.lock().await;
-        if !inner.pending && verified.is_empty() && !inner.tokens.contains_key(grant_uid) {
+        if !inner.pending
+            && verified.is_empty()
+            && !inner.tokens[shard_of(grant_uid)].contains_key(grant_uid)
+        {
             return Ok(0);
         }
-        let held = inner.tokens.remove(grant_uid).unwrap_or_default();
+        let held = inner.take_held(grant_uid).unwrap_or_default();
         let (kept, dropped): (Vec<Held>, Vec<Held>) = held
             .into_iter()
             .partition(|h| keep == Some(h.0.as_str()) && h.1 > now);
         if !kept.is_empty() {
-            inner.tokens.insert(grant_uid.to_owned(), kept.clone());
+            inner.held_of(grant_uid).extend(kept.iter().cloned());
         }
         let kept_refs: BTreeSet<TokenStatusRef> =
             kept.iter().map(|h| inner.status_ref(h)).collect();
@@ -323,10 +392,12 @@ impl StatusLists {
         let mut inner = self.inner.lock().await;
         let retired = inner.registry.prune(now);
         // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
-        for held in inner.tokens.values_mut() {
-            held.retain(|h| h.1 > now);
+        for shard in inner.tokens.iter_mut() {
+            for held in shard.values_mut() {
+                held.retain(|h| h.1 > now);
+            }
+            shard.retain(|_, held| !held.is_empty());
         }
-        inner.tokens.retain(|_, held| !held.is_empty());
         if !retired.is_empty() {
             tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");
         }
@@ -361,23 +432,57 @@ impl StatusLists {
         Ok(())
     }
 
-    /// Puts the state Secret back when someone edited or deleted it.
-    pub async fn restore_state(&self) -> Result<()> {
+    /// Puts the state Secret or a shard Secret (by name) back when someone edited or deleted it.
+    pub async fn restore_state(&self, name: &str) -> Result<()> {
         let inner = self.inner.lock().await;
-        if inner.written.is_empty() {
-            return Ok(());
-        }
-        let current = self.secrets.get_opt(SECRET_NAME).await?;
-        let desired = desired_secret(&inner.written);
+        let desired = if name == SECRET_NAME {
+            if inner.written.is_empty() {
+                return Ok(());
+            }
+            desired_secret(&inner.written)
+        } else {
+            let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
+                return Ok(());
+            };
+            if inner.shards_written[shard].is_empty() {
+                return Ok(());
+            }
+            shard_secret(shard, &inner.shards_written[shard])
+        };
+        let current = self.secrets.get_opt(name).await?;
         if current.as_ref().and_then(|s| s.data.as_ref()) != desired.data.as_ref() {
-            tracing::warn!("the status-list state Secret was edited or deleted; restoring it");
+            tracing::warn!(
+                secret = name,
+                "a status-list state Secret was edited or deleted; restoring it"
+            );
             overwrite(&self.secrets, current, desired).await?;
         }
         Ok(())
     }
 
-    /// Writes the state when it differs from what was last written.
+    /// Writes the registry state and the changed shards when they differ from what was last written.
     async fn persist(&self, inner: &mut Inner) -> Result<()> {
+        for shard in std::mem::take(&mut inner.dirty) {
+            let text = serde_json::to_string(&inner.tokens[shard])?;
+            if text == inner.shards_written[shard] {
+                continue;
+            }
+            if text.len() > MAX_STATE_BYTES {
+                inner.dirty.insert(shard);
+                return Err(Error::InvalidState(format!(
+                    "status-list shard {shard} would take {} bytes, more than a Secret holds; refusing to issue",
+                    text.len()
+                )));
+            }
+            if let Err(e) = self
+                .apply_secret(&shard_name(shard), shard_secret(shard, &text))
+                .await
+            {
+                inner.dirty.insert(shard);
+                return Err(e);
+            }
+            inner.shards_written[shard] = text;
+        }
         let text = inner.state_json()?;
         if text == inner.written {
             return Ok(());
@@ -388,17 +493,23 @@ impl StatusLists {
                 text.len()
             )));
         }
-        let mut value = serde_json::to_value(desired_secret(&text))?;
+        self.apply_secret(SECRET_NAME, desired_secret(&text))
+            .await?;
+        inner.written = text;
+        Ok(())
+    }
+
+    async fn apply_secret(&self, name: &str, secret: Secret) -> Result<()> {
+        let mut value = serde_json::to_value(secret)?;
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
         self.secrets
             .patch(
-                SECRET_NAME,
+                name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&value),
             )
             .await?;
-        inner.written = text;
         Ok(())
     }
 
@@ -536,6 +647,55 @@ fn desired_secret(state: &str) -> Secret {
     }
 }
 
+fn shard_secret(shard: usize, tokens: &str) -> Secret {
+    let mut labels = managed_labels();
+    labels.insert(SHARD_LABEL.into(), shard.to_string());
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(shard_name(shard)),
+            labels: Some(labels),
+            ..Default::default()
+        },
+        type_: Some("Opaque".into()),
+        data: Some(
+            [(
+                TOKENS_KEY.to_owned(),
+                ByteString(tokens.as_bytes().to_vec()),
+            )]
+            .into(),
+        ),
+        ..Default::default()
+    }
+}
+
+/// Reads every shard Secret (one list call). A shard that exists but cannot be read stops the start.
+async fn load_shards(secrets: &Api<Secret>, namespace: &str) -> Result<(Shards, Vec<String>)> {
+    let mut tokens: Shards = vec![BTreeMap::new(); SHARDS];
+    let mut written = vec![String::new(); SHARDS];
+    let listed = secrets
+        .list(&kube::api::ListParams::default().labels(SHARD_LABEL))
+        .await?;
+    for secret in listed {
+        let name = secret.metadata.name.clone().unwrap_or_default();
+        let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
+            continue;
+        };
+        let text = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(TOKENS_KEY))
+            .and_then(|b| String::from_utf8(b.0.clone()).ok())
+            .unwrap_or_default();
+        tokens[shard] = serde_json::from_str(&text).map_err(|e| {
+            Error::InvalidState(format!(
+                "Secret {namespace}/{name} key {TOKENS_KEY} is unreadable ({e}); refusing to start rather than forget which status-list entries belong to which grant"
+            ))
+        })?;
+        written[shard] = text;
+    }
+    Ok((tokens, written))
+}
+
 /// A published Status List Token for `uri`, if its signature verifies against `jwks` (the header
 /// `alg` must be the JWK's), its `typ` is `statuslist+jwt` and its `sub` is `uri`.
 fn verify_list_token(token: &str, jwks: &Value, uri: &str) -> Option<Published> {
@@ -601,32 +761,50 @@ mod tests {
         let mut registry = Registry::new(config.clone()).unwrap();
         let a = registry.allocate(1_800_000_000, 1_800_000_600).unwrap();
         registry.revoke(&a.status_ref).unwrap();
-        let mut tokens = BTreeMap::new();
-        tokens.insert(
+        let mut tokens: Shards = vec![BTreeMap::new(); SHARDS];
+        tokens[shard_of("uid-1")].insert(
             "uid-1".to_owned(),
             vec![Held("j".into(), 1_800_000_600, "0".into(), 0)],
         );
         let inner = Inner {
             registry,
             tokens,
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
             published: BTreeMap::new(),
             written: String::new(),
             pending: false,
         };
         let text = inner.state_json().unwrap();
+        let shard_text = serde_json::to_string(&inner.tokens[shard_of("uid-1")]).unwrap();
         let read: Persisted = serde_json::from_str(&text).unwrap();
+        let mut read_tokens: Shards = vec![BTreeMap::new(); SHARDS];
+        read_tokens[shard_of("uid-1")] = serde_json::from_str(&shard_text).unwrap();
         let restored = Inner {
             registry: Registry::restore(config, read.registry).unwrap(),
-            tokens: read.tokens,
+            tokens: read_tokens,
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
             published: BTreeMap::new(),
             written: text.clone(),
             pending: false,
         };
         assert_eq!(restored.state_json().unwrap(), text);
         assert_eq!(
-            restored.status_ref(&restored.tokens["uid-1"][0]),
+            restored.status_ref(&restored.tokens[shard_of("uid-1")]["uid-1"][0]),
             a.status_ref
         );
+    }
+
+    #[test]
+    fn grants_spread_over_the_shards_and_keep_theirs() {
+        let mut counts = vec![0usize; SHARDS];
+        for i in 0..6400 {
+            counts[shard_of(&format!("uid-{i}"))] += 1;
+        }
+        assert!(counts.iter().all(|c| (50..=150).contains(c)), "{counts:?}");
+        assert_eq!(shard_of("fixed-uid"), shard_of("fixed-uid"));
+        assert_eq!(shard_name(7), "delegation-operator-status-lists-tokens-07");
     }
 
     #[test]
