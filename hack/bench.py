@@ -5,7 +5,10 @@ Measures, with the release build:
   - create -> Ready for one grant, through a direct HTTPS client (POST, then GET every 5 ms), and the
     same with `kubectl apply` + `kubectl wait` as a user would;
   - apply -> all Ready for 200 grants applied at once;
-  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants.
+  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants;
+  - with BENCH_GRANTS=N (e.g. 10000), N more grants POSTed at once on 8 connections until all are Ready,
+    against a bare client making the same writes per grant (POST grant, PATCH finalizer, POST Secret,
+    PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds.
 
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
@@ -13,6 +16,7 @@ timed by polling one list every 0.2 s. Prints a JSON summary at the end.
 Not a test: nothing here asserts a time.
 """
 
+import calendar
 import http.client
 import json
 import os
@@ -68,8 +72,8 @@ class Api:
         ctx.load_cert_chain(os.path.join(pki, "admin.crt"), os.path.join(pki, "admin.key"))
         self.conn = http.client.HTTPSConnection(host, int(port), context=ctx)
 
-    def request(self, method, path, body=None):
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+    def request(self, method, path, body=None, content_type="application/json"):
+        headers = {"Content-Type": content_type} if body is not None else {}
         self.conn.request(method, path, body=json.dumps(body) if body is not None else None, headers=headers)
         response = self.conn.getresponse()
         data = response.read()
@@ -104,6 +108,83 @@ def rss_kib(pid):
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def install_admission_policies(kubectl, binary, ns):
+    """Grants need a requester stamped by the admission policies, and the operator trusts a stamp only
+    on objects created 10 s after the stamping policy and its binding: install, wait until a dry run
+    comes back stamped, then wait out the settle time."""
+    sh(*kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager", "delegation-operator-bench",
+       "-f", "-", stdin=sh(binary, "admission-policies"))
+    probe = json.dumps({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": "policy-probe"},
+        "spec": {"principal": {"kind": "User", "name": "probe@example.com"}, "actorRef": {"name": "probe"},
+                 "scopes": ["probe"], "audience": "https://probe.example.com", "tokenTTL": "1m"},
+    })
+    for _ in range(240):
+        out = sh(*kubectl, "create", "--dry-run=server", "-n", ns, "-o", "jsonpath={.spec.requester.username}",
+                 "-f", "-", stdin=probe, check=False)
+        if out.strip():
+            break
+        time.sleep(0.25)
+    created = [sh(*kubectl, "get", kind, "delegation-operator-stamp-requester",
+                  "-o", "jsonpath={.metadata.creationTimestamp}").strip()
+               for kind in ("mutatingadmissionpolicy", "mutatingadmissionpolicybinding")]
+    settled = max(calendar.timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%SZ")) for t in created) + 11
+    time.sleep(max(0.0, settled - time.time()))
+
+
+def bare_writes(state_dir, ns, count, connections=8):
+    """The same writes the operator makes for a grant, made by a bare client on `connections`
+    connections: POST the grant, PATCH its finalizer, POST its Secret, PATCH its status. Returns the
+    seconds they took: the yardstick the operator's time is divided by."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(indices):
+        api = Api(state_dir)
+        grants = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+        for i in indices:
+            name = f"bare-{i:05d}"
+            api.request("POST", grants, {
+                "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+                "metadata": {"name": name},
+                "spec": {"principal": {"kind": "User", "name": "alice@example.com"},
+                         "actorRef": {"name": "bare-agent"}, "scopes": ["tickets:read"],
+                         "audience": "https://tickets.example.com", "tokenTTL": "10m"}})
+            api.request("PATCH", f"{grants}/{name}", {"metadata": {"finalizers": ["bench/bare"]}},
+                        content_type="application/merge-patch+json")
+            api.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
+                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-token"},
+                "type": "delegation.nhi.dev/token", "data": {"token": "eHh4"}})
+            api.request("PATCH", f"{grants}/{name}/status", {"status": {"conditions": [{
+                "type": "Ready", "status": "True", "reason": "Issued", "message": "bare",
+                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+                content_type="application/merge-patch+json")
+
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(worker, [range(k, count, connections) for k in range(connections)]))
+    return time.monotonic() - t0
+
+
+def post_grants(state_dir, ns, prefix, count, connections=8):
+    """POSTs `count` grants on `connections` connections (how a bulk apply reaches the apiserver)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def worker(indices):
+        api = Api(state_dir)
+        path = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+        for i in indices:
+            api.request("POST", path, {
+                "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+                "metadata": {"name": f"{prefix}-{i:05d}"},
+                "spec": {"principal": {"kind": "User", "name": "alice@example.com"},
+                         "actorRef": {"name": "bench-agent"}, "scopes": ["tickets:read"],
+                         "audience": "https://tickets.example.com", "tokenTTL": "10m"}})
+
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(worker, [range(k, count, connections) for k in range(connections)]))
+
+
 def main():
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
@@ -119,6 +200,7 @@ def main():
     sh(*kubectl, "create", "namespace", ns)
     sh(*kubectl, "create", "namespace", op_ns)
     k = kubectl + ["-n", ns]
+    install_admission_policies(kubectl, binary, ns)
 
     log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)
     operator = subprocess.Popen(
@@ -188,6 +270,27 @@ def main():
         results["grants_ready"] = count
         results["rss_with_1000_grants_mib"] = round(rss / 1024, 1)
         results["peak_rss_mib"] = round(hwm / 1024, 1)
+
+        # Scale, side by side in one run: BENCH_GRANTS more grants POSTed at once on 8 connections
+        # until all are Ready, against a bare client making the same four writes per grant.
+        scale = int(os.environ.get("BENCH_GRANTS", "0"))
+        if scale:
+            state_dir = os.path.dirname(kubeconfig)
+            bare_ns = f"{ns}-bare"
+            sh(*kubectl, "create", "namespace", bare_ns)
+            bare = bare_writes(state_dir, bare_ns, scale)
+            t0 = time.monotonic()
+            post_grants(state_dir, ns, "scale", scale)
+            wait_all_ready(k, 1000 + scale, 3600)
+            operator_s = time.monotonic() - t0
+            time.sleep(2)
+            rss, hwm = rss_kib(operator.pid)
+            results[f"{scale}_grants_all_ready_s"] = round(operator_s, 1)
+            results[f"{scale}_grants_bare_client_s"] = round(bare, 1)
+            results[f"{scale}_grants_ratio"] = round(operator_s / bare, 2)
+            results[f"rss_with_{1000 + scale}_grants_mib"] = round(rss / 1024, 1)
+            results["peak_rss_mib"] = round(hwm / 1024, 1)
+            subprocess.run([*kubectl, "delete", "namespace", bare_ns, "--wait=false"], capture_output=True)
     finally:
         operator.terminate()
         operator.wait(timeout=10)
