@@ -115,7 +115,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over_after_a_kill() {
 /// leader: here its lease is taken from under it (as another replica would after a partition).
 #[tokio::test]
 async fn a_leader_that_loses_its_lease_stops() {
-    let f = Fixture::start("fenced", &[]).await;
+    let mut f = Fixture::start("fenced", &[]).await;
     f.apply(AGENT).await;
     f.apply(&grant("g")).await;
     f.wait_ready("g", "True", None).await;
@@ -130,16 +130,11 @@ async fn a_leader_that_loses_its_lease_stops() {
         )
         .await
         .unwrap();
-    let operator = f.operator.as_ref().unwrap();
-    wait_for(
-        "the operator to notice and stop",
-        Duration::from_secs(15),
-        || async {
-            operator
-                .raw_output()
-                .contains("lost the leader lease")
-                .then_some(())
-        },
-    )
-    .await;
+    let operator = f.operator.take().unwrap();
+    let (status, log) = operator.wait_exit(Duration::from_secs(20));
+    assert!(log.contains("lost the leader lease"), "{log}");
+    assert!(
+        !status.success(),
+        "it exits non-zero, to be restarted as a standby"
+    );
 }
