@@ -324,12 +324,7 @@ async fn a_re_created_parent_does_not_adopt_old_hops() {
         Some(first_uid.as_str())
     );
 
-    f.grants()
-        .delete("root", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("root", "root released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("root").await;
     // A parent that existed and was deleted: the hop waits for it (not a Denied* of its own).
     let waiting = f.wait_ready("child", "False", Some("ParentNotReady")).await;
     assert!(

@@ -1412,12 +1412,7 @@ async fn published_keys_and_revocations_are_restored_when_tampered_with() {
     f.apply(AGENTS).await;
     f.apply(&notifier_grant("gone", "5m")).await;
     let jti = token_id(&f.wait_ready("gone", "True", None).await);
-    f.grants()
-        .delete("gone", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("gone", "grant released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("gone").await;
     assert!(f.revoked_ids().await.contains(&jti));
 
     let cms: Api<ConfigMap> = Api::namespaced(f.client.clone(), &f.operator_namespace());
@@ -1523,12 +1518,7 @@ async fn tenant_written_annotations_and_status_cannot_revoke_or_bloat() {
         .await
         .unwrap();
 
-    f.grants()
-        .delete("attacker", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("attacker", "attacker released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("attacker").await;
     let revoked = f.revoked_ids().await;
     assert!(
         revoked.contains(&attacker),
@@ -1648,12 +1638,7 @@ async fn every_token_has_a_status_list_entry_that_deletion_sets_invalid() {
     assert!(status["status_list"]["idx"].as_u64().is_some(), "{status}");
     assert_eq!(f.published_status(&status).await, 0, "VALID while held");
 
-    f.grants()
-        .delete("listed", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("listed", "grant released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("listed").await;
     // Set INVALID and published before the Secret went: nothing to wait for.
     assert_eq!(f.published_status(&status).await, 1, "INVALID once deleted");
 }
@@ -1765,12 +1750,7 @@ async fn the_published_status_lists_are_restored_when_tampered_with() {
     f.wait_ready("kept", "True", None).await;
     f.wait_ready("gone", "True", None).await;
     let gone = status_claim(&f, "gone-token").await;
-    f.grants()
-        .delete("gone", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("gone", "grant released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("gone").await;
     assert_eq!(f.published_status(&gone).await, 1);
     let original = f.status_list_tokens().await;
     assert!(!original.is_empty());
@@ -1817,12 +1797,7 @@ async fn an_independent_decoder_agrees_with_the_published_status_list() {
     f.wait_ready("revoked", "True", None).await;
     let stays = status_claim(&f, "stays-token").await;
     let revoked = status_claim(&f, "revoked-token").await;
-    f.grants()
-        .delete("revoked", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("revoked", "grant released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("revoked").await;
 
     let uri = revoked["status_list"]["uri"].as_str().unwrap();
     let idx = revoked["status_list"]["idx"].as_u64().unwrap() as usize;
@@ -1885,12 +1860,7 @@ async fn tenant_written_ids_cannot_invalidate_another_grants_status_entry() {
         )
         .await
         .unwrap();
-    f.grants()
-        .delete("attacker", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("attacker", "attacker released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("attacker").await;
     assert_eq!(f.published_status(&attacker_status).await, 1);
     assert_eq!(
         f.published_status(&victim_status).await,
@@ -1932,12 +1902,7 @@ async fn a_restarted_operator_still_invalidates_the_entries_it_handed_out() {
         );
     }
 
-    f.grants()
-        .delete("before", &DeleteParams::default())
-        .await
-        .unwrap();
-    f.wait_grant_gone("before", "grant released", Duration::from_secs(20))
-        .await;
+    f.delete_grant("before").await;
     assert_eq!(f.published_status(&before).await, 1);
     assert_eq!(f.published_status(&after).await, 0);
 }

@@ -859,6 +859,20 @@ impl Fixture {
         .await
     }
 
+    /// Deletes a grant and waits until it is gone (its tokens revoked and its finalizer released).
+    pub async fn delete_grant(&self, name: &str) {
+        self.grants()
+            .delete(name, &kube::api::DeleteParams::default())
+            .await
+            .unwrap();
+        self.wait_grant_gone(
+            name,
+            &format!("grant {name} released"),
+            Duration::from_secs(20),
+        )
+        .await;
+    }
+
     /// Waits until a grant no longer exists (its finalizer released), panicking with `what` otherwise.
     pub async fn wait_grant_gone(&self, name: &str, what: &str, timeout: Duration) {
         let api = self.grants();
