@@ -205,7 +205,7 @@ def main():
     log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)
     operator = subprocess.Popen(
         [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", op_ns,
-         "--concurrency", "8"],
+         "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
         stdout=subprocess.DEVNULL, stderr=log,
     )
     results = {}

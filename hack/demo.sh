@@ -91,6 +91,7 @@ if [[ -f $STATE_DIR/operator.pid ]] && kill -0 "$(cat "$STATE_DIR/operator.pid")
 fi
 "$BIN" run "${KUBECONFIG_FLAG[@]}" --operator-namespace "$OPERATOR_NS" \
   --issuer https://delegation-operator.delegation-system.svc \
+  --https-address 127.0.0.1:8443 --tls-self-signed=true \
   >>"$STATE_DIR/audit.jsonl" 2>>"$STATE_DIR/operator.log" </dev/null &
 echo $! >"$STATE_DIR/operator.pid"
 

@@ -2,17 +2,23 @@
 //!
 //! - [`api`]: the CRD types (the contract).
 //! - [`admission`]: the admission policies that stamp who asked and check who may.
-//! - [`cli`]: commands for people (approve, reject).
+//! - [`cli`]: commands for people (approve, reject, keys revoke, token inspect, tree; also as `kubectl delegation`).
 //! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
+//! - [`endpoints`]: the HTTPS listener — OIDC discovery, JWKS, status lists, introspection, metrics, health.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
 //! - [`signing`]: signing keys, JWKS and token verification.
 //! - [`status_list`]: the IETF Token Status List for revocation — the bit list, its claims, the index allocator.
+//! - [`verification`]: verifying a token as a resource server does (signature, claims, status list).
 #![forbid(unsafe_code)]
 
 pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod delegation;
+pub mod endpoints;
+pub mod metrics;
 pub mod operator;
 pub mod signing;
 pub mod status_list;
+pub mod verification;

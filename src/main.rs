@@ -7,6 +7,7 @@ use delegation_operator::{
     api::{self, Decision, parse_duration},
     cli,
     delegation::Policy,
+    endpoints,
     operator::{self, Settings},
     signing::Algorithm,
 };
@@ -41,6 +42,20 @@ enum Command {
     /// Signing keys of a running operator.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Tokens, as a person or a resource server sees them.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// The grants of a namespace as a tree (principal -> grant -> the grants below it) with their
+    /// state, then the agents.
+    Tree(cli::tree::TreeArgs),
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Verify a token (signature, expiry, status list) and show its chain as a person reads it:
+    /// who authorised, each actor, scopes, audience, expiry, revoked or not. Never prints the token.
+    /// Exits 0 when it is valid, 1 when it is not, 2 when it could not be checked.
+    Inspect(cli::inspect::InspectArgs),
 }
 
 #[derive(Subcommand)]
@@ -133,13 +148,30 @@ struct RunArgs {
     /// This replica's identity in the Lease (default: $POD_NAME, else host name and process id).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
+    /// Where the HTTPS endpoints listen: discovery, JWKS, status lists, introspection, /metrics,
+    /// /healthz, /readyz.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    https_address: std::net::SocketAddr,
+    /// The `kubernetes.io/tls` Secret (in the operator namespace) with the serving certificate, e.g.
+    /// written by cert-manager; a new version is picked up without a restart.
+    #[arg(long, default_value = "delegation-operator-tls")]
+    tls_secret: String,
+    /// When the --tls-secret does not exist, create it with a generated CA (in `ca.crt`) and a
+    /// certificate for the --tls-dns-name values and 127.0.0.1. For development and tests.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    tls_self_signed: bool,
+    /// A DNS name for the self-signed certificate (repeatable). Default: the issuer's host, localhost
+    /// and the operator's Service names.
+    #[arg(long = "tls-dns-name")]
+    tls_dns_names: Vec<String>,
     /// Log format on stderr (audit records always go to stdout as JSON lines).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // `kubectl delegation ...` in help and errors when installed as the kubectl plugin.
+    match cli::parse::<Cli>().command {
         Command::Crds { dir: None } => print_crds(),
         Command::Crds { dir: Some(dir) } => write_crds(&dir),
         Command::AdmissionPolicies => {
@@ -149,6 +181,8 @@ fn main() -> ExitCode {
         Command::Run(args) => run(args),
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
+        Command::Token(TokenCommand::Inspect(args)) => cli::inspect::run(args),
+        Command::Tree(args) => cli::tree::run(args),
         Command::Keys(KeysCommand::Revoke {
             kids,
             operator_namespace,
@@ -258,10 +292,12 @@ fn run(args: RunArgs) -> ExitCode {
 async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let client = client(args.kubeconfig.as_deref()).await?;
     let leader_election = leader_election(&args)?;
+    // One spelling everywhere: the tokens' `iss` and discovery must agree byte for byte.
+    let issuer = args.issuer.trim_end_matches('/').to_owned();
     let settings = Settings {
-        operator_namespace: args.operator_namespace,
-        watch_namespace: args.namespace,
-        issuer: args.issuer,
+        operator_namespace: args.operator_namespace.clone(),
+        watch_namespace: args.namespace.clone(),
+        issuer: issuer.clone(),
         algorithm: args.algorithm.parse::<Algorithm>()?,
         key_rotation_period: args.key_rotation_period,
         policy: Policy {
@@ -272,8 +308,53 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         authority_recheck_period: args.authority_recheck_period,
         leader_election,
     };
-    operator::run(client, settings).await?;
+    operator::check_prerequisites(&client, &settings).await?;
+    let readiness = std::sync::Arc::new(operator::Readiness::default());
+    let serve = endpoints::start(
+        client.clone(),
+        endpoint_settings(&args, &issuer),
+        readiness.clone(),
+    )
+    .await?;
+    // Every replica serves verification; the operator itself writes only while leading.
+    tokio::select! {
+        outcome = operator::run(client, settings, readiness) => outcome?,
+        _ = serve => {}
+    }
     Ok(())
+}
+
+fn endpoint_settings(args: &RunArgs, issuer: &str) -> endpoints::EndpointSettings {
+    let ns = &args.operator_namespace;
+    let dns_names = if args.tls_dns_names.is_empty() {
+        let issuer_host = issuer
+            .split_once("://")
+            .map(|(_, rest)| rest.split(['/', ':']).next().unwrap_or_default())
+            .filter(|host| !host.is_empty() && host.parse::<std::net::IpAddr>().is_err());
+        issuer_host
+            .map(str::to_owned)
+            .into_iter()
+            .chain([
+                "localhost".to_owned(),
+                "delegation-operator".to_owned(),
+                format!("delegation-operator.{ns}"),
+                format!("delegation-operator.{ns}.svc"),
+            ])
+            .collect()
+    } else {
+        args.tls_dns_names.clone()
+    };
+    endpoints::EndpointSettings {
+        address: args.https_address,
+        issuer: issuer.to_owned(),
+        operator_namespace: ns.clone(),
+        tls: endpoints::tls::TlsSettings {
+            namespace: ns.clone(),
+            secret_name: args.tls_secret.clone(),
+            self_signed: args.tls_self_signed,
+            dns_names,
+        },
+    }
 }
 
 /// The leader election settings, checked: each timing must be below the one before, or the leader

@@ -467,6 +467,43 @@ pub fn verify(
     Ok(data.claims)
 }
 
+/// Verifies a Status List Token (`typ: statuslist+jwt`) published for `uri` against a JWKS and
+/// returns its claims: the key is picked by `kid` with the JWK's own `alg`, `sub` must equal `uri`,
+/// and `iat` and `exp` are required, so a list can be neither forged nor replayed under another uri.
+pub fn verify_status_list(token: &str, jwks: &Value, uri: &str) -> Result<Value, SigningError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|_| SigningError::MalformedToken)?;
+    if header.typ.as_deref() != Some(crate::status_list::STATUS_LIST_TYP) {
+        return Err(SigningError::WrongType);
+    }
+    let kid = header.kid.as_deref().ok_or(SigningError::UnknownKid)?;
+    let jwk = jwks
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or(SigningError::InvalidJwk("JWKS has no keys array"))?
+        .iter()
+        .find(|k| k["kid"] == kid)
+        .ok_or(SigningError::UnknownKid)?;
+    let alg: Algorithm = member(jwk, "alg")?.parse()?;
+    if header.alg != alg.jwt() {
+        return Err(SigningError::AlgorithmMismatch);
+    }
+    let key = decoding_key(alg, jwk)?;
+    let mut validation = Validation::new(alg.jwt());
+    validation.validate_aud = false;
+    validation.set_required_spec_claims(&["sub", "iat", "exp"]);
+    let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => SigningError::BadSignature,
+            ErrorKind::ExpiredSignature => SigningError::Expired,
+            _ => SigningError::InvalidClaims,
+        })?
+        .claims;
+    if claims["sub"].as_str() != Some(uri) {
+        return Err(SigningError::InvalidClaims);
+    }
+    Ok(claims)
+}
+
 fn decoding_key(alg: Algorithm, jwk: &Value) -> Result<DecodingKey, SigningError> {
     let (kty, crv) = (member(jwk, "kty")?, member(jwk, "crv")?);
     let unusable = |_| SigningError::InvalidJwk("public key is unusable");

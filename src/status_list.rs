@@ -318,6 +318,12 @@ pub fn status_list_claims(
     claims
 }
 
+/// The key of a list in the published ConfigMap (`delegation-operator-status-lists`): the last
+/// segment of its uri, plus `.jwt`.
+pub fn data_key(uri: &str) -> String {
+    format!("{}.jwt", uri.rsplit('/').next().unwrap_or_default())
+}
+
 /// Where a token's status lives: its `status.status_list` claim (§6.2).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct TokenStatusRef {

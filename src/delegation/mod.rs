@@ -11,6 +11,7 @@ pub mod authority;
 pub mod chain;
 pub mod claims;
 pub mod conditions;
+pub mod explain;
 pub mod timing;
 
 pub use chain::{Lookup, Policy, Reason, Refusal, Resolution, resolve};

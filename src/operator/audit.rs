@@ -48,6 +48,7 @@ pub struct AuditRecord<'a> {
 
 /// Writes one record as a JSON line on stdout.
 pub fn record(record: &AuditRecord<'_>) {
+    crate::metrics::metrics().count(record.action, record.reason);
     match serde_json::to_string(record) {
         Ok(line) => {
             let mut out = std::io::stdout().lock();

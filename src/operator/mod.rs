@@ -17,6 +17,7 @@ pub mod grants;
 pub mod index;
 pub mod keys;
 pub mod orphans;
+pub mod readiness;
 pub mod revocations;
 pub mod stamps;
 pub mod status_lists;
@@ -45,6 +46,7 @@ use kube::{
 pub use context::{Context, LeaderElectionSettings, Settings};
 pub use error::{Error, Result};
 use k8s_controller::LeaderElection;
+pub use readiness::Readiness;
 
 use crate::api::{AgentIdentity, DelegationApproval, DelegationGrant};
 
@@ -70,14 +72,14 @@ pub fn add_secs(t: Timestamp, secs: u64) -> Timestamp {
     crate::delegation::chain::add(t, std::time::Duration::from_secs(secs))
 }
 
-/// Runs both controllers and key rotation until a termination signal.
-pub async fn run(client: Client, settings: Settings) -> Result<()> {
-    check_prerequisites(&client, &settings).await?;
+/// Runs both controllers and key rotation until a termination signal; `readiness` follows whether
+/// this replica leads and has its caches.
+pub async fn run(client: Client, settings: Settings, readiness: Arc<Readiness>) -> Result<()> {
     let Some(election) = settings.leader_election.clone() else {
         tracing::warn!(
             "leader election is off: run exactly one replica, or revocations can be lost"
         );
-        return lead(client, settings).await;
+        return lead(client, settings, readiness).await;
     };
     let election = LeaderElection::new(
         client.clone(),
@@ -88,20 +90,16 @@ pub async fn run(client: Client, settings: Settings) -> Result<()> {
     .with_lease_duration(election.lease_duration)
     .with_renew_deadline(election.renew_deadline)
     .with_retry_period(election.retry_period);
-    let leading = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let work = election.with_lease({
-        let leading = leading.clone();
-        async move {
-            leading.store(true, std::sync::atomic::Ordering::SeqCst);
-            lead(client, settings).await
-        }
-    });
+    let work = election.with_lease(lead(client, settings, readiness.clone()));
     tokio::pin!(work);
     tokio::select! {
-        outcome = &mut work => return lease_outcome(outcome),
+        outcome = &mut work => {
+            readiness.stop_leading();
+            return lease_outcome(outcome);
+        }
         _ = shutdown_signal() => {}
     }
-    if leading.load(std::sync::atomic::Ordering::SeqCst) {
+    if readiness.is_leading() {
         // The controllers stop on the same signal; the lease is then released for the next leader.
         return lease_outcome(work.await);
     }
@@ -140,8 +138,10 @@ async fn shutdown_signal() {
 }
 
 /// Everything the leader does: keys, revocations, both controllers. Nothing here runs on a standby.
-async fn lead(client: Client, settings: Settings) -> Result<()> {
+async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> Result<()> {
     tracing::info!("leading: loading keys and starting the controllers");
+    // Leading from here on, even while the keys load: /readyz waits for the caches below.
+    readiness.lead(Vec::new());
     let keys = keys::KeyStore::load_or_create(
         client.clone(),
         &settings.operator_namespace,
@@ -213,6 +213,16 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         }
     });
 
+    let caches_ready = vec![
+        grants_ready,
+        agents_ready,
+        approvals_ready,
+        secrets_ready,
+        policies_ready,
+        bindings_ready,
+    ];
+    readiness.lead(caches_ready.clone());
+    crate::metrics::metrics().watch_grants(Some(grants_store.clone()));
     let reporter = Reporter {
         controller: MANAGED_BY.into(),
         instance: std::env::var("POD_NAME").ok(),
@@ -227,14 +237,7 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         stamps: stamps::Stamps { policies, bindings },
         secrets,
         index,
-        caches_ready: vec![
-            grants_ready,
-            agents_ready,
-            approvals_ready,
-            secrets_ready,
-            policies_ready,
-            bindings_ready,
-        ],
+        caches_ready,
         authority: authority.clone(),
         keys,
         revocations,
@@ -255,12 +258,20 @@ async fn lead(client: Client, settings: Settings) -> Result<()> {
         .reconcile_on(grant_wakes)
         .with_config(controller::Config::default().concurrency(settings.concurrency))
         .shutdown_on_signal()
-        .run(grants::reconcile, grants::error_policy, ctx.clone())
+        .run(
+            |grant, ctx| crate::metrics::timed("grants", grants::reconcile(grant, ctx)),
+            grants::error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| future::ready(()));
     let agents = Controller::for_stream(agent_events, agents_store)
         .reconcile_on(agent_wakes)
         .shutdown_on_signal()
-        .run(agents::reconcile, agents::error_policy, ctx.clone())
+        .run(
+            |agent, ctx| crate::metrics::timed("agents", agents::reconcile(agent, ctx)),
+            agents::error_policy,
+            ctx.clone(),
+        )
         .for_each(|_| future::ready(()));
 
     tracing::info!(
@@ -553,11 +564,12 @@ where
     }
 }
 
-/// Refuses to start, saying what to do, when the CRDs or the operator namespace are missing.
-async fn check_prerequisites(client: &Client, settings: &Settings) -> Result<()> {
+/// Refuses to start, saying what to do, when the CRDs or the operator namespace are missing. Reads
+/// only where the operator will watch (a single-namespace install has no cluster-wide rights).
+pub async fn check_prerequisites(client: &Client, settings: &Settings) -> Result<()> {
     let probe = ListParams::default().limit(1);
-    let grants: Api<DelegationGrant> = Api::all(client.clone());
-    let agents: Api<AgentIdentity> = Api::all(client.clone());
+    let grants: Api<DelegationGrant> = scoped_api(client, settings);
+    let agents: Api<AgentIdentity> = scoped_api(client, settings);
     let listed = match grants.list_metadata(&probe).await {
         Ok(_) => agents.list_metadata(&probe).await.map(|_| ()),
         Err(e) => Err(e),

@@ -602,10 +602,7 @@ impl StatusLists {
     }
 }
 
-/// The ConfigMap key of a list: the last segment of its uri.
-pub fn data_key(uri: &str) -> String {
-    format!("{}.jwt", uri.rsplit('/').next().unwrap_or_default())
-}
+pub use crate::status_list::data_key;
 
 /// Whether the ConfigMap exists and holds exactly `data` (the apiserver drops an empty map).
 fn holds(current: Option<&ConfigMap>, data: &BTreeMap<String, String>) -> bool {
@@ -699,34 +696,8 @@ async fn load_shards(secrets: &Api<Secret>, namespace: &str) -> Result<(Shards, 
 /// A published Status List Token for `uri`, if its signature verifies against `jwks` (the header
 /// `alg` must be the JWK's), its `typ` is `statuslist+jwt` and its `sub` is `uri`.
 fn verify_list_token(token: &str, jwks: &Value, uri: &str) -> Option<Published> {
-    let header = jsonwebtoken::decode_header(token).ok()?;
-    if header.typ.as_deref() != Some(STATUS_LIST_TYP) {
-        return None;
-    }
-    let kid = header.kid?;
-    let jwk = jwks["keys"]
-        .as_array()?
-        .iter()
-        .find(|k| k["kid"] == kid.as_str())?;
-    let alg = match jwk["alg"].as_str()? {
-        "ES256" => jsonwebtoken::Algorithm::ES256,
-        "EdDSA" => jsonwebtoken::Algorithm::EdDSA,
-        _ => return None,
-    };
-    if header.alg != alg {
-        return None;
-    }
-    let jwk: jsonwebtoken::jwk::Jwk = serde_json::from_value(jwk.clone()).ok()?;
-    let key = jsonwebtoken::DecodingKey::from_jwk(&jwk).ok()?;
-    let mut validation = jsonwebtoken::Validation::new(alg);
-    validation.validate_aud = false;
-    validation.set_required_spec_claims(&["sub", "iat", "exp"]);
-    let claims = jsonwebtoken::decode::<Value>(token, &key, &validation)
-        .ok()?
-        .claims;
-    if claims["sub"].as_str() != Some(uri) {
-        return None;
-    }
+    let kid = jsonwebtoken::decode_header(token).ok()?.kid?;
+    let claims = crate::signing::verify_status_list(token, jwks, uri).ok()?;
     Some(Published {
         uri: uri.to_owned(),
         token: token.to_owned(),

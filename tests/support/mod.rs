@@ -669,6 +669,8 @@ impl Operator {
                 operator_namespace,
             ])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
+            // Any free port and a generated certificate; tests of the endpoints pass their own.
+            .args(["--https-address", "127.0.0.1:0", "--tls-self-signed=true"])
             // A killed operator's lease must not keep the next one waiting long.
             .args(LEASE_TIMINGS)
             .args(extra_args)

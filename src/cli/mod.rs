@@ -1,4 +1,10 @@
-//! Commands for people, beside the operator itself: approving and rejecting grants.
+//! Commands for people, beside the operator itself: approving and rejecting grants, revoking keys,
+//! inspecting a token ([`inspect`]) and showing a namespace's grants as a tree ([`tree`]). The binary
+//! also works as a kubectl plugin: installed as `kubectl-delegation`, it is `kubectl delegation ...`.
+
+mod https;
+pub mod inspect;
+pub mod tree;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::{
@@ -118,4 +124,81 @@ pub async fn revoke_keys(
         .await
         .map_err(|e| e.to_string())?;
     Ok(value)
+}
+
+/// What the binary is called when it runs as a kubectl plugin (installed as `kubectl-delegation`).
+pub const PLUGIN_NAME: &str = "kubectl delegation";
+
+/// The name to show in help and errors for a program started as `argv0`: [`PLUGIN_NAME`] when its
+/// file name is `kubectl-delegation` (with or without `.exe`), else `None` (the default name).
+pub fn plugin_name(argv0: Option<&std::ffi::OsStr>) -> Option<&'static str> {
+    let stem = std::path::Path::new(argv0?).file_stem()?;
+    (stem == "kubectl-delegation").then_some(PLUGIN_NAME)
+}
+
+/// Parses the command line like `P::parse()`, but names the program `kubectl delegation` when it
+/// runs as that kubectl plugin.
+pub fn parse<P: clap::Parser>() -> P {
+    let mut command = P::command();
+    if let Some(name) = plugin_name(std::env::args_os().next().as_deref()) {
+        command = command.name(name).bin_name(name).display_name(name);
+    }
+    let mut matches = command.clone().get_matches();
+    P::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut command).exit())
+}
+
+/// The client configuration, like kubectl's: `--kubeconfig` (else `$KUBECONFIG`, `~/.kube/config`,
+/// in-cluster) and `--context`.
+pub async fn kube_config(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Config, String> {
+    use kube::config::{KubeConfigOptions, Kubeconfig};
+    let options = KubeConfigOptions {
+        context: context.map(str::to_owned),
+        ..Default::default()
+    };
+    match (kubeconfig, context) {
+        (Some(path), _) => {
+            let file = Kubeconfig::read_from(path)
+                .map_err(|e| format!("reading kubeconfig {}: {e}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(file, &options)
+                .await
+                .map_err(|e| e.to_string())
+        }
+        (None, Some(_)) => kube::Config::from_kubeconfig(&options)
+            .await
+            .map_err(|e| e.to_string()),
+        (None, None) => kube::Config::infer().await.map_err(|e| e.to_string()),
+    }
+}
+
+/// Runs `f` on a fresh runtime; an error is printed and exits with 2 (could not check).
+fn block_on<F>(f: F) -> std::process::ExitCode
+where
+    F: std::future::Future<Output = Result<std::process::ExitCode, String>>,
+{
+    let outcome = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("could not start the async runtime: {e}"))
+        .and_then(|rt| rt.block_on(f));
+    outcome.unwrap_or_else(|e| {
+        eprintln!("error: {e}");
+        std::process::ExitCode::from(2)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_plugin_name_follows_the_file_name() {
+        let name = |s: &str| plugin_name(Some(std::ffi::OsStr::new(s)));
+        assert_eq!(name("/usr/local/bin/kubectl-delegation"), Some(PLUGIN_NAME));
+        assert_eq!(name("kubectl-delegation"), Some(PLUGIN_NAME));
+        assert_eq!(name("C:/bin/kubectl-delegation.exe"), Some(PLUGIN_NAME));
+        assert_eq!(name("/usr/bin/delegation-operator"), None);
+        assert_eq!(name("kubectl-delegation-old"), None);
+        assert_eq!(plugin_name(None), None);
+    }
 }

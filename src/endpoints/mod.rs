@@ -1,0 +1,357 @@
+//! The operator's HTTPS listener: what resource servers and the Kubernetes apiserver use to verify
+//! tokens, and what Prometheus and the kubelet probe. One listener, TLS only, on every replica.
+//!
+//! Paths below the issuer URL's own path (so the issuer and every URL in discovery agree):
+//! - `/.well-known/openid-configuration` — discovery (OIDC Discovery 1.0 / RFC 8414 fields);
+//! - `/.well-known/jwks.json` — the public keys (`application/jwk-set+json`, cached 15 s at most);
+//! - `/statuslists/<id>/<n>` — a Token Status List (`application/statuslist+jwt`);
+//! - `/introspect` — RFC 7662 (see [`introspect`]).
+//!
+//! At the root: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
+
+pub mod introspect;
+pub mod published;
+pub mod tls;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Form, Json, Router,
+    extract::{Path, State},
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use kube::Client;
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
+
+use crate::operator::{Error, Readiness, Result};
+use published::Published;
+use tls::{ServingCert, TlsSettings};
+
+/// Where and how to serve.
+#[derive(Clone, Debug)]
+pub struct EndpointSettings {
+    pub address: SocketAddr,
+    /// The `iss` of every token; the endpoints live under it.
+    pub issuer: String,
+    pub operator_namespace: String,
+    pub tls: TlsSettings,
+}
+
+pub const JWKS_PATH: &str = "/.well-known/jwks.json";
+pub const DISCOVERY_PATH: &str = "/.well-known/openid-configuration";
+pub const INTROSPECTION_PATH: &str = "/introspect";
+pub const STATUS_LISTS_PATH: &str = "/statuslists";
+/// How long verifiers may cache the JWKS: below go-oidc's 30 s refetch window and well below the time
+/// a pre-published key waits before it signs.
+const JWKS_MAX_AGE_SECS: u32 = 15;
+/// A TLS handshake that has not finished by then is dropped (slow clients hold no listener slot).
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+struct AppState {
+    client: Client,
+    issuer: String,
+    published: Arc<Published>,
+    cert: Arc<ServingCert>,
+    readiness: Arc<Readiness>,
+}
+
+/// Binds the listener and loads the serving certificate (failing at once if either is impossible),
+/// then serves until the process stops.
+pub async fn start(
+    client: Client,
+    settings: EndpointSettings,
+    readiness: Arc<Readiness>,
+) -> Result<impl Future<Output = ()>> {
+    let cert = Arc::new(ServingCert::default());
+    tls::load(&client, &settings.tls, &cert).await?;
+    let listener = TcpListener::bind(settings.address).await.map_err(|e| {
+        Error::InvalidState(format!(
+            "could not listen on {} (--https-address): {e}",
+            settings.address
+        ))
+    })?;
+    let published = Arc::new(Published::default());
+    let state = Arc::new(AppState {
+        client: client.clone(),
+        issuer: settings.issuer.trim_end_matches('/').to_owned(),
+        published: published.clone(),
+        cert: cert.clone(),
+        readiness,
+    });
+    let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
+    let router = router(state, &settings.issuer);
+    tracing::info!(address = %settings.address, issuer = %settings.issuer, "serving discovery, JWKS, status lists, introspection and metrics over HTTPS");
+    Ok(async move {
+        tokio::join!(
+            tls::watch(client.clone(), settings.tls.clone(), cert),
+            published::watch(client, settings.operator_namespace.clone(), published),
+            accept(listener, acceptor, router),
+        );
+    })
+}
+
+/// The routes; verification routes under the issuer URL's path, probes and metrics at the root.
+fn router(state: Arc<AppState>, issuer: &str) -> Router {
+    let verification = Router::new()
+        .route(DISCOVERY_PATH, get(discovery))
+        .route(JWKS_PATH, get(jwks))
+        .route(
+            &format!("{STATUS_LISTS_PATH}/{{id}}/{{n}}"),
+            get(status_list),
+        )
+        .route(INTROSPECTION_PATH, post(introspection));
+    let base = issuer_path(issuer);
+    let root = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    let routes = if base.is_empty() {
+        root.merge(verification)
+    } else {
+        root.nest(&base, verification)
+    };
+    routes.with_state(state)
+}
+
+/// The path of the issuer URL, without a trailing slash ("" for `https://host`).
+fn issuer_path(issuer: &str) -> String {
+    let after_scheme = issuer.split_once("://").map_or(issuer, |(_, rest)| rest);
+    after_scheme
+        .find('/')
+        .map(|i| after_scheme[i..].trim_end_matches('/').to_owned())
+        .unwrap_or_default()
+}
+
+async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let (acceptor, router) = (acceptor.clone(), router.clone());
+        tokio::spawn(async move {
+            let Ok(Ok(tls)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
+            else {
+                return;
+            };
+            let service = TowerToHyperService::new(router);
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tls), service)
+                .await;
+        });
+    }
+}
+
+/// The discovery document. Only what a pure token issuer has (like kube-apiserver's own issuer):
+/// no authorization or token endpoint, since tokens come from grants, not from an OAuth flow.
+pub fn discovery_document(issuer: &str) -> Value {
+    let issuer = issuer.trim_end_matches('/');
+    json!({
+        "issuer": issuer,
+        "jwks_uri": format!("{issuer}{JWKS_PATH}"),
+        "introspection_endpoint": format!("{issuer}{INTROSPECTION_PATH}"),
+        "introspection_endpoint_auth_methods_supported": ["bearer"],
+        "status_list_endpoint": format!("{issuer}{STATUS_LISTS_PATH}"),
+        "response_types_supported": ["id_token"],
+        "subject_types_supported": ["public"],
+        "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"],
+        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"],
+    })
+}
+
+async fn discovery(State(state): State<Arc<AppState>>) -> Response {
+    let mut response = Json(discovery_document(&state.issuer)).into_response();
+    cache_for(&mut response, 300);
+    response
+}
+
+async fn jwks(State(state): State<Arc<AppState>>) -> Response {
+    let Some(jwks) = state.published.jwks() else {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the JWKS is not published yet",
+        )
+            .into_response();
+    };
+    let mut response = Json(jwks).into_response();
+    set(
+        &mut response,
+        header::CONTENT_TYPE,
+        "application/jwk-set+json",
+    );
+    cache_for(&mut response, JWKS_MAX_AGE_SECS);
+    response
+}
+
+async fn status_list(
+    State(state): State<Arc<AppState>>,
+    Path((id, n)): Path<(String, String)>,
+) -> Response {
+    let uri = format!("{}{STATUS_LISTS_PATH}/{id}/{n}", state.issuer);
+    let key = crate::status_list::data_key(&uri);
+    // The published token must be the list of exactly this uri (its `sub`), not another list that
+    // happens to share the last path segment.
+    let list = state.published.list(&key).filter(|token| {
+        crate::verification::unverified_claims(token)
+            .is_some_and(|claims| claims["sub"].as_str() == Some(uri.as_str()))
+    });
+    let Some(list) = list else {
+        return (StatusCode::NOT_FOUND, "no such status list").into_response();
+    };
+    let mut response = list.into_response();
+    set(
+        &mut response,
+        header::CONTENT_TYPE,
+        "application/statuslist+jwt",
+    );
+    cache_for(&mut response, JWKS_MAX_AGE_SECS);
+    response
+}
+
+async fn introspection(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Result<Form<introspect::Request>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let caller_token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    let request = match form {
+        Ok(Form(request)) => request,
+        // Still no hint about anything to an unauthenticated caller.
+        Err(_) if caller_token.is_none() => return unauthenticated(),
+        Err(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_request", "error_description": "expected an application/x-www-form-urlencoded body with a `token` field"})),
+            )
+                .into_response();
+        }
+    };
+    let jwks = state.published.jwks();
+    let lists = state.published.lists();
+    let mut response = match introspect::introspect(
+        &state.client,
+        &state.issuer,
+        caller_token,
+        &request,
+        jwks.as_ref(),
+        &lists,
+    )
+    .await
+    {
+        introspect::Outcome::Unauthenticated => return unauthenticated(),
+        introspect::Outcome::Unavailable => {
+            (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
+        }
+        introspect::Outcome::Answer(body) => Json(body).into_response(),
+    };
+    set(&mut response, header::CACHE_CONTROL, "no-store");
+    response
+}
+
+fn unauthenticated() -> Response {
+    let mut response = (
+        StatusCode::UNAUTHORIZED,
+        Json(json!({"error": "invalid_client", "error_description": "send your ServiceAccount token, with the issuer as its audience, as a Bearer token"})),
+    )
+        .into_response();
+    set(&mut response, header::WWW_AUTHENTICATE, "Bearer");
+    response
+}
+
+async fn metrics() -> Response {
+    match crate::metrics::metrics().encode() {
+        Ok(text) => {
+            let mut response = text.into_response();
+            set(
+                &mut response,
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            );
+            response
+        }
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
+}
+
+/// Ready when this replica can answer verifiers (certificate and published JWKS loaded) and, if it
+/// leads, its caches are listed.
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let problems: Vec<&str> = [
+        (!state.cert.is_loaded()).then_some("no serving certificate"),
+        (!state.published.is_loaded()).then_some("the JWKS is not published yet"),
+        (!state.readiness.controllers_ready()).then_some("the caches are still listing"),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    if problems.is_empty() {
+        "ok".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, problems.join("; ")).into_response()
+    }
+}
+
+fn cache_for(response: &mut Response, seconds: u32) {
+    if let Ok(value) = HeaderValue::from_str(&format!("public, max-age={seconds}")) {
+        response.headers_mut().insert(header::CACHE_CONTROL, value);
+    }
+}
+
+fn set(response: &mut Response, name: header::HeaderName, value: &'static str) {
+    response
+        .headers_mut()
+        .insert(name, HeaderValue::from_static(value));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoints_live_under_the_issuer_path() {
+        assert_eq!(issuer_path("https://issuer.example"), "");
+        assert_eq!(issuer_path("https://issuer.example/"), "");
+        assert_eq!(issuer_path("https://h:8443/tenants/a/"), "/tenants/a");
+    }
+
+    /// Discovery and the issuer agree byte for byte (kube-apiserver insists), and every URL in it is
+    /// under the issuer.
+    #[test]
+    fn discovery_agrees_with_the_issuer() {
+        let doc = discovery_document("https://127.0.0.1:8443/");
+        assert_eq!(doc["issuer"], "https://127.0.0.1:8443");
+        assert_eq!(
+            doc["jwks_uri"],
+            "https://127.0.0.1:8443/.well-known/jwks.json"
+        );
+        assert_eq!(
+            doc["introspection_endpoint"],
+            "https://127.0.0.1:8443/introspect"
+        );
+        assert!(
+            doc["id_token_signing_alg_values_supported"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("ES256"))
+        );
+    }
+}
