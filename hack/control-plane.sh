@@ -7,6 +7,16 @@
 #   hack/control-plane.sh stop     stop the processes this script started (recorded PIDs only)
 #   hack/control-plane.sh status   say whether it is running
 #   hack/control-plane.sh env      print `export KUBECONFIG=...` and `export PATH=...` for a shell
+#   hack/control-plane.sh auth-config-path
+#                                  print the path of the apiserver's structured authentication config
+#
+# kube-apiserver runs with `--authentication-config <state dir>/authentication-config.yaml` (an
+# apiserver.config.k8s.io/v1 AuthenticationConfiguration, next to the kubeconfig), written with no JWT
+# authenticators at start. Tests add a JWT authenticator to it and restore it afterwards; the apiserver
+# reloads the file about 10 s after a change.
+#
+# CONTROL_PLANE_DIR picks another state directory (ports are always free ones), so a second, private
+# control plane can run beside the shared one: CONTROL_PLANE_DIR=/tmp/cp2 hack/control-plane.sh start
 #
 # Versions live in hack/versions.env. Binaries are cached in
 #   ${DELEGATION_CACHE:-~/.cache/delegation-operator}/control-plane/k8s-<v>-etcd-<v>/
@@ -23,6 +33,7 @@ BUILD_DIR=$CACHE_ROOT/control-plane/k8s-$K8S_VERSION-etcd-$ETCD_VERSION
 STATE_DIR=${CONTROL_PLANE_DIR:-$CACHE_ROOT/run}
 if [[ -n "${KUBEBUILDER_ASSETS:-}" ]]; then BIN_DIR=$KUBEBUILDER_ASSETS; else BIN_DIR=$BUILD_DIR/bin; fi
 KUBECONFIG_PATH=$STATE_DIR/kubeconfig
+AUTH_CONFIG_PATH=$STATE_DIR/authentication-config.yaml
 
 # The Go build must not pick up a go.work from the caller's directory.
 export GOWORK=off GOFLAGS=${GOFLAGS:--mod=mod}
@@ -168,6 +179,17 @@ wait_for() { # description, seconds, command...
   done
 }
 
+# The structured authentication configuration the apiserver starts with: no JWT authenticators (client
+# certificates and ServiceAccount tokens keep working). Kept if it already exists.
+write_auth_config() {
+  [[ -f $AUTH_CONFIG_PATH ]] && return
+  cat >"$AUTH_CONFIG_PATH" <<'EOF'
+apiVersion: apiserver.config.k8s.io/v1
+kind: AuthenticationConfiguration
+jwt: []
+EOF
+}
+
 write_kubeconfig() {
   local url=$1 pki=$STATE_DIR/pki
   cat >"$KUBECONFIG_PATH" <<EOF
@@ -202,6 +224,7 @@ cmd_start() {
   rm -rf "$STATE_DIR"
   mkdir -p "$STATE_DIR"
   make_certs
+  write_auth_config
   local etcd_port peer_port api_port pki=$STATE_DIR/pki
   etcd_port=$(free_port) peer_port=$(free_port) api_port=$(free_port)
 
@@ -224,6 +247,7 @@ cmd_start() {
     --disable-admission-plugins ServiceAccount \
     --service-account-issuer "https://127.0.0.1:$api_port/" \
     --service-account-key-file "$pki/sa.pub" --service-account-signing-key-file "$pki/sa.key" \
+    --authentication-config "$AUTH_CONFIG_PATH" \
     </dev/null >"$STATE_DIR/kube-apiserver.log" 2>&1 &
   echo $! >"$STATE_DIR/kube-apiserver.pid"
   echo "https://127.0.0.1:$api_port" >"$STATE_DIR/server-url"
@@ -257,6 +281,10 @@ cmd_stop() {
 cmd_status() {
   if is_running; then
     echo "running: $(cat "$STATE_DIR/server-url") (KUBECONFIG=$KUBECONFIG_PATH)"
+    if ! tr '\0' ' ' <"/proc/$(cat "$STATE_DIR/kube-apiserver.pid")/cmdline" 2>/dev/null | grep -q -- --authentication-config; then
+      log "warning: this kube-apiserver was started without --authentication-config (an older version of this"
+      log "script); tests/apiserver_trust.rs needs it: stop and start the control plane when nobody is using it"
+    fi
   else
     echo "not running"
     return 1
@@ -274,5 +302,6 @@ case "${1:-}" in
   stop) cmd_stop ;;
   status) cmd_status ;;
   env) cmd_env ;;
-  *) echo "usage: $0 build|start|stop|status|env" >&2; exit 2 ;;
+  auth-config-path) echo "$AUTH_CONFIG_PATH" ;;
+  *) echo "usage: $0 build|start|stop|status|env|auth-config-path" >&2; exit 2 ;;
 esac
