@@ -6,6 +6,7 @@
 //! local control plane themselves (idempotent; `hack/control-plane.sh stop` ends it).
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod gitops;
 pub mod verifiers;
 
 use std::{
