@@ -12,17 +12,32 @@ step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
 step "control plane"
-if hack/control-plane.sh status >/dev/null 2>&1; then
+if hack/control-plane.sh status >/dev/null 2>&1 && [[ -f $(hack/control-plane.sh auth-config-path) ]]; then
   echo "reusing the running control plane (left running afterwards)"
 else
+  # Not running, or started by an older script without the authentication config the tests need.
+  hack/control-plane.sh stop >/dev/null 2>&1 || true
   trap 'hack/control-plane.sh stop' EXIT
   hack/control-plane.sh start >/dev/null
 fi
 DELEGATION_TEST_KUBECONFIG=$(hack/control-plane.sh env | sed -n 's/^export KUBECONFIG=//p')
 export DELEGATION_TEST_KUBECONFIG
 
+# Tools the tests drive, each built or installed once into ~/.cache/delegation-operator, keyed by version.
+step "helm $(sed -n 's/^HELM_VERSION=//p' hack/versions.env) (chart tests; built from its Go module)"
+HELM_BIN=$(hack/helm.sh)
+export HELM_BIN
+step "independent verifiers (PyJWT, jose, go-jose)"
+DELEGATION_VERIFIERS_DIR=$(hack/verifiers.sh)
+export DELEGATION_VERIFIERS_DIR
+
 step "cargo test"
 cargo test --locked --all-targets
+
+# The Dockerfile's build stage, as the image builds it (debug profile here: a cold release build takes
+# too long for CI), then checks that the binary is static and talks to the apiserver with no libc around.
+step "static build (the Dockerfile's build step) and its checks"
+hack/static-build.sh --debug --check "$DELEGATION_TEST_KUBECONFIG" >/dev/null
 
 # The README's first command, end to end on the same control plane: grants must turn into tokens.
 step "make run (smoke test of the main job)"
