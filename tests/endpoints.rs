@@ -12,7 +12,7 @@ use k8s_openapi::{
     api::{
         authentication::v1::{TokenRequest, TokenRequestSpec},
         core::v1::{Secret, ServiceAccount},
-        rbac::v1::{ClusterRole, ClusterRoleBinding, RoleRef},
+        rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef},
     },
 };
 use kube::{
@@ -62,6 +62,9 @@ fn free_port() -> u16 {
 struct Https {
     issuer: String,
     ca: tempfile_path::TempPath,
+    /// A ServiceAccount token allowed `get` on `/metrics` (as Prometheus' would be).
+    metrics_bearer: String,
+    _metrics_reader: Option<ClusterRoleGuard>,
 }
 
 /// A file removed on drop, for the CA bundle curl reads.
@@ -96,6 +99,8 @@ impl Https {
         Self {
             issuer: format!("https://127.0.0.1:{port}"),
             ca: tempfile_path::TempPath(ca),
+            metrics_bearer: String::new(),
+            _metrics_reader: None,
         }
     }
 
@@ -198,19 +203,42 @@ impl Https {
     }
 
     fn metrics(&self) -> String {
-        let reply = self.get("/metrics");
-        assert_eq!(reply.status, 200);
+        let reply = self.metrics_as(Some(&self.metrics_bearer));
+        assert_eq!(reply.status, 200, "{}", reply.body);
         reply.body
+    }
+
+    fn metrics_as(&self, bearer: Option<&str>) -> Reply {
+        let auth = bearer.map(|b| format!("Authorization: Bearer {b}"));
+        let args: Vec<&str> = auth.iter().flat_map(|a| ["-H", a.as_str()]).collect();
+        self.request("/metrics", &args)
+            .unwrap_or_else(|e| panic!("GET /metrics: {e}"))
     }
 }
 
 async fn start() -> (Fixture, Https) {
-    let https = Https::new(free_port());
+    let mut https = Https::new(free_port());
     let args = https.args();
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let fixture = Fixture::start("endpoints", &args).await;
     https.trust_ca_of(&fixture).await;
     https.wait_ready(&https.issuer).await;
+    // Prometheus' part: a ServiceAccount token for the apiserver's own audience, allowed /metrics.
+    let reader = PolicyRule {
+        non_resource_urls: Some(vec!["/metrics".into()]),
+        verbs: vec!["get".into()],
+        ..Default::default()
+    };
+    https._metrics_reader =
+        Some(ClusterRoleGuard::bind(&fixture, "prometheus", "metrics", reader).await);
+    https.metrics_bearer = service_account_token(&fixture, "prometheus", None).await;
+    let bearer = https.metrics_bearer.clone();
+    wait_for(
+        "Prometheus' RBAC to be in effect",
+        Duration::from_secs(20),
+        || async { (https.metrics_as(Some(&bearer)).status == 200).then_some(()) },
+    )
+    .await;
     (fixture, https)
 }
 
@@ -288,6 +316,14 @@ async fn discovery_jwks_and_status_lists_are_served_over_https() {
         "a list id of another state is not served"
     );
 
+    // /metrics names every grant: nobody without `get /metrics` reads it.
+    let stranger = service_account_token(&f, "stranger", None).await;
+    for bearer in [None, Some("not-a-token"), Some(stranger.as_str())] {
+        let reply = https.metrics_as(bearer);
+        assert_eq!(reply.status, 401, "{}", reply.body);
+        assert!(!reply.body.contains("delegation_"), "{}", reply.body);
+    }
+
     // Metrics: the issuance is counted, the grant has its expiry series ... until it is deleted.
     let series = format!("namespace=\"{}\",name=\"tickets\"", f.ns);
     let metrics = https.metrics();
@@ -333,12 +369,24 @@ async fn introspection_answers_authenticated_callers_for_their_audience_only() {
     let payments_token = f.token_in("payments-token").await.unwrap();
 
     // The tickets API may introspect tickets tokens; a caller without the rule may not.
-    let allowed = service_account_token(&f, "tickets-api", &https.issuer).await;
-    let unprivileged = service_account_token(&f, "other-api", &https.issuer).await;
-    let _role = ClusterRoleGuard::bind(&f, "tickets-api", "https://tickets.example.com").await;
+    let allowed = service_account_token(&f, "tickets-api", Some(&https.issuer)).await;
+    let unprivileged = service_account_token(&f, "other-api", Some(&https.issuer)).await;
+    let _role = ClusterRoleGuard::bind(
+        &f,
+        "tickets-api",
+        "introspect",
+        rule(
+            "delegation.nhi.dev",
+            &["audiences"],
+            &["introspect"],
+            &["https://tickets.example.com"],
+        ),
+    )
+    .await;
 
     // Who is not authenticated for our audience learns nothing: 401, no body about the token.
-    let wrong_audience = service_account_token(&f, "tickets-api", "https://another.example").await;
+    let wrong_audience =
+        service_account_token(&f, "tickets-api", Some("https://another.example")).await;
     for bearer in [None, Some("not-a-token"), Some(wrong_audience.as_str())] {
         let reply = https.introspect(bearer, &tickets_token);
         assert_eq!(reply.status, 401, "{}", reply.body);
@@ -428,7 +476,10 @@ async fn a_standby_serves_verification_and_certificates_reload() {
         .request_to(&standby_base, "/.well-known/jwks.json", &[])
         .unwrap();
     assert_eq!(standby_jwks.json(), f.jwks().await);
-    let standby_metrics = https.request_to(&standby_base, "/metrics", &[]).unwrap();
+    let auth = format!("Authorization: Bearer {}", https.metrics_bearer);
+    let standby_metrics = https
+        .request_to(&standby_base, "/metrics", &["-H", &auth])
+        .unwrap();
     assert!(
         standby_metrics.body.contains("delegation_leader 0"),
         "{}",
@@ -473,13 +524,18 @@ async fn a_standby_serves_verification_and_certificates_reload() {
         )
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_for(
+        "the operator to refuse the broken certificate",
+        Duration::from_secs(20),
+        || async {
+            f.operator()
+                .raw_output()
+                .contains("still serving the previous certificate")
+                .then_some(())
+        },
+    )
+    .await;
     assert_eq!(https.get("/healthz").status, 200);
-    assert!(
-        f.operator()
-            .raw_output()
-            .contains("still serving the previous certificate")
-    );
 }
 
 /// A fresh CA and a certificate it signed for 127.0.0.1: (ca, cert, key) as PEM.
@@ -514,8 +570,9 @@ fn tamper(token: &str) -> String {
     parts.join(".")
 }
 
-/// A token of ServiceAccount `name` in the fixture's namespace (created if needed) for `audience`.
-async fn service_account_token(f: &Fixture, name: &str, audience: &str) -> String {
+/// A token of ServiceAccount `name` in the fixture's namespace (created if needed) for `audience`
+/// (`None`: the apiserver's own).
+async fn service_account_token(f: &Fixture, name: &str, audience: Option<&str>) -> String {
     let accounts: Api<ServiceAccount> = Api::namespaced(f.client.clone(), &f.ns);
     if accounts.get_opt(name).await.unwrap().is_none() {
         let account = ServiceAccount {
@@ -532,7 +589,7 @@ async fn service_account_token(f: &Fixture, name: &str, audience: &str) -> Strin
     }
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
-            audiences: Some(vec![audience.into()]),
+            audiences: audience.map(|a| vec![a.into()]),
             expiration_seconds: Some(600),
             ..Default::default()
         }),
@@ -547,26 +604,21 @@ async fn service_account_token(f: &Fixture, name: &str, audience: &str) -> Strin
         .expect("a token")
 }
 
-/// A ClusterRole letting one ServiceAccount introspect one audience; removed on drop.
+/// A ClusterRole granting one ServiceAccount one rule; removed on drop.
 struct ClusterRoleGuard {
     name: String,
 }
 
 impl ClusterRoleGuard {
-    async fn bind(f: &Fixture, account: &str, audience: &str) -> Self {
-        let name = format!("{}-{account}-introspect", f.ns);
+    async fn bind(f: &Fixture, account: &str, purpose: &str, grants: PolicyRule) -> Self {
+        let name = format!("{}-{account}-{purpose}", f.ns);
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let role = ClusterRole {
             metadata: ObjectMeta {
                 name: Some(name.clone()),
                 ..Default::default()
             },
-            rules: Some(vec![rule(
-                "delegation.nhi.dev",
-                &["audiences"],
-                &["introspect"],
-                &[audience],
-            )]),
+            rules: Some(vec![grants]),
             ..Default::default()
         };
         Api::<ClusterRole>::all(f.client.clone())

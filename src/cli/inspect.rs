@@ -283,7 +283,10 @@ async fn inspect(args: InspectArgs) -> Result<ExitCode, String> {
         let json = serde_json::to_string_pretty(&inspection).map_err(|e| e.to_string())?;
         println!("{json}");
     } else {
-        print!("{}", explain::render_inspection(&inspection, now));
+        print!(
+            "{}",
+            explain::printable(&explain::render_inspection(&inspection, now))
+        );
     }
     Ok(if inspection.valid {
         ExitCode::SUCCESS

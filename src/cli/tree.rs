@@ -70,7 +70,12 @@ async fn tree(args: TreeArgs) -> Result<ExitCode, String> {
     let now = k8s_openapi::jiff::Timestamp::now().as_second();
     print!(
         "{}",
-        render_tree(&grants, &agents, now, args.all_namespaces)
+        crate::delegation::explain::printable(&render_tree(
+            &grants,
+            &agents,
+            now,
+            args.all_namespaces
+        ))
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -69,7 +69,9 @@ impl StatusState {
     /// Why this state makes the token invalid, if it does.
     fn problem(&self) -> Option<String> {
         match self {
-            Self::Valid | Self::Absent | Self::NotChecked => None,
+            Self::Valid | Self::NotChecked => None,
+            // Fail closed: a token whose revocation cannot be looked up is not taken as valid.
+            Self::Absent => Some("no status list entry: its revocation cannot be checked".into()),
             Self::Invalid => Some("revoked (status list entry INVALID)".into()),
             Self::Suspended => Some("suspended (status list entry SUSPENDED)".into()),
             Self::Unavailable(why) => Some(format!("status unavailable: {why}")),
@@ -235,6 +237,20 @@ fn span(secs: u64) -> String {
 
 /// The inspection as a person reads it: who authorised, each hop, the actor, scopes, audience,
 /// times, key, status, and a verdict line last.
+/// Text safe for a terminal: every control character but the line break is shown escaped, so that
+/// claims or spec fields carrying ANSI or OSC sequences cannot rewrite a verdict on screen.
+pub fn printable(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() && c != '\n' {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 pub fn render_inspection(inspection: &Inspection, now: i64) -> String {
     let mut out = String::new();
     let mut line = |label: &str, value: &str| {
@@ -820,7 +836,18 @@ verdict: VALID
         let other = inspection(Some(&foreign), Ok(()), Ok(()), StatusState::Absent, vec![]);
         assert_eq!(
             other.problems,
-            ["not a delegation token (its claims are not of that shape)"]
+            [
+                "not a delegation token (its claims are not of that shape)",
+                "no status list entry: its revocation cannot be checked"
+            ]
+        );
+    }
+
+    #[test]
+    fn control_characters_are_shown_escaped() {
+        assert_eq!(
+            printable("alice\u{1b}[2K\rverdict: VALID\nnext"),
+            "alice\\u{1b}[2K\\u{d}verdict: VALID\nnext"
         );
     }
 

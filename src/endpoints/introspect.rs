@@ -19,12 +19,15 @@
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
-    authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+    authorization::v1::{
+        NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+    },
 };
 use kube::{Api, Client, api::PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::published::Published;
 use crate::{api::GROUP, metrics::ResultLabels, verification};
 
 /// The verb and resource a caller needs, per audience.
@@ -46,6 +49,8 @@ pub struct Request {
 pub enum Outcome {
     /// 401: the caller's own credentials were missing or not accepted.
     Unauthenticated,
+    /// 400: an authenticated caller sent no `token` form field.
+    BadRequest,
     /// 200 with this body.
     Answer(Value),
     /// 503: the apiserver could not be asked; try again.
@@ -56,18 +61,18 @@ pub fn inactive() -> Value {
     json!({"active": false})
 }
 
-/// Answers one request. `jwks` and `lists` are the published documents.
+/// Answers one request from the published JWKS and status lists.
 pub async fn introspect(
     client: &Client,
     issuer: &str,
     caller_token: Option<&str>,
-    request: &Request,
-    jwks: Option<&Value>,
-    lists: &std::collections::BTreeMap<String, String>,
+    request: Option<&Request>,
+    published: &Published,
 ) -> Outcome {
-    let outcome = answer(client, issuer, caller_token, request, jwks, lists).await;
+    let outcome = answer(client, issuer, caller_token, request, published).await;
     let result = match &outcome {
         Outcome::Unauthenticated => "unauthenticated",
+        Outcome::BadRequest => "bad_request",
         Outcome::Unavailable => "error",
         Outcome::Answer(body) if body["active"] == true => "active",
         Outcome::Answer(_) => "inactive",
@@ -85,15 +90,14 @@ async fn answer(
     client: &Client,
     issuer: &str,
     caller_token: Option<&str>,
-    request: &Request,
-    jwks: Option<&Value>,
-    lists: &std::collections::BTreeMap<String, String>,
+    request: Option<&Request>,
+    published: &Published,
 ) -> Outcome {
-    let Some(caller_token) = caller_token.filter(|t| !t.is_empty() && t.len() <= MAX_TOKEN_BYTES)
-    else {
+    // Who asks comes first: an unauthenticated caller learns nothing, not even about its request.
+    let Some(caller_token) = caller_token.filter(|t| t.len() <= MAX_TOKEN_BYTES) else {
         return Outcome::Unauthenticated;
     };
-    let caller = match authenticate(client, issuer, caller_token).await {
+    let caller = match authenticate(client, Some(issuer), caller_token).await {
         Ok(Some(user)) => user,
         Ok(None) => return Outcome::Unauthenticated,
         Err(e) => {
@@ -101,24 +105,66 @@ async fn answer(
             return Outcome::Unavailable;
         }
     };
-    let (Some(jwks), true) = (jwks, request.token.len() <= MAX_TOKEN_BYTES) else {
+    let Some(request) = request else {
+        return Outcome::BadRequest;
+    };
+    let token = request.token.as_str();
+    let Some(audience) = (token.len() <= MAX_TOKEN_BYTES)
+        .then(|| verification::unverified_audience(token))
+        .flatten()
+    else {
         return Outcome::Answer(inactive());
     };
-    // Verified first, authorised second: the same `active: false` either way.
-    let Ok(verified) = verification::verify(&request.token, jwks, lists, None, 0) else {
-        return Outcome::Answer(inactive());
-    };
-    let Some(audience) = verified.claims["aud"].as_str().map(str::to_owned) else {
-        return Outcome::Answer(inactive());
-    };
-    match may_introspect(client, &caller, &audience).await {
-        Ok(true) if verified.is_active() => Outcome::Answer(active_response(verified.claims)),
-        Ok(_) => Outcome::Answer(inactive()),
+    // Authorised before the token is verified, whatever it holds: a caller without rights cannot
+    // tell a genuine token from a forgery by how long the answer takes.
+    let allowed = match may_introspect(client, &caller, &audience).await {
+        Ok(allowed) => allowed,
         Err(e) => {
             tracing::warn!(error = %e, "introspection: SubjectAccessReview failed");
-            Outcome::Unavailable
+            return Outcome::Unavailable;
         }
+    };
+    let Some(jwks) = published.jwks() else {
+        return Outcome::Answer(inactive());
+    };
+    match verification::verify(token, &jwks, &published.lists(), Some(&audience), 0) {
+        Ok(verified)
+            if allowed
+                && verified.is_active()
+                && verified.claims["iss"].as_str() == Some(issuer) =>
+        {
+            Outcome::Answer(active_response(verified.claims))
+        }
+        _ => Outcome::Answer(inactive()),
     }
+}
+
+/// Whether the bearer of `caller_token` may read `/metrics`: authenticated by the apiserver for its
+/// own audience (a plain ServiceAccount token, as Prometheus sends) and allowed `get` on the
+/// non-resource URL `/metrics`. `Err` when the apiserver could not be asked.
+pub async fn may_read_metrics(client: &Client, caller_token: Option<&str>) -> Result<bool, ()> {
+    let Some(caller_token) = caller_token.filter(|t| t.len() <= MAX_TOKEN_BYTES) else {
+        return Ok(false);
+    };
+    let caller = match authenticate(client, None, caller_token).await {
+        Ok(Some(user)) => user,
+        Ok(None) => return Ok(false),
+        Err(e) => {
+            tracing::warn!(error = %e, "metrics: TokenReview failed");
+            return Err(());
+        }
+    };
+    let review = access_review(
+        &caller,
+        None,
+        Some(NonResourceAttributes {
+            path: Some("/metrics".into()),
+            verb: Some("get".into()),
+        }),
+    );
+    allowed(client, review).await.map_err(|e| {
+        tracing::warn!(error = %e, "metrics: SubjectAccessReview failed");
+    })
 }
 
 /// The RFC 7662 fields of an active token: its verified claims (`iss`, `sub`, `aud`, `exp`, `iat`,
@@ -133,16 +179,18 @@ pub fn active_response(claims: Value) -> Value {
     Value::Object(body)
 }
 
-/// Who the caller is, if the apiserver accepts its token for our audience.
+/// Who the caller is, if the apiserver accepts its token — for `audience` when given (and then only
+/// if the review confirms that audience: an authenticator that ignores audiences answers with none,
+/// which must not count), else for the apiserver's own.
 async fn authenticate(
     client: &Client,
-    issuer: &str,
+    audience: Option<&str>,
     caller_token: &str,
 ) -> kube::Result<Option<UserInfo>> {
     let review = TokenReview {
         spec: TokenReviewSpec {
             token: caller_token.to_owned(),
-            audiences: Some(vec![issuer.to_owned()]),
+            audiences: audience.map(|a| vec![a.to_owned()]),
         },
         ..Default::default()
     };
@@ -153,32 +201,50 @@ async fn authenticate(
         .status
         .filter(|s| s.authenticated == Some(true))
         .filter(|s| {
-            s.audiences
-                .as_ref()
-                .is_none_or(|a| a.iter().any(|a| a == issuer))
+            audience.is_none_or(|wanted| {
+                s.audiences
+                    .as_ref()
+                    .is_some_and(|a| a.iter().any(|a| a == wanted))
+            })
         })
         .and_then(|s| s.user))
 }
 
 /// Whether the caller may introspect tokens for `audience`.
 async fn may_introspect(client: &Client, caller: &UserInfo, audience: &str) -> kube::Result<bool> {
-    let review = SubjectAccessReview {
+    let review = access_review(
+        caller,
+        Some(ResourceAttributes {
+            group: Some(GROUP.into()),
+            resource: Some(RESOURCE.into()),
+            name: Some(audience.to_owned()),
+            verb: Some(VERB.into()),
+            ..Default::default()
+        }),
+        None,
+    );
+    allowed(client, review).await
+}
+
+fn access_review(
+    caller: &UserInfo,
+    resource_attributes: Option<ResourceAttributes>,
+    non_resource_attributes: Option<NonResourceAttributes>,
+) -> SubjectAccessReview {
+    SubjectAccessReview {
         spec: SubjectAccessReviewSpec {
             user: caller.username.clone(),
             groups: caller.groups.clone(),
             uid: caller.uid.clone(),
             extra: caller.extra.clone(),
-            resource_attributes: Some(ResourceAttributes {
-                group: Some(GROUP.into()),
-                resource: Some(RESOURCE.into()),
-                name: Some(audience.to_owned()),
-                verb: Some(VERB.into()),
-                ..Default::default()
-            }),
-            ..Default::default()
+            resource_attributes,
+            non_resource_attributes,
         },
         ..Default::default()
-    };
+    }
+}
+
+async fn allowed(client: &Client, review: SubjectAccessReview) -> kube::Result<bool> {
     let reviewed = Api::<SubjectAccessReview>::all(client.clone())
         .create(&PostParams::default(), &review)
         .await?;

@@ -23,7 +23,7 @@ use axum::{
     routing::{get, post},
 };
 use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
+    rt::{TokioExecutor, TokioIo, TokioTimer},
     server::conn::auto,
     service::TowerToHyperService,
 };
@@ -55,6 +55,15 @@ pub const STATUS_LISTS_PATH: &str = "/statuslists";
 const JWKS_MAX_AGE_SECS: u32 = 15;
 /// A TLS handshake that has not finished by then is dropped (slow clients hold no listener slot).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection may take to send a request's headers (also between keep-alive requests).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Connections served at once; more wait in the kernel's backlog. The same process mints tokens and
+/// renews the leader lease: a flood of clients must not starve it of memory or descriptors.
+const MAX_CONNECTIONS: usize = 1024;
+/// No request is worth holding a connection longer (introspection asks the apiserver twice).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+/// Introspection bodies are small forms; refuse anything bigger before reading it.
+const MAX_BODY_BYTES: usize = 64 * 1024;
 
 struct AppState {
     client: Client,
@@ -119,7 +128,20 @@ fn router(state: Arc<AppState>, issuer: &str) -> Router {
     } else {
         root.nest(&base, verification)
     };
-    routes.with_state(state)
+    routes
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(within_request_timeout))
+        .with_state(state)
+}
+
+/// Answers 503 when a request takes longer than [`REQUEST_TIMEOUT`].
+async fn within_request_timeout(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    tokio::time::timeout(REQUEST_TIMEOUT, next.run(request))
+        .await
+        .unwrap_or_else(|_| (StatusCode::SERVICE_UNAVAILABLE, "timed out").into_response())
 }
 
 /// The path of the issuer URL, without a trailing slash ("" for `https://host`).
@@ -132,7 +154,11 @@ fn issuer_path(issuer: &str) -> String {
 }
 
 async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
@@ -143,15 +169,26 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
         };
         let (acceptor, router) = (acceptor.clone(), router.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             let Ok(Ok(tls)) =
                 tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await
             else {
                 return;
             };
             let service = TowerToHyperService::new(router);
-            let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tls), service)
-                .await;
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            // hyper enforces the header timeout only with a timer.
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_concurrent_streams(64)
+                .keep_alive_interval(Some(Duration::from_secs(30)))
+                .keep_alive_timeout(Duration::from_secs(10));
+            let _ = builder.serve_connection(TokioIo::new(tls), service).await;
         });
     }
 }
@@ -164,13 +201,10 @@ pub fn discovery_document(issuer: &str) -> Value {
         "issuer": issuer,
         "jwks_uri": format!("{issuer}{JWKS_PATH}"),
         "introspection_endpoint": format!("{issuer}{INTROSPECTION_PATH}"),
-        "introspection_endpoint_auth_methods_supported": ["bearer"],
         "status_list_endpoint": format!("{issuer}{STATUS_LISTS_PATH}"),
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
-        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"],
-        "introspection_endpoint_auth_signing_alg_values_supported": ["ES256", "EdDSA"],
     })
 }
 
@@ -228,36 +262,29 @@ async fn introspection(
     headers: HeaderMap,
     form: Result<Form<introspect::Request>, axum::extract::rejection::FormRejection>,
 ) -> Response {
-    let caller_token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    let request = match form {
-        Ok(Form(request)) => request,
-        // Still no hint about anything to an unauthenticated caller.
-        Err(_) if caller_token.is_none() => return unauthenticated(),
-        Err(_) => {
+    let caller_token = bearer_token(&headers);
+    let request = form.ok().map(|Form(request)| request);
+    let mut response = match introspect::introspect(
+        &state.client,
+        &state.issuer,
+        caller_token,
+        request.as_ref(),
+        &state.published,
+    )
+    .await
+    {
+        introspect::Outcome::Unauthenticated => {
+            return unauthenticated(
+                "send your ServiceAccount token, with the issuer as its audience, as a Bearer token",
+            );
+        }
+        introspect::Outcome::BadRequest => {
             return (
                 StatusCode::BAD_REQUEST,
                 Json(json!({"error": "invalid_request", "error_description": "expected an application/x-www-form-urlencoded body with a `token` field"})),
             )
                 .into_response();
         }
-    };
-    let jwks = state.published.jwks();
-    let lists = state.published.lists();
-    let mut response = match introspect::introspect(
-        &state.client,
-        &state.issuer,
-        caller_token,
-        &request,
-        jwks.as_ref(),
-        &lists,
-    )
-    .await
-    {
-        introspect::Outcome::Unauthenticated => return unauthenticated(),
         introspect::Outcome::Unavailable => {
             (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
         }
@@ -267,17 +294,39 @@ async fn introspection(
     response
 }
 
-fn unauthenticated() -> Response {
+/// The credentials of `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 6750).
+fn bearer_token(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then_some(token.trim())
+        .filter(|t| !t.is_empty())
+}
+
+fn unauthenticated(what_to_do: &'static str) -> Response {
     let mut response = (
         StatusCode::UNAUTHORIZED,
-        Json(json!({"error": "invalid_client", "error_description": "send your ServiceAccount token, with the issuer as its audience, as a Bearer token"})),
+        Json(json!({"error": "invalid_client", "error_description": what_to_do})),
     )
         .into_response();
     set(&mut response, header::WWW_AUTHENTICATE, "Bearer");
     response
 }
 
-async fn metrics() -> Response {
+/// `/metrics` names every grant: only callers the apiserver authenticates, and authorizes for `get`
+/// on the non-resource URL `/metrics`, may read it (as kube-rbac-proxy and controller-runtime's secure
+/// metrics do) — e.g. Prometheus with its ServiceAccount token.
+async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    match introspect::may_read_metrics(&state.client, bearer_token(&headers)).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return unauthenticated(
+                "send a Bearer token of an identity allowed `get` on the non-resource URL /metrics",
+            );
+        }
+        Err(()) => return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
+    }
     match crate::metrics::metrics().encode() {
         Ok(text) => {
             let mut response = text.into_response();

@@ -37,12 +37,33 @@ impl Readiness {
         self.leading.load(Ordering::SeqCst)
     }
 
-    /// A standby has nothing to sync; the leader is ready once every cache is listed.
+    /// A standby has nothing to sync; the leader is ready once its caches exist (it first loads its
+    /// keys) and every one of them is listed.
     pub fn controllers_ready(&self) -> bool {
         !self.is_leading()
             || self
                 .caches
                 .lock()
-                .is_ok_and(|caches| caches.iter().all(|c| *c.borrow()))
+                .is_ok_and(|caches| !caches.is_empty() && caches.iter().all(|c| *c.borrow()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_leader_is_ready_only_once_its_caches_are_listed() {
+        let readiness = Readiness::default();
+        assert!(readiness.controllers_ready(), "a standby");
+        readiness.lead(Vec::new());
+        assert!(!readiness.controllers_ready(), "still loading keys");
+        let (listed, caches) = watch::channel(false);
+        readiness.lead(vec![caches]);
+        assert!(!readiness.controllers_ready(), "still listing");
+        listed.send_replace(true);
+        assert!(readiness.controllers_ready());
+        readiness.stop_leading();
+        assert!(readiness.controllers_ready(), "a standby again");
     }
 }
