@@ -3,6 +3,7 @@
 #
 #   hack/helm.sh             build (or reuse) helm and print the path of the binary
 #   hack/helm.sh path        print the path only (without building)
+#   hack/helm.sh --helm3 [path]  the same for Helm 3 (HELM3_VERSION); $HELM3_BIN plays the part of $HELM_BIN
 #   hack/helm.sh sync-chart  regenerate the chart's CRD and admission-policy templates from crds/ and
 #                            admission/policies.yaml (tests/chart.rs fails when they drift)
 #
@@ -16,6 +17,12 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 # shellcheck source=versions.env
 source "$ROOT/hack/versions.env"
 : "${HELM_VERSION:?HELM_VERSION missing from hack/versions.env}"
+if [[ ${1:-} == --helm3 ]]; then
+  shift
+  : "${HELM3_VERSION:?HELM3_VERSION missing from hack/versions.env}"
+  HELM_VERSION=$HELM3_VERSION
+  HELM_BIN=${HELM3_BIN:-}
+fi
 
 CACHE_ROOT=${DELEGATION_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/delegation-operator}
 BUILD_DIR=$CACHE_ROOT/helm-$HELM_VERSION

@@ -24,9 +24,10 @@ DELEGATION_TEST_KUBECONFIG=$(hack/control-plane.sh env | sed -n 's/^export KUBEC
 export DELEGATION_TEST_KUBECONFIG
 
 # Tools the tests drive, each built or installed once into ~/.cache/delegation-operator, keyed by version.
-step "helm $(sed -n 's/^HELM_VERSION=//p' hack/versions.env) (chart tests; built from its Go module)"
+step "helm $(sed -n 's/^HELM_VERSION=//p' hack/versions.env) and $(sed -n 's/^HELM3_VERSION=//p' hack/versions.env) (chart tests; built from their Go modules)"
 HELM_BIN=$(hack/helm.sh)
-export HELM_BIN
+HELM3_BIN=$(hack/helm.sh --helm3)
+export HELM_BIN HELM3_BIN
 step "independent verifiers (PyJWT, jose, go-jose)"
 DELEGATION_VERIFIERS_DIR=$(hack/verifiers.sh)
 export DELEGATION_VERIFIERS_DIR

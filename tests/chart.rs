@@ -7,7 +7,7 @@
 mod support;
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
     sync::OnceLock,
     time::Duration,
@@ -37,24 +37,37 @@ const AUDIENCE: &str = "https://tickets.example.com";
 /// The helm binary: `HELM_BIN`, else the one hack/helm.sh builds (or reuses) for the pinned version.
 fn helm_path() -> PathBuf {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(p) = std::env::var_os("HELM_BIN") {
-            return PathBuf::from(p);
-        }
-        let out = Command::new(repo_root().join("hack/helm.sh"))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("run hack/helm.sh");
-        assert!(out.status.success(), "hack/helm.sh failed");
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-    })
-    .clone()
+    PATH.get_or_init(|| built_helm("HELM_BIN", &[])).clone()
+}
+
+/// Helm 3 (`HELM3_BIN`, else `hack/helm.sh --helm3`): the chart supports both majors.
+fn helm3_path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| built_helm("HELM3_BIN", &["--helm3"]))
+        .clone()
+}
+
+fn built_helm(env: &str, args: &[&str]) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let out = Command::new(repo_root().join("hack/helm.sh"))
+        .args(args)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run hack/helm.sh");
+    assert!(out.status.success(), "hack/helm.sh {args:?} failed");
+    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
 }
 
 /// Runs helm with its state in a private directory (never the user's ~/.config/helm).
 fn helm(args: &[&str]) -> std::process::Output {
+    helm_binary(&helm_path(), args)
+}
+
+fn helm_binary(binary: &Path, args: &[&str]) -> std::process::Output {
     let home = std::env::temp_dir().join("delegation-operator-tests-helm");
-    Command::new(helm_path())
+    Command::new(binary)
         .args(args)
         .current_dir(repo_root())
         .env("HELM_CONFIG_HOME", home.join("config"))
@@ -160,28 +173,84 @@ fn sorted(xs: &[&str]) -> Vec<String> {
 
 // ---- lint and render ---------------------------------------------------------------------------
 
+/// Helm 3 users get the same chart: it lints clean with Helm 3 and renders exactly what Helm 4 does.
+#[test]
+fn helm3_lints_clean_and_renders_what_helm4_renders() {
+    let helm3 = helm3_path();
+    for extra in LINT_MODES {
+        let mut args = vec!["lint", "--strict", CHART];
+        args.extend(*extra);
+        let out = helm_binary(&helm3, &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success()
+                && text.contains("0 chart(s) failed")
+                && !text.contains("[WARNING]"),
+            "helm 3 lint --strict {extra:?}:\n{text}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Helm 3 assumes Kubernetes 1.20 without a cluster; the chart requires ≥ 1.36.
+        let mut args = vec!["template", "rel", CHART, "--namespace", "ops"];
+        args.extend(["--kube-version", "v1.37.2"]);
+        args.extend(*extra);
+        let out = helm_binary(&helm3, &args);
+        assert!(
+            out.status.success(),
+            "helm 3 template {extra:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            documents(&String::from_utf8(out.stdout).unwrap()),
+            render(extra),
+            "Helm 3 and Helm 4 render {extra:?} differently"
+        );
+    }
+    // The schema binds Helm 3 too.
+    let out = helm_binary(
+        &helm3,
+        &[
+            "template",
+            "rel",
+            CHART,
+            "--kube-version",
+            "v1.37.2",
+            "--set",
+            "replicaCount=2",
+        ],
+    );
+    let refusal = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && refusal.contains("replicaCount"),
+        "an unknown key must be refused by Helm 3 as well: {refusal}"
+    );
+}
+
+/// The value combinations every lint runs with.
+const LINT_MODES: &[&[&str]] = &[
+    &[],
+    &["--set", "watchNamespace=team-a"],
+    &[
+        "--set",
+        "tls.certManager.enabled=true",
+        "--set",
+        "tls.certManager.issuerRef.name=ca",
+        "--set",
+        "serviceMonitor.enabled=true",
+        "--set",
+        "networkPolicy.enabled=true",
+    ],
+    &[
+        "--set",
+        "crds.enabled=false",
+        "--set",
+        "admissionPolicies.enabled=false",
+    ],
+];
+
 #[test]
 fn helm_lint_is_clean_in_every_mode() {
-    for extra in [
-        &[][..],
-        &["--set", "watchNamespace=team-a"],
-        &[
-            "--set",
-            "tls.certManager.enabled=true",
-            "--set",
-            "tls.certManager.issuerRef.name=ca",
-            "--set",
-            "serviceMonitor.enabled=true",
-            "--set",
-            "networkPolicy.enabled=true",
-        ],
-        &[
-            "--set",
-            "crds.enabled=false",
-            "--set",
-            "admissionPolicies.enabled=false",
-        ],
-    ] {
+    for extra in LINT_MODES {
+        let extra = *extra;
         let mut args = vec!["lint", "--strict", CHART];
         args.extend(extra);
         let out = helm(&args);
@@ -686,6 +755,20 @@ fn optional_parts_render_when_enabled() {
     let monitor = find(&docs, "ServiceMonitor", "rel-delegation-operator");
     assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
     assert_eq!(monitor["spec"]["endpoints"][0]["scheme"], "https");
+    // /metrics is authenticated: Prometheus sends its token and needs the reader role.
+    assert_eq!(
+        monitor["spec"]["endpoints"][0]["bearerTokenFile"],
+        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    );
+    let reader = find(
+        &docs,
+        "ClusterRole",
+        "rel-delegation-operator-metrics-reader",
+    );
+    assert_eq!(
+        reader["rules"],
+        json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
+    );
     let policy = find(&docs, "NetworkPolicy", "rel-delegation-operator");
     assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "https");
 }
