@@ -272,6 +272,30 @@ async fn discovery_jwks_and_status_lists_are_served_over_https() {
     let jwks = jwks.json();
     assert_eq!(jwks, f.jwks().await, "the JWKS served is the one published");
 
+    // A key injected into the published ConfigMap is never served: the endpoints read the keys Secret.
+    let configmaps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let mut forged = jwks.clone();
+    let mut injected = forged["keys"][0].clone();
+    injected["kid"] = "injected-by-a-configmap-writer".into();
+    forged["keys"].as_array_mut().unwrap().push(injected);
+    configmaps
+        .patch(
+            "delegation-operator-jwks",
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"data": {"jwks.json": forged.to_string()}})),
+        )
+        .await
+        .unwrap();
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            https.get("/.well-known/jwks.json").json(),
+            jwks,
+            "an edited ConfigMap must not reach verifiers"
+        );
+    }
+
     f.apply(AGENT).await;
     f.apply(&grant("tickets", "https://tickets.example.com"))
         .await;

@@ -1,7 +1,8 @@
-//! What the verification endpoints serve: the JWKS and the Status List Tokens the leader publishes in
-//! ConfigMaps in the operator namespace, kept here from a watch. Every replica — leader or standby —
-//! serves the same published documents; the leader alone writes them (and puts them back when they
-//! are edited by hand).
+//! What the verification endpoints serve, kept here from watches of the operator namespace: the JWKS,
+//! derived from the signing keys Secret itself (not from the published ConfigMap, which anyone with
+//! ConfigMap rights there could edit until the leader restores it), and the Status List Tokens the
+//! leader publishes in a ConfigMap (signed: a forged list does not verify). Every replica — leader or
+//! standby — serves the same documents; the leader alone writes them.
 
 use std::{
     collections::BTreeMap,
@@ -9,7 +10,7 @@ use std::{
 };
 
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client, ResourceExt,
     runtime::{WatchStreamExt, watcher},
@@ -17,8 +18,7 @@ use kube::{
 use serde_json::Value;
 
 use crate::operator::{
-    MANAGED_BY, MANAGED_BY_LABEL,
-    keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY},
+    keys::{KEYS_SECRET_NAME, jwks_of_secret},
     status_lists,
 };
 
@@ -53,45 +53,64 @@ impl Published {
         self.0.read().is_ok_and(|d| d.jwks.is_some())
     }
 
-    fn apply(&self, cm: &ConfigMap) {
-        let Ok(mut docs) = self.0.write() else {
+    fn apply_lists(&self, cm: &ConfigMap) {
+        if cm.name_any() != status_lists::CONFIGMAP_NAME {
             return;
-        };
-        let data = cm.data.clone().unwrap_or_default();
-        match cm.name_any().as_str() {
-            JWKS_CONFIGMAP_NAME => {
-                match data
-                    .get(JWKS_DATA_KEY)
-                    .and_then(|j| serde_json::from_str::<Value>(j).ok())
-                    .filter(|j| j.get("keys").is_some_and(Value::is_array))
-                {
-                    Some(jwks) => docs.jwks = Some(jwks),
-                    // A broken edit: keep serving the last good set until the leader restores it.
-                    None => tracing::warn!(
-                        configmap = JWKS_CONFIGMAP_NAME,
-                        "the published JWKS is unreadable; serving the previous one"
-                    ),
+        }
+        if let Ok(mut docs) = self.0.write() {
+            docs.lists = cm.data.clone().unwrap_or_default();
+        }
+    }
+
+    fn apply_keys(&self, secret: &Secret) {
+        match jwks_of_secret(secret) {
+            Ok(jwks) => {
+                if let Ok(mut docs) = self.0.write() {
+                    docs.jwks = Some(jwks);
                 }
             }
-            status_lists::CONFIGMAP_NAME => docs.lists = data,
-            _ => {}
+            // A broken edit: keep serving the last good keys until the leader restores the Secret.
+            Err(problem) => tracing::warn!(
+                secret = KEYS_SECRET_NAME,
+                %problem,
+                "the signing keys Secret is unreadable; serving the previous JWKS"
+            ),
         }
     }
 }
 
-/// Keeps `published` in step with the ConfigMaps for as long as it runs.
+/// Keeps `published` in step with the keys Secret and the status-list ConfigMap for as long as it runs.
 pub async fn watch(client: Client, namespace: String, published: Arc<Published>) {
-    let configmaps: Api<ConfigMap> = Api::namespaced(client, &namespace);
-    let ours = watcher::Config::default().labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
-    watcher(configmaps, ours)
-        .default_backoff()
-        .applied_objects()
-        .for_each(|cm| {
-            match cm {
-                Ok(cm) => published.apply(&cm),
-                Err(e) => tracing::warn!(error = %e, "watch of the published JWKS and status lists failed; retrying"),
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+    let lists = watcher(
+        configmaps,
+        watcher::Config::default()
+            .fields(&format!("metadata.name={}", status_lists::CONFIGMAP_NAME)),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|cm| {
+        match cm {
+            Ok(cm) => published.apply_lists(&cm),
+            Err(e) => {
+                tracing::warn!(error = %e, "watch of the published status lists failed; retrying")
             }
-            futures::future::ready(())
-        })
-        .await;
+        }
+        futures::future::ready(())
+    });
+    let keys = watcher(
+        secrets,
+        watcher::Config::default().fields(&format!("metadata.name={KEYS_SECRET_NAME}")),
+    )
+    .default_backoff()
+    .applied_objects()
+    .for_each(|secret| {
+        match secret {
+            Ok(secret) => published.apply_keys(&secret),
+            Err(e) => tracing::warn!(error = %e, "watch of the signing keys failed; retrying"),
+        }
+        futures::future::ready(())
+    });
+    futures::future::join(lists, keys).await;
 }

@@ -348,6 +348,13 @@ impl KeyStore {
     }
 }
 
+/// The public JWKS (active, retired and next keys) of the keys Secret, checked as at start-up: what
+/// every replica serves, so that an edit of the published ConfigMap cannot put a key in front of
+/// verifiers. Reasons never quote key material.
+pub fn jwks_of_secret(secret: &Secret) -> std::result::Result<serde_json::Value, String> {
+    keys_from_secret(secret).map(|keys| keys.jwks())
+}
+
 fn keys_from_secret(secret: &Secret) -> std::result::Result<Keys, String> {
     let data = secret.data.clone().unwrap_or_default();
     let bytes = data
