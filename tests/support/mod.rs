@@ -555,7 +555,7 @@ pub async fn grant_role(
 }
 
 /// Waits until a SubjectAccessReview says `subject` may do the first verb of `rule`.
-async fn wait_allowed(client: &Client, namespace: &str, subject: &Subject, rule: &PolicyRule) {
+pub async fn wait_allowed(client: &Client, namespace: &str, subject: &Subject, rule: &PolicyRule) {
     let first = |xs: &Option<Vec<String>>| xs.as_ref().and_then(|v| v.first().cloned());
     let (user, groups) = match subject.kind.as_str() {
         "User" => (Some(subject.name.clone()), None),

@@ -603,17 +603,18 @@ pub async fn introspection_caller(
     sas.create(&PostParams::default(), &sa).await.unwrap();
     let name = format!("{}-introspect", f.ns);
     let params = PatchParams::apply(super::FIELD_MANAGER).force();
+    let introspect = super::rule(
+        "delegation.nhi.dev",
+        &["audiences"],
+        &["introspect"],
+        &[audience],
+    );
     let role = ClusterRole {
         metadata: ObjectMeta {
             name: Some(name.clone()),
             ..Default::default()
         },
-        rules: Some(vec![super::rule(
-            "delegation.nhi.dev",
-            &["audiences"],
-            &["introspect"],
-            &[audience],
-        )]),
+        rules: Some(vec![introspect.clone()]),
         ..Default::default()
     };
     Api::<ClusterRole>::all(f.client.clone())
@@ -636,6 +637,9 @@ pub async fn introspection_caller(
         .patch(&name, &params, &Patch::Apply(&binding))
         .await
         .unwrap();
+    // The first introspection must not race the authorizer's view of the new binding.
+    let subject = super::service_account_subject(&f.ns, sa_name);
+    super::wait_allowed(&f.client, "", &subject, &introspect).await;
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
             audiences: Some(vec![issuer.to_owned()]),
