@@ -294,6 +294,9 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let leader_election = leader_election(&args)?;
     // One spelling everywhere: the tokens' `iss` and discovery must agree byte for byte.
     let issuer = args.issuer.trim_end_matches('/').to_owned();
+    if let Some(problem) = endpoints::issuer_problem(&issuer) {
+        return Err(format!("--issuer {issuer:?} cannot be an issuer URL: {problem}").into());
+    }
     let settings = Settings {
         operator_namespace: args.operator_namespace.clone(),
         watch_namespace: args.namespace.clone(),
@@ -327,10 +330,15 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 fn endpoint_settings(args: &RunArgs, issuer: &str) -> endpoints::EndpointSettings {
     let ns = &args.operator_namespace;
     let dns_names = if args.tls_dns_names.is_empty() {
+        // A DNS name only: an IP literal (127.0.0.1, [::1]) is no DNS SAN.
         let issuer_host = issuer
             .split_once("://")
             .map(|(_, rest)| rest.split(['/', ':']).next().unwrap_or_default())
-            .filter(|host| !host.is_empty() && host.parse::<std::net::IpAddr>().is_err());
+            .filter(|host| {
+                !host.is_empty()
+                    && !host.starts_with('[')
+                    && host.parse::<std::net::IpAddr>().is_err()
+            });
         issuer_host
             .map(str::to_owned)
             .into_iter()

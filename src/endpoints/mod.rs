@@ -144,6 +144,29 @@ async fn within_request_timeout(
         .unwrap_or_else(|_| (StatusCode::SERVICE_UNAVAILABLE, "timed out").into_response())
 }
 
+/// Why `issuer` cannot be the issuer URL, if it cannot: verifiers (kube-apiserver among them) want an
+/// `https` URL with a host and no query, fragment or credentials, and its path becomes our routes'.
+pub fn issuer_problem(issuer: &str) -> Option<&'static str> {
+    let Some(rest) = issuer.strip_prefix("https://") else {
+        return Some("it must start with https://");
+    };
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty() {
+        return Some("it has no host");
+    }
+    if host.contains('@') {
+        return Some("it must not carry credentials");
+    }
+    if rest.contains(['?', '#']) {
+        return Some("it must have no query or fragment");
+    }
+    if rest.contains(|c: char| c.is_whitespace() || c.is_control() || matches!(c, '{' | '}' | '*'))
+    {
+        return Some("it contains characters a URL path cannot hold");
+    }
+    None
+}
+
 /// The path of the issuer URL, without a trailing slash ("" for `https://host`).
 fn issuer_path(issuer: &str) -> String {
     let after_scheme = issuer.split_once("://").map_or(issuer, |(_, rest)| rest);
@@ -374,6 +397,30 @@ fn set(response: &mut Response, name: header::HeaderName, value: &'static str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_https_urls_without_query_or_fragment_are_issuers() {
+        for good in [
+            "https://delegation-operator.delegation-system.svc",
+            "https://127.0.0.1:8443",
+            "https://[::1]:8443/tenants/a",
+        ] {
+            assert_eq!(issuer_problem(good), None, "{good}");
+        }
+        for bad in [
+            "http://issuer.example",
+            "https://",
+            "https:///path",
+            "https://user:pw@issuer.example",
+            "https://issuer.example/?a=b",
+            "https://issuer.example/#x",
+            "https://issuer.example/{id}",
+            "https://issuer.example/a b",
+            "issuer.example",
+        ] {
+            assert!(issuer_problem(bad).is_some(), "{bad}");
+        }
+    }
 
     #[test]
     fn endpoints_live_under_the_issuer_path() {
