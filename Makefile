@@ -23,8 +23,9 @@ bench:
 	python3 hack/bench.py
 
 # The chaos test at length (kill -9 the operator during churn, check the revocation invariants); the
-# test suite runs 4 rounds. CHAOS_ROUNDS and CHAOS_SEED (printed by every run) override.
+# test suite runs 4 rounds and 1 restart of a private etcd + kube-apiserver. CHAOS_ROUNDS,
+# CHAOS_RESTARTS and CHAOS_SEED (printed by every run) override.
 chaos:
 	hack/control-plane.sh start >/dev/null
 	DELEGATION_TEST_KUBECONFIG=$$(hack/control-plane.sh env | sed -n 's/^export KUBECONFIG=//p') \
-	  CHAOS_ROUNDS=$${CHAOS_ROUNDS:-40} cargo test --locked --test chaos -- --nocapture
+	  CHAOS_ROUNDS=$${CHAOS_ROUNDS:-40} CHAOS_RESTARTS=$${CHAOS_RESTARTS:-6} cargo test --locked --test chaos -- --nocapture

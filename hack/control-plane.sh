@@ -5,6 +5,9 @@
 #   hack/control-plane.sh build    build (or reuse) the binaries in the versioned cache
 #   hack/control-plane.sh start    build if needed, start etcd + kube-apiserver, print the kubeconfig path
 #   hack/control-plane.sh stop     stop the processes this script started (recorded PIDs only)
+#   hack/control-plane.sh restart  stop etcd and kube-apiserver and start them again with the same command
+#                                  lines: same ports, etcd data, certificates and kubeconfig (for tests of
+#                                  what survives a control-plane restart; never on a shared instance)
 #   hack/control-plane.sh status   say whether it is running
 #   hack/control-plane.sh env      print `export KUBECONFIG=...` and `export PATH=...` for a shell
 #   hack/control-plane.sh auth-config-path
@@ -278,6 +281,34 @@ cmd_stop() {
   log "stopped"
 }
 
+# The value of `--flag value` in a NUL-separated command line file.
+arg_of() {
+  tr '\0' '\n' <"$1" | awk -v flag="$2" 'prev == flag { print; exit } { prev = $0 }'
+}
+
+# Relaunches a process from its saved command line (NUL-separated), appending to its log.
+relaunch() {
+  local name=$1 argv
+  mapfile -d '' -t argv <"$STATE_DIR/$name.cmdline"
+  setsid "${argv[@]}" </dev/null >>"$STATE_DIR/$name.log" 2>&1 &
+  echo $! >"$STATE_DIR/$name.pid"
+}
+
+cmd_restart() {
+  local name pki=$STATE_DIR/pki
+  for name in etcd kube-apiserver; do
+    pid_alive "$STATE_DIR/$name.pid" || die "$name is not running in $STATE_DIR (start it first)"
+    cp "/proc/$(cat "$STATE_DIR/$name.pid")/cmdline" "$STATE_DIR/$name.cmdline"
+  done
+  cmd_stop >/dev/null 2>&1
+  relaunch etcd
+  wait_for etcd 60 curl -fsS "$(arg_of "$STATE_DIR/etcd.cmdline" --listen-client-urls)/health"
+  relaunch kube-apiserver
+  wait_for kube-apiserver 120 curl -fsS --cacert "$pki/ca.crt" --cert "$pki/admin.crt" --key "$pki/admin.key" \
+    "$(cat "$STATE_DIR/server-url")/readyz"
+  log "restarted: kube-apiserver ready at $(cat "$STATE_DIR/server-url")"
+}
+
 cmd_status() {
   if is_running; then
     echo "running: $(cat "$STATE_DIR/server-url") (KUBECONFIG=$KUBECONFIG_PATH)"
@@ -300,8 +331,9 @@ case "${1:-}" in
   build) cmd_build ;;
   start) cmd_start ;;
   stop) cmd_stop ;;
+  restart) cmd_restart ;;
   status) cmd_status ;;
   env) cmd_env ;;
   auth-config-path) echo "$AUTH_CONFIG_PATH" ;;
-  *) echo "usage: $0 build|start|stop|status|env|auth-config-path" >&2; exit 2 ;;
+  *) echo "usage: $0 build|start|stop|restart|status|env|auth-config-path" >&2; exit 2 ;;
 esac

@@ -656,6 +656,26 @@ pub struct Operator {
 impl Operator {
     /// Starts the operator for `namespace`, keeping keys and revocations in `operator_namespace`.
     pub fn start(namespace: &str, operator_namespace: &str, extra_args: &[&str]) -> Self {
+        Self::start_with_kubeconfig(
+            &kubeconfig_path(),
+            namespace,
+            operator_namespace,
+            extra_args,
+        )
+    }
+
+    /// How the process exited, if it has (for a test that restarts it as a supervisor would).
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
+    /// [`Operator::start`] against the control plane of another kubeconfig (a private one).
+    pub fn start_with_kubeconfig(
+        kubeconfig: &Path,
+        namespace: &str,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
@@ -664,7 +684,7 @@ impl Operator {
         let child = Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
             .arg("run")
             .arg("--kubeconfig")
-            .arg(kubeconfig_path())
+            .arg(kubeconfig)
             .args([
                 "--namespace",
                 namespace,
