@@ -14,6 +14,12 @@ Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unc
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
 timed by polling one list every 0.2 s. Prints a JSON summary at the end.
 Not a test: nothing here asserts a time.
+
+Memory diagnostics: BENCH_OPERATOR_BINARY=PATH runs that build instead of building the release one
+(e.g. a saved copy, to compare two builds side by side on one control plane); BENCH_MALLOC_TRIM=1 also
+reports the RSS after glibc's `malloc_trim(0)` (needs gdb), which tells live heap from memory the
+allocator merely keeps; MALLOC_* variables set in the environment reach the operator and are printed
+with the figures.
 """
 
 import calendar
@@ -108,6 +114,15 @@ def rss_kib(pid):
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def trimmed_rss_mib(pid):
+    """Diagnostic (BENCH_MALLOC_TRIM=1): the RSS after asking glibc to hand back the free memory it
+    holds (gdb calls `malloc_trim(0)` in the operator). What remains is live heap plus code; the
+    difference to the plain figure is memory the allocator keeps after the work that needed it."""
+    subprocess.run(["gdb", "-p", str(pid), "-batch", "-ex", "call (int) malloc_trim(0)"],
+                   capture_output=True, check=False)
+    return round(rss_kib(pid)[0] / 1024, 1)
+
+
 def install_admission_policies(kubectl, binary, ns):
     """Grants need a requester stamped by the admission policies, and the operator trusts a stamp only
     on objects created 10 s after the stamping policy and its binding: install, wait until a dry run
@@ -190,8 +205,11 @@ def main():
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
     bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines() if l.startswith("export PATH=")][0]
     kubectl = [os.path.join(bin_dir, "kubectl"), "--kubeconfig", kubeconfig]
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
-    binary = os.path.join(ROOT, "target/release/delegation-operator")
+    # BENCH_OPERATOR_BINARY: measure another build (e.g. a saved copy, to compare before and after).
+    binary = os.environ.get("BENCH_OPERATOR_BINARY")
+    if not binary:
+        subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+        binary = os.path.join(ROOT, "target/release/delegation-operator")
 
     sh(*kubectl, "apply", "--server-side", "-f", os.path.join(ROOT, "crds"))
     sh(*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
@@ -208,7 +226,8 @@ def main():
          "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
         stdout=subprocess.DEVNULL, stderr=log,
     )
-    results = {}
+    # The allocator's settings change the memory figures: name them beside the figures.
+    results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     try:
         time.sleep(1)
         idle_rss, _ = rss_kib(operator.pid)
@@ -270,6 +289,8 @@ def main():
         results["grants_ready"] = count
         results["rss_with_1000_grants_mib"] = round(rss / 1024, 1)
         results["peak_rss_mib"] = round(hwm / 1024, 1)
+        if os.environ.get("BENCH_MALLOC_TRIM"):
+            results["rss_with_1000_grants_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
 
         # Scale, side by side in one run: BENCH_GRANTS more grants POSTed at once on 8 connections
         # until all are Ready, against a bare client making the same four writes per grant.
@@ -290,6 +311,8 @@ def main():
             results[f"{scale}_grants_ratio"] = round(operator_s / bare, 2)
             results[f"rss_with_{1000 + scale}_grants_mib"] = round(rss / 1024, 1)
             results["peak_rss_mib"] = round(hwm / 1024, 1)
+            if os.environ.get("BENCH_MALLOC_TRIM"):
+                results[f"rss_with_{1000 + scale}_grants_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
             subprocess.run([*kubectl, "delete", "namespace", bare_ns, "--wait=false"], capture_output=True)
     finally:
         operator.terminate()

@@ -179,39 +179,57 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let (grants_store, grant_events, grants_ready) = reflect(
         grants_api,
         watch.clone(),
+        // Nothing reads a grant's labels or annotations.
+        |grant: &mut DelegationGrant| {
+            grant.metadata.labels = None;
+            grant.metadata.annotations = None;
+        },
         grant_fan_out(index.clone(), wake_grant.clone(), wake_agent, sweep.clone()),
     );
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
         watch.clone(),
+        |_| {},
         agent_fan_out(index.clone(), wake_grant.clone(), authority.clone()),
     );
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
     // A new approval or rejection must count at once, not when a remembered check expires.
     let forget_checked = authority.clone();
-    let (approvals, approval_events, approvals_ready) =
-        reflect(approvals_api, watch.clone(), move |event| {
+    let (approvals, approval_events, approvals_ready) = reflect(
+        approvals_api,
+        watch.clone(),
+        |_| {},
+        move |event| {
             if let watcher::Event::Apply(a) | watcher::Event::Delete(a) = event {
                 forget_checked
                     .forget_named(&a.namespace().unwrap_or_default(), &a.spec.grant_ref.name);
             }
-        });
+        },
+    );
     // Cluster-scoped, metadata only: from when identity stamps are proven.
     let ours = watch
         .clone()
         .labels("app.kubernetes.io/part-of=delegation-operator");
     let (policies, policy_events, policies_ready) =
-        reflect(Api::all(client.clone()), ours.clone(), |_| {});
+        reflect(Api::all(client.clone()), ours.clone(), |_| {}, |_| {});
     let (bindings, binding_events, bindings_ready) =
-        reflect(Api::all(client.clone()), ours, |_| {});
+        reflect(Api::all(client.clone()), ours, |_| {}, |_| {});
     let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Every token Secret the cache sees is checked for a grant that is gone.
-    let (secrets, secret_events, secrets_ready) = reflect(secrets_api, managed, move |event| {
-        if let watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) = event {
-            let key = (secret.namespace().unwrap_or_default(), secret.name_any());
-            let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
+    // Of a token Secret's labels and annotations only the token id is read.
+    let prune_secret = |secret: &mut PartialObjectMeta<Secret>| {
+        secret.metadata.labels = None;
+        if let Some(annotations) = secret.metadata.annotations.as_mut() {
+            annotations.retain(|key, _| key == token_secret::TOKEN_ID_ANNOTATION);
         }
-    });
+    };
+    let (secrets, secret_events, secrets_ready) =
+        reflect(secrets_api, managed, prune_secret, move |event| {
+            if let watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) = event {
+                let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
+            }
+        });
 
     let caches_ready = vec![
         grants_ready,
@@ -402,10 +420,13 @@ fn touched_names<K: kube::Resource>(
 
 /// A cache of `K`, the stream of touched objects that fills it (to be polled by a controller), and a
 /// flag that turns true once the initial list is in the cache. `after_cached` sees every event once
-/// the cache holds it; managedFields are dropped before caching (nothing reads them).
+/// the cache holds it. Before caching, `prune` drops what nothing reads of a `K`, and every kind loses
+/// its managedFields and kubectl's last-applied-configuration annotation (a full copy of the object
+/// as applied): nothing reads them, and they are most of a small object's size.
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
+    prune: impl Fn(&mut K) + Send + 'static,
     mut after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> (
     reflector::Store<K>,
@@ -425,7 +446,14 @@ where
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let events = watcher(api, config)
         .default_backoff()
-        .modify(|obj| obj.meta_mut().managed_fields = None)
+        .modify(move |obj| {
+            let meta = obj.meta_mut();
+            meta.managed_fields = None;
+            if let Some(annotations) = meta.annotations.as_mut() {
+                annotations.remove(LAST_APPLIED_ANNOTATION);
+            }
+            prune(obj);
+        })
         .reflect(writer)
         .inspect(move |event| match event {
             Ok(event) => {
@@ -442,6 +470,9 @@ where
         .touched_objects();
     (store, events, ready_rx)
 }
+
+/// Where `kubectl apply` (client-side) keeps the whole object as last applied.
+const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-configuration";
 
 type Wake<K> = futures::channel::mpsc::UnboundedSender<ObjectRef<K>>;
 
