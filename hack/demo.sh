@@ -95,6 +95,13 @@ fi
   >>"$STATE_DIR/audit.jsonl" 2>>"$STATE_DIR/operator.log" </dev/null &
 echo $! >"$STATE_DIR/operator.pid"
 
+# Grants left by an earlier run may predate the stamping policies now in force (a reused cluster whose
+# policies were re-created), which the operator rightly refuses: start the show from fresh grants.
+if [[ -n $("${KUBECTL[@]}" get delegationgrants -n "$DEMO_NS" -o name 2>/dev/null) ]]; then
+  say "deleting the grants of an earlier run (the operator revokes their tokens)"
+  "${KUBECTL[@]}" delete delegationgrants --all -n "$DEMO_NS" --wait=true --timeout=90s
+fi
+
 say "applying examples/ into namespace $DEMO_NS"
 "${KUBECTL[@]}" apply -n "$DEMO_NS" -f examples/
 

@@ -11,13 +11,22 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --all-targets --locked -- -D warnings
 
+# Whatever happens, stop what this script started: the demo's operator, and the control plane unless
+# it was already running.
+started_control_plane=
+cleanup() {
+  hack/demo.sh stop >/dev/null 2>&1 || true
+  if [[ -n $started_control_plane ]]; then hack/control-plane.sh stop; fi
+}
+trap cleanup EXIT
+
 step "control plane"
 if hack/control-plane.sh status >/dev/null 2>&1 && [[ -f $(hack/control-plane.sh auth-config-path) ]]; then
   echo "reusing the running control plane (left running afterwards)"
 else
   # Not running, or started by an older script without the authentication config the tests need.
   hack/control-plane.sh stop >/dev/null 2>&1 || true
-  trap 'hack/control-plane.sh stop' EXIT
+  started_control_plane=yes
   hack/control-plane.sh start >/dev/null
 fi
 DELEGATION_TEST_KUBECONFIG=$(hack/control-plane.sh env | sed -n 's/^export KUBECONFIG=//p')
