@@ -17,69 +17,6 @@ use kube::Api;
 use serde_json::{Value, json};
 use support::*;
 
-const AGENTS: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: orchestrator}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 15m
-  delegation: {maxDepth: 2, allowedActors: [summarizer]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: summarizer}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 10m
-  delegation: {maxDepth: 1, allowedActors: [notifier]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: notifier}
-spec:
-  owner: {kind: User, name: bob@example.com}
-  allowedScopes: [tickets:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 5m
-"#;
-
-const THREE_HOPS: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g1}
-spec:
-  principal: {kind: User, name: alice@example.com}
-  actorRef: {name: orchestrator}
-  scopes: [tickets:read, cases:read]
-  audience: https://tickets.example.com
-  tokenTTL: 10m
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g2}
-spec:
-  parentGrantRef: {name: g1}
-  actorRef: {name: summarizer}
-  scopes: [tickets:read, cases:read]
-  audience: https://tickets.example.com
-  tokenTTL: 10m
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g3}
-spec:
-  parentGrantRef: {name: g2}
-  actorRef: {name: notifier}
-  scopes: [tickets:read]
-  audience: https://tickets.example.com
-  tokenTTL: 5m
-"#;
-
 const SUSPENDED: &str = r#"
 apiVersion: delegation.nhi.dev/v1alpha1
 kind: DelegationGrant
@@ -185,8 +122,8 @@ fn verdict(out: &Run) -> &str {
 #[tokio::test]
 async fn token_inspect_verifies_from_the_cluster_and_reports_tampering_and_revocation() {
     let f = Fixture::start("cli-inspect", &[]).await;
-    f.apply(AGENTS).await;
-    f.apply(THREE_HOPS).await;
+    f.apply(CHAIN_AGENTS).await;
+    f.apply(CHAIN_GRANTS).await;
     for g in ["g1", "g2", "g3"] {
         f.wait_ready(g, "True", Some("Issued")).await;
     }
@@ -451,8 +388,8 @@ async fn token_inspect_verifies_over_the_operators_https_endpoints() {
         &["--issuer", &issuer, "--https-address", &address],
     )
     .await;
-    f.apply(AGENTS).await;
-    f.apply(THREE_HOPS).await;
+    f.apply(CHAIN_AGENTS).await;
+    f.apply(CHAIN_GRANTS).await;
     f.wait_ready("g3", "True", Some("Issued")).await;
     let token = f.token_in("g3-token").await.unwrap();
 
@@ -654,8 +591,8 @@ fn assert_tree(text: &str) {
 #[tokio::test]
 async fn tree_shows_the_grants_and_runs_as_a_kubectl_plugin() {
     let f = Fixture::start("cli-tree", &[]).await;
-    f.apply(AGENTS).await;
-    f.apply(THREE_HOPS).await;
+    f.apply(CHAIN_AGENTS).await;
+    f.apply(CHAIN_GRANTS).await;
     f.apply(SUSPENDED).await;
     for g in ["g1", "g2", "g3"] {
         f.wait_ready(g, "True", Some("Issued")).await;

@@ -17,36 +17,7 @@ use kube::{
 use serde_json::json;
 use support::*;
 
-const AGENTS: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: orchestrator}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, tickets:write, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 15m
-  delegation: {maxDepth: 2, allowedActors: [summarizer]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: summarizer}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 10m
-  delegation: {maxDepth: 1, allowedActors: [notifier]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: notifier}
-spec:
-  owner: {kind: User, name: bob@example.com}
-  allowedScopes: [tickets:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 5m
-"#;
+const AGENTS: &str = CHAIN_AGENTS;
 
 const THREE_HOPS: &str = r#"
 apiVersion: delegation.nhi.dev/v1alpha1

@@ -13,68 +13,8 @@ use support::{verifiers::*, *};
 
 const AUDIENCE: &str = "https://tickets.example.com";
 
-const AGENTS: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: orchestrator}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, tickets:write, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 15m
-  delegation: {maxDepth: 2, allowedActors: [summarizer]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: summarizer}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read, cases:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 10m
-  delegation: {maxDepth: 1, allowedActors: [notifier]}
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: notifier}
-spec:
-  owner: {kind: User, name: bob@example.com}
-  allowedScopes: [tickets:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 5m
-"#;
-
-const GRANTS: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g1}
-spec:
-  principal: {kind: User, name: alice@example.com}
-  actorRef: {name: orchestrator}
-  scopes: [tickets:read, cases:read]
-  audience: https://tickets.example.com
-  tokenTTL: 10m
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g2}
-spec:
-  parentGrantRef: {name: g1}
-  actorRef: {name: summarizer}
-  scopes: [tickets:read, cases:read]
-  audience: https://tickets.example.com
-  tokenTTL: 10m
----
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: DelegationGrant
-metadata: {name: g3}
-spec:
-  parentGrantRef: {name: g2}
-  actorRef: {name: notifier}
-  scopes: [tickets:read]
-  audience: https://tickets.example.com
-  tokenTTL: 5m
----
+/// Short-lived, to be kept past its expiry.
+const BRIEF: &str = r#"
 apiVersion: delegation.nhi.dev/v1alpha1
 kind: DelegationGrant
 metadata: {name: brief}
@@ -119,8 +59,9 @@ fn assert_all(
 async fn three_independent_libraries_accept_the_chain_and_refuse_forgeries_as_the_operator_does() {
     let (f, issuer, trust) = start_https_operator("verifiers", &[]).await;
     let ca = trust.ca_path.clone();
-    f.apply(AGENTS).await;
-    f.apply(GRANTS).await;
+    f.apply(CHAIN_AGENTS).await;
+    f.apply(CHAIN_GRANTS).await;
+    f.apply(BRIEF).await;
     for g in VALID {
         f.wait_ready(g, "True", Some("Issued")).await;
     }

@@ -41,6 +41,72 @@ use serde_json::json;
 
 pub const FIELD_MANAGER: &str = "delegation-operator-tests";
 
+/// Three agents that can form a chain: orchestrator (depth 2) -> summarizer (depth 1) -> notifier.
+pub const CHAIN_AGENTS: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: orchestrator}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read, tickets:write, cases:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+  delegation: {maxDepth: 2, allowedActors: [summarizer]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: summarizer}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read, cases:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 10m
+  delegation: {maxDepth: 1, allowedActors: [notifier]}
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: notifier}
+spec:
+  owner: {kind: User, name: bob@example.com}
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 5m
+"#;
+
+/// A three-hop chain over [`CHAIN_AGENTS`]: alice -> g1 (orchestrator) -> g2 (summarizer) -> g3
+/// (notifier), each narrowing the scopes.
+pub const CHAIN_GRANTS: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g1}
+spec:
+  principal: {kind: User, name: alice@example.com}
+  actorRef: {name: orchestrator}
+  scopes: [tickets:read, cases:read]
+  audience: https://tickets.example.com
+  tokenTTL: 10m
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g2}
+spec:
+  parentGrantRef: {name: g1}
+  actorRef: {name: summarizer}
+  scopes: [tickets:read, cases:read]
+  audience: https://tickets.example.com
+  tokenTTL: 10m
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: g3}
+spec:
+  parentGrantRef: {name: g2}
+  actorRef: {name: notifier}
+  scopes: [tickets:read]
+  audience: https://tickets.example.com
+  tokenTTL: 5m
+"#;
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
