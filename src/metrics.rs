@@ -243,11 +243,8 @@ fn grant_labels(grant: &DelegationGrant) -> GrantLabels {
 }
 
 fn ready_condition(grant: &DelegationGrant) -> &str {
-    grant
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|c| c.iter().find(|c| c.type_ == "Ready"))
+    let conditions = grant.status.as_ref().and_then(|s| s.conditions.as_deref());
+    crate::delegation::conditions::ready_condition(conditions)
         .map_or("Unknown", |c| c.status.as_str())
 }
 

@@ -1204,14 +1204,6 @@ async fn https_get(client: &Client, namespace: &str, port: u16, path: &str) -> (
     (code.to_owned(), body.to_owned())
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Starts the operator as the installed chart's Deployment runs it, with a fresh token of the chart's
 /// ServiceAccount; returns it and the arguments it got.
 async fn start_as_deployed(

@@ -12,8 +12,6 @@ use std::time::Duration;
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
 use serde_json::{Value, json};
 use support::*;
 
@@ -360,62 +358,16 @@ async fn token_inspect_verifies_from_the_cluster_and_reports_tampering_and_revoc
     );
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A file removed when dropped.
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
 #[tokio::test]
 async fn token_inspect_verifies_over_the_operators_https_endpoints() {
-    let port = free_port();
-    let issuer = format!("https://127.0.0.1:{port}");
-    let address = format!("127.0.0.1:{port}");
-    let f = Fixture::start(
-        "cli-https",
-        &["--issuer", &issuer, "--https-address", &address],
-    )
-    .await;
+    // Trusting exactly the CA of the serving certificate the operator generated.
+    let (f, issuer, trust) = verifiers::start_https_operator("cli-https", &[]).await;
+    let issuer = issuer.url;
+    let ca_path = trust.ca_path.to_str().unwrap().to_owned();
     f.apply(CHAIN_AGENTS).await;
     f.apply(CHAIN_GRANTS).await;
     f.wait_ready("g3", "True", Some("Issued")).await;
     let token = f.token_in("g3-token").await.unwrap();
-
-    // Trust exactly the CA of the serving certificate the operator generated.
-    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
-    let ca = wait_for(
-        "the serving certificate's CA",
-        Duration::from_secs(30),
-        || async {
-            secrets
-                .get_opt("delegation-operator-tls")
-                .await
-                .ok()??
-                .data?
-                .get("ca.crt")
-                .map(|b| b.0.clone())
-        },
-    )
-    .await;
-    let ca_file = TempFile(std::env::temp_dir().join(format!("cli-ca-{}.pem", f.ns)));
-    std::fs::write(&ca_file.0, ca).unwrap();
-    let ca_path = ca_file.0.to_str().unwrap().to_owned();
-    wait_for("the HTTPS listener", Duration::from_secs(30), || async {
-        std::net::TcpStream::connect(&address).ok().map(|_| ())
-    })
-    .await;
 
     // No kubeconfig at all: everything comes from the endpoints.
     let https = |stdin: &str, extra: &[&str]| {

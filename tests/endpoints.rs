@@ -49,15 +49,6 @@ spec:
     )
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// The operator's HTTPS endpoints as a client sees them.
 struct Https {
     issuer: String,

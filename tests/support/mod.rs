@@ -107,6 +107,14 @@ spec:
   tokenTTL: 5m
 "#;
 
+/// A loopback port nobody listens on right now (bound and released: a later bind can still race).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port on 127.0.0.1")
+        .port()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }

@@ -28,14 +28,6 @@ use super::{Fixture, kubeconfig_path, repo_root, wait_for};
 
 // ---- the operator's HTTPS listener ---------------------------------------------------------------
 
-/// A free TCP port on loopback (bound and released; the operator binds it right after).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port on 127.0.0.1")
-        .port()
-}
-
 /// An issuer URL on loopback whose endpoints the operator serves itself, with a generated CA.
 pub struct HttpsIssuer {
     pub url: String,
@@ -44,7 +36,7 @@ pub struct HttpsIssuer {
 
 impl HttpsIssuer {
     pub fn new() -> Self {
-        let port = free_port();
+        let port = super::free_port();
         Self {
             url: format!("https://127.0.0.1:{port}"),
             port,
