@@ -131,9 +131,9 @@ struct Inner {
     published: BTreeMap<String, Published>,
     /// The state JSON last written to the Secret.
     written: String,
-    /// A revocation is in memory but not yet persisted and published (a write failed): the next
-    /// call writes it before anything else, so a retried revocation never passes it by.
-    pending: bool,
+    /// Counts the changes that must be written before anyone relies on them (an allocation, a
+    /// revocation, a retired list). A change is durable once a flush that started after it succeeded.
+    version: u64,
 }
 
 impl Inner {
@@ -173,15 +173,96 @@ impl Inner {
             uri: format!("{}/{}", self.base(), held.2),
         }
     }
+
+    /// What a flush must write now. Takes the dirty shards (a shard changed later is dirty again
+    /// for the next flush); signs what needs signing (new or changed lists, tokens with less than
+    /// half their life left, tokens of a key that no longer signs) and drops retired lists.
+    fn plan(&mut self, lists: &StatusLists, keys: &KeyStore, now: i64) -> Result<Flush> {
+        let mut shards = Vec::new();
+        for &shard in &self.dirty {
+            let text = serde_json::to_string(&self.tokens[shard])?;
+            if text == self.shards_written[shard] {
+                continue;
+            }
+            if text.len() > MAX_STATE_BYTES {
+                return Err(Error::InvalidState(format!(
+                    "status-list shard {shard} would take {} bytes, more than a Secret holds; refusing to issue",
+                    text.len()
+                )));
+            }
+            shards.push((shard, text));
+        }
+        let state = Some(self.state_json()?).filter(|text| *text != self.written);
+        if let Some(text) = &state
+            && text.len() > MAX_STATE_BYTES
+        {
+            return Err(Error::InvalidState(format!(
+                "the status-list state would take {} bytes, more than a Secret holds; refusing to issue",
+                text.len()
+            )));
+        }
+        let active = keys.active_kid()?;
+        let mut published = BTreeMap::new();
+        let mut publish = false;
+        for (uri, list) in self.registry.lists() {
+            let key = data_key(uri);
+            let claim = list.to_claim();
+            let fresh = self.published.get(&key).filter(|p| {
+                p.uri == uri
+                    && p.claim == claim
+                    && p.exp - now > RESIGN_WHEN_LEFT_SECS
+                    && p.kid == active
+            });
+            let signed = match fresh {
+                Some(p) => p.clone(),
+                None => {
+                    publish = true;
+                    lists.sign(keys, uri, list, claim, now)?
+                }
+            };
+            published.insert(key, signed);
+        }
+        publish |= self.published.keys().any(|k| !published.contains_key(k));
+        // Planned shards are dirty no more; one whose write fails is marked again.
+        self.dirty.clear();
+        Ok(Flush {
+            version: self.version,
+            shards,
+            state,
+            published,
+            publish,
+        })
+    }
 }
 
-/// The status lists, mirrored in memory and written through to their Secret and ConfigMap. One
-/// writer (the leader), so a mutex around every change is enough.
+/// The status lists, mirrored in memory and written through to their Secrets and ConfigMap. One
+/// writer (the leader).
+///
+/// Writes are group-committed: a change is made in memory under `inner` (never held across a
+/// request), then its caller waits on `flushed` until a flush that began after the change has
+/// written it. The flush in flight holds `flushed`; everything changed meanwhile is written by the
+/// next one, in one round, so concurrent issuances and revocations share their writes and the cost
+/// of one does not grow with how many are in flight. Flushes never overlap, so a later write of an
+/// object always carries a newer state than an earlier one.
 pub struct StatusLists {
     secrets: Api<Secret>,
     configmaps: Api<ConfigMap>,
     issuer: String,
     inner: Mutex<Inner>,
+    /// The version the last successful flush wrote; locked for the whole of a flush.
+    flushed: Mutex<u64>,
+}
+
+/// What one flush writes: taken from memory at once, written without holding the memory lock.
+struct Flush {
+    version: u64,
+    /// Shard number and its JSON, for shards that differ from what was last written.
+    shards: Vec<(usize, String)>,
+    /// The registry state JSON, when it differs from what was last written.
+    state: Option<String>,
+    /// The Status List Tokens to publish, and whether they differ from what is published.
+    published: BTreeMap<String, Published>,
+    publish: bool,
 }
 
 impl StatusLists {
@@ -270,14 +351,17 @@ impl StatusLists {
                 dirty,
                 published: BTreeMap::new(),
                 written,
-                pending: false,
+                version: 0,
             }),
+            flushed: Mutex::new(0),
         };
         {
             let mut inner = lists.inner.lock().await;
             inner.published = lists.adopt_published(&inner, keys).await?;
-            lists.persist(&mut inner).await?;
-            lists.publish(&mut inner, keys, now, true).await?;
+        }
+        {
+            let mut flushed = lists.flushed.lock().await;
+            *flushed = lists.flush(keys, now, true).await?;
         }
         Ok(lists)
     }
@@ -293,25 +377,28 @@ impl StatusLists {
         now: i64,
         exp: i64,
     ) -> Result<TokenStatusRef> {
-        let mut inner = self.inner.lock().await;
-        let allocation = inner
-            .registry
-            .allocate(now, exp)
-            .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
-        let status_ref = allocation.status_ref;
-        let serial = status_ref
-            .uri
-            .rsplit('/')
-            .next()
-            .unwrap_or_default()
-            .to_owned();
-        let held = inner.held_of(grant_uid);
-        held.retain(|h| h.1 > now);
-        held.push(Held(jti.to_owned(), exp, serial, status_ref.idx));
-        // Persisted whether or not a new block was reserved (`persist_before_use`): the token's
+        let (status_ref, version) = {
+            let mut inner = self.inner.lock().await;
+            let allocation = inner
+                .registry
+                .allocate(now, exp)
+                .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
+            let status_ref = allocation.status_ref;
+            let serial = status_ref
+                .uri
+                .rsplit('/')
+                .next()
+                .unwrap_or_default()
+                .to_owned();
+            let held = inner.held_of(grant_uid);
+            held.retain(|h| h.1 > now);
+            held.push(Held(jti.to_owned(), exp, serial, status_ref.idx));
+            inner.version += 1;
+            (status_ref, inner.version)
+        };
+        // Written whether or not a new block was reserved (`persist_before_use`): the token's
         // entry must survive a restart so that it can be revoked while it lives.
-        self.persist(&mut inner).await?;
-        self.publish(&mut inner, keys, now, false).await?;
+        self.commit(keys, now, version).await?;
         Ok(status_ref)
     }
 
@@ -342,12 +429,25 @@ impl StatusLists {
         verified: &[TokenStatusRef],
         now: i64,
     ) -> Result<usize> {
+        let (changed, version) = self.revoke_in_memory(grant_uid, keep, verified, now).await;
+        // Also when nothing changed here: an earlier revocation whose write failed is written
+        // first, so a retried revocation never passes it by.
+        self.commit(keys, now, version).await?;
+        Ok(changed)
+    }
+
+    /// The in-memory part of [`revoke_grant`](Self::revoke_grant): how many entries changed, and
+    /// the version that must be written before they count.
+    async fn revoke_in_memory(
+        &self,
+        grant_uid: &str,
+        keep: Option<&str>,
+        verified: &[TokenStatusRef],
+        now: i64,
+    ) -> (usize, u64) {
         let mut inner = self.inner.lock().await;
-        if !inner.pending
-            && verified.is_empty()
-            && !inner.tokens[shard_of(grant_uid)].contains_key(grant_uid)
-        {
-            return Ok(0);
+        if verified.is_empty() && !inner.tokens[shard_of(grant_uid)].contains_key(grant_uid) {
+            return (0, inner.version);
         }
         let held = inner.take_held(grant_uid).unwrap_or_default();
         let (kept, dropped): (Vec<Held>, Vec<Held>) = held
@@ -377,35 +477,33 @@ impl StatusLists {
             }
         }
         // Forgetting tokens alone is not worth a write: it rides along with the next one.
-        if changed > 0 || inner.pending {
-            inner.pending = true;
-            self.persist(&mut inner).await?;
-            self.publish(&mut inner, keys, now, false).await?;
-            inner.pending = false;
+        if changed > 0 {
+            inner.version += 1;
         }
-        Ok(changed)
+        (changed, inner.version)
     }
 
     /// Retires lists whose tokens have all expired, forgets expired tokens, and re-signs Status List
     /// Tokens that are due. Writes only what is due.
     pub async fn maintain(&self, keys: &KeyStore, now: i64) -> Result<()> {
-        let mut inner = self.inner.lock().await;
-        let retired = inner.registry.prune(now);
-        // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
-        for shard in inner.tokens.iter_mut() {
-            for held in shard.values_mut() {
-                held.retain(|h| h.1 > now);
+        {
+            let mut inner = self.inner.lock().await;
+            let retired = inner.registry.prune(now);
+            // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
+            for shard in inner.tokens.iter_mut() {
+                for held in shard.values_mut() {
+                    held.retain(|h| h.1 > now);
+                }
+                shard.retain(|_, held| !held.is_empty());
             }
-            shard.retain(|_, held| !held.is_empty());
+            if !retired.is_empty() {
+                tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");
+                inner.version += 1;
+            }
         }
-        if !retired.is_empty() {
-            tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");
-        }
-        if !retired.is_empty() || inner.pending {
-            self.persist(&mut inner).await?;
-        }
-        self.publish(&mut inner, keys, now, false).await?;
-        inner.pending = false;
+        // Always flushed: a Status List Token may be due for re-signing with nothing changed.
+        let mut flushed = self.flushed.lock().await;
+        *flushed = self.flush(keys, now, false).await?;
         Ok(())
     }
 
@@ -422,6 +520,8 @@ impl StatusLists {
     /// Puts the published lists back when someone edited or deleted them (an erased revocation would
     /// make a revoked token pass). Writes nothing when they are intact.
     pub async fn restore_published(&self) -> Result<()> {
+        // No flush in flight: what is put back is what was last written, and nothing newer follows.
+        let _flushing = self.flushed.lock().await;
         let inner = self.inner.lock().await;
         let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
         let desired = published_data(&inner.published);
@@ -434,6 +534,7 @@ impl StatusLists {
 
     /// Puts the state Secret or a shard Secret (by name) back when someone edited or deleted it.
     pub async fn restore_state(&self, name: &str) -> Result<()> {
+        let _flushing = self.flushed.lock().await;
         let inner = self.inner.lock().await;
         let desired = if name == SECRET_NAME {
             if inner.written.is_empty() {
@@ -460,43 +561,59 @@ impl StatusLists {
         Ok(())
     }
 
-    /// Writes the registry state and the changed shards when they differ from what was last written.
-    async fn persist(&self, inner: &mut Inner) -> Result<()> {
-        for shard in std::mem::take(&mut inner.dirty) {
-            let text = serde_json::to_string(&inner.tokens[shard])?;
-            if text == inner.shards_written[shard] {
-                continue;
-            }
-            if text.len() > MAX_STATE_BYTES {
-                inner.dirty.insert(shard);
-                return Err(Error::InvalidState(format!(
-                    "status-list shard {shard} would take {} bytes, more than a Secret holds; refusing to issue",
-                    text.len()
-                )));
-            }
-            if let Err(e) = self
-                .apply_secret(&shard_name(shard), shard_secret(shard, &text))
-                .await
-            {
-                inner.dirty.insert(shard);
-                return Err(e);
-            }
-            inner.shards_written[shard] = text;
-        }
-        let text = inner.state_json()?;
-        if text == inner.written {
+    /// Waits until `version` is written: by a flush already under way or queued before this
+    /// caller, or by one this caller runs for everything changed so far.
+    async fn commit(&self, keys: &KeyStore, now: i64, version: u64) -> Result<()> {
+        let mut flushed = self.flushed.lock().await;
+        if *flushed >= version {
             return Ok(());
         }
-        if text.len() > MAX_STATE_BYTES {
-            return Err(Error::InvalidState(format!(
-                "the status-list state would take {} bytes, more than a Secret holds; refusing to issue",
-                text.len()
-            )));
-        }
-        self.apply_secret(SECRET_NAME, desired_secret(&text))
-            .await?;
-        inner.written = text;
+        *flushed = self.flush(keys, now, false).await?;
         Ok(())
+    }
+
+    /// Writes everything changed in memory (the caller holds `flushed`): the changed shards (at
+    /// once), then the registry state, then the Status List Tokens that need signing, in that order
+    /// so that no published list names an index whose record could be lost. Returns the version
+    /// written. With `check`, the ConfigMap is compared with what it should hold even when nothing
+    /// changed. What fails stays marked for the next flush.
+    async fn flush(&self, keys: &KeyStore, now: i64, check: bool) -> Result<u64> {
+        let plan = self.inner.lock().await.plan(self, keys, now)?;
+        let writes = plan.shards.iter().map(|(shard, text)| async move {
+            self.apply_secret(&shard_name(*shard), shard_secret(*shard, text))
+                .await
+        });
+        let results = futures::future::join_all(writes).await;
+        let mut failed = None;
+        {
+            let mut inner = self.inner.lock().await;
+            for ((shard, text), result) in plan.shards.iter().zip(results) {
+                match result {
+                    Ok(()) => inner.shards_written[*shard] = text.clone(),
+                    Err(e) => {
+                        inner.dirty.insert(*shard);
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        if let Some(state) = &plan.state {
+            self.apply_secret(SECRET_NAME, desired_secret(state))
+                .await?;
+            self.inner.lock().await.written = state.clone();
+        }
+        let data = published_data(&plan.published);
+        if plan.publish || check {
+            let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
+            if !holds(current.as_ref(), &data) {
+                overwrite(&self.configmaps, current, desired_configmap(data)).await?;
+            }
+        }
+        self.inner.lock().await.published = plan.published;
+        Ok(plan.version)
     }
 
     async fn apply_secret(&self, name: &str, secret: Secret) -> Result<()> {
@@ -510,49 +627,6 @@ impl StatusLists {
                 &Patch::Apply(&value),
             )
             .await?;
-        Ok(())
-    }
-
-    /// Signs what needs signing (new or changed lists, tokens with less than half their life left,
-    /// tokens of a key that no longer signs), drops retired lists, and writes the ConfigMap when
-    /// anything changed (or, with `check`, when the ConfigMap differs from what we hold).
-    async fn publish(
-        &self,
-        inner: &mut Inner,
-        keys: &KeyStore,
-        now: i64,
-        check: bool,
-    ) -> Result<()> {
-        let active = keys.active_kid()?;
-        let mut next = BTreeMap::new();
-        let mut changed = false;
-        for (uri, list) in inner.registry.lists() {
-            let key = data_key(uri);
-            let claim = list.to_claim();
-            let fresh = inner.published.get(&key).filter(|p| {
-                p.uri == uri
-                    && p.claim == claim
-                    && p.exp - now > RESIGN_WHEN_LEFT_SECS
-                    && p.kid == active
-            });
-            let published = match fresh {
-                Some(p) => p.clone(),
-                None => {
-                    changed = true;
-                    self.sign(keys, uri, list, claim, now)?
-                }
-            };
-            next.insert(key, published);
-        }
-        changed |= inner.published.keys().any(|k| !next.contains_key(k));
-        let data = published_data(&next);
-        if changed || check {
-            let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
-            if !holds(current.as_ref(), &data) {
-                overwrite(&self.configmaps, current, desired_configmap(data)).await?;
-            }
-        }
-        inner.published = next;
         Ok(())
     }
 
@@ -744,7 +818,7 @@ mod tests {
             dirty: BTreeSet::new(),
             published: BTreeMap::new(),
             written: String::new(),
-            pending: false,
+            version: 0,
         };
         let text = inner.state_json().unwrap();
         let shard_text = serde_json::to_string(&inner.tokens[shard_of("uid-1")]).unwrap();
@@ -758,7 +832,7 @@ mod tests {
             dirty: BTreeSet::new(),
             published: BTreeMap::new(),
             written: text.clone(),
-            pending: false,
+            version: 0,
         };
         assert_eq!(restored.state_json().unwrap(), text);
         assert_eq!(
