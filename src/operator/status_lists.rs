@@ -5,10 +5,13 @@
 //!   `state.json`: the registry's [`RegistryState`] (serial counter, live lists with their reserved
 //!   marks and statuses) and the lists' `baseUri` (`<issuer>/statuslists/<uid of that Secret>`, fixed
 //!   when the Secret is created and stored beside the state so that it never changes). Beside it,
-//!   [`SHARDS`] Secrets `delegation-operator-status-lists-tokens-NN` (key `tokens.json`) hold, for
-//!   every grant uid hashed to that shard, the tokens the operator minted for it that may still be
-//!   valid, as `[jti, exp, list serial, idx]`: an issuance rewrites one small shard, never the whole
-//!   record (a whole-record rewrite per token filled etcd's quota at a few thousand grants). The
+//!   [`SHARDS`] Secrets `delegation-operator-status-lists-tokens-NN` (key `tokens.json`) hold, by
+//!   grant uid, the tokens the operator minted that may still be valid, as `[jti, exp, list
+//!   serial, idx]`. New records go to the shard that is *open*, and the open shard moves on at
+//!   every flush: the issuances written together share one small shard write, never the whole
+//!   record (a whole-record rewrite per token filled etcd's quota at a few thousand grants), and
+//!   the shards fill evenly. One grant's records may span shards; a revocation takes them from
+//!   every shard. The
 //!   Secrets are created when missing; an unreadable one stops the start (an empty registry would
 //!   forget revocations and restart serials).
 //! - **Publication**: ConfigMap `delegation-operator-status-lists`, one key `<serial>.jwt` per live
@@ -97,7 +100,8 @@ struct PersistedRef<'a> {
 /// Grant uid -> the tokens minted for it, one map per shard.
 type Shards = Vec<BTreeMap<String, Vec<Held>>>;
 
-/// The shard of a grant uid: stable across restarts and versions (SHA-256, not a std hasher).
+/// The shard a record of the older single-Secret state moves to (SHA-256, not a std hasher: the
+/// same on every start).
 fn shard_of(grant_uid: &str) -> usize {
     use sha2::Digest;
     let digest = sha2::Sha256::digest(grant_uid.as_bytes());
@@ -127,6 +131,8 @@ struct Inner {
     shards_written: Vec<String>,
     /// Shards changed since they were written.
     dirty: BTreeSet<usize>,
+    /// The shard new records go to; moves on at every flush.
+    open: usize,
     /// ConfigMap data key -> the Status List Token published under it.
     published: BTreeMap<String, Published>,
     /// The state JSON last written to the Secret.
@@ -152,19 +158,31 @@ impl Inner {
         })?)
     }
 
+    /// Where a new record of `grant_uid` goes: the open shard.
     fn held_of(&mut self, grant_uid: &str) -> &mut Vec<Held> {
-        let shard = shard_of(grant_uid);
+        let shard = self.open;
         self.dirty.insert(shard);
         self.tokens[shard].entry(grant_uid.to_owned()).or_default()
     }
 
-    fn take_held(&mut self, grant_uid: &str) -> Option<Vec<Held>> {
-        let shard = shard_of(grant_uid);
-        let held = self.tokens[shard].remove(grant_uid);
-        if held.is_some() {
-            self.dirty.insert(shard);
+    /// Every record of `grant_uid`, in whichever shards they are.
+    fn held(&self, grant_uid: &str) -> impl Iterator<Item = &Held> {
+        self.tokens
+            .iter()
+            .filter_map(move |shard| shard.get(grant_uid))
+            .flatten()
+    }
+
+    /// Removes every record of `grant_uid` from every shard.
+    fn take_held(&mut self, grant_uid: &str) -> Vec<Held> {
+        let mut taken = Vec::new();
+        for (shard, records) in self.tokens.iter_mut().enumerate() {
+            if let Some(held) = records.remove(grant_uid) {
+                taken.extend(held);
+                self.dirty.insert(shard);
+            }
         }
-        held
+        taken
     }
 
     fn status_ref(&self, held: &Held) -> TokenStatusRef {
@@ -223,8 +241,10 @@ impl Inner {
             published.insert(key, signed);
         }
         publish |= self.published.keys().any(|k| !published.contains_key(k));
-        // Planned shards are dirty no more; one whose write fails is marked again.
+        // Planned shards are dirty no more; one whose write fails is marked again. The issuances of
+        // the next flush go to the next shard.
         self.dirty.clear();
+        self.open = (self.open + 1) % SHARDS;
         Ok(Flush {
             version: self.version,
             shards,
@@ -349,6 +369,7 @@ impl StatusLists {
                 tokens,
                 shards_written,
                 dirty,
+                open: 0,
                 published: BTreeMap::new(),
                 written,
                 version: 0,
@@ -406,15 +427,11 @@ impl StatusLists {
     /// its own knowledge of what a revocation of that grant must cover.
     pub async fn recorded(&self, grant_uid: &str, now: i64) -> Vec<(String, i64)> {
         let inner = self.inner.lock().await;
-        inner.tokens[shard_of(grant_uid)]
-            .get(grant_uid)
-            .map(|held| {
-                held.iter()
-                    .filter(|h| h.1 > now)
-                    .map(|h| (h.0.clone(), h.1))
-                    .collect()
-            })
-            .unwrap_or_default()
+        inner
+            .held(grant_uid)
+            .filter(|h| h.1 > now)
+            .map(|h| (h.0.clone(), h.1))
+            .collect()
     }
 
     /// Sets to INVALID every token of `grant_uid` the operator recorded except `keep` (a jti), plus
@@ -446,10 +463,10 @@ impl StatusLists {
         now: i64,
     ) -> (usize, u64) {
         let mut inner = self.inner.lock().await;
-        if verified.is_empty() && !inner.tokens[shard_of(grant_uid)].contains_key(grant_uid) {
+        if verified.is_empty() && inner.held(grant_uid).next().is_none() {
             return (0, inner.version);
         }
-        let held = inner.take_held(grant_uid).unwrap_or_default();
+        let held = inner.take_held(grant_uid);
         let (kept, dropped): (Vec<Held>, Vec<Held>) = held
             .into_iter()
             .partition(|h| keep == Some(h.0.as_str()) && h.1 > now);
@@ -816,6 +833,7 @@ mod tests {
             tokens,
             shards_written: vec![String::new(); SHARDS],
             dirty: BTreeSet::new(),
+            open: 0,
             published: BTreeMap::new(),
             written: String::new(),
             version: 0,
@@ -830,6 +848,7 @@ mod tests {
             tokens: read_tokens,
             shards_written: vec![String::new(); SHARDS],
             dirty: BTreeSet::new(),
+            open: 0,
             published: BTreeMap::new(),
             written: text.clone(),
             version: 0,
@@ -838,6 +857,51 @@ mod tests {
         assert_eq!(
             restored.status_ref(&restored.tokens[shard_of("uid-1")]["uid-1"][0]),
             a.status_ref
+        );
+    }
+
+    /// Records go to the open shard; a grant whose tokens were written by different flushes has
+    /// records in several shards, and a revocation finds and removes all of them.
+    #[test]
+    fn a_grants_records_are_found_and_taken_from_every_shard() {
+        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
+        let mut inner = Inner {
+            registry: Registry::new(config).unwrap(),
+            tokens: vec![BTreeMap::new(); SHARDS],
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
+            open: 3,
+            published: BTreeMap::new(),
+            written: String::new(),
+            version: 0,
+        };
+        inner
+            .held_of("uid-1")
+            .push(Held("a".into(), 10, "0".into(), 0));
+        inner
+            .held_of("uid-2")
+            .push(Held("x".into(), 10, "0".into(), 1));
+        inner.dirty.clear();
+        inner.open = 4;
+        inner
+            .held_of("uid-1")
+            .push(Held("b".into(), 20, "0".into(), 2));
+        assert_eq!(
+            inner.dirty,
+            BTreeSet::from([4]),
+            "only the open shard is touched"
+        );
+        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        inner.dirty.clear();
+        let taken: Vec<String> = inner.take_held("uid-1").into_iter().map(|h| h.0).collect();
+        assert_eq!(taken, ["a", "b"]);
+        assert_eq!(inner.dirty, BTreeSet::from([3, 4]));
+        assert!(inner.held("uid-1").next().is_none());
+        assert_eq!(
+            inner.held("uid-2").count(),
+            1,
+            "another grant's record stays"
         );
     }
 
