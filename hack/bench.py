@@ -10,9 +10,16 @@ Measures, with the release build:
     against a bare client making the same writes per grant (POST grant, PATCH finalizer, POST Secret,
     PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds.
 
+  - revocation: BENCH_DELETES grants (default 1,000; 0 skips) deleted at 100 per second; for each, the
+    time from its DELETE to the grant being gone, which the finalizer allows only after the token is
+    INVALID in the persisted and published status list (p50/p99/max);
+  - a restart (SIGKILL, then start again) holding every grant: how long until the new process is ready
+    and every grant has been looked at again, and how many tokens it re-minted (goal 0).
+
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
-timed by polling one list every 0.2 s. Prints a JSON summary at the end.
+timed by one watch of the grants (a list, then its events), which costs the apiserver what one more
+watcher costs, not a full list every few hundred milliseconds. Prints a JSON summary at the end.
 Not a test: nothing here asserts a time.
 
 Memory diagnostics: BENCH_OPERATOR_BINARY=PATH runs that build instead of building the release one
@@ -92,17 +99,107 @@ def ready(grant):
     return any(c["type"] == "Ready" and c["status"] == "True" for c in grant.get("status", {}).get("conditions", []))
 
 
-def wait_all_ready(kubectl, expected, timeout):
-    """Polls one list of all grants until `expected` are Ready (`kubectl wait --all` waits on each
-    object in turn, which costs seconds per hundred objects and would dominate the figure)."""
+def list_grants(api, ns):
+    """Every grant of the namespace (pages of 500), and the resourceVersion of the list."""
+    path = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants?limit=500"
+    items, cont = [], ""
+    while True:
+        page = api.request("GET", path + (f"&continue={cont}" if cont else ""))
+        items += page["items"]
+        cont = page["metadata"].get("continue")
+        if not cont:
+            return items, page["metadata"]["resourceVersion"]
+
+
+def watch_grants(state_dir, ns, resource_version, on_event, timeout):
+    """Follows the grant watch from `resource_version`, calling `on_event(type, object)` until it
+    returns True (or `timeout`); a watch the apiserver closes is resumed from the last version seen."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        items = json.loads(sh(*kubectl, "get", "delegationgrants", "-o", "json"))["items"]
-        count = sum(1 for g in items if ready(g))
-        if count >= expected:
-            return count
-        time.sleep(0.2)
-    raise TimeoutError(f"fewer than {expected} grants Ready after {timeout}s")
+        api = Api(state_dir)
+        api.conn.timeout = max(1.0, deadline - time.monotonic())
+        api.conn.request("GET", f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+                                f"?watch=1&allowWatchBookmarks=true&resourceVersion={resource_version}"
+                                f"&timeoutSeconds={int(deadline - time.monotonic()) + 1}")
+        response = api.conn.getresponse()
+        if response.status != 200:
+            raise RuntimeError(f"watch: {response.status} {response.read()[:300]!r}")
+        for line in response:
+            event = json.loads(line)
+            obj = event["object"]
+            if event["type"] == "ERROR":
+                raise RuntimeError(f"watch: {obj}")
+            resource_version = obj["metadata"]["resourceVersion"]
+            if event["type"] != "BOOKMARK" and on_event(event["type"], obj):
+                api.conn.close()
+                return
+        api.conn.close()
+    raise TimeoutError(f"the watch did not see the awaited state within {timeout}s")
+
+
+def wait_all_ready(state_dir, ns, expected, timeout):
+    """Waits until `expected` grants of the namespace are Ready: one list, then its watch (`kubectl
+    wait --all` waits on each object in turn, and polling a list of thousands of grants would load
+    the apiserver far more than the operator does)."""
+    api = Api(state_dir)
+    items, rv = list_grants(api, ns)
+    ready_names = {g["metadata"]["name"] for g in items if ready(g)}
+    if len(ready_names) >= expected:
+        return len(ready_names)
+
+    def seen(kind, grant):
+        name = grant["metadata"]["name"]
+        if kind != "DELETED" and ready(grant):
+            ready_names.add(name)
+        else:
+            ready_names.discard(name)
+        return len(ready_names) >= expected
+
+    watch_grants(state_dir, ns, rv, seen, timeout)
+    return len(ready_names)
+
+
+def revocation_latencies(state_dir, ns, names, per_second=100):
+    """Deletes `names` at `per_second`, and returns for each the seconds from its DELETE to the
+    grant being gone (its finalizer is removed only once its tokens are INVALID in the written,
+    published status list)."""
+    import threading
+
+    api = Api(state_dir)
+    _, rv = list_grants(api, ns)
+    deleted_at, gone_at = {}, {}
+    done = threading.Event()
+
+    def seen(kind, grant):
+        name = grant["metadata"]["name"]
+        if kind == "DELETED" and name in deleted_at:
+            gone_at[name] = time.monotonic()
+        return len(gone_at) == len(names)
+
+    watcher = threading.Thread(target=lambda: (watch_grants(state_dir, ns, rv, seen, 600), done.set()))
+    watcher.start()
+    path = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+    t0 = time.monotonic()
+    for i, name in enumerate(names):
+        pause = t0 + i / per_second - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        deleted_at[name] = time.monotonic()
+        api.request("DELETE", f"{path}/{name}")
+    watcher.join()
+    return sorted(gone_at[n] - deleted_at[n] for n in names)
+
+
+def token_ids(state_dir, ns):
+    """Grant name -> (id, renewalTime as Unix seconds) of the token its status names."""
+    items, _ = list_grants(Api(state_dir), ns)
+    tokens = {}
+    for g in items:
+        token = (g.get("status") or {}).get("token") or {}
+        renewal = token.get("renewalTime")
+        tokens[g["metadata"]["name"]] = (
+            token.get("id"), calendar.timegm(time.strptime(renewal, "%Y-%m-%dT%H:%M:%SZ")) if renewal else 0)
+    return tokens
 
 
 def rss_kib(pid):
@@ -200,6 +297,37 @@ def post_grants(state_dir, ns, prefix, count, connections=8):
         list(pool.map(worker, [range(k, count, connections) for k in range(connections)]))
 
 
+def operator_https_port(log_path, since):
+    """The HTTPS port the operator logged binding (the last such line after byte `since`)."""
+    import re
+
+    with open(log_path, errors="replace") as f:
+        f.seek(since)
+        ports = re.findall(r"address=127\.0\.0\.1:(\d+)", f.read())
+    return int(ports[-1]) if ports else None
+
+
+def wait_ready_endpoint(log_path, since, timeout=600):
+    """Waits until the operator started after log offset `since` answers 200 on /readyz (its caches
+    are listed and, as leader, its keys and status lists are loaded)."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        port = operator_https_port(log_path, since)
+        if port:
+            try:
+                conn = http.client.HTTPSConnection("127.0.0.1", port, context=context, timeout=2)
+                conn.request("GET", "/readyz")
+                if conn.getresponse().status == 200:
+                    return
+            except OSError:
+                pass
+        time.sleep(0.2)
+    raise TimeoutError("the restarted operator did not become ready")
+
+
 def main():
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
@@ -221,11 +349,16 @@ def main():
     install_admission_policies(kubectl, binary, ns)
 
     log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)
-    operator = subprocess.Popen(
-        [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", op_ns,
-         "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
-        stdout=subprocess.DEVNULL, stderr=log,
-    )
+
+    def start_operator():
+        return subprocess.Popen(
+            [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", op_ns,
+             "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
+            stdout=subprocess.DEVNULL, stderr=log,
+        )
+
+    operator = start_operator()
+    state_dir = os.path.dirname(kubeconfig)
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     try:
@@ -277,13 +410,13 @@ def main():
         t0 = time.monotonic()
         sh(*k, "apply", "-f", "-", stdin=batch)
         applied = time.monotonic() - t0
-        wait_all_ready(k, 200 + 8 + 20, 300)
+        wait_all_ready(state_dir, ns, 200 + 8 + 20, 300)
         results["200_grants_apply_to_all_ready_s"] = round(time.monotonic() - t0, 2)
         results["200_grants_kubectl_apply_alone_s"] = round(applied, 2)
 
         rest = "---\n".join(grant(f"bulk-{i:04d}") for i in range(1000 - 200 - 8 - 20))
         sh(*k, "apply", "-f", "-", stdin=rest)
-        count = wait_all_ready(k, 1000, 600)
+        count = wait_all_ready(state_dir, ns, 1000, 600)
         time.sleep(2)
         rss, hwm = rss_kib(operator.pid)
         results["grants_ready"] = count
@@ -296,13 +429,12 @@ def main():
         # until all are Ready, against a bare client making the same four writes per grant.
         scale = int(os.environ.get("BENCH_GRANTS", "0"))
         if scale:
-            state_dir = os.path.dirname(kubeconfig)
             bare_ns = f"{ns}-bare"
             sh(*kubectl, "create", "namespace", bare_ns)
             bare = bare_writes(state_dir, bare_ns, scale)
             t0 = time.monotonic()
             post_grants(state_dir, ns, "scale", scale)
-            wait_all_ready(k, 1000 + scale, 3600)
+            wait_all_ready(state_dir, ns, 1000 + scale, 3600)
             operator_s = time.monotonic() - t0
             time.sleep(2)
             rss, hwm = rss_kib(operator.pid)
@@ -314,6 +446,39 @@ def main():
             if os.environ.get("BENCH_MALLOC_TRIM"):
                 results[f"rss_with_{1000 + scale}_grants_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
             subprocess.run([*kubectl, "delete", "namespace", bare_ns, "--wait=false"], capture_output=True)
+
+        # A restart holding every grant: nothing still valid may be minted again.
+        before = token_ids(state_dir, ns)
+        operator.kill()
+        operator.wait()
+        t0 = time.monotonic()
+        since = os.path.getsize(log.name)
+        operator = start_operator()
+        wait_ready_endpoint(log.name, since)
+        results["restart_to_ready_s"] = round(time.monotonic() - t0, 1)
+        # Every grant is looked at again after a restart; a minute is ample for that at 10,000
+        # (a Ready grant's reconcile makes no request), and a re-mint would show as a new token id.
+        time.sleep(60)
+        looked = time.time()
+        after = token_ids(state_dir, ns)
+        results["restart_grants"] = len(before)
+        # A token renewed because its renewal time passed is not a re-mint; one replaced before it is.
+        results["restart_reminted_tokens"] = sum(
+            1 for name, (jti, renewal) in before.items()
+            if after.get(name, (jti,))[0] != jti and renewal > looked)
+        results["restart_renewals_due_meanwhile"] = sum(
+            1 for name, (jti, renewal) in before.items() if renewal <= looked)
+        results["rss_after_restart_mib"] = round(rss_kib(operator.pid)[0] / 1024, 1)
+
+        # Revocation at 100 deletes per second.
+        deletes = int(os.environ.get("BENCH_DELETES", "1000"))
+        if deletes:
+            names = sorted(before)[:deletes]
+            latencies = revocation_latencies(state_dir, ns, names)
+            results[f"revocation_{len(names)}_deletes_at_100_per_s"] = {
+                "p50_s": round(latencies[len(latencies) // 2], 3),
+                "p99_s": round(latencies[max(0, int(len(latencies) * 0.99) - 1)], 3),
+                "max_s": round(latencies[-1], 3)}
     finally:
         operator.terminate()
         operator.wait(timeout=10)

@@ -98,7 +98,9 @@ pub async fn start(
     });
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
     let router = router(state, &settings.issuer);
-    tracing::info!(address = %settings.address, issuer = %settings.issuer, "serving discovery, JWKS, status lists, introspection and metrics over HTTPS");
+    // The bound address: with port 0 the system picked one, and whoever started us needs to know it.
+    let bound = listener.local_addr().unwrap_or(settings.address);
+    tracing::info!(address = %bound, issuer = %settings.issuer, "serving discovery, JWKS, status lists, introspection and metrics over HTTPS");
     Ok(async move {
         tokio::join!(
             tls::watch(client.clone(), settings.tls.clone(), cert),
