@@ -60,6 +60,7 @@ pub struct Metrics {
     pub reconcile_errors: Family<ControllerLabels, Counter>,
     pub introspections: Family<ResultLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
+    pub events_dropped: Counter,
     grants: Arc<RwLock<Option<Store<DelegationGrant>>>>,
 }
 
@@ -88,6 +89,7 @@ impl Metrics {
         let reconcile_errors = Family::<ControllerLabels, Counter>::default();
         let introspections = Family::<ResultLabels, Counter>::default();
         let leader = Gauge::<i64, AtomicI64>::default();
+        let events_dropped = Counter::default();
         // Counter names get `_total` on encoding.
         registry.register(
             "tokens_issued",
@@ -126,6 +128,11 @@ impl Metrics {
             "1 while this replica holds the leader lease (it alone writes), else 0",
             leader.clone(),
         );
+        registry.register(
+            "events_dropped",
+            "Kubernetes Events dropped unwritten because their writer's queue was full",
+            events_dropped.clone(),
+        );
         let grants: Arc<RwLock<Option<Store<DelegationGrant>>>> = Arc::default();
         registry.register_collector(Box::new(GrantCollector(grants.clone())));
         Self {
@@ -138,6 +145,7 @@ impl Metrics {
             reconcile_errors,
             introspections,
             leader,
+            events_dropped,
             grants,
         }
     }
@@ -277,6 +285,7 @@ mod tests {
         m.count(AuditAction::Revoked, "AgentSuspended");
         m.observe_reconcile("grants", 0.004, true);
         m.leader.set(1);
+        m.events_dropped.inc();
         let text = m.encode().unwrap();
         assert!(
             text.contains("delegation_tokens_revoked_total{reason=\"AgentSuspended\"} 2"),
@@ -287,6 +296,7 @@ mod tests {
             text.contains("delegation_reconcile_duration_seconds_count{controller=\"grants\"} 1")
         );
         assert!(text.contains("delegation_leader 1"));
+        assert!(text.contains("delegation_events_dropped_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }
 

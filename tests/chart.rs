@@ -572,7 +572,7 @@ fn operator_rbac_is_least_privilege_cluster_wide() {
     );
     assert_eq!(
         verbs_on(cluster, group, "delegationgrants/status"),
-        sorted(&["patch"])
+        sorted(&["update"])
     );
     assert_eq!(
         verbs_on(cluster, group, "agentidentities"),

@@ -2002,3 +2002,89 @@ async fn a_grant_deleted_around_the_operator_is_still_revoked_from_its_record() 
     )
     .await;
 }
+
+/// A repeated Event on one object is one Event whose `series` counts the repeats (client-go's
+/// aggregation), not one Event per occurrence: a grant refused, then refused again for another
+/// violation, shows a single `Warning Denied` Event with `series.count` 2. Only the series is
+/// patched: the Event keeps its first note.
+#[tokio::test]
+async fn a_repeated_event_is_one_event_with_a_series() {
+    let f = Fixture::start("series", &[]).await;
+    f.apply(AGENTS).await;
+    // The notifier may not write tickets.
+    f.apply(&grant_yaml(
+        "twice",
+        user_root(),
+        "notifier",
+        "[tickets:write]",
+        "5m",
+        "",
+    ))
+    .await;
+    let first = f
+        .wait_ready("twice", "False", Some("DeniedScopeNotAllowed"))
+        .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(f.client.clone(), &f.ns);
+    let denied = || async {
+        events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("twice")
+                    && e.reason.as_deref() == Some("Denied")
+            })
+            .collect::<Vec<_>>()
+    };
+    wait_for(
+        "the first Denied Event",
+        Duration::from_secs(10),
+        || async { (!denied().await.is_empty()).then_some(()) },
+    )
+    .await;
+
+    // Within its scopes now, but longer than the notifier's maxTokenTTL (5m): refused again.
+    f.patch_grant(
+        "twice",
+        json!({"spec": {"scopes": ["tickets:read"], "tokenTTL": "6m"}}),
+    )
+    .await;
+    f.wait_ready("twice", "False", Some("DeniedTTLTooLong"))
+        .await;
+    let denied = wait_for(
+        "the Denied Event's series.count to reach 2",
+        Duration::from_secs(15),
+        || async {
+            let denied = denied().await;
+            denied
+                .iter()
+                .any(|e| e.series.as_ref().is_some_and(|s| s.count >= 2))
+                .then_some(denied)
+        },
+    )
+    .await;
+    let names: Vec<_> = denied.iter().map(|e| e.name_any()).collect();
+    assert_eq!(denied.len(), 1, "one Event for both refusals: {names:?}");
+    let event = &denied[0];
+    let series = event.series.as_ref().unwrap();
+    assert!(
+        series.last_observed_time.0 > event.event_time.as_ref().unwrap().0,
+        "the series was observed after the Event was created"
+    );
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.action.as_deref(), Some("Denied"));
+    assert_eq!(
+        event.reporting_controller.as_deref(),
+        Some("delegation-operator")
+    );
+    let regarding = event.regarding.as_ref().unwrap();
+    assert_eq!(regarding.uid, first.metadata.uid);
+    assert_eq!(regarding.kind.as_deref(), Some("DelegationGrant"));
+    let note = event.note.as_deref().unwrap();
+    assert!(
+        note.starts_with("DeniedScopeNotAllowed: "),
+        "the first note is kept: {note}"
+    );
+}

@@ -138,7 +138,8 @@ pub struct AgentIdentityStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
 
-    /// How many DelegationGrants currently hold a valid token with this agent as actor.
+    /// How many DelegationGrants currently hold a valid token with this agent as actor. Refreshed
+    /// within about 10 seconds of a change.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0))]
     pub active_grants: Option<i32>,

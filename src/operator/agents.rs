@@ -1,7 +1,14 @@
 //! The AgentIdentity controller: reports the agent's token subject, how many grants it currently acts
 //! under, and whether it can receive grants at all.
+//!
+//! The count alone changes with every grant that becomes Ready or stops being so; written each time,
+//! thousands of grants on one agent would mean thousands of writes of one object. So a change of the
+//! count alone is written at most once per [`COUNT_REFRESH`]; any other change is written at once.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
 
 use kube::{
     Api, ResourceExt,
@@ -13,6 +20,7 @@ use super::{
     FIELD_MANAGER,
     context::Context,
     error::{Error, Result},
+    events::{Recent, hash_key},
     now,
 };
 use crate::{
@@ -45,6 +53,18 @@ pub async fn reconcile(agent: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<A
         observed_generation: agent.metadata.generation,
     };
     if agent.status.as_ref() != Some(&status) {
+        let uid = agent.uid().unwrap_or_default();
+        let count_only = agent.status.as_ref().is_some_and(|old| {
+            let same_count = AgentIdentityStatus {
+                active_grants: old.active_grants,
+                ..status.clone()
+            };
+            same_count == *old
+        });
+        if count_only && let Some(wait) = ctx.agent_count_writes.wait(&uid) {
+            // Written when the wait is over, with the count of then.
+            return Ok(Action::requeue(wait));
+        }
         let api: Api<AgentIdentity> = Api::namespaced(ctx.client.clone(), &namespace);
         let patch = serde_json::json!({
             "apiVersion": "delegation.nhi.dev/v1alpha1",
@@ -57,8 +77,42 @@ pub async fn reconcile(agent: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<A
             &Patch::Apply(&patch),
         )
         .await?;
+        if count_only {
+            ctx.agent_count_writes.wrote(&uid);
+        }
     }
     Ok(Action::await_change())
+}
+
+/// The least time between two writes of an agent's `activeGrants` alone.
+pub const COUNT_REFRESH: Duration = Duration::from_secs(10);
+
+/// When each agent (by uid) last had its count alone written. An agent is forgotten one to two
+/// [`COUNT_REFRESH`] after that write, deleted or not: only the agents written lately are held.
+pub struct CountWrites(Mutex<Recent<()>>);
+
+impl Default for CountWrites {
+    fn default() -> Self {
+        Self(Mutex::new(Recent::new(COUNT_REFRESH)))
+    }
+}
+
+impl CountWrites {
+    /// How long the agent's count must still wait, if it was written less than [`COUNT_REFRESH`] ago.
+    pub fn wait(&self, uid: &str) -> Option<Duration> {
+        let mut recent = self.0.lock().ok()?;
+        let now = Instant::now();
+        let written = recent.get(hash_key(uid), now)?.set_at;
+        Some(COUNT_REFRESH.saturating_sub(now.saturating_duration_since(written)))
+    }
+
+    pub fn wrote(&self, uid: &str) {
+        if let Ok(mut recent) = self.0.lock() {
+            // Read under the lock, so that the times handed to `Recent` never go back.
+            let now = Instant::now();
+            recent.insert(hash_key(uid), (), now);
+        }
+    }
 }
 
 pub fn error_policy(agent: Arc<AgentIdentity>, error: &Error, _ctx: Arc<Context>) -> Action {

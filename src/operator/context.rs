@@ -12,12 +12,16 @@ use kube::{
     Client, Resource, ResourceExt,
     api::PartialObjectMeta,
     runtime::{
-        events::{Event, EventType, Recorder},
+        controller::Action,
+        events::EventType,
         reflector::{ObjectRef, Store},
     },
 };
 
-use super::{keys::KeyStore, revocations::RevocationList, status_lists::StatusLists};
+use super::{
+    agents::CountWrites, events::Recorder, keys::KeyStore, revocations::RevocationList,
+    status_lists::StatusLists,
+};
 use crate::{
     api::{AgentIdentity, DelegationApproval, DelegationGrant},
     delegation::{Lookup, Policy},
@@ -79,7 +83,12 @@ pub struct Context {
     pub revocations: RevocationList,
     /// The Token Status Lists every token points into.
     pub status_lists: StatusLists,
+    /// Queues Events for the one task that writes them.
     pub recorder: Recorder,
+    /// When each agent last had only its `activeGrants` written.
+    pub agent_count_writes: CountWrites,
+    /// When each grant must be looked at again (renewal, re-checks).
+    pub alarms: super::alarms::Alarms,
     /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
     /// A different version means someone else changed it.
     pub trusted_secrets: Mutex<HashMap<(String, String), String>>,
@@ -115,24 +124,17 @@ impl Context {
         self.secrets.get(&ObjectRef::new(name).within(namespace))
     }
 
-    /// Publishes an Event on an object; failures are logged, never fatal.
-    pub async fn event<K: Resource<DynamicType = ()>>(
+    /// Queues an Event on an object and returns at once: a background task writes it, and a failure
+    /// there is logged, never fatal. The note must never hold a secret.
+    pub fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
         type_: EventType,
         reason: &str,
         note: String,
     ) {
-        let event = Event {
-            type_,
-            reason: reason.to_owned(),
-            note: Some(note),
-            action: reason.to_owned(),
-            secondary: None,
-        };
-        if let Err(e) = self.recorder.publish(&event, &obj.object_ref(&())).await {
-            tracing::warn!(error = %e, object = obj.meta().name.as_deref().unwrap_or_default(), "could not publish event");
-        }
+        self.recorder
+            .publish(obj.object_ref(&()), type_, reason, reason, note);
     }
 
     pub fn remember_trusted_secret(&self, namespace: &str, name: &str, resource_version: String) {
@@ -188,6 +190,19 @@ impl Context {
         if let (Some(uid), Ok(mut map)) = (grant.uid(), self.status_written_from.lock()) {
             map.remove(&uid);
         }
+        self.alarms
+            .remove(&grant.namespace().unwrap_or_default(), &grant.name_any());
+    }
+
+    /// Looks at the grant again `after` from now, through its alarm rather than the controller's
+    /// requeue schedule (see [`super::alarms`]); nothing else needs to happen meanwhile.
+    pub fn look_again(&self, grant: &DelegationGrant, after: Duration) -> Action {
+        self.alarms.set(
+            &grant.namespace().unwrap_or_default(),
+            &grant.name_any(),
+            after,
+        );
+        Action::await_change()
     }
 }
 

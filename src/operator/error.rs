@@ -18,6 +18,10 @@ pub enum Error {
 
     #[error("{0}")]
     InvalidState(String),
+
+    /// A status write found the grant changed since the cached version it was decided from.
+    #[error("the grant changed while its status was being written; looking at it again")]
+    StaleStatus,
 }
 
 impl Error {
@@ -29,6 +33,7 @@ impl Error {
             Error::Signing(_) => "signing",
             Error::Serialization(_) => "serialization",
             Error::InvalidState(_) => "invalid_state",
+            Error::StaleStatus => "stale_status",
         }
     }
 }

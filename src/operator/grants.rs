@@ -11,7 +11,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, ResourceExt,
-    api::{PartialObjectMeta, Patch, PatchParams},
+    api::{PartialObjectMeta, PostParams},
     runtime::{
         controller::Action,
         events::EventType,
@@ -79,6 +79,11 @@ pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Contex
         tracing::debug!(grant = %grant.name_any(), "grant already deleted");
         return Action::await_change();
     }
+    if is_stale_status_write(error) {
+        // Decided from a version the grant has left behind: decide again from the newer one.
+        tracing::debug!(grant = %grant.name_any(), "the grant changed while its status was written; retrying");
+        return Action::requeue(Duration::from_secs(1));
+    }
     if is_stale_finalizer_write(error) {
         // Raced with our own finalizer write, seen through a cache that had not caught up: look again soon.
         tracing::debug!(grant = %grant.name_any(), "finalizer write raced with the cache; retrying");
@@ -93,6 +98,21 @@ fn is_finalizer_of_a_deleted_grant(error: &Error) -> bool {
     use kube::runtime::finalizer::Error as F;
     matches!(error, Error::Finalizer(inner)
         if matches!(inner.as_ref(), F::RemoveFinalizer(kube::Error::Api(s)) if s.code == 404))
+}
+
+/// A status write whose resourceVersion precondition failed (see [`write_status`]).
+fn is_stale_status_write(error: &Error) -> bool {
+    use kube::runtime::finalizer::Error as F;
+    match error {
+        Error::StaleStatus => true,
+        Error::Finalizer(inner) => {
+            matches!(
+                inner.as_ref(),
+                F::ApplyFailed(Error::StaleStatus) | F::CleanupFailed(Error::StaleStatus)
+            )
+        }
+        _ => false,
+    }
 }
 
 /// The finalizer helper writes with a JSON-patch `test` against the cached finalizer list; a stale
@@ -140,7 +160,7 @@ async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
                 Ok(match unauthorized.refusal.reason {
                     // RBAC changes send no events: look again now and then.
                     Reason::DeniedNotAuthorized => {
-                        Action::requeue(ctx.settings.authority_recheck_period)
+                        ctx.look_again(grant, ctx.settings.authority_recheck_period)
                     }
                     _ => Action::await_change(),
                 })
@@ -170,7 +190,7 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     ctx.forget_grant(grant);
     ctx.authority.forget_grant(grant);
     if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, DELETED, message).await;
+        report_revocation(grant, ctx, &revoked, DELETED, message);
     }
     Ok(Action::await_change())
 }
@@ -192,7 +212,7 @@ async fn refuse(
     )
     .await?;
     if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, reason, &refusal.message).await;
+        report_revocation(grant, ctx, &revoked, reason, &refusal.message);
     }
     if changed && refusal.reason.is_denial() {
         ctx.event(
@@ -200,8 +220,7 @@ async fn refuse(
             EventType::Warning,
             "Denied",
             format!("{reason}: {}", refusal.message),
-        )
-        .await;
+        );
         audit::record(&audit_record(
             grant,
             ctx,
@@ -213,8 +232,7 @@ async fn refuse(
             None,
         ));
     } else if changed && revoked.is_empty() {
-        ctx.event(grant, EventType::Normal, reason, refusal.message.clone())
-            .await;
+        ctx.event(grant, EventType::Normal, reason, refusal.message.clone());
     }
     // Nothing is due: a change to the grant, its agent or its parent triggers the next look.
     Ok(Action::await_change())
@@ -271,7 +289,8 @@ async fn issue_or_keep(
                 .authority
                 .due_at(grant, ctx.settings.authority_recheck_period)
                 .unwrap_or(recheck_at);
-            Ok(Action::requeue(
+            Ok(ctx.look_again(
+                grant,
                 until(now, recheck_at.min(authority_due)).max(Duration::from_secs(1)),
             ))
         }
@@ -467,10 +486,9 @@ async fn issue(
         } else {
             "a newer rotation displaced it while it was still valid"
         };
-        report_revocation(grant, ctx, &revoked, revocation_reason, why).await;
+        report_revocation(grant, ctx, &revoked, revocation_reason, why);
     }
-    ctx.event(grant, EventType::Normal, reason, message.clone())
-        .await;
+    ctx.event(grant, EventType::Normal, reason, message.clone());
     let expires_at = Some(minted.times.expires_at.to_string());
     audit::record(&audit_record(
         grant,
@@ -482,7 +500,8 @@ async fn issue(
         vec![minted.jti.as_str()],
         expires_at,
     ));
-    Ok(Action::requeue(
+    Ok(ctx.look_again(
+        grant,
         until(now, minted.times.renewal_at).max(Duration::from_secs(1)),
     ))
 }
@@ -721,11 +740,10 @@ async fn secret_conflict(
     )
     .await?;
     if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, SECRET_CONFLICT, &message).await;
+        report_revocation(grant, ctx, &revoked, SECRET_CONFLICT, &message);
     }
     if changed {
-        ctx.event(grant, EventType::Warning, SECRET_CONFLICT, message.clone())
-            .await;
+        ctx.event(grant, EventType::Warning, SECRET_CONFLICT, message.clone());
         audit::record(&audit_record(
             grant,
             ctx,
@@ -738,7 +756,7 @@ async fn secret_conflict(
         ));
     }
     // A foreign Secret sends us no events (the watch only sees ours): look again now and then.
-    Ok(Action::requeue(Duration::from_secs(60)))
+    Ok(ctx.look_again(grant, Duration::from_secs(60)))
 }
 
 /// Revokes every token of the grant that may still be valid: records them in the revocation list,
@@ -943,7 +961,7 @@ async fn delete_our_secret(
     Ok(())
 }
 
-async fn report_revocation(
+fn report_revocation(
     grant: &DelegationGrant,
     ctx: &Context,
     revoked: &[String],
@@ -954,7 +972,7 @@ async fn report_revocation(
         "revoked token(s) {} ({reason}): {message}",
         revoked.join(", ")
     );
-    ctx.event(grant, EventType::Normal, REVOKED, note).await;
+    ctx.event(grant, EventType::Normal, REVOKED, note);
     audit::record(&audit_record(
         grant,
         ctx,
@@ -995,7 +1013,13 @@ fn refused_status(
     }
 }
 
-/// Server-side applies the status when it differs from what the cache shows. Returns whether it wrote.
+/// Writes the status when it differs from what the cache shows. Returns whether it wrote.
+///
+/// A plain update of the status subresource, made from the cached grant with its resourceVersion as
+/// a precondition: the decision was taken from that version, so if the grant changed meanwhile (or
+/// another writer got there first) the write fails with a conflict and the grant is looked at again,
+/// rather than describing a grant that no longer exists. The apiserver takes only `status` from the
+/// body of a status update, so the cache's pruned metadata does not matter.
 async fn write_status(
     grant: &DelegationGrant,
     ctx: &Context,
@@ -1009,17 +1033,14 @@ async fn write_status(
     }
     let api: Api<DelegationGrant> =
         Api::namespaced(ctx.client.clone(), &grant.namespace().unwrap_or_default());
-    let patch = serde_json::json!({
-        "apiVersion": "delegation.nhi.dev/v1alpha1",
-        "kind": "DelegationGrant",
-        "status": status,
-    });
+    let mut desired = grant.clone();
+    desired.status = Some(status);
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
     match api
-        .patch_status(
-            &grant.name_any(),
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
+        .replace_status(&grant.name_any(), &params, &desired)
         .await
     {
         Ok(written) => {
@@ -1028,6 +1049,7 @@ async fn write_status(
         }
         // Deleted meanwhile (finalizer already gone): nothing left to describe.
         Err(e) if super::error::is_not_found(&e) => Ok(false),
+        Err(e) if super::error::is_conflict(&e) => Err(Error::StaleStatus),
         Err(e) => Err(e.into()),
     }
 }

@@ -2,6 +2,7 @@
 //!
 //! - [`grants`]: the DelegationGrant controller (issue, rotate, revoke).
 //! - [`agents`]: the AgentIdentity controller (subject, active grants, Ready).
+//! - [`alarms`]: when each grant must be looked at again (renewal, re-checks).
 //! - [`token_secret`]: the token Secrets and who owns them.
 //! - [`keys`]: signing keys and the published JWKS.
 //! - [`revocations`]: the revocation list.
@@ -9,10 +10,12 @@
 //! - [`audit`]: the JSON audit trail.
 
 pub mod agents;
+pub mod alarms;
 pub mod audit;
 pub mod authority;
 pub mod context;
 pub mod error;
+pub mod events;
 pub mod grants;
 pub mod index;
 pub mod keys;
@@ -36,7 +39,7 @@ use kube::{
     runtime::{
         WatchStreamExt,
         controller::{self, Controller},
-        events::{Recorder, Reporter},
+        events::Reporter,
         reflector,
         reflector::ObjectRef,
         watcher,
@@ -241,10 +244,14 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     ];
     readiness.lead(caches_ready.clone());
     crate::metrics::metrics().watch_grants(Some(grants_store.clone()));
-    let reporter = Reporter {
-        controller: MANAGED_BY.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    // Events are written by their own task, which ends when the last Context is dropped.
+    let recorder = events::Recorder::start(
+        client.clone(),
+        Reporter {
+            controller: MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
     let ctx = Arc::new(Context {
         wake_grant: wake_grant.clone(),
         client: client.clone(),
@@ -260,7 +267,9 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         keys,
         revocations,
         status_lists,
-        recorder: Recorder::new(client.clone(), reporter),
+        recorder,
+        agent_count_writes: Default::default(),
+        alarms: Default::default(),
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
     });
@@ -310,6 +319,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         _ = guard_published_artifacts(ctx.clone()) => {},
         _ = ctx.keys.run_rotation() => {},
         _ = ctx.status_lists.run_maintenance(&ctx.keys) => {},
+        _ = ctx.alarms.run(wake_grant.clone()) => {},
     }
     tracing::info!("delegation-operator stopped");
     Ok(())
