@@ -180,13 +180,17 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
     let now = now();
     let revoked = revoke_tokens(grant, ctx, DELETED, now).await?;
     let message = "the grant was deleted; its tokens are revoked";
-    // Children watch this status: they lose their tokens before this grant disappears.
-    write_status(
-        grant,
-        ctx,
-        refused_status(grant, None, REVOKED, message, now),
-    )
-    .await?;
+    // Children watch this status: they lose their tokens before this grant disappears. Without
+    // children nobody reads it again (the grant is about to go), and the write is saved.
+    let namespace = grant.namespace().unwrap_or_default();
+    if !ctx.index.children(&namespace, &grant.name_any()).is_empty() {
+        write_status(
+            grant,
+            ctx,
+            refused_status(grant, None, REVOKED, message, now),
+        )
+        .await?;
+    }
     ctx.forget_grant(grant);
     ctx.authority.forget_grant(grant);
     if !revoked.is_empty() {
@@ -770,9 +774,14 @@ async fn revoke_tokens(
 ) -> Result<Vec<String>> {
     let in_use = tokens_in_use(grant, ctx, now).await?;
     let verified: Vec<TokenStatusRef> = in_use.verified_refs.into_iter().map(|(_, r)| r).collect();
-    // The status list first: it is what verifiers check, and bounded whatever tenants do.
-    revoke_statuses(grant, ctx, None, &verified, now).await?;
-    let revoked = record(grant, ctx, in_use.tokens, reason, now).await?;
+    // Both lists before any Secret is deleted (fail closed), written at the same time. The status
+    // list must succeed: it is what verifiers check, and bounded whatever tenants do.
+    let (statuses, revoked) = futures::join!(
+        revoke_statuses(grant, ctx, None, &verified, now),
+        record(grant, ctx, in_use.tokens, reason, now)
+    );
+    statuses?;
+    let revoked = revoked?;
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant

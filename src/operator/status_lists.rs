@@ -135,6 +135,9 @@ struct Inner {
     open: usize,
     /// ConfigMap data key -> the Status List Token published under it.
     published: BTreeMap<String, Published>,
+    /// The ConfigMap's resourceVersion after our last write of it: the next write replaces that
+    /// version without reading it first (someone else's edit makes it conflict, and then it is read).
+    configmap_rv: Option<String>,
     /// The state JSON last written to the Secret.
     written: String,
     /// Counts the changes that must be written before anyone relies on them (an allocation, a
@@ -173,13 +176,14 @@ impl Inner {
             .flatten()
     }
 
-    /// Removes every record of `grant_uid` from every shard.
+    /// Removes every record of `grant_uid` from every shard. Forgetting is not written on its own:
+    /// it rides along with the next write of that shard (a record that outlives a restart is
+    /// revoked again, which changes nothing), so a revocation writes only what verifiers read.
     fn take_held(&mut self, grant_uid: &str) -> Vec<Held> {
         let mut taken = Vec::new();
-        for (shard, records) in self.tokens.iter_mut().enumerate() {
+        for records in self.tokens.iter_mut() {
             if let Some(held) = records.remove(grant_uid) {
                 taken.extend(held);
-                self.dirty.insert(shard);
             }
         }
         taken
@@ -371,6 +375,7 @@ impl StatusLists {
                 dirty,
                 open: 0,
                 published: BTreeMap::new(),
+                configmap_rv: None,
                 written,
                 version: 0,
             }),
@@ -622,15 +627,60 @@ impl StatusLists {
                 .await?;
             self.inner.lock().await.written = state.clone();
         }
-        let data = published_data(&plan.published);
         if plan.publish || check {
-            let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
-            if !holds(current.as_ref(), &data) {
-                overwrite(&self.configmaps, current, desired_configmap(data)).await?;
-            }
+            let known = match check {
+                true => None,
+                false => self.inner.lock().await.configmap_rv.clone(),
+            };
+            let rv = self
+                .write_published(published_data(&plan.published), known)
+                .await?;
+            self.inner.lock().await.configmap_rv = rv;
         }
         self.inner.lock().await.published = plan.published;
         Ok(plan.version)
+    }
+
+    /// Makes the ConfigMap hold `data`: replaces version `known` directly when given, else (or when
+    /// that version is gone: edited or deleted meanwhile) reads it and writes only if it differs.
+    /// Returns the ConfigMap's resourceVersion afterwards.
+    async fn write_published(
+        &self,
+        data: BTreeMap<String, String>,
+        known: Option<String>,
+    ) -> Result<Option<String>> {
+        let params = PostParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        if let Some(rv) = known {
+            let mut desired = desired_configmap(data.clone());
+            desired.metadata.resource_version = Some(rv);
+            match self
+                .configmaps
+                .replace(CONFIGMAP_NAME, &params, &desired)
+                .await
+            {
+                Ok(written) => return Ok(written.metadata.resource_version),
+                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let current = self.configmaps.get_opt(CONFIGMAP_NAME).await?;
+        if holds(current.as_ref(), &data) {
+            return Ok(current.and_then(|c| c.metadata.resource_version));
+        }
+        let mut desired = desired_configmap(data);
+        let written = match current {
+            Some(current) => {
+                desired.metadata.resource_version = current.metadata.resource_version;
+                self.configmaps
+                    .replace(CONFIGMAP_NAME, &params, &desired)
+                    .await?
+            }
+            None => self.configmaps.create(&params, &desired).await?,
+        };
+        Ok(written.metadata.resource_version)
     }
 
     async fn apply_secret(&self, name: &str, secret: Secret) -> Result<()> {
@@ -835,6 +885,7 @@ mod tests {
             dirty: BTreeSet::new(),
             open: 0,
             published: BTreeMap::new(),
+            configmap_rv: None,
             written: String::new(),
             version: 0,
         };
@@ -850,6 +901,7 @@ mod tests {
             dirty: BTreeSet::new(),
             open: 0,
             published: BTreeMap::new(),
+            configmap_rv: None,
             written: text.clone(),
             version: 0,
         };
@@ -872,6 +924,7 @@ mod tests {
             dirty: BTreeSet::new(),
             open: 3,
             published: BTreeMap::new(),
+            configmap_rv: None,
             written: String::new(),
             version: 0,
         };
@@ -896,7 +949,10 @@ mod tests {
         inner.dirty.clear();
         let taken: Vec<String> = inner.take_held("uid-1").into_iter().map(|h| h.0).collect();
         assert_eq!(taken, ["a", "b"]);
-        assert_eq!(inner.dirty, BTreeSet::from([3, 4]));
+        assert!(
+            inner.dirty.is_empty(),
+            "forgetting rides along with the next write"
+        );
         assert!(inner.held("uid-1").next().is_none());
         assert_eq!(
             inner.held("uid-2").count(),
