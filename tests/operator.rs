@@ -2088,3 +2088,69 @@ async fn a_repeated_event_is_one_event_with_a_series() {
         "the first note is kept: {note}"
     );
 }
+
+/// A status rewritten to look current cannot keep a token broader than the grant allows. Whoever may
+/// write the status subresource narrows nothing by it: whether the token still matches the grant is
+/// decided from what the operator minted (remembered, or after a restart read from the Secret and
+/// verified), never from the status.
+#[tokio::test]
+async fn a_forged_status_cannot_keep_a_broader_token_than_the_grant_allows() {
+    let mut f = Fixture::start("forged", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&grant_yaml(
+        "wide",
+        user_root(),
+        "orchestrator",
+        "[tickets:read, tickets:write]",
+        "10m",
+        "",
+    ))
+    .await;
+    let wide = f.wait_ready("wide", "True", Some("Issued")).await;
+    let first = token_id(&wide);
+    let claims = f.verified_claims("wide-token").await.unwrap();
+    assert_eq!(claims["scope"], "tickets:read tickets:write");
+
+    // With the operator down, the grant is narrowed and its status rewritten to describe the
+    // narrower token the operator would mint: chain, effective scopes, everything but the token.
+    f.operator.take().unwrap().stop();
+    f.patch_grant("wide", json!({"spec": {"scopes": ["tickets:read"]}}))
+        .await;
+    let narrowed = f.grants().get("wide").await.unwrap();
+    let mut forged = serde_json::to_value(narrowed.status.clone().unwrap()).unwrap();
+    forged["effectiveScopes"] = json!(["tickets:read"]);
+    for link in forged["chain"].as_array_mut().unwrap() {
+        if link.get("scopes").is_some() {
+            link["scopes"] = json!(["tickets:read"]);
+        }
+    }
+    forged["observedGeneration"] = json!(narrowed.metadata.generation);
+    f.grants()
+        .patch_status(
+            "wide",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": forged})),
+        )
+        .await
+        .unwrap();
+
+    f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
+    let reissued = wait_for(
+        "a token as narrow as the grant",
+        Duration::from_secs(30),
+        || async {
+            let claims = f.verified_claims("wide-token").await?;
+            (claims["scope"] == "tickets:read").then_some(claims)
+        },
+    )
+    .await;
+    assert_ne!(
+        reissued["jti"],
+        json!(first),
+        "a new token, not the kept one"
+    );
+    assert!(
+        f.revoked_ids().await.contains(&first),
+        "the broader token is revoked, not kept as previous"
+    );
+}

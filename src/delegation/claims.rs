@@ -119,6 +119,28 @@ pub fn claims_digest(spec: &DelegationGrantSpec) -> String {
         .collect()
 }
 
+/// What a token grants, leaving out when and which one it is (`iat`, `nbf`, `exp`, `jti`, its
+/// status-list entry, the issuer): two tokens with the same substance allow exactly the same thing.
+/// The operator remembers the substance of the token it wrote for each grant, so that whether that
+/// token still says what the grant allows is decided from what it minted, not from the grant's
+/// status (which whoever may write the status subresource can rewrite).
+pub fn substance(claims: &AccessTokenClaims) -> u64 {
+    let fields = serde_json::json!([
+        claims.sub,
+        claims.aud,
+        claims.client_id,
+        claims.scope,
+        claims.act,
+        claims.authorization_details,
+        claims.delegation_chain,
+        claims.grant,
+    ]);
+    let digest = Sha256::digest(fields.to_string().as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
+}
+
 /// Nests actors given root-most first so that the last one is outermost and the first deepest.
 /// `None` for an empty list.
 pub fn nest_actors(actors: &[String]) -> Option<Actor> {
@@ -175,6 +197,78 @@ mod tests {
             json,
             serde_json::json!({"sub": "agent:ns/c", "act": {"sub": "agent:ns/b", "act": {"sub": "agent:ns/a"}}})
         );
+    }
+
+    fn sample_claims() -> AccessTokenClaims {
+        AccessTokenClaims {
+            iss: "https://issuer".into(),
+            sub: "alice".into(),
+            aud: "https://api".into(),
+            client_id: "agent:ns/a".into(),
+            scope: "read write".into(),
+            iat: 100,
+            nbf: 100,
+            exp: 700,
+            jti: "one".into(),
+            act: nest_actors(&["agent:ns/a".into()]).unwrap(),
+            authorization_details: None,
+            delegation_chain: Vec::new(),
+            grant: GrantReference {
+                namespace: "ns".into(),
+                name: "g".into(),
+                uid: "u".into(),
+            },
+            status: None,
+        }
+    }
+
+    #[test]
+    fn the_substance_ignores_time_and_identity_and_follows_everything_granted() {
+        let base = sample_claims();
+        let mut renewed = base.clone();
+        renewed.iat = 500;
+        renewed.nbf = 500;
+        renewed.exp = 1100;
+        renewed.jti = "two".into();
+        renewed.iss = "https://other-issuer".into();
+        renewed.status = Some(serde_json::json!({"status_list": {"idx": 3, "uri": "u"}}));
+        assert_eq!(substance(&base), substance(&renewed));
+        let changes: Vec<fn(&mut AccessTokenClaims)> = vec![
+            |c| c.sub = "bob".into(),
+            |c| c.aud = "https://else".into(),
+            |c| c.client_id = "agent:ns/b".into(),
+            |c| c.scope = "read".into(),
+            |c| c.act = nest_actors(&["agent:ns/x".into(), "agent:ns/a".into()]).unwrap(),
+            |c| {
+                c.authorization_details = Some(vec![AuthorizationDetail {
+                    type_: "t".into(),
+                    identifier: None,
+                    actions: None,
+                    locations: None,
+                    datatypes: None,
+                    privileges: None,
+                }])
+            },
+            |c| {
+                c.delegation_chain = vec![DelegationRecord {
+                    delegator: Party {
+                        kind: "User".into(),
+                        sub: "alice".into(),
+                    },
+                    delegate: "agent:ns/a".into(),
+                    grant: "g".into(),
+                    scope: "read write".into(),
+                    requested_by: Some("mallory".into()),
+                    approved_by: None,
+                }]
+            },
+            |c| c.grant.uid = "other".into(),
+        ];
+        for change in changes {
+            let mut changed = base.clone();
+            change(&mut changed);
+            assert_ne!(substance(&base), substance(&changed), "{changed:?}");
+        }
     }
 
     #[test]

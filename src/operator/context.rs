@@ -89,6 +89,10 @@ pub struct Context {
     pub agent_count_writes: CountWrites,
     /// When each grant must be looked at again (renewal, re-checks).
     pub alarms: super::alarms::Alarms,
+    /// For each grant (by a hash of its uid): the [`substance`](crate::delegation::claims::substance)
+    /// of the token the operator wrote to its Secret, or read there and verified. Never taken from
+    /// the grant's status. A hash key keeps it at a few bytes per grant.
+    pub minted: Mutex<HashMap<u64, u64>>,
     /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
     /// A different version means someone else changed it.
     pub trusted_secrets: Mutex<HashMap<(String, String), String>>,
@@ -192,6 +196,22 @@ impl Context {
         }
         self.alarms
             .remove(&grant.namespace().unwrap_or_default(), &grant.name_any());
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.minted.lock()) {
+            map.remove(&uid_key(&uid));
+        }
+    }
+
+    pub fn remember_minted(&self, grant_uid: &str, substance: u64) {
+        if let Ok(mut map) = self.minted.lock() {
+            map.insert(uid_key(grant_uid), substance);
+        }
+    }
+
+    pub fn minted_substance(&self, grant_uid: &str) -> Option<u64> {
+        self.minted
+            .lock()
+            .ok()
+            .and_then(|map| map.get(&uid_key(grant_uid)).copied())
     }
 
     /// Looks at the grant again `after` from now, through its alarm rather than the controller's
@@ -204,6 +224,13 @@ impl Context {
         );
         Action::await_change()
     }
+}
+
+/// A grant uid as a map key: hashed within this process (uids are unique; a collision could only
+/// make the operator mint a fresh token).
+fn uid_key(uid: &str) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(uid)
 }
 
 pub struct NamespaceView<'a> {

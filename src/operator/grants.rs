@@ -34,7 +34,7 @@ use crate::{
     delegation::{
         Lookup, Reason, Refusal, Resolution,
         chain::chain_as_written,
-        claims::{GrantReference, build_claims, claims_digest},
+        claims::{AccessTokenClaims, GrantReference, build_claims, claims_digest, substance},
         conditions::{ready_condition, set_ready},
         resolve,
         timing::{IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token, until},
@@ -270,7 +270,8 @@ async fn issue_or_keep(
         status.token.as_ref(),
     )
     .await?;
-    let unchanged = describes(&status, grant, resolution, &secret_name);
+    let unchanged = describes(&status, grant, resolution, &secret_name)
+        && token_grants_what_is_allowed(grant, ctx, resolution, now);
     // A token may not outlive the grant's limits as they are now: a shortened tokenTTL counts too.
     let ttl_limit = crate::delegation::chain::add(now, resolution.token_ttl);
     let limit = resolution.not_after.map_or(ttl_limit, |l| l.min(ttl_limit));
@@ -402,16 +403,56 @@ async fn secret_state(
     let rv = stored.metadata.resource_version.clone().unwrap_or_default();
     let jwks = ctx.keys.jwks()?;
     // Every key counts: an edited `expires-at` misleads a client as much as an edited token.
-    let verified = token_secret::stored_token(&stored, &token.expires_at).is_some_and(|t| {
-        signing::verify(t, &jwks, &grant.spec.audience, 0)
-            .is_ok_and(|claims| claims["jti"].as_str() == Some(token.id.as_str()))
-    });
-    if verified {
-        ctx.remember_trusted_secret(&namespace, secret_name, rv);
-        Ok(SecretState::Intact)
-    } else {
-        Ok(SecretState::Changed)
+    let verified = token_secret::stored_token(&stored, &token.expires_at)
+        .and_then(|t| signing::verify(t, &jwks, &grant.spec.audience, 0).ok())
+        .filter(|claims| claims["jti"].as_str() == Some(token.id.as_str()));
+    let Some(claims) = verified else {
+        return Ok(SecretState::Changed);
+    };
+    // What this token grants, from its verified claims: the operator's own knowledge from now on.
+    if let (Some(uid), Ok(claims)) = (
+        grant.uid(),
+        serde_json::from_value::<AccessTokenClaims>(claims),
+    ) {
+        ctx.remember_minted(&uid, substance(&claims));
     }
+    ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    Ok(SecretState::Intact)
+}
+
+/// Whether the token the operator wrote for this grant (the substance it remembers from minting it,
+/// or from reading and verifying it) grants exactly what the grant allows now. The status is not
+/// consulted: whoever may write it could make an old, broader token look current. Nothing
+/// remembered counts as no.
+fn token_grants_what_is_allowed(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    resolution: &Resolution,
+    now: Timestamp,
+) -> bool {
+    let Some(uid) = grant.uid() else {
+        return false;
+    };
+    let times = TokenTimes {
+        issued_at: now,
+        expires_at: now,
+        renewal_at: now,
+    };
+    let grant_ref = GrantReference {
+        namespace: grant.namespace().unwrap_or_default(),
+        name: grant.name_any(),
+        uid: uid.clone(),
+    };
+    let details = grant.spec.authorization_details.clone();
+    let expected = build_claims(
+        &ctx.settings.issuer,
+        resolution,
+        grant_ref,
+        details,
+        &times,
+        String::new(),
+    );
+    expected.is_some_and(|claims| ctx.minted_substance(&uid) == Some(substance(&claims)))
 }
 
 /// Mints a token, writes it to the Secret, then records it in the status.
@@ -452,6 +493,7 @@ async fn issue(
         return secret_conflict(grant, ctx, secret_name, now).await;
     };
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    ctx.remember_minted(&grant.uid().unwrap_or_default(), minted.substance);
     if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
         // spec.secretName changed: the token moved; the old Secret is ours to remove.
         delete_our_secret(ctx, grant, previous_secret, true).await?;
@@ -566,6 +608,8 @@ struct Minted {
     token: String,
     key_id: String,
     times: TokenTimes,
+    /// What it grants ([`substance`]).
+    substance: u64,
 }
 
 /// Plans, builds and signs a token for a resolved grant, with its status-list reference (allocated,
@@ -616,6 +660,7 @@ async fn mint(
         token: signed.token,
         key_id: signed.key_id,
         times,
+        substance: substance(&claims),
     })
 }
 

@@ -270,6 +270,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         recorder,
         agent_count_writes: Default::default(),
         alarms: Default::default(),
+        minted: Default::default(),
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
     });
