@@ -47,14 +47,15 @@ pub struct Unauthorized {
 /// The last positive check of each grant (by namespace and name), reused until the recheck period has
 /// passed, the grant changes, or something it rests on changes (its agent's spec, an approval of it).
 /// Refusals are never reused: a refused grant is looked at afresh every time.
+/// Keyed by a hash of namespace and name ([`super::context::key`]): one entry per grant.
 #[derive(Default)]
 pub struct CheckedAuthority {
-    checked: Mutex<HashMap<(String, String), Checked>>,
+    checked: Mutex<HashMap<u64, Checked>>,
 }
 
-/// One positive check: of which grant (uid) and generation, when, and what it found.
+/// One positive check: of which grant (a hash of its uid) and generation, when, and what it found.
 struct Checked {
-    uid: Option<String>,
+    uid: Option<u64>,
     generation: Option<i64>,
     at: Timestamp,
     evidence: Evidence,
@@ -64,7 +65,7 @@ impl CheckedAuthority {
     fn get(&self, grant: &DelegationGrant, period: Duration, now: Timestamp) -> Option<Evidence> {
         let map = self.checked.lock().ok()?;
         let checked = map.get(&key(grant))?;
-        (checked.uid == grant.uid()
+        (checked.uid == grant.uid().map(|u| super::context::key(&u))
             && checked.generation == grant.metadata.generation
             && add(checked.at, period) > now)
             .then(|| checked.evidence.clone())
@@ -73,7 +74,7 @@ impl CheckedAuthority {
     fn put(&self, grant: &DelegationGrant, now: Timestamp, evidence: &Evidence) {
         if let Ok(mut map) = self.checked.lock() {
             let checked = Checked {
-                uid: grant.uid(),
+                uid: grant.uid().map(|u| super::context::key(&u)),
                 generation: grant.metadata.generation,
                 at: now,
                 evidence: evidence.clone(),
@@ -83,13 +84,15 @@ impl CheckedAuthority {
     }
 
     fn forget(&self, grant: &DelegationGrant) {
-        self.forget_named(&key(grant).0, &key(grant).1);
+        if let Ok(mut map) = self.checked.lock() {
+            map.remove(&key(grant));
+        }
     }
 
     /// Forgets the check of a grant whose grounds changed (its agent, an approval of it).
     pub fn forget_named(&self, namespace: &str, name: &str) {
         if let Ok(mut map) = self.checked.lock() {
-            map.remove(&(namespace.to_owned(), name.to_owned()));
+            map.remove(&named_key(namespace, name));
         }
     }
 
@@ -105,8 +108,12 @@ impl CheckedAuthority {
     }
 }
 
-fn key(grant: &DelegationGrant) -> (String, String) {
-    (grant.namespace().unwrap_or_default(), grant.name_any())
+fn key(grant: &DelegationGrant) -> u64 {
+    named_key(&grant.namespace().unwrap_or_default(), &grant.name_any())
+}
+
+fn named_key(namespace: &str, name: &str) -> u64 {
+    super::context::key(&(namespace, name))
 }
 
 /// Checks whether the grant's requester may ask for it and, when its agent requires approval, whether

@@ -94,11 +94,50 @@ pub struct Context {
     /// the grant's status. A hash key keeps it at a few bytes per grant.
     pub minted: Mutex<HashMap<u64, u64>>,
     /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
-    /// A different version means someone else changed it.
-    pub trusted_secrets: Mutex<HashMap<(String, String), String>>,
+    /// A different version means someone else changed it. Keys and versions are kept as [`key`]
+    /// hashes: this is one entry per grant.
+    pub trusted_secrets: Mutex<HashMap<u64, u64>>,
     /// For each grant uid: the resourceVersion its status was last written from. Seeing that version
-    /// again in the cache means the cache has not caught up with our write yet.
-    pub status_written_from: Mutex<HashMap<String, String>>,
+    /// again in the cache means the cache has not caught up with our write yet. Hashed like above.
+    pub status_written_from: Mutex<HashMap<u64, u64>>,
+    /// The token id annotation of each token Secret in the cache (see [`SecretTokenIds`]).
+    pub secret_token_ids: Arc<SecretTokenIds>,
+}
+
+/// The token id each cached token Secret's annotation names, by [`key`] hashes. The Secrets cache
+/// keeps no annotations at all: a map of one entry costs a whole B-tree node, half a KiB per
+/// Secret. Filled and emptied by the Secret watch before its cache; an entry left by a Secret that
+/// vanished during a relist is never read (it is consulted only for Secrets in the cache).
+#[derive(Default)]
+pub struct SecretTokenIds(Mutex<HashMap<u64, u64>>);
+
+impl SecretTokenIds {
+    pub fn record(&self, namespace: &str, name: &str, token_id: Option<&str>) {
+        if let Ok(mut map) = self.0.lock() {
+            match token_id {
+                Some(id) => map.insert(key(&(namespace, name)), key(id)),
+                None => map.remove(&key(&(namespace, name))),
+            };
+        }
+    }
+
+    pub fn forget(&self, namespace: &str, name: &str) {
+        self.record(namespace, name, None);
+    }
+
+    /// Whether the Secret's annotation names `token_id`.
+    pub fn names(&self, namespace: &str, name: &str, token_id: &str) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|map| map.get(&key(&(namespace, name))) == Some(&key(token_id)))
+    }
+}
+
+/// A compact map key (or compared value) for memory kept per grant: a hash, stable within this
+/// process. A collision between two versions of one object is a 2^-64 chance per comparison.
+pub fn key<T: std::hash::Hash + ?Sized>(value: &T) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+    BuildHasherDefault::<DefaultHasher>::default().hash_one(value)
 }
 
 impl Context {
@@ -143,7 +182,7 @@ impl Context {
 
     pub fn remember_trusted_secret(&self, namespace: &str, name: &str, resource_version: String) {
         if let Ok(mut map) = self.trusted_secrets.lock() {
-            map.insert((namespace.to_owned(), name.to_owned()), resource_version);
+            map.insert(key(&(namespace, name)), key(&resource_version));
         }
     }
 
@@ -153,15 +192,17 @@ impl Context {
         name: &str,
         resource_version: Option<&str>,
     ) -> bool {
-        let key = (namespace.to_owned(), name.to_owned());
+        let Some(resource_version) = resource_version else {
+            return false;
+        };
         self.trusted_secrets
             .lock()
-            .is_ok_and(|map| map.get(&key).map(String::as_str) == resource_version)
+            .is_ok_and(|map| map.get(&key(&(namespace, name))) == Some(&key(resource_version)))
     }
 
     pub fn forget_secret(&self, namespace: &str, name: &str) {
         if let Ok(mut map) = self.trusted_secrets.lock() {
-            map.remove(&(namespace.to_owned(), name.to_owned()));
+            map.remove(&key(&(namespace, name)));
         }
     }
 
@@ -172,7 +213,7 @@ impl Context {
         };
         self.status_written_from
             .lock()
-            .is_ok_and(|map| map.get(&uid) == Some(&rv))
+            .is_ok_and(|map| map.get(&key(&uid)) == Some(&key(&rv)))
     }
 
     /// Records that a status write moved the grant from its cached resourceVersion to `written`. A
@@ -185,25 +226,25 @@ impl Context {
             return;
         }
         if let Ok(mut map) = self.status_written_from.lock() {
-            map.insert(uid, from);
+            map.insert(key(&uid), key(&from));
         }
     }
 
     /// Drops what we remembered about a grant that is going away.
     pub fn forget_grant(&self, grant: &DelegationGrant) {
         if let (Some(uid), Ok(mut map)) = (grant.uid(), self.status_written_from.lock()) {
-            map.remove(&uid);
+            map.remove(&key(&uid));
         }
         self.alarms
             .remove(&grant.namespace().unwrap_or_default(), &grant.name_any());
         if let (Some(uid), Ok(mut map)) = (grant.uid(), self.minted.lock()) {
-            map.remove(&uid_key(&uid));
+            map.remove(&key(&uid));
         }
     }
 
     pub fn remember_minted(&self, grant_uid: &str, substance: u64) {
         if let Ok(mut map) = self.minted.lock() {
-            map.insert(uid_key(grant_uid), substance);
+            map.insert(key(grant_uid), substance);
         }
     }
 
@@ -211,7 +252,7 @@ impl Context {
         self.minted
             .lock()
             .ok()
-            .and_then(|map| map.get(&uid_key(grant_uid)).copied())
+            .and_then(|map| map.get(&key(grant_uid)).copied())
     }
 
     /// Looks at the grant again `after` from now, through its alarm rather than the controller's
@@ -224,13 +265,6 @@ impl Context {
         );
         Action::await_change()
     }
-}
-
-/// A grant uid as a map key: hashed within this process (uids are unique; a collision could only
-/// make the operator mint a fresh token).
-fn uid_key(uid: &str) -> u64 {
-    use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
-    BuildHasherDefault::<DefaultHasher>::default().hash_one(uid)
 }
 
 pub struct NamespaceView<'a> {

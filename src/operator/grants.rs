@@ -27,7 +27,7 @@ use super::{
     error::{Error, Result},
     now,
     revocations::Revocation,
-    token_secret::{self, Ownership, TOKEN_ID_ANNOTATION, Written},
+    token_secret::{self, Ownership, Written},
 };
 use crate::{
     api::{ApprovalStatus, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
@@ -869,13 +869,9 @@ async fn tokens_in_use(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -
         if token_secret::ownership(Some(&secret), grant) != Ownership::Ours {
             continue;
         }
-        // The annotation only says whether the Secret may hold a token the status does not name.
-        let named = secret
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(TOKEN_ID_ANNOTATION));
-        if named.is_some_and(|id| tokens.iter().any(|(jti, _)| jti == id)) {
+        // The annotation only says whether the Secret may hold a token the record does not name.
+        let named = |jti: &str| ctx.secret_token_ids.names(&namespace, &secret_name, jti);
+        if tokens.iter().any(|(jti, _)| named(jti)) {
             continue;
         }
         if let Some((jti, exp, status_ref)) = signed_token_in(ctx, grant, &secret_name).await?

@@ -219,20 +219,39 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         reflect(Api::all(client.clone()), ours, |_| {}, |_| {});
     let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Every token Secret the cache sees is checked for a grant that is gone.
-    // Of a token Secret's labels and annotations only the token id is read.
-    let prune_secret = |secret: &mut PartialObjectMeta<Secret>| {
+    // Of a token Secret's labels and annotations only the token id is read: it is kept aside, as a
+    // hash, and the cache holds neither.
+    let secret_token_ids = Arc::new(context::SecretTokenIds::default());
+    let token_ids = secret_token_ids.clone();
+    let prune_secret = move |secret: &mut PartialObjectMeta<Secret>| {
         secret.metadata.labels = None;
-        if let Some(annotations) = secret.metadata.annotations.as_mut() {
-            annotations.retain(|key, _| key == token_secret::TOKEN_ID_ANNOTATION);
-        }
+        let token_id = secret
+            .metadata
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove(token_secret::TOKEN_ID_ANNOTATION));
+        token_ids.record(
+            secret.metadata.namespace.as_deref().unwrap_or_default(),
+            secret.metadata.name.as_deref().unwrap_or_default(),
+            token_id.as_deref(),
+        );
     };
-    let (secrets, secret_events, secrets_ready) =
-        reflect(secrets_api, managed, prune_secret, move |event| {
-            if let watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) = event {
+    let forget_token_ids = secret_token_ids.clone();
+    let (secrets, secret_events, secrets_ready) = reflect(
+        secrets_api,
+        managed,
+        prune_secret,
+        move |event| match event {
+            watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
                 let key = (secret.namespace().unwrap_or_default(), secret.name_any());
                 let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
             }
-        });
+            watcher::Event::Delete(secret) => {
+                forget_token_ids.forget(&secret.namespace().unwrap_or_default(), &secret.name_any())
+            }
+            _ => {}
+        },
+    );
 
     let caches_ready = vec![
         grants_ready,
@@ -273,6 +292,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         minted: Default::default(),
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
+        secret_token_ids: secret_token_ids.clone(),
     });
 
     let grants = Controller::for_stream(grant_events, grants_store)
