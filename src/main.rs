@@ -63,7 +63,7 @@ enum KeysCommand {
     /// Revoke signing keys at once (e.g. a leaked key): dropped from the JWKS, a fresh key signs, and
     /// every token they signed is reissued. Key ids are the `kid`s of the JWKS.
     Revoke {
-        /// Key ids to revoke.
+        /// Key ids to revoke. Put them after `--`: a kid is base64url and may begin with `-`.
         #[arg(required = true)]
         kids: Vec<String>,
         /// The operator's namespace.
