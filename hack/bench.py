@@ -10,6 +10,9 @@ Measures, with the release build:
     against a bare client making the same writes per grant (POST grant, PATCH finalizer, POST Secret,
     PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds.
 
+  - writes while nothing is due: the apiserver's count of write requests (all clients; only the
+    operator runs) over 20 s with 1,000 Ready grants, beside its Lease renewals;
+  - one grant create -> Ready against a bare client's four writes one after another (the ratio);
   - revocation: BENCH_DELETES grants (default 1,000; 0 skips) deleted at 100 per second; for each, the
     time from its DELETE to the grant being gone, which the finalizer allows only after the token is
     INVALID in the persisted and published status list (p50/p99/max);
@@ -202,6 +205,25 @@ def token_ids(state_dir, ns):
     return tokens
 
 
+def apiserver_writes(api):
+    """The apiserver's count of write requests so far, as (lease writes, all other writes)."""
+    api.conn.request("GET", "/metrics")
+    response = api.conn.getresponse()
+    text = response.read().decode()
+    leases = other = 0
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        if not any(f'verb="{v}"' in labels for v in ("POST", "PUT", "PATCH", "DELETE", "APPLY")):
+            continue
+        if 'resource="leases"' in labels:
+            leases += float(value)
+        else:
+            other += float(value)
+    return int(leases), int(other)
+
+
 def rss_kib(pid):
     fields = {}
     with open(f"/proc/{pid}/status") as f:
@@ -245,32 +267,36 @@ def install_admission_policies(kubectl, binary, ns):
     time.sleep(max(0.0, settled - time.time()))
 
 
+def bare_grant_writes(api, ns, name):
+    """The writes the operator makes for a grant, by a bare client: POST the grant, PATCH its
+    finalizer, POST its Secret, PATCH its status."""
+    grants = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+    api.request("POST", grants, {
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+        "metadata": {"name": name},
+        "spec": {"principal": {"kind": "User", "name": "alice@example.com"},
+                 "actorRef": {"name": "bare-agent"}, "scopes": ["tickets:read"],
+                 "audience": "https://tickets.example.com", "tokenTTL": "10m"}})
+    api.request("PATCH", f"{grants}/{name}", {"metadata": {"finalizers": ["bench/bare"]}},
+                content_type="application/merge-patch+json")
+    api.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
+        "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-token"},
+        "type": "delegation.nhi.dev/token", "data": {"token": "eHh4"}})
+    api.request("PATCH", f"{grants}/{name}/status", {"status": {"conditions": [{
+        "type": "Ready", "status": "True", "reason": "Issued", "message": "bare",
+        "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
+        content_type="application/merge-patch+json")
+
+
 def bare_writes(state_dir, ns, count, connections=8):
-    """The same writes the operator makes for a grant, made by a bare client on `connections`
-    connections: POST the grant, PATCH its finalizer, POST its Secret, PATCH its status. Returns the
-    seconds they took: the yardstick the operator's time is divided by."""
+    """`bare_grant_writes` for `count` grants on `connections` connections. Returns the seconds they
+    took: the yardstick the operator's time is divided by."""
     from concurrent.futures import ThreadPoolExecutor
 
     def worker(indices):
         api = Api(state_dir)
-        grants = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
         for i in indices:
-            name = f"bare-{i:05d}"
-            api.request("POST", grants, {
-                "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
-                "metadata": {"name": name},
-                "spec": {"principal": {"kind": "User", "name": "alice@example.com"},
-                         "actorRef": {"name": "bare-agent"}, "scopes": ["tickets:read"],
-                         "audience": "https://tickets.example.com", "tokenTTL": "10m"}})
-            api.request("PATCH", f"{grants}/{name}", {"metadata": {"finalizers": ["bench/bare"]}},
-                        content_type="application/merge-patch+json")
-            api.request("POST", f"/api/v1/namespaces/{ns}/secrets", {
-                "apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-token"},
-                "type": "delegation.nhi.dev/token", "data": {"token": "eHh4"}})
-            api.request("PATCH", f"{grants}/{name}/status", {"status": {"conditions": [{
-                "type": "Ready", "status": "True", "reason": "Issued", "message": "bare",
-                "lastTransitionTime": "2026-01-01T00:00:00Z"}]}},
-                content_type="application/merge-patch+json")
+            bare_grant_writes(api, ns, f"bare-{i:05d}")
 
     t0 = time.monotonic()
     with ThreadPoolExecutor(connections) as pool:
@@ -388,6 +414,16 @@ def main():
         results["one_grant_create_to_ready_s"] = {"median": round(statistics.median(direct), 4),
                                                    "p90": round(sorted(direct)[int(len(direct) * 0.9) - 1], 4),
                                                    "max": round(max(direct), 4)}
+        # The yardstick: the same four writes one after another by a bare client, 20 times.
+        sh(*kubectl, "create", "namespace", f"{ns}-one")
+        bare_one = []
+        for i in range(20):
+            t0 = time.monotonic()
+            bare_grant_writes(api, f"{ns}-one", f"one-{i}")
+            bare_one.append(time.monotonic() - t0)
+        results["one_grant_bare_round_trip_s"] = round(statistics.median(bare_one), 4)
+        results["one_grant_ratio"] = round(statistics.median(direct) / statistics.median(bare_one), 2)
+        subprocess.run([*kubectl, "delete", "namespace", f"{ns}-one", "--wait=false"], capture_output=True)
 
         batch = "---\n".join(grant(f"batch-{i:03d}") for i in range(200))
         t0 = time.monotonic()
@@ -403,6 +439,12 @@ def main():
         time.sleep(2)
         rss, hwm = rss_kib(operator.pid)
         results["grants_ready"] = count
+        # Nothing is due for minutes (10m tokens renew after about 6): count every write for 20 s.
+        leases0, writes0 = apiserver_writes(api)
+        time.sleep(20)
+        leases1, writes1 = apiserver_writes(api)
+        results["writes_in_20s_idle_with_1000_grants"] = {"lease_renewals": leases1 - leases0,
+                                                          "other": writes1 - writes0}
         results["rss_with_1000_grants_mib"] = round(rss / 1024, 1)
         results["peak_rss_mib"] = round(hwm / 1024, 1)
         if os.environ.get("BENCH_MALLOC_TRIM"):
