@@ -9,7 +9,7 @@ use std::{collections::BTreeMap, path::PathBuf, time::Duration};
 
 use delegation_operator::api::DelegationGrant;
 use kube::{
-    Api,
+    Api, ResourceExt,
     api::{DeleteParams, DynamicObject, PostParams},
 };
 use serde::Deserialize;
@@ -634,9 +634,26 @@ async fn no_example_drifts_once_the_operator_has_reconciled_it() {
                             .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready"))
                 })
             });
+            // An agent's activeGrants alone may be written up to 10 s after the grants change.
+            let ready_with = |agent: &str| {
+                grants
+                    .iter()
+                    .filter(|g| g.spec.actor_ref.name == agent)
+                    .filter(|g| {
+                        g.status
+                            .as_ref()
+                            .and_then(|s| s.conditions.as_ref())
+                            .is_some_and(|c| {
+                                c.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                            })
+                    })
+                    .count()
+            };
             let agents_done = agents.iter().all(|a| {
                 a.status.as_ref().is_some_and(|s| {
-                    s.observed_generation == a.metadata.generation && s.conditions.is_some()
+                    s.observed_generation == a.metadata.generation
+                        && s.conditions.is_some()
+                        && s.active_grants == i32::try_from(ready_with(&a.name_any())).ok()
                 })
             });
             if !(grants_done && agents_done) {
