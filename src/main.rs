@@ -85,6 +85,10 @@ struct DecisionArgs {
     /// Why, in a sentence (kept with the decision).
     #[arg(long)]
     comment: Option<String>,
+    /// The generation you reviewed (the grant's `metadata.generation`): the decision is refused if
+    /// the grant has changed since. Without it, the decision is for whatever generation is current.
+    #[arg(long)]
+    generation: Option<i64>,
     /// Kubeconfig file to use; without it, the usual discovery.
     #[arg(long)]
     kubeconfig: Option<std::path::PathBuf>,
@@ -230,7 +234,15 @@ fn decide(args: DecisionArgs, decision: Decision) -> ExitCode {
                         (!args.as_groups.is_empty()).then_some(args.as_groups);
                 }
                 let client = kube::Client::try_from(config).map_err(|e| e.to_string())?;
-                cli::decide(client, &args.namespace, &args.grant, decision, args.comment).await
+                cli::decide(
+                    client,
+                    &args.namespace,
+                    &args.grant,
+                    decision,
+                    args.comment,
+                    args.generation,
+                )
+                .await
             })
         });
     match outcome {

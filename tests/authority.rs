@@ -383,7 +383,7 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
     .await;
 
     // Carol may not approve yet: refused at admission, naming the permission.
-    let refused = cli::decide(carol.clone(), &f.ns, "pay", Decision::Approve, None)
+    let refused = cli::decide(carol.clone(), &f.ns, "pay", Decision::Approve, None, None)
         .await
         .unwrap_err();
     assert!(refused.contains("approve"), "{refused}");
@@ -401,7 +401,7 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
         &[rule(GROUP, &["delegationgrants"], &["approve"], &["pay"])],
     )
     .await;
-    cli::decide(alice.clone(), &f.ns, "pay", Decision::Approve, None)
+    cli::decide(alice.clone(), &f.ns, "pay", Decision::Approve, None, None)
         .await
         .unwrap();
     let still = wait_for(
@@ -415,12 +415,15 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
     .await;
     assert_eq!(condition(&still).0, "ApprovalPending");
 
+    // Carol reviews the grant as it is now and approves exactly that generation.
+    let approval_generation = still.metadata.generation.unwrap();
     cli::decide(
         carol.clone(),
         &f.ns,
         "pay",
         Decision::Approve,
         Some("invoice 42 checked".into()),
+        Some(approval_generation),
     )
     .await
     .unwrap();
@@ -457,12 +460,33 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
         .await;
     f.wait_ready("pay", "False", Some("ApprovalPending")).await;
     assert!(f.revoked_ids().await.contains(&first_token));
+    // An approval of the generation carol reviewed does not carry over to the changed grant.
+    let stale = cli::decide(
+        carol.clone(),
+        &f.ns,
+        "pay",
+        Decision::Approve,
+        None,
+        Some(approval_generation),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        stale.contains("changed since") && stale.contains("review it again"),
+        "{stale}"
+    );
+    assert_eq!(
+        condition(&f.grants().get("pay").await.unwrap()).0,
+        "ApprovalPending",
+        "no approval was recorded"
+    );
     cli::decide(
         carol,
         &f.ns,
         "pay",
         Decision::Reject,
         Some("amount changed".into()),
+        None,
     )
     .await
     .unwrap();
@@ -509,7 +533,7 @@ async fn requiring_approval_later_or_rejecting_an_approved_grant_takes_effect_at
     )
     .await;
     let carol = client_as("carol@example.com", &[]).await;
-    cli::decide(carol.clone(), &f.ns, "work", Decision::Approve, None)
+    cli::decide(carol.clone(), &f.ns, "work", Decision::Approve, None, None)
         .await
         .unwrap();
     f.wait_ready("work", "True", None).await;
@@ -519,6 +543,7 @@ async fn requiring_approval_later_or_rejecting_an_approved_grant_takes_effect_at
         "work",
         Decision::Reject,
         Some("second thoughts".into()),
+        None,
     )
     .await
     .unwrap();

@@ -15,13 +15,17 @@ use kube::{
 use crate::api::{Decision, DelegationApproval, DelegationApprovalSpec, DelegationGrant, GrantRef};
 
 /// Records a decision on the grant's current generation as a DelegationApproval. The apiserver stamps
-/// who decided and refuses anyone not allowed verb `approve` on the grant. Returns the approval's name.
+/// who decided and refuses anyone not allowed verb `approve` on the grant. With `reviewed`, the
+/// decision is for exactly the generation the approver reviewed, and refused when the grant has
+/// changed since (an approval only ever counts for the generation it names). Returns the approval's
+/// name.
 pub async fn decide(
     client: Client,
     namespace: &str,
     grant_name: &str,
     decision: Decision,
     comment: Option<String>,
+    reviewed: Option<i64>,
 ) -> Result<String, String> {
     let grants: Api<DelegationGrant> = Api::namespaced(client.clone(), namespace);
     let grant = grants
@@ -34,6 +38,13 @@ pub async fn decide(
             "DelegationGrant {namespace}/{grant_name} has no uid or generation"
         ));
     };
+    if let Some(reviewed) = reviewed
+        && reviewed != generation
+    {
+        return Err(format!(
+            "DelegationGrant {namespace}/{grant_name} is at generation {generation}, not generation {reviewed} that you reviewed: it changed since; review it again (kubectl get delegationgrant {grant_name} -n {namespace} -o yaml) and decide on the generation you see"
+        ));
+    }
     let approval = DelegationApproval {
         metadata: ObjectMeta {
             // Kept short enough for the random suffix the apiserver adds.
