@@ -325,13 +325,21 @@ async fn a_re_created_parent_does_not_adopt_old_hops() {
     );
 
     f.delete_grant("root").await;
-    // A parent that existed and was deleted: the hop waits for it (not a Denied* of its own).
-    let waiting = f.wait_ready("child", "False", Some("ParentNotReady")).await;
-    assert!(
-        condition(&waiting).1.contains("no longer exists"),
-        "{}",
-        condition(&waiting).1
-    );
+    // A parent that existed and was deleted: the hop waits for it (not a Denied* of its own). It
+    // first reads the parent's revoked status ("does not hold a valid token"), then its absence.
+    let waiting = wait_for(
+        "the hop to see its parent gone",
+        Duration::from_secs(20),
+        || async {
+            let child = f.grants().get("child").await.ok()?;
+            condition(&child)
+                .1
+                .contains("no longer exists")
+                .then_some(child)
+        },
+    )
+    .await;
+    assert_eq!(condition(&waiting).0, "ParentNotReady");
     assert!(
         !f.event_reasons("child")
             .await

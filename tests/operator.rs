@@ -1630,14 +1630,15 @@ async fn rotation_keeps_the_previous_token_valid_and_invalidates_displaced_and_s
         "  renewBefore: 2s\n",
     ))
     .await;
-    // Renewed every 2 s while each token lives 6 s: the first is displaced while still valid.
+    // Renewed every 4 s (the floor: a quarter of the lifetime) while each token lives 16 s: the
+    // first is displaced while still valid, with 8 s to spare on a loaded machine.
     f.apply(&grant_yaml(
         "busy",
         user_root(),
         "notifier",
         "[tickets:read]",
-        "6s",
-        "  renewBefore: 4s\n",
+        "16s",
+        "  renewBefore: 12s\n",
     ))
     .await;
     let busy_first = f.wait_ready("busy", "True", None).await;
@@ -1700,7 +1701,7 @@ async fn rotation_keeps_the_previous_token_valid_and_invalidates_displaced_and_s
 
     wait_for(
         "busy's first token displaced",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || async { f.revoked_ids().await.contains(&busy_first_id).then_some(()) },
     )
     .await;
