@@ -212,8 +212,14 @@ def apiserver_requests(api):
     """The apiserver's request counts so far, by "VERB resource[/subresource]"."""
     import re
 
-    api.conn.request("GET", "/metrics")
-    text = api.conn.getresponse().read().decode()
+    try:
+        api.conn.request("GET", "/metrics")
+        text = api.conn.getresponse().read().decode()
+    except (http.client.HTTPException, OSError):
+        # The apiserver closes a connection left idle (e.g. during the bare client's run): reconnect.
+        api.conn.close()
+        api.conn.request("GET", "/metrics")
+        text = api.conn.getresponse().read().decode()
     counts = {}
     for line in text.splitlines():
         if not line.startswith("apiserver_request_total{"):
