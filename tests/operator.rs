@@ -2026,18 +2026,11 @@ async fn a_repeated_event_is_one_event_with_a_series() {
     let first = f
         .wait_ready("twice", "False", Some("DeniedScopeNotAllowed"))
         .await;
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(f.client.clone(), &f.ns);
     let denied = || async {
-        events
-            .list(&Default::default())
+        f.events_of("twice")
             .await
-            .unwrap()
-            .items
             .into_iter()
-            .filter(|e| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("twice")
-                    && e.reason.as_deref() == Some("Denied")
-            })
+            .filter(|e| e.reason.as_deref() == Some("Denied"))
             .collect::<Vec<_>>()
     };
     wait_for(

@@ -19,8 +19,9 @@ use kube::{
 use super::{
     FIELD_MANAGER,
     context::Context,
+    context::key,
     error::{Error, Result},
-    events::{Recent, hash_key},
+    events::Recent,
     now,
 };
 use crate::{
@@ -102,7 +103,7 @@ impl CountWrites {
     pub fn wait(&self, uid: &str) -> Option<Duration> {
         let mut recent = self.0.lock().ok()?;
         let now = Instant::now();
-        let written = recent.get(hash_key(uid), now)?.set_at;
+        let written = recent.get(key(uid), now)?.set_at;
         Some(COUNT_REFRESH.saturating_sub(now.saturating_duration_since(written)))
     }
 
@@ -110,7 +111,7 @@ impl CountWrites {
         if let Ok(mut recent) = self.0.lock() {
             // Read under the lock, so that the times handed to `Recent` never go back.
             let now = Instant::now();
-            recent.insert(hash_key(uid), (), now);
+            recent.insert(key(uid), (), now);
         }
     }
 }

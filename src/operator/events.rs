@@ -9,7 +9,6 @@
 
 use std::{
     collections::{HashMap, VecDeque, hash_map},
-    hash::{DefaultHasher, Hash, Hasher},
     time::{Duration, Instant},
 };
 
@@ -210,20 +209,13 @@ fn type_name(type_: EventType) -> &'static str {
 /// Which Events form one series: same type, reason and action about the same object.
 fn series_key(event: &Pending) -> u64 {
     let r = &event.regarding;
-    hash_key((
+    // A collision (about one in 2^64) would merely join two series.
+    super::context::key(&(
         type_name(event.type_),
         &event.reason,
         &event.action,
         (&r.uid, &r.namespace, &r.name, &r.kind, &r.api_version),
     ))
-}
-
-/// A compact key for [`Recent`]. The hasher's keys are fixed within one process, which is all
-/// [`Recent`] needs; a collision (about one in 2^64) would merely join two series.
-pub fn hash_key(parts: impl Hash) -> u64 {
-    let mut hasher = DefaultHasher::new();
-    parts.hash(&mut hasher);
-    hasher.finish()
 }
 
 /// Values remembered for `ttl` after they were last set.

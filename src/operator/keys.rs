@@ -380,36 +380,24 @@ fn keys_from_secret(secret: &Secret) -> std::result::Result<Keys, String> {
 
 /// Writes an object we own entirely, replacing whatever is there (a server-side apply would keep
 /// fields another manager added, such as an injected key). Guarded by the resourceVersion read.
-pub async fn overwrite<K>(api: &Api<K>, current: Option<K>, mut desired: K) -> Result<()>
+/// Returns the object as written.
+pub async fn overwrite<K>(api: &Api<K>, current: Option<K>, mut desired: K) -> Result<K>
 where
     K: kube::Resource + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match current {
-        None => {
-            api.create(
-                &PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &desired,
-            )
-            .await?;
-        }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    let written = match current {
+        None => api.create(&params, &desired).await?,
         Some(current) => {
             let name = current.meta().name.clone().unwrap_or_default();
             desired.meta_mut().resource_version = current.meta().resource_version.clone();
-            api.replace(
-                &name,
-                &PostParams {
-                    field_manager: Some(FIELD_MANAGER.into()),
-                    ..Default::default()
-                },
-                &desired,
-            )
-            .await?;
+            api.replace(&name, &params, &desired).await?
         }
-    }
-    Ok(())
+    };
+    Ok(written)
 }
 
 fn poisoned() -> Error {

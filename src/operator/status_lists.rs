@@ -670,16 +670,7 @@ impl StatusLists {
         if holds(current.as_ref(), &data) {
             return Ok(current.and_then(|c| c.metadata.resource_version));
         }
-        let mut desired = desired_configmap(data);
-        let written = match current {
-            Some(current) => {
-                desired.metadata.resource_version = current.metadata.resource_version;
-                self.configmaps
-                    .replace(CONFIGMAP_NAME, &params, &desired)
-                    .await?
-            }
-            None => self.configmaps.create(&params, &desired).await?,
-        };
+        let written = overwrite(&self.configmaps, current, desired_configmap(data)).await?;
         Ok(written.metadata.resource_version)
     }
 

@@ -1097,8 +1097,8 @@ impl Fixture {
             .unwrap_or_else(|| panic!("index {idx} is outside the list of {}", list.len()))
     }
 
-    /// Reasons of the Events recorded for an object.
-    pub async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
+    /// The Events recorded for an object of the test namespace.
+    pub async fn events_of(&self, name: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
         let events: Api<k8s_openapi::api::events::v1::Event> =
             Api::namespaced(self.client.clone(), &self.ns);
         events
@@ -1108,6 +1108,14 @@ impl Fixture {
             .items
             .into_iter()
             .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
+            .collect()
+    }
+
+    /// `(type, reason)` of the Events recorded for an object.
+    pub async fn event_reasons(&self, name: &str) -> Vec<(String, String)> {
+        self.events_of(name)
+            .await
+            .into_iter()
             .map(|e| (e.type_.unwrap_or_default(), e.reason.unwrap_or_default()))
             .collect()
     }
