@@ -6,6 +6,11 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# A one-off build needs no incremental state (it only costs disk). Free space is printed because a full
+# disk shows up much later as an obscure linker crash.
+export CARGO_INCREMENTAL=${CARGO_INCREMENTAL:-0}
+step "disk: $(df -h --output=avail . | tail -1 | tr -d ' ') free here"
+
 step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
