@@ -2,7 +2,11 @@
 //! approvers, at every issuance and rotation and at least every `--authority-recheck-period` while a
 //! token lives (continuous evaluation: removing a RoleBinding ends the delegation).
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{
     api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
@@ -51,7 +55,14 @@ pub struct Unauthorized {
 #[derive(Default)]
 pub struct CheckedAuthority {
     checked: Mutex<HashMap<u64, Checked>>,
+    /// Recent "allowed" answers of the apiserver, by a hash of the whole question (see [`allowed`]).
+    answers: Mutex<HashMap<u64, Instant>>,
 }
+
+/// How long one "allowed" answer serves identical questions: a burst of grants by one requester for
+/// one agent asks once, while a removed RoleBinding still counts within a second. Denials are never
+/// shared.
+const SHARED_ANSWER: Duration = Duration::from_secs(1);
 
 /// One positive check: of which grant (a hash of its uid) and generation, when, and what it found.
 struct Checked {
@@ -105,6 +116,24 @@ impl CheckedAuthority {
     /// Drops what is remembered of a grant that is going away.
     pub fn forget_grant(&self, grant: &DelegationGrant) {
         self.forget(grant);
+    }
+}
+
+impl CheckedAuthority {
+    fn recently_allowed(&self, question: u64) -> bool {
+        self.answers.lock().is_ok_and(|map| {
+            map.get(&question)
+                .is_some_and(|at| at.elapsed() < SHARED_ANSWER)
+        })
+    }
+
+    fn allowed_now(&self, question: u64) {
+        if let Ok(mut map) = self.answers.lock() {
+            if map.len() >= 1024 {
+                map.retain(|_, at| at.elapsed() < SHARED_ANSWER);
+            }
+            map.insert(question, Instant::now());
+        }
     }
 }
 
@@ -285,9 +314,57 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
         },
         ..Default::default()
     };
+    // The whole spec is the question: same user (name, uid, groups, extra) and same attributes.
+    let question = super::context::key(&serde_json::to_string(&review.spec).unwrap_or_default());
+    if ctx.authority.recently_allowed(question) {
+        return Ok(true);
+    }
     let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
     let answer = api.create(&PostParams::default(), &review).await?;
-    Ok(answer
+    let allowed = answer
         .status
-        .is_some_and(|s| s.allowed && s.denied != Some(true)))
+        .is_some_and(|s| s.allowed && s.denied != Some(true));
+    if allowed {
+        ctx.authority.allowed_now(question);
+    }
+    Ok(allowed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_allowed_answer_serves_the_same_question_for_a_second_only() {
+        let authority = CheckedAuthority::default();
+        assert!(!authority.recently_allowed(1), "nothing asked yet");
+        authority.allowed_now(1);
+        assert!(authority.recently_allowed(1));
+        assert!(
+            !authority.recently_allowed(2),
+            "another question is asked afresh"
+        );
+        std::thread::sleep(SHARED_ANSWER + Duration::from_millis(50));
+        assert!(
+            !authority.recently_allowed(1),
+            "an answer older than a second is asked again"
+        );
+    }
+
+    #[test]
+    fn remembered_answers_stay_bounded() {
+        let authority = CheckedAuthority::default();
+        for question in 0..5000 {
+            authority.allowed_now(question);
+        }
+        // Within one second nothing has expired: the map may hold them all, but no more than asked.
+        assert_eq!(authority.answers.lock().unwrap().len(), 5000);
+        std::thread::sleep(SHARED_ANSWER + Duration::from_millis(50));
+        authority.allowed_now(9999);
+        assert_eq!(
+            authority.answers.lock().unwrap().len(),
+            1,
+            "expired answers pruned"
+        );
+    }
 }

@@ -102,6 +102,45 @@ pub struct Context {
     pub status_written_from: Mutex<HashMap<u64, u64>>,
     /// The token id annotation of each token Secret in the cache (see [`SecretTokenIds`]).
     pub secret_token_ids: Arc<SecretTokenIds>,
+    /// Token Secrets written but not yet shown by the watch (see [`UnseenWrites`]).
+    pub unseen_writes: Arc<UnseenWrites>,
+}
+
+/// Token Secrets this process wrote that the Secret watch has not shown yet: (namespace, name) to
+/// the uid of the grant written for, as [`key`] hashes. While such a Secret is missing from the
+/// cache, the cache only lags our own write (the watch will show it and wake the grant), so the
+/// grant needs no read of it. The watch's first word on the Secret — applied or deleted — ends the
+/// entry, and so does every relist; an entry the watch overtook is harmless, as only a Secret
+/// missing from the cache consults it.
+#[derive(Default)]
+pub struct UnseenWrites(Mutex<HashMap<u64, u64>>);
+
+impl UnseenWrites {
+    pub fn wrote(&self, namespace: &str, name: &str, grant_uid: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.insert(key(&(namespace, name)), key(grant_uid));
+        }
+    }
+
+    pub fn seen(&self, namespace: &str, name: &str) {
+        if let Ok(mut map) = self.0.lock() {
+            map.remove(&key(&(namespace, name)));
+        }
+    }
+
+    /// A relist starts: what it shows replaces everything.
+    pub fn clear(&self) {
+        if let Ok(mut map) = self.0.lock() {
+            map.clear();
+        }
+    }
+
+    /// Whether this grant wrote the Secret and the watch has not shown it yet.
+    pub fn wrote_unseen(&self, namespace: &str, name: &str, grant_uid: &str) -> bool {
+        self.0
+            .lock()
+            .is_ok_and(|map| map.get(&key(&(namespace, name))) == Some(&key(grant_uid)))
+    }
 }
 
 /// The token id each cached token Secret's annotation names, by [`key`] hashes. The Secrets cache
@@ -283,5 +322,36 @@ impl Lookup for NamespaceView<'_> {
         self.ctx
             .agents
             .get(&ObjectRef::new(name).within(self.namespace))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unseen_write_counts_for_its_grant_until_the_watch_shows_the_secret() {
+        let unseen = UnseenWrites::default();
+        unseen.wrote("ns", "token", "uid-a");
+        assert!(unseen.wrote_unseen("ns", "token", "uid-a"));
+        assert!(
+            !unseen.wrote_unseen("ns", "token", "uid-b"),
+            "another grant's Secret name"
+        );
+        assert!(
+            !unseen.wrote_unseen("other", "token", "uid-a"),
+            "another namespace"
+        );
+        unseen.seen("ns", "token");
+        assert!(
+            !unseen.wrote_unseen("ns", "token", "uid-a"),
+            "the watch showed it"
+        );
+        unseen.wrote("ns", "token", "uid-a");
+        unseen.clear();
+        assert!(
+            !unseen.wrote_unseen("ns", "token", "uid-a"),
+            "a relist shows everything"
+        );
     }
 }

@@ -63,14 +63,59 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
         .namespace()
         .ok_or_else(|| Error::InvalidState("grant without namespace".into()))?;
     let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &namespace);
+    let now = now();
+    let grant = match needs_finalizer(&grant) {
+        true => add_finalizer_and_ask(&api, grant, &ctx, now).await?,
+        false => grant,
+    };
     finalizer(&api, FINALIZER, grant, |event| async {
         match event {
-            Finalizer::Apply(grant) => apply(&grant, &ctx).await,
+            Finalizer::Apply(grant) => apply(&grant, &ctx, now).await,
             Finalizer::Cleanup(grant) => cleanup(&grant, &ctx).await,
         }
     })
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// A new grant: no finalizer yet, not being deleted.
+fn needs_finalizer(grant: &DelegationGrant) -> bool {
+    grant.metadata.deletion_timestamp.is_none()
+        && !grant.finalizers().iter().any(|f| f == FINALIZER)
+}
+
+/// Adds the finalizer (before any token exists, so that a deletion always revokes) and, at the same
+/// time, asks the apiserver about the grant's authority, which the issuance that follows would ask
+/// anyway. Returns the grant as the apiserver now holds it, so the issuance goes on in this very
+/// reconcile rather than after another trip through the watch.
+async fn add_finalizer_and_ask(
+    api: &Api<DelegationGrant>,
+    grant: Arc<DelegationGrant>,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Arc<DelegationGrant>> {
+    use kube::{
+        api::{Patch, PatchParams},
+        runtime::finalizer::Error as F,
+    };
+    let mut finalizers = grant.finalizers().to_vec();
+    finalizers.push(FINALIZER.to_owned());
+    // At the version we saw: a concurrent writer makes the patch conflict instead of losing a finalizer.
+    let patch = serde_json::json!({
+        "metadata": { "finalizers": finalizers, "resourceVersion": grant.resource_version() }
+    });
+    let name = grant.name_any();
+    let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    let (patched, asked) = futures::join!(
+        api.patch(&name, &params, &patch),
+        authority::evaluate(&grant, ctx, now, true)
+    );
+    if let Err(e) = asked {
+        // The issuance asks again; this was only ahead of time.
+        tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
+    }
+    let patched = patched.map_err(|e| Error::Finalizer(Box::new(F::AddFinalizer(e))))?;
+    Ok(Arc::new(patched))
 }
 
 pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -131,9 +176,8 @@ fn is_stale_finalizer_write(error: &Error) -> bool {
 }
 
 /// Brings the grant's token in line with what the grant allows now.
-async fn apply(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
+async fn apply(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
-    let now = now();
     let resolved = resolve(
         grant,
         &namespace,
@@ -394,6 +438,15 @@ async fn secret_state(
     let Some(token) = token else {
         return Ok(SecretState::Missing);
     };
+    let uid = grant.uid().unwrap_or_default();
+    if cached.is_none()
+        && ctx
+            .unseen_writes
+            .wrote_unseen(&namespace, secret_name, &uid)
+    {
+        // The cache lags our own write; the watch will show it and wake the grant again.
+        return Ok(SecretState::Intact);
+    }
     // Not in the cache, or changed since we last looked: ask the apiserver (the cache may lag our write).
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let Some(stored) = api.get_opt(secret_name).await? else {
@@ -493,6 +546,8 @@ async fn issue(
         return secret_conflict(grant, ctx, secret_name, now).await;
     };
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    ctx.unseen_writes
+        .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
     ctx.remember_minted(&grant.uid().unwrap_or_default(), minted.substance);
     if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
         // spec.secretName changed: the token moved; the old Secret is ours to remove.

@@ -237,6 +237,8 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         );
     };
     let forget_token_ids = secret_token_ids.clone();
+    let unseen_writes = Arc::new(context::UnseenWrites::default());
+    let seen = unseen_writes.clone();
     let (secrets, secret_events, secrets_ready) = reflect(
         secrets_api,
         managed,
@@ -244,12 +246,16 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         move |event| match event {
             watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
                 let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                seen.seen(&key.0, &key.1);
                 let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
             }
             watcher::Event::Delete(secret) => {
-                forget_token_ids.forget(&secret.namespace().unwrap_or_default(), &secret.name_any())
+                let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                seen.seen(&key.0, &key.1);
+                forget_token_ids.forget(&key.0, &key.1)
             }
-            _ => {}
+            watcher::Event::Init => seen.clear(),
+            watcher::Event::InitDone => {}
         },
     );
 
@@ -293,6 +299,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
         secret_token_ids: secret_token_ids.clone(),
+        unseen_writes,
     });
 
     let grants = Controller::for_stream(grant_events, grants_store)
