@@ -104,6 +104,18 @@ pub struct Context {
     pub secret_token_ids: Arc<SecretTokenIds>,
     /// Token Secrets written but not yet shown by the watch (see [`UnseenWrites`]).
     pub unseen_writes: Arc<UnseenWrites>,
+    /// Reconcile slots routine renewals may take (see [`renewal_slots`]).
+    pub renewals: tokio::sync::Semaphore,
+}
+
+/// How many routine renewals run at once: half the reconcile slots (at least one), so that a wave of
+/// renewals due together never leaves a deletion, suspension or refusal waiting behind it.
+pub fn renewal_slots(concurrency: u16) -> usize {
+    match concurrency {
+        // Unlimited reconciles: renewals are still bounded.
+        0 => 16,
+        n => usize::from(n / 2).max(1),
+    }
 }
 
 /// Token Secrets this process wrote that the Secret watch has not shown yet: (namespace, name) to
@@ -328,6 +340,19 @@ impl Lookup for NamespaceView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn renewals_take_at_most_half_the_reconcile_slots() {
+        assert_eq!(renewal_slots(1), 1);
+        assert_eq!(renewal_slots(4), 2);
+        assert_eq!(renewal_slots(8), 4);
+        assert_eq!(renewal_slots(9), 4);
+        assert_eq!(
+            renewal_slots(0),
+            16,
+            "unlimited reconciles, bounded renewals"
+        );
+    }
 
     #[test]
     fn an_unseen_write_counts_for_its_grant_until_the_watch_shows_the_secret() {

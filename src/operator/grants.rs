@@ -344,6 +344,17 @@ async fn issue_or_keep(
             ))
         }
         TokenStep::Issue(cause) => {
+            // A routine renewal yields to revocations: it takes one of a few slots, or comes back
+            // shortly (its token stays valid meanwhile), rather than make deletions wait in line.
+            let _slot = match cause {
+                IssueCause::Renewal if !expires_soon(current, now) => {
+                    match ctx.renewals.try_acquire() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => return Ok(ctx.look_again(grant, renewal_retry())),
+                    }
+                }
+                _ => None,
+            };
             // Every issuance and rotation asks the apiserver again (continuous evaluation).
             let evidence = if evidence.checked_at == now {
                 evidence.clone()
@@ -369,6 +380,17 @@ async fn issue_or_keep(
             issue(grant, ctx, &resolution, &evidence, &secret_name, cause, now).await
         }
     }
+}
+
+/// Whether the current token (as `(expires_at, renewal_at)`) expires within half a minute: its
+/// renewal no longer waits for a free slot.
+fn expires_soon(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> bool {
+    current.is_none_or(|(expires_at, _)| until(now, expires_at) < Duration::from_secs(30))
+}
+
+/// When a renewal that found no free slot looks again: in one to three seconds, spread out.
+fn renewal_retry() -> Duration {
+    Duration::from_millis(1000 + (jitter() * 2000.0) as u64)
 }
 
 /// Whether the current token still says what the grant says now: same chain (principal, actors,

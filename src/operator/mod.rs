@@ -300,6 +300,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         status_written_from: Default::default(),
         secret_token_ids: secret_token_ids.clone(),
         unseen_writes,
+        renewals: tokio::sync::Semaphore::new(context::renewal_slots(settings.concurrency)),
     });
 
     let grants = Controller::for_stream(grant_events, grants_store)
@@ -367,14 +368,14 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
         watcher(configmaps, ours.clone())
             .default_backoff()
             .flat_map(|e| futures::stream::iter(touched_names(e)))
-            .map(|name| (false, name)),
+            .map(|(name, seen)| (false, name, seen)),
         watcher(secrets, ours)
             .default_backoff()
             .flat_map(|e| futures::stream::iter(touched_names(e)))
-            .map(|name| (true, name)),
+            .map(|(name, seen)| (true, name, seen)),
     );
     changed
-        .for_each(|(secret, name)| {
+        .for_each(|(secret, name, seen)| {
             let ctx = ctx.clone();
             async move {
                 let restored = match (secret, name.as_str()) {
@@ -388,7 +389,7 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
                         if name == status_lists::SECRET_NAME
                             || name.starts_with(status_lists::SHARD_PREFIX) =>
                     {
-                        ctx.status_lists.restore_state(name).await
+                        ctx.status_lists.restore_state(name, seen.as_deref()).await
                     }
                     _ => Ok(()),
                 };
@@ -441,17 +442,26 @@ async fn revoke_requested_keys(ctx: &Context) -> Result<()> {
 /// The names a watch event concerns; the end of a (re-)list checks everything once.
 fn touched_names<K: kube::Resource>(
     event: std::result::Result<watcher::Event<K>, watcher::Error>,
-) -> Vec<String> {
+) -> Vec<(String, Option<String>)> {
     match event {
-        Ok(watcher::Event::Apply(obj) | watcher::Event::Delete(obj)) => {
-            vec![obj.meta().name.clone().unwrap_or_default()]
+        Ok(watcher::Event::Apply(obj)) => {
+            let meta = obj.meta();
+            vec![(
+                meta.name.clone().unwrap_or_default(),
+                meta.resource_version.clone(),
+            )]
         }
-        Ok(watcher::Event::InitDone) => vec![
-            keys::JWKS_CONFIGMAP_NAME.into(),
-            keys::KEYS_SECRET_NAME.into(),
-            revocations::CONFIGMAP_NAME.into(),
-            status_lists::CONFIGMAP_NAME.into(),
-        ],
+        Ok(watcher::Event::Delete(obj)) => {
+            vec![(obj.meta().name.clone().unwrap_or_default(), None)]
+        }
+        Ok(watcher::Event::InitDone) => [
+            keys::JWKS_CONFIGMAP_NAME,
+            keys::KEYS_SECRET_NAME,
+            revocations::CONFIGMAP_NAME,
+            status_lists::CONFIGMAP_NAME,
+        ]
+        .map(|name| (name.to_owned(), None))
+        .to_vec(),
         _ => Vec::new(),
     }
 }

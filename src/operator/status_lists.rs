@@ -27,7 +27,7 @@
 //!   tenant-written token ids can at most choose which of the grant's *own* tokens is kept.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::{BTreeMap, BTreeSet, VecDeque},
     num::NonZeroU64,
     time::Duration,
 };
@@ -275,7 +275,14 @@ pub struct StatusLists {
     inner: Mutex<Inner>,
     /// The version the last successful flush wrote; locked for the whole of a flush.
     flushed: Mutex<u64>,
+    /// The resourceVersions our own latest writes gave each state Secret (by name): the watch
+    /// showing one of them is our write coming back, which needs no look (see [`Self::restore_state`]).
+    own_versions: std::sync::Mutex<BTreeMap<String, VecDeque<String>>>,
 }
+
+/// How many of our latest writes of one state Secret are remembered: the watch may show an earlier
+/// one after a later one returned.
+const OWN_VERSIONS_KEPT: usize = 8;
 
 /// What one flush writes: taken from memory at once, written without holding the memory lock.
 struct Flush {
@@ -380,6 +387,7 @@ impl StatusLists {
                 version: 0,
             }),
             flushed: Mutex::new(0),
+            own_versions: Default::default(),
         };
         {
             let mut inner = lists.inner.lock().await;
@@ -555,7 +563,12 @@ impl StatusLists {
     }
 
     /// Puts the state Secret or a shard Secret (by name) back when someone edited or deleted it.
-    pub async fn restore_state(&self, name: &str) -> Result<()> {
+    /// `seen` is the resourceVersion the watch showed (`None` for a deletion): one of our own
+    /// latest writes needs no read, and does not hold up the next flush.
+    pub async fn restore_state(&self, name: &str, seen: Option<&str>) -> Result<()> {
+        if seen.is_some_and(|rv| self.wrote_version(name, rv)) {
+            return Ok(());
+        }
         let _flushing = self.flushed.lock().await;
         let inner = self.inner.lock().await;
         let desired = if name == SECRET_NAME {
@@ -578,9 +591,27 @@ impl StatusLists {
                 secret = name,
                 "a status-list state Secret was edited or deleted; restoring it"
             );
-            overwrite(&self.secrets, current, desired).await?;
+            let written = overwrite(&self.secrets, current, desired).await?;
+            self.remember_version(name, written.metadata.resource_version);
         }
         Ok(())
+    }
+
+    fn remember_version(&self, name: &str, version: Option<String>) {
+        if let (Some(version), Ok(mut own)) = (version, self.own_versions.lock()) {
+            let versions = own.entry(name.to_owned()).or_default();
+            if versions.len() == OWN_VERSIONS_KEPT {
+                versions.pop_front();
+            }
+            versions.push_back(version);
+        }
+    }
+
+    fn wrote_version(&self, name: &str, version: &str) -> bool {
+        self.own_versions.lock().is_ok_and(|own| {
+            own.get(name)
+                .is_some_and(|v| v.iter().any(|w| w == version))
+        })
     }
 
     /// Waits until `version` is written: by a flush already under way or queued before this
@@ -678,13 +709,15 @@ impl StatusLists {
         let mut value = serde_json::to_value(secret)?;
         value["apiVersion"] = "v1".into();
         value["kind"] = "Secret".into();
-        self.secrets
+        let written = self
+            .secrets
             .patch(
                 name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&value),
             )
             .await?;
+        self.remember_version(name, written.metadata.resource_version);
         Ok(())
     }
 
