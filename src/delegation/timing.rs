@@ -149,6 +149,15 @@ pub fn next_step(
     TokenStep::Issue(IssueCause::Renewal)
 }
 
+/// A renewal with less than this left of its token does not wait for a free renewal slot.
+pub const URGENT_RENEWAL: Duration = Duration::from_secs(30);
+
+/// Whether a routine renewal may wait its turn behind revocations: its token (`(expires_at,
+/// renewal_at)`) still has more than [`URGENT_RENEWAL`] left.
+pub fn renewal_may_wait(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> bool {
+    current.is_some_and(|(expires_at, _)| until(now, expires_at) > URGENT_RENEWAL)
+}
+
 /// How long from `now` until `at`, zero when it is already past.
 pub fn until(now: Timestamp, at: Timestamp) -> Duration {
     at.duration_since(now).try_into().unwrap_or(Duration::ZERO)
@@ -161,6 +170,16 @@ mod tests {
 
     fn ts(secs: i64) -> Timestamp {
         Timestamp::from_second(secs).unwrap()
+    }
+
+    #[test]
+    fn only_a_renewal_with_time_left_may_wait() {
+        let token = Some((ts(1000), ts(700)));
+        assert!(renewal_may_wait(token, ts(700)), "300 s left");
+        assert!(renewal_may_wait(token, ts(969)), "31 s left");
+        assert!(!renewal_may_wait(token, ts(970)), "30 s left: urgent");
+        assert!(!renewal_may_wait(token, ts(1200)), "already expired");
+        assert!(!renewal_may_wait(None, ts(0)), "no token: not a renewal");
     }
 
     #[test]

@@ -106,7 +106,12 @@ pub struct Context {
     pub unseen_writes: Arc<UnseenWrites>,
     /// Reconcile slots routine renewals may take (see [`renewal_slots`]).
     pub renewals: tokio::sync::Semaphore,
+    /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, and when.
+    pub released: Mutex<HashMap<u64, std::time::Instant>>,
 }
+
+/// How long a released grant is remembered: far longer than any watch lags.
+const RELEASED_KEPT: Duration = Duration::from_secs(600);
 
 /// How many routine renewals run at once: half the reconcile slots (at least one), so that a wave of
 /// renewals due together never leaves a deletion, suspension or refusal waiting behind it.
@@ -291,6 +296,27 @@ impl Context {
         if let (Some(uid), Ok(mut map)) = (grant.uid(), self.minted.lock()) {
             map.remove(&key(&uid));
         }
+    }
+
+    /// Records that the grant's deletion was carried out and its finalizer removed.
+    pub fn remember_released(&self, grant: &DelegationGrant) {
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.released.lock()) {
+            if map.len() >= 1024 {
+                map.retain(|_, at| at.elapsed() < RELEASED_KEPT);
+            }
+            map.insert(key(&uid), std::time::Instant::now());
+        }
+    }
+
+    /// Whether this grant's deletion was carried out already (the cache may still show it with our
+    /// finalizer for a moment).
+    pub fn released_recently(&self, grant: &DelegationGrant) -> bool {
+        grant.uid().is_some_and(|uid| {
+            self.released.lock().is_ok_and(|map| {
+                map.get(&key(&uid))
+                    .is_some_and(|at| at.elapsed() < RELEASED_KEPT)
+            })
+        })
     }
 
     pub fn remember_minted(&self, grant_uid: &str, substance: u64) {

@@ -12,11 +12,7 @@ use k8s_openapi::{
 use kube::{
     Api, ResourceExt,
     api::{PartialObjectMeta, PostParams},
-    runtime::{
-        controller::Action,
-        events::EventType,
-        finalizer::{Event as Finalizer, finalizer},
-    },
+    runtime::{controller::Action, events::EventType},
 };
 
 use super::{
@@ -37,7 +33,10 @@ use crate::{
         claims::{AccessTokenClaims, GrantReference, build_claims, claims_digest, substance},
         conditions::{ready_condition, set_ready},
         resolve,
-        timing::{IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token, until},
+        timing::{
+            IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token,
+            renewal_may_wait, until,
+        },
     },
     signing,
     status_list::TokenStatusRef,
@@ -64,24 +63,19 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
         .ok_or_else(|| Error::InvalidState("grant without namespace".into()))?;
     let api: Api<DelegationGrant> = Api::namespaced(ctx.client.clone(), &namespace);
     let now = now();
-    let grant = match needs_finalizer(&grant) {
-        true => add_finalizer_and_ask(&api, grant, &ctx, now).await?,
-        false => grant,
-    };
-    finalizer(&api, FINALIZER, grant, |event| async {
-        match event {
-            Finalizer::Apply(grant) => apply(&grant, &ctx, now).await,
-            Finalizer::Cleanup(grant) => cleanup(&grant, &ctx).await,
+    let ours = grant.finalizers().iter().any(|f| f == FINALIZER);
+    match (grant.metadata.deletion_timestamp.is_some(), ours) {
+        // Being deleted: revoke, then let the finalizer go.
+        (true, true) => cleanup(&api, &grant, &ctx, now).await,
+        // Being deleted, and nothing of ours holds it.
+        (true, false) => Ok(Action::await_change()),
+        (false, true) => apply(&grant, &ctx, now).await,
+        // New: the finalizer first (before any token exists, so that a deletion always revokes).
+        (false, false) => {
+            let grant = add_finalizer_and_ask(&api, grant, &ctx, now).await?;
+            apply(&grant, &ctx, now).await
         }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
-}
-
-/// A new grant: no finalizer yet, not being deleted.
-fn needs_finalizer(grant: &DelegationGrant) -> bool {
-    grant.metadata.deletion_timestamp.is_none()
-        && !grant.finalizers().iter().any(|f| f == FINALIZER)
+    }
 }
 
 /// Adds the finalizer (before any token exists, so that a deletion always revokes) and, at the same
@@ -219,10 +213,20 @@ async fn apply(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result
     }
 }
 
-/// The grant is being deleted: revoke its tokens, say so, and let the finalizer go.
-async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
-    let now = now();
-    let revoked = revoke_tokens(grant, ctx, DELETED, now).await?;
+/// The grant is being deleted: revoke its tokens, say so, and let the finalizer go. The finalizer
+/// is released only once the tokens are INVALID in the written, published status list; the Secret is
+/// deleted at the same time (if that fails, the orphan sweep takes it when the grant is gone).
+async fn cleanup(
+    api: &Api<DelegationGrant>,
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Action> {
+    if ctx.released_recently(grant) {
+        // Done already: the cache has not caught up with our finalizer removal yet.
+        return Ok(Action::await_change());
+    }
+    let revoked = revoke_recorded(grant, ctx, DELETED, now).await?;
     let message = "the grant was deleted; its tokens are revoked";
     // Children watch this status: they lose their tokens before this grant disappears. Without
     // children nobody reads it again (the grant is about to go), and the write is saved.
@@ -235,12 +239,44 @@ async fn cleanup(grant: &DelegationGrant, ctx: &Context) -> Result<Action> {
         )
         .await?;
     }
+    let (deleted, released) =
+        futures::join!(delete_secrets(grant, ctx), remove_finalizer(api, grant));
+    released?;
+    ctx.remember_released(grant);
     ctx.forget_grant(grant);
     ctx.authority.forget_grant(grant);
     if !revoked.is_empty() {
         report_revocation(grant, ctx, &revoked, DELETED, message);
     }
+    if let Err(e) = deleted {
+        tracing::warn!(grant = %grant.name_any(), namespace, error = %e, "could not delete the token Secret of a deleted grant; its token is revoked, and the orphan sweep deletes it");
+    }
     Ok(Action::await_change())
+}
+
+/// Takes our finalizer off the grant: a JSON patch that tests the entry it removes, so that a list
+/// changed meanwhile makes it fail (422) rather than remove another controller's finalizer.
+async fn remove_finalizer(api: &Api<DelegationGrant>, grant: &DelegationGrant) -> Result<()> {
+    use kube::{
+        api::{Patch, PatchParams},
+        runtime::finalizer::Error as F,
+    };
+    let Some(index) = grant.finalizers().iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let path = format!("/metadata/finalizers/{index}");
+    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+        { "op": "test", "path": path, "value": FINALIZER },
+        { "op": "remove", "path": path },
+    ]))?;
+    api.patch::<DelegationGrant>(
+        &grant.name_any(),
+        &PatchParams::default(),
+        &Patch::Json(patch),
+    )
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(F::RemoveFinalizer(e))))?;
+    Ok(())
 }
 
 /// The grant may not hold a token: revoke whatever it holds and explain why.
@@ -347,7 +383,7 @@ async fn issue_or_keep(
             // A routine renewal yields to revocations: it takes one of a few slots, or comes back
             // shortly (its token stays valid meanwhile), rather than make deletions wait in line.
             let _slot = match cause {
-                IssueCause::Renewal if !expires_soon(current, now) => {
+                IssueCause::Renewal if renewal_may_wait(current, now) => {
                     match ctx.renewals.try_acquire() {
                         Ok(slot) => Some(slot),
                         Err(_) => return Ok(ctx.look_again(grant, renewal_retry())),
@@ -380,12 +416,6 @@ async fn issue_or_keep(
             issue(grant, ctx, &resolution, &evidence, &secret_name, cause, now).await
         }
     }
-}
-
-/// Whether the current token (as `(expires_at, renewal_at)`) expires within half a minute: its
-/// renewal no longer waits for a free slot.
-fn expires_soon(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> bool {
-    current.is_none_or(|(expires_at, _)| until(now, expires_at) < Duration::from_secs(30))
 }
 
 /// When a renewal that found no free slot looks again: in one to three seconds, spread out.
@@ -894,6 +924,19 @@ async fn revoke_tokens(
     reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
+    let revoked = revoke_recorded(grant, ctx, reason, now).await?;
+    delete_secrets(grant, ctx).await?;
+    Ok(revoked)
+}
+
+/// Sets every token of the grant that may still be valid to INVALID in the status lists (and adds
+/// it to the jti list), written and published. Returns their ids.
+async fn revoke_recorded(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    reason: &str,
+    now: Timestamp,
+) -> Result<Vec<String>> {
     let in_use = tokens_in_use(grant, ctx, now).await?;
     let verified: Vec<TokenStatusRef> = in_use.verified_refs.into_iter().map(|(_, r)| r).collect();
     // Both lists before any Secret is deleted (fail closed), written at the same time. The status
@@ -903,7 +946,11 @@ async fn revoke_tokens(
         record(grant, ctx, in_use.tokens, reason, now)
     );
     statuses?;
-    let revoked = revoked?;
+    revoked
+}
+
+/// Deletes the grant's token Secret(s), those that are its own.
+async fn delete_secrets(grant: &DelegationGrant, ctx: &Context) -> Result<()> {
     // When the status says a token was written, a Secret missing from the cache may just be one the
     // cache has not seen yet: ask the apiserver. Otherwise the cache is enough (no reads at rest).
     let wrote_one = grant
@@ -913,7 +960,7 @@ async fn revoke_tokens(
     for secret_name in secret_names(grant) {
         delete_our_secret(ctx, grant, &secret_name, wrote_one).await?;
     }
-    Ok(revoked)
+    Ok(())
 }
 
 /// The grant's tokens that may still be valid, as `(jti, exp)`: those the operator recorded minting

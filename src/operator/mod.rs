@@ -301,6 +301,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         secret_token_ids: secret_token_ids.clone(),
         unseen_writes,
         renewals: tokio::sync::Semaphore::new(context::renewal_slots(settings.concurrency)),
+        released: Default::default(),
     });
 
     let grants = Controller::for_stream(grant_events, grants_store)

@@ -625,18 +625,25 @@ impl StatusLists {
         Ok(())
     }
 
-    /// Writes everything changed in memory (the caller holds `flushed`): the changed shards (at
-    /// once), then the registry state, then the Status List Tokens that need signing, in that order
-    /// so that no published list names an index whose record could be lost. Returns the version
-    /// written. With `check`, the ConfigMap is compared with what it should hold even when nothing
-    /// changed. What fails stays marked for the next flush.
+    /// Writes everything changed in memory (the caller holds `flushed`): the changed shards and the
+    /// registry state (all at once), then the Status List Tokens that need signing, so that no
+    /// published list names an index whose record could be lost. Returns the version written. With
+    /// `check`, the ConfigMap is compared with what it should hold even when nothing changed. What
+    /// fails stays marked for the next flush.
     async fn flush(&self, keys: &KeyStore, now: i64, check: bool) -> Result<u64> {
         let plan = self.inner.lock().await.plan(self, keys, now)?;
-        let writes = plan.shards.iter().map(|(shard, text)| async move {
+        let shard_writes = plan.shards.iter().map(|(shard, text)| async move {
             self.apply_secret(&shard_name(*shard), shard_secret(*shard, text))
                 .await
         });
-        let results = futures::future::join_all(writes).await;
+        let state_write = async {
+            match &plan.state {
+                Some(state) => self.apply_secret(SECRET_NAME, desired_secret(state)).await,
+                None => Ok(()),
+            }
+        };
+        let (results, state_written) =
+            futures::join!(futures::future::join_all(shard_writes), state_write);
         let mut failed = None;
         {
             let mut inner = self.inner.lock().await;
@@ -649,14 +656,16 @@ impl StatusLists {
                     }
                 }
             }
+            match (state_written, &plan.state) {
+                (Ok(()), Some(state)) => inner.written = state.clone(),
+                (Ok(()), None) => {}
+                (Err(e), _) => {
+                    failed.get_or_insert(e);
+                }
+            }
         }
         if let Some(e) = failed {
             return Err(e);
-        }
-        if let Some(state) = &plan.state {
-            self.apply_secret(SECRET_NAME, desired_secret(state))
-                .await?;
-            self.inner.lock().await.written = state.clone();
         }
         if plan.publish || check {
             let known = match check {
