@@ -1758,6 +1758,72 @@ async fn the_published_status_lists_are_restored_when_tampered_with() {
     assert_eq!(f.published_status(&gone).await, 1);
 }
 
+/// The operator's own record behind the status lists — the state Secret and the shard Secrets of
+/// minted tokens — is guarded too: an edit that would erase a revocation or a record is undone,
+/// while the operator's own writes of them (every issuance) are left alone.
+#[tokio::test]
+async fn the_status_list_state_secrets_are_restored_when_tampered_with() {
+    let f = Fixture::start("stateguard", &[]).await;
+    f.apply(AGENTS).await;
+    f.apply(&notifier_grant("kept", "5m")).await;
+    f.apply(&notifier_grant("gone", "5m")).await;
+    f.wait_ready("kept", "True", None).await;
+    f.wait_ready("gone", "True", None).await;
+    f.delete_grant("gone").await;
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let data_of = |name: String| {
+        let secrets = secrets.clone();
+        async move { secrets.get(&name).await.unwrap().data.unwrap_or_default() }
+    };
+    let state = "delegation-operator-status-lists".to_owned();
+    let shards = secrets
+        .list(&ListParams::default().labels("delegation.nhi.dev/status-list-shard"))
+        .await
+        .unwrap();
+    let shard = shards
+        .items
+        .iter()
+        .find(|s| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get("tokens.json"))
+                .is_some_and(|t| t.0.len() > 2)
+        })
+        .expect("a shard holds the kept grant's record")
+        .name_any();
+    let state_before = data_of(state.clone()).await;
+    let shard_before = data_of(shard.clone()).await;
+
+    // An attacker with `update secrets` in the operator namespace empties both.
+    let erased = json!({"data": {"state.json": ByteString(b"{}".to_vec()), "tokens.json": ByteString(b"{}".to_vec())}});
+    for name in [&state, &shard] {
+        secrets
+            .patch(name, &PatchParams::default(), &Patch::Merge(&erased))
+            .await
+            .unwrap();
+    }
+    wait_for(
+        "the state and shard Secrets restored",
+        Duration::from_secs(15),
+        || async {
+            (data_of(state.clone()).await == state_before
+                && data_of(shard.clone()).await == shard_before)
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The operator's own writes go on as before, and are not "restored" over.
+    f.apply(&notifier_grant("later", "5m")).await;
+    f.wait_ready("later", "True", None).await;
+    let later = status_claim(&f, "later-token").await;
+    assert_eq!(
+        f.published_status(&later).await,
+        0,
+        "the new token is VALID"
+    );
+}
+
 /// An independent decoder (Python's standard library) reads the published list the same way: the
 /// revoked token's index is 1, the kept token's 0.
 #[tokio::test]

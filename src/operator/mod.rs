@@ -357,7 +357,8 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
 
 /// Watches what verifiers trust — the JWKS, the revocation list, the status lists (and their state
 /// Secret), the keys Secret — and puts each back
-/// when someone edits or deletes it. Metadata only; each event costs one read of that one object.
+/// when someone edits or deletes it. Metadata only; an event costs one read of that one object,
+/// except when it shows a version of the status-list state the operator itself just wrote.
 async fn guard_published_artifacts(ctx: Arc<Context>) {
     let namespace = ctx.settings.operator_namespace.clone();
     let configmaps: Api<PartialObjectMeta<ConfigMap>> =
