@@ -56,13 +56,23 @@ pub struct Unauthorized {
 pub struct CheckedAuthority {
     checked: Mutex<HashMap<u64, Checked>>,
     /// Recent "allowed" answers of the apiserver, by a hash of the whole question (see [`allowed`]).
-    answers: Mutex<HashMap<u64, Instant>>,
+    answers: Mutex<Answers>,
 }
 
 /// How long one "allowed" answer serves identical questions: a burst of grants by one requester for
 /// one agent asks once, while a removed RoleBinding still counts within a second. Denials are never
 /// shared.
 const SHARED_ANSWER: Duration = Duration::from_secs(1);
+
+/// When an answer was given, by question; expired ones are dropped whenever the map has doubled
+/// since the last sweep (at least [`SWEEP_AT_LEAST`] entries), so a burst costs O(1) per answer.
+#[derive(Default)]
+struct Answers {
+    given: HashMap<u64, Instant>,
+    sweep_at: usize,
+}
+
+const SWEEP_AT_LEAST: usize = 1024;
 
 /// One positive check: of which grant (a hash of its uid) and generation, when, and what it found.
 struct Checked {
@@ -120,19 +130,24 @@ impl CheckedAuthority {
 }
 
 impl CheckedAuthority {
-    fn recently_allowed(&self, question: u64) -> bool {
-        self.answers.lock().is_ok_and(|map| {
-            map.get(&question)
-                .is_some_and(|at| at.elapsed() < SHARED_ANSWER)
+    fn recently_allowed(&self, question: u64, now: Instant) -> bool {
+        self.answers.lock().is_ok_and(|answers| {
+            answers
+                .given
+                .get(&question)
+                .is_some_and(|at| now.duration_since(*at) < SHARED_ANSWER)
         })
     }
 
-    fn allowed_now(&self, question: u64) {
-        if let Ok(mut map) = self.answers.lock() {
-            if map.len() >= 1024 {
-                map.retain(|_, at| at.elapsed() < SHARED_ANSWER);
+    fn allowed_at(&self, question: u64, now: Instant) {
+        if let Ok(mut answers) = self.answers.lock() {
+            if answers.given.len() >= answers.sweep_at.max(SWEEP_AT_LEAST) {
+                answers
+                    .given
+                    .retain(|_, at| now.duration_since(*at) < SHARED_ANSWER);
+                answers.sweep_at = answers.given.len() * 2;
             }
-            map.insert(question, Instant::now());
+            answers.given.insert(question, now);
         }
     }
 }
@@ -316,7 +331,7 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
     };
     // The whole spec is the question: same user (name, uid, groups, extra) and same attributes.
     let question = super::context::key(&serde_json::to_string(&review.spec).unwrap_or_default());
-    if ctx.authority.recently_allowed(question) {
+    if ctx.authority.recently_allowed(question, Instant::now()) {
         return Ok(true);
     }
     let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
@@ -325,7 +340,7 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
         .status
         .is_some_and(|s| s.allowed && s.denied != Some(true));
     if allowed {
-        ctx.authority.allowed_now(question);
+        ctx.authority.allowed_at(question, Instant::now());
     }
     Ok(allowed)
 }
@@ -337,34 +352,41 @@ mod tests {
     #[test]
     fn an_allowed_answer_serves_the_same_question_for_a_second_only() {
         let authority = CheckedAuthority::default();
-        assert!(!authority.recently_allowed(1), "nothing asked yet");
-        authority.allowed_now(1);
-        assert!(authority.recently_allowed(1));
+        let t0 = Instant::now();
+        assert!(!authority.recently_allowed(1, t0), "nothing asked yet");
+        authority.allowed_at(1, t0);
+        assert!(authority.recently_allowed(1, t0 + Duration::from_millis(999)));
         assert!(
-            !authority.recently_allowed(2),
+            !authority.recently_allowed(2, t0),
             "another question is asked afresh"
         );
-        std::thread::sleep(SHARED_ANSWER + Duration::from_millis(50));
         assert!(
-            !authority.recently_allowed(1),
-            "an answer older than a second is asked again"
+            !authority.recently_allowed(1, t0 + SHARED_ANSWER),
+            "an answer a second old is asked again"
         );
     }
 
     #[test]
     fn remembered_answers_stay_bounded() {
         let authority = CheckedAuthority::default();
+        let t0 = Instant::now();
         for question in 0..5000 {
-            authority.allowed_now(question);
+            authority.allowed_at(question, t0);
         }
-        // Within one second nothing has expired: the map may hold them all, but no more than asked.
-        assert_eq!(authority.answers.lock().unwrap().len(), 5000);
-        std::thread::sleep(SHARED_ANSWER + Duration::from_millis(50));
-        authority.allowed_now(9999);
-        assert_eq!(
-            authority.answers.lock().unwrap().len(),
-            1,
-            "expired answers pruned"
+        // All fresh: nothing may be dropped, and the sweeps happened only as the map doubled.
+        assert_eq!(authority.answers.lock().unwrap().given.len(), 5000);
+        let later = t0 + SHARED_ANSWER;
+        for question in 10_000..20_000 {
+            authority.allowed_at(question, later);
+        }
+        let held = authority.answers.lock().unwrap().given.len();
+        assert!(
+            held < 15_000,
+            "the 5,000 expired answers were swept ({held} held)"
+        );
+        assert!(
+            (10_000..20_000).all(|q| authority.recently_allowed(q, later)),
+            "fresh answers are kept"
         );
     }
 }
