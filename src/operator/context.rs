@@ -104,24 +104,14 @@ pub struct Context {
     pub secret_token_ids: Arc<SecretTokenIds>,
     /// Token Secrets written but not yet shown by the watch (see [`UnseenWrites`]).
     pub unseen_writes: Arc<UnseenWrites>,
-    /// Reconcile slots routine renewals may take (see [`renewal_slots`]).
-    pub renewals: tokio::sync::Semaphore,
+    /// Routine renewals' share of the reconcile slots (see [`super::renewals`]).
+    pub renewals: super::renewals::Renewals,
     /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, and when.
     pub released: Mutex<HashMap<u64, std::time::Instant>>,
 }
 
 /// How long a released grant is remembered: far longer than any watch lags.
 const RELEASED_KEPT: Duration = Duration::from_secs(600);
-
-/// How many routine renewals run at once: half the reconcile slots (at least one), so that a wave of
-/// renewals due together never leaves a deletion, suspension or refusal waiting behind it.
-pub fn renewal_slots(concurrency: u16) -> usize {
-    match concurrency {
-        // Unlimited reconciles: renewals are still bounded.
-        0 => 16,
-        n => usize::from(n / 2).max(1),
-    }
-}
 
 /// Token Secrets this process wrote that the Secret watch has not shown yet: (namespace, name) to
 /// the uid of the grant written for, as [`key`] hashes. While such a Secret is missing from the
@@ -366,19 +356,6 @@ impl Lookup for NamespaceView<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn renewals_take_at_most_half_the_reconcile_slots() {
-        assert_eq!(renewal_slots(1), 1);
-        assert_eq!(renewal_slots(4), 2);
-        assert_eq!(renewal_slots(8), 4);
-        assert_eq!(renewal_slots(9), 4);
-        assert_eq!(
-            renewal_slots(0),
-            16,
-            "unlimited reconciles, bounded renewals"
-        );
-    }
 
     #[test]
     fn an_unseen_write_counts_for_its_grant_until_the_watch_shows_the_secret() {

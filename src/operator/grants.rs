@@ -12,7 +12,7 @@ use k8s_openapi::{
 use kube::{
     Api, ResourceExt,
     api::{PartialObjectMeta, PostParams},
-    runtime::{controller::Action, events::EventType},
+    runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 
 use super::{
@@ -380,13 +380,16 @@ async fn issue_or_keep(
             ))
         }
         TokenStep::Issue(cause) => {
-            // A routine renewal yields to revocations: it takes one of a few slots, or comes back
-            // shortly (its token stays valid meanwhile), rather than make deletions wait in line.
+            // A routine renewal yields to revocations: it takes one of a few slots, or waits in
+            // line to be woken (its token stays valid meanwhile; the alarm is only a backstop).
             let _slot = match cause {
                 IssueCause::Renewal if renewal_may_wait(current, now) => {
-                    match ctx.renewals.try_acquire() {
-                        Ok(slot) => Some(slot),
-                        Err(_) => return Ok(ctx.look_again(grant, renewal_retry())),
+                    match ctx
+                        .renewals
+                        .take_or_queue(ObjectRef::new(&grant.name_any()).within(&namespace))
+                    {
+                        Some(slot) => Some(slot),
+                        None => return Ok(ctx.look_again(grant, renewal_backstop(current, now))),
                     }
                 }
                 _ => None,
@@ -418,9 +421,16 @@ async fn issue_or_keep(
     }
 }
 
-/// When a renewal that found no free slot looks again: in one to three seconds, spread out.
-fn renewal_retry() -> Duration {
-    Duration::from_millis(1000 + (jitter() * 2000.0) as u64)
+/// When a renewal waiting in line looks again if nothing woke it: after half a minute, or when its
+/// token gets close enough to expiry that it no longer waits.
+fn renewal_backstop(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> Duration {
+    let urgent = current.map(|(expires_at, _)| {
+        until(now, expires_at).saturating_sub(crate::delegation::timing::URGENT_RENEWAL)
+    });
+    urgent
+        .unwrap_or(Duration::ZERO)
+        .min(Duration::from_secs(30))
+        .max(Duration::from_secs(1))
 }
 
 /// Whether the current token still says what the grant says now: same chain (principal, actors,

@@ -21,6 +21,7 @@ pub mod index;
 pub mod keys;
 pub mod orphans;
 pub mod readiness;
+pub mod renewals;
 pub mod revocations;
 pub mod stamps;
 pub mod status_lists;
@@ -300,7 +301,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         status_written_from: Default::default(),
         secret_token_ids: secret_token_ids.clone(),
         unseen_writes,
-        renewals: tokio::sync::Semaphore::new(context::renewal_slots(settings.concurrency)),
+        renewals: renewals::Renewals::new(settings.concurrency, wake_grant.clone()),
         released: Default::default(),
     });
 
