@@ -17,6 +17,7 @@ use kube::{Api, ResourceExt, api::PostParams};
 use super::{
     context::Context,
     error::Result,
+    events::Recent,
     stamps::{APPROVER_POLICY, REQUESTER_POLICY},
 };
 use crate::{
@@ -52,27 +53,25 @@ pub struct Unauthorized {
 /// passed, the grant changes, or something it rests on changes (its agent's spec, an approval of it).
 /// Refusals are never reused: a refused grant is looked at afresh every time.
 /// Keyed by a hash of namespace and name ([`super::context::key`]): one entry per grant.
-#[derive(Default)]
 pub struct CheckedAuthority {
     checked: Mutex<HashMap<u64, Checked>>,
     /// Recent "allowed" answers of the apiserver, by a hash of the whole question (see [`allowed`]).
-    answers: Mutex<Answers>,
+    answers: Mutex<Recent<()>>,
+}
+
+impl Default for CheckedAuthority {
+    fn default() -> Self {
+        Self {
+            checked: Mutex::default(),
+            answers: Mutex::new(Recent::new(SHARED_ANSWER)),
+        }
+    }
 }
 
 /// How long one "allowed" answer serves identical questions: a burst of grants by one requester for
 /// one agent asks once, while a removed RoleBinding still counts within a second. Denials are never
 /// shared.
 const SHARED_ANSWER: Duration = Duration::from_secs(1);
-
-/// When an answer was given, by question; expired ones are dropped whenever the map has doubled
-/// since the last sweep (at least [`SWEEP_AT_LEAST`] entries), so a burst costs O(1) per answer.
-#[derive(Default)]
-struct Answers {
-    given: HashMap<u64, Instant>,
-    sweep_at: usize,
-}
-
-const SWEEP_AT_LEAST: usize = 1024;
 
 /// One positive check: of which grant (a hash of its uid) and generation, when, and what it found.
 struct Checked {
@@ -130,24 +129,19 @@ impl CheckedAuthority {
 }
 
 impl CheckedAuthority {
-    fn recently_allowed(&self, question: u64, now: Instant) -> bool {
-        self.answers.lock().is_ok_and(|answers| {
-            answers
-                .given
-                .get(&question)
-                .is_some_and(|at| now.duration_since(*at) < SHARED_ANSWER)
+    /// Whether `question` was answered "allowed" less than [`SHARED_ANSWER`] before `now` (`None`:
+    /// the present, read under the lock so that the times given to `Recent` never go back).
+    fn recently_allowed(&self, question: u64, now: Option<Instant>) -> bool {
+        self.answers.lock().is_ok_and(|mut answers| {
+            let now = now.unwrap_or_else(Instant::now);
+            answers.get(question, now).is_some()
         })
     }
 
-    fn allowed_at(&self, question: u64, now: Instant) {
+    fn allowed_at(&self, question: u64, now: Option<Instant>) {
         if let Ok(mut answers) = self.answers.lock() {
-            if answers.given.len() >= answers.sweep_at.max(SWEEP_AT_LEAST) {
-                answers
-                    .given
-                    .retain(|_, at| now.duration_since(*at) < SHARED_ANSWER);
-                answers.sweep_at = answers.given.len() * 2;
-            }
-            answers.given.insert(question, now);
+            let now = now.unwrap_or_else(Instant::now);
+            answers.insert(question, (), now);
         }
     }
 }
@@ -331,7 +325,7 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
     };
     // The whole spec is the question: same user (name, uid, groups, extra) and same attributes.
     let question = super::context::key(&serde_json::to_string(&review.spec).unwrap_or_default());
-    if ctx.authority.recently_allowed(question, Instant::now()) {
+    if ctx.authority.recently_allowed(question, None) {
         return Ok(true);
     }
     let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
@@ -340,7 +334,7 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
         .status
         .is_some_and(|s| s.allowed && s.denied != Some(true));
     if allowed {
-        ctx.authority.allowed_at(question, Instant::now());
+        ctx.authority.allowed_at(question, None);
     }
     Ok(allowed)
 }
@@ -353,15 +347,19 @@ mod tests {
     fn an_allowed_answer_serves_the_same_question_for_a_second_only() {
         let authority = CheckedAuthority::default();
         let t0 = Instant::now();
-        assert!(!authority.recently_allowed(1, t0), "nothing asked yet");
-        authority.allowed_at(1, t0);
-        assert!(authority.recently_allowed(1, t0 + Duration::from_millis(999)));
         assert!(
-            !authority.recently_allowed(2, t0),
+            !authority.recently_allowed(1, Some(t0)),
+            "nothing asked yet"
+        );
+        authority.allowed_at(1, Some(t0));
+        let soon = t0 + Duration::from_millis(999);
+        assert!(authority.recently_allowed(1, Some(soon)));
+        assert!(
+            !authority.recently_allowed(2, Some(soon)),
             "another question is asked afresh"
         );
         assert!(
-            !authority.recently_allowed(1, t0 + SHARED_ANSWER),
+            !authority.recently_allowed(1, Some(t0 + SHARED_ANSWER)),
             "an answer a second old is asked again"
         );
     }
@@ -371,21 +369,20 @@ mod tests {
         let authority = CheckedAuthority::default();
         let t0 = Instant::now();
         for question in 0..5000 {
-            authority.allowed_at(question, t0);
+            authority.allowed_at(question, Some(t0));
         }
-        // All fresh: nothing may be dropped, and the sweeps happened only as the map doubled.
-        assert_eq!(authority.answers.lock().unwrap().given.len(), 5000);
+        assert_eq!(authority.answers.lock().unwrap().len(), 5000, "all fresh");
         let later = t0 + SHARED_ANSWER;
         for question in 10_000..20_000 {
-            authority.allowed_at(question, later);
+            authority.allowed_at(question, Some(later));
         }
-        let held = authority.answers.lock().unwrap().given.len();
-        assert!(
-            held < 15_000,
-            "the 5,000 expired answers were swept ({held} held)"
+        assert_eq!(
+            authority.answers.lock().unwrap().len(),
+            10_000,
+            "the 5,000 expired answers are gone"
         );
         assert!(
-            (10_000..20_000).all(|q| authority.recently_allowed(q, later)),
+            (10_000..20_000).all(|q| authority.recently_allowed(q, Some(later))),
             "fresh answers are kept"
         );
     }

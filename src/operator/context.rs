@@ -19,7 +19,10 @@ use kube::{
 };
 
 use super::{
-    agents::CountWrites, events::Recorder, keys::KeyStore, revocations::RevocationList,
+    agents::CountWrites,
+    events::{Recent, Recorder},
+    keys::KeyStore,
+    revocations::RevocationList,
     status_lists::StatusLists,
 };
 use crate::{
@@ -106,12 +109,13 @@ pub struct Context {
     pub unseen_writes: Arc<UnseenWrites>,
     /// Routine renewals' share of the reconcile slots (see [`super::renewals`]).
     pub renewals: super::renewals::Renewals,
-    /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, and when.
-    pub released: Mutex<HashMap<u64, std::time::Instant>>,
+    /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, for
+    /// [`RELEASED_KEPT`].
+    pub released: Mutex<Recent<()>>,
 }
 
 /// How long a released grant is remembered: far longer than any watch lags.
-const RELEASED_KEPT: Duration = Duration::from_secs(600);
+pub const RELEASED_KEPT: Duration = Duration::from_secs(600);
 
 /// Token Secrets this process wrote that the Secret watch has not shown yet: (namespace, name) to
 /// the uid of the grant written for, as [`key`] hashes. While such a Secret is missing from the
@@ -290,11 +294,9 @@ impl Context {
 
     /// Records that the grant's deletion was carried out and its finalizer removed.
     pub fn remember_released(&self, grant: &DelegationGrant) {
-        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.released.lock()) {
-            if map.len() >= 1024 {
-                map.retain(|_, at| at.elapsed() < RELEASED_KEPT);
-            }
-            map.insert(key(&uid), std::time::Instant::now());
+        if let (Some(uid), Ok(mut released)) = (grant.uid(), self.released.lock()) {
+            // Read under the lock, so that the times handed to `Recent` never go back.
+            released.insert(key(&uid), (), std::time::Instant::now());
         }
     }
 
@@ -302,9 +304,8 @@ impl Context {
     /// finalizer for a moment).
     pub fn released_recently(&self, grant: &DelegationGrant) -> bool {
         grant.uid().is_some_and(|uid| {
-            self.released.lock().is_ok_and(|map| {
-                map.get(&key(&uid))
-                    .is_some_and(|at| at.elapsed() < RELEASED_KEPT)
+            self.released.lock().is_ok_and(|mut released| {
+                released.get(key(&uid), std::time::Instant::now()).is_some()
             })
         })
     }

@@ -302,7 +302,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         secret_token_ids: secret_token_ids.clone(),
         unseen_writes,
         renewals: renewals::Renewals::new(settings.concurrency, wake_grant.clone()),
-        released: Default::default(),
+        released: std::sync::Mutex::new(events::Recent::new(context::RELEASED_KEPT)),
     });
 
     let grants = Controller::for_stream(grant_events, grants_store)
