@@ -55,8 +55,9 @@ pub struct Unauthorized {
 /// Keyed by a hash of namespace and name ([`super::context::key`]): one entry per grant.
 pub struct CheckedAuthority {
     checked: Mutex<HashMap<u64, Checked>>,
-    /// Recent "allowed" answers of the apiserver, by a hash of the whole question (see [`allowed`]).
-    answers: Mutex<Recent<()>>,
+    /// Recent "allowed" answers of the apiserver, by a hash of the whole question, holding the
+    /// question itself: a hit must be the very same question, not merely the same hash (see [`allowed`]).
+    answers: Mutex<Recent<String>>,
 }
 
 impl Default for CheckedAuthority {
@@ -131,17 +132,19 @@ impl CheckedAuthority {
 impl CheckedAuthority {
     /// Whether `question` was answered "allowed" less than [`SHARED_ANSWER`] before `now` (`None`:
     /// the present, read under the lock so that the times given to `Recent` never go back).
-    fn recently_allowed(&self, question: u64, now: Option<Instant>) -> bool {
+    fn recently_allowed(&self, question: &str, now: Option<Instant>) -> bool {
         self.answers.lock().is_ok_and(|mut answers| {
             let now = now.unwrap_or_else(Instant::now);
-            answers.get(question, now).is_some()
+            answers
+                .get(super::context::key(question), now)
+                .is_some_and(|answer| answer.value == question)
         })
     }
 
-    fn allowed_at(&self, question: u64, now: Option<Instant>) {
+    fn allowed_at(&self, question: String, now: Option<Instant>) {
         if let Ok(mut answers) = self.answers.lock() {
             let now = now.unwrap_or_else(Instant::now);
-            answers.insert(question, (), now);
+            answers.insert(super::context::key(&question), question, now);
         }
     }
 }
@@ -324,8 +327,8 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
         ..Default::default()
     };
     // The whole spec is the question: same user (name, uid, groups, extra) and same attributes.
-    let question = super::context::key(&serde_json::to_string(&review.spec).unwrap_or_default());
-    if ctx.authority.recently_allowed(question, None) {
+    let question = serde_json::to_string(&review.spec)?;
+    if ctx.authority.recently_allowed(&question, None) {
         return Ok(true);
     }
     let api: Api<SubjectAccessReview> = Api::all(ctx.client.clone());
@@ -348,20 +351,33 @@ mod tests {
         let authority = CheckedAuthority::default();
         let t0 = Instant::now();
         assert!(
-            !authority.recently_allowed(1, Some(t0)),
+            !authority.recently_allowed("q1", Some(t0)),
             "nothing asked yet"
         );
-        authority.allowed_at(1, Some(t0));
+        authority.allowed_at("q1".into(), Some(t0));
         let soon = t0 + Duration::from_millis(999);
-        assert!(authority.recently_allowed(1, Some(soon)));
+        assert!(authority.recently_allowed("q1", Some(soon)));
         assert!(
-            !authority.recently_allowed(2, Some(soon)),
+            !authority.recently_allowed("q2", Some(soon)),
             "another question is asked afresh"
         );
         assert!(
-            !authority.recently_allowed(1, Some(t0 + SHARED_ANSWER)),
+            !authority.recently_allowed("q1", Some(t0 + SHARED_ANSWER)),
             "an answer a second old is asked again"
         );
+    }
+
+    #[test]
+    fn an_answer_counts_only_for_the_very_same_question_not_its_hash() {
+        let authority = CheckedAuthority::default();
+        let t0 = Instant::now();
+        // As if another question had the victim's hash: its answer must not serve the victim.
+        authority.answers.lock().unwrap().insert(
+            super::super::context::key("victim"),
+            "another question".into(),
+            t0,
+        );
+        assert!(!authority.recently_allowed("victim", Some(t0)));
     }
 
     #[test]
@@ -369,12 +385,12 @@ mod tests {
         let authority = CheckedAuthority::default();
         let t0 = Instant::now();
         for question in 0..5000 {
-            authority.allowed_at(question, Some(t0));
+            authority.allowed_at(question.to_string(), Some(t0));
         }
         assert_eq!(authority.answers.lock().unwrap().len(), 5000, "all fresh");
         let later = t0 + SHARED_ANSWER;
         for question in 10_000..20_000 {
-            authority.allowed_at(question, Some(later));
+            authority.allowed_at(question.to_string(), Some(later));
         }
         assert_eq!(
             authority.answers.lock().unwrap().len(),
@@ -382,7 +398,7 @@ mod tests {
             "the 5,000 expired answers are gone"
         );
         assert!(
-            (10_000..20_000).all(|q| authority.recently_allowed(q, Some(later))),
+            (10_000..20_000).all(|q| authority.recently_allowed(&q.to_string(), Some(later))),
             "fresh answers are kept"
         );
     }

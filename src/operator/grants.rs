@@ -141,17 +141,7 @@ fn is_finalizer_of_a_deleted_grant(error: &Error) -> bool {
 
 /// A status write whose resourceVersion precondition failed (see [`write_status`]).
 fn is_stale_status_write(error: &Error) -> bool {
-    use kube::runtime::finalizer::Error as F;
-    match error {
-        Error::StaleStatus => true,
-        Error::Finalizer(inner) => {
-            matches!(
-                inner.as_ref(),
-                F::ApplyFailed(Error::StaleStatus) | F::CleanupFailed(Error::StaleStatus)
-            )
-        }
-        _ => false,
-    }
+    matches!(error, Error::StaleStatus)
 }
 
 /// The finalizer helper writes with a JSON-patch `test` against the cached finalizer list; a stale
