@@ -1,3 +1,5 @@
+use std::sync::Arc;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
@@ -123,7 +125,7 @@ pub struct DelegationGrantSpec {
     /// the delegation-operator admission policy on creation (anything written here is replaced) and
     /// immutable afterwards. Leave it out of your manifests. A grant without it gets no token.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub requester: Option<UserIdentity>,
+    pub requester: Option<Arc<UserIdentity>>,
 
     /// OAuth scopes delegated. Each must be allowed by the actor and held by the parent grant (if any);
     /// a grant asking for more is denied, never silently narrowed.

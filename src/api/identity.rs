@@ -7,7 +7,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// An authenticated Kubernetes user, as admission saw it (`request.userInfo`).
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 pub struct UserIdentity {
     /// The user name, e.g. `alice@example.com` or `system:serviceaccount:ci:deployer`.
     #[schemars(length(max = 512))]
@@ -28,7 +28,7 @@ pub struct UserIdentity {
 }
 
 /// The values of one extra attribute.
-#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
 #[serde(transparent)]
 pub struct ExtraValue(#[schemars(length(max = 64), inner(length(max = 1024)))] pub Vec<String>);
 

@@ -99,10 +99,10 @@ fn grant_spec(actor: &str, scopes: &[&str]) -> DelegationGrantSpec {
         principal: None,
         parent_grant_ref: None,
         actor_ref: LocalRef::new(actor),
-        requester: Some(UserIdentity {
+        requester: Some(std::sync::Arc::new(UserIdentity {
             username: "alice@example.com".into(),
             ..Default::default()
-        }),
+        })),
         scopes: strings(scopes),
         audience: "https://api".into(),
         token_ttl: Duration::from("10m"),

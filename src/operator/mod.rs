@@ -3,6 +3,7 @@
 //! - [`grants`]: the DelegationGrant controller (issue, rotate, revoke).
 //! - [`agents`]: the AgentIdentity controller (subject, active grants, Ready).
 //! - [`alarms`]: when each grant must be looked at again (renewal, re-checks).
+//! - [`interner`]: one shared copy of what many cached grants repeat (their requester).
 //! - [`token_secret`]: the token Secrets and who owns them.
 //! - [`keys`]: signing keys and the published JWKS.
 //! - [`revocations`]: the revocation list.
@@ -18,6 +19,7 @@ pub mod error;
 pub mod events;
 pub mod grants;
 pub mod index;
+pub mod interner;
 pub mod keys;
 pub mod orphans;
 pub mod readiness;
@@ -183,10 +185,16 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let (grants_store, grant_events, grants_ready) = reflect(
         grants_api,
         watch.clone(),
-        // Nothing reads a grant's labels or annotations.
-        |grant: &mut DelegationGrant| {
-            grant.metadata.labels = None;
-            grant.metadata.annotations = None;
+        // Nothing reads a grant's labels or annotations; grants by one requester share its identity.
+        {
+            let mut requesters = interner::Interner::default();
+            move |grant: &mut DelegationGrant| {
+                grant.metadata.labels = None;
+                grant.metadata.annotations = None;
+                if let Some(requester) = grant.spec.requester.as_mut() {
+                    requesters.share(requester);
+                }
+            }
         },
         grant_fan_out(index.clone(), wake_grant.clone(), wake_agent, sweep.clone()),
     );
@@ -477,7 +485,7 @@ fn touched_names<K: kube::Resource>(
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    prune: impl Fn(&mut K) + Send + 'static,
+    mut prune: impl FnMut(&mut K) + Send + 'static,
     mut after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> (
     reflector::Store<K>,
