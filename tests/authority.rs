@@ -10,7 +10,7 @@ use delegation_operator::{
     cli,
 };
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, PostParams},
 };
 use serde_json::json;
@@ -293,6 +293,40 @@ async fn only_the_parent_actors_workload_may_extend_a_chain() {
         .await
         .unwrap();
     let hop = f.wait_ready("by-workload", "True", None).await;
+    // The refused grant's first token was planned (its status-list entry recorded) while its
+    // finalizer was added; it was never minted, so the entry was given back: once a later issuance
+    // wrote the records, the operator holds nothing for it, and the issued hop holds its token.
+    let hop_token = hop
+        .status
+        .as_ref()
+        .unwrap()
+        .token
+        .as_ref()
+        .unwrap()
+        .id
+        .clone();
+    assert_eq!(f.recorded_token_ids(&hop.uid().unwrap()).await, [hop_token]);
+    assert_eq!(
+        f.recorded_token_ids(&refused.uid().unwrap()).await,
+        Vec::<String>::new(),
+        "a refused grant holds no status-list record"
+    );
+    // ... and nothing was reported revoked for it: no token of it ever existed.
+    let audit = f.operator().audit();
+    let of_mallory: Vec<_> = audit
+        .iter()
+        .filter(|r| r["grant"] == "by-mallory")
+        .collect();
+    assert!(
+        of_mallory.iter().any(|r| r["action"] == "Denied"),
+        "{of_mallory:?}"
+    );
+    assert!(
+        of_mallory
+            .iter()
+            .all(|r| r["action"] == "Denied" && r["tokenIds"] == json!([])),
+        "{of_mallory:?}"
+    );
     let chain = hop.status.unwrap().chain.unwrap();
     assert_eq!(chain[1].requested_by.as_deref(), Some("alice@example.com"));
     assert_eq!(chain[2].requested_by.as_deref(), Some(workload.as_str()));

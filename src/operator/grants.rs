@@ -69,25 +69,28 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
         (true, true) => cleanup(&api, &grant, &ctx, now).await,
         // Being deleted, and nothing of ours holds it.
         (true, false) => Ok(Action::await_change()),
-        (false, true) => apply(&grant, &ctx, now).await,
+        (false, true) => apply(&grant, &ctx, now, &mut None).await,
         // New: the finalizer first (before any token exists, so that a deletion always revokes).
         (false, false) => {
-            let grant = add_finalizer_and_ask(&api, grant, &ctx, now).await?;
-            apply(&grant, &ctx, now).await
+            let (grant, mut planned) = add_finalizer_and_ask(&api, grant, &ctx, now).await?;
+            let done = apply(&grant, &ctx, now, &mut planned).await;
+            withdraw_unused(&grant, &ctx, planned).await;
+            done
         }
     }
 }
 
 /// Adds the finalizer (before any token exists, so that a deletion always revokes) and, at the same
 /// time, asks the apiserver about the grant's authority, which the issuance that follows would ask
-/// anyway. Returns the grant as the apiserver now holds it, so the issuance goes on in this very
-/// reconcile rather than after another trip through the watch.
+/// anyway, and records the first token's status-list entry (see [`Planned`]). Returns the grant as
+/// the apiserver now holds it, so the issuance goes on in this very reconcile rather than after
+/// another trip through the watch.
 async fn add_finalizer_and_ask(
     api: &Api<DelegationGrant>,
     grant: Arc<DelegationGrant>,
     ctx: &Context,
     now: Timestamp,
-) -> Result<Arc<DelegationGrant>> {
+) -> Result<(Arc<DelegationGrant>, Option<Planned>)> {
     use kube::{
         api::{Patch, PatchParams},
         runtime::finalizer::Error as F,
@@ -100,16 +103,95 @@ async fn add_finalizer_and_ask(
     });
     let name = grant.name_any();
     let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
-    let (patched, asked) = futures::join!(
+    let (patched, asked, planned) = futures::join!(
         api.patch(&name, &params, &patch),
-        authority::evaluate(&grant, ctx, now, true)
+        authority::evaluate(&grant, ctx, now, true),
+        plan_first_token(&grant, ctx, now)
     );
     if let Err(e) = asked {
         // The issuance asks again; this was only ahead of time.
         tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
     }
-    let patched = patched.map_err(|e| Error::Finalizer(Box::new(F::AddFinalizer(e))))?;
-    Ok(Arc::new(patched))
+    let planned = planned.unwrap_or_else(|e| {
+        // The issuance records its token itself.
+        tracing::debug!(grant = %name, error = %e, "status-list entry ahead of issuance failed");
+        None
+    });
+    match patched {
+        Ok(patched) => Ok((Arc::new(patched), planned)),
+        Err(e) => {
+            withdraw_unused(&grant, ctx, planned).await;
+            Err(Error::Finalizer(Box::new(F::AddFinalizer(e))))
+        }
+    }
+}
+
+/// Gives back the status-list entry of a planned token the issuance did not mint. Before a refusal
+/// too: it would otherwise revoke, and report, the entry as one of the grant's tokens.
+async fn withdraw_unused(grant: &DelegationGrant, ctx: &Context, planned: Option<Planned>) {
+    if let (Some(planned), Some(uid)) = (planned, grant.uid()) {
+        ctx.status_lists.withdraw(&uid, &planned.jti).await;
+    }
+}
+
+/// The first token of a new grant, planned while its finalizer is added: its id, times and
+/// status-list entry, recorded (written and published) like any issuance's, only earlier, so the
+/// issuance does not wait for that write after the finalizer's. Nothing is signed until the
+/// finalizer is in place and the authority confirmed; the entry of a plan the issuance does not use
+/// (a refusal, a Secret conflict) is given back (see `withdraw_unused`).
+struct Planned {
+    jti: String,
+    times: TokenTimes,
+    /// What the times were planned from: the issuance uses the plan only if its resolution agrees.
+    limits: TokenLimits,
+    status_ref: TokenStatusRef,
+}
+
+/// A token's time limits as resolved from the grant and its chain.
+type TokenLimits = (Duration, Option<Duration>, Option<Timestamp>);
+
+fn limits_of(resolution: &Resolution) -> TokenLimits {
+    (
+        resolution.token_ttl,
+        resolution.renew_before,
+        resolution.not_after,
+    )
+}
+
+/// Plans and records the first token of a grant that resolves now (see [`Planned`]); `None` when it
+/// does not (the issuance will refuse it or wait).
+async fn plan_first_token(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> Result<Option<Planned>> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let view = ctx.namespace_view(&namespace);
+    let Ok(resolution) = resolve(grant, &namespace, &view, &ctx.settings.policy, now) else {
+        return Ok(None);
+    };
+    let Some(uid) = grant.uid() else {
+        return Ok(None);
+    };
+    let limits = limits_of(&resolution);
+    let times = plan_token(now, limits.0, limits.1, limits.2, jitter());
+    let jti = uuid::Uuid::new_v4().to_string();
+    let status_ref = ctx
+        .status_lists
+        .allocate(
+            &ctx.keys,
+            &uid,
+            &jti,
+            now.as_second(),
+            times.expires_at.as_second(),
+        )
+        .await?;
+    Ok(Some(Planned {
+        jti,
+        times,
+        limits,
+        status_ref,
+    }))
 }
 
 pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Context>) -> Action {
@@ -160,7 +242,12 @@ fn is_stale_finalizer_write(error: &Error) -> bool {
 }
 
 /// Brings the grant's token in line with what the grant allows now.
-async fn apply(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result<Action> {
+async fn apply(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+    planned: &mut Option<Planned>,
+) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
     let resolved = resolve(
         grant,
@@ -174,9 +261,13 @@ async fn apply(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result
         Err(refusal) if refusal.reason == Reason::ParentUpdating => {
             Ok(Action::requeue(Duration::from_secs(2)))
         }
-        Err(refusal) => refuse(grant, ctx, &refusal, None, now).await,
+        Err(refusal) => {
+            withdraw_unused(grant, ctx, planned.take()).await;
+            refuse(grant, ctx, &refusal, None, now).await
+        }
         Ok(mut resolution) => match authority::evaluate(grant, ctx, now, false).await? {
             Err(unauthorized) => {
+                withdraw_unused(grant, ctx, planned.take()).await;
                 refuse(
                     grant,
                     ctx,
@@ -197,7 +288,7 @@ async fn apply(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Result
                 if let Some(actor) = resolution.chain.last_mut() {
                     actor.approved_by = evidence.approval.as_ref().and_then(|a| a.approver.clone());
                 }
-                issue_or_keep(grant, ctx, &resolution, &evidence, now).await
+                issue_or_keep(grant, ctx, &resolution, &evidence, now, planned).await
             }
         },
     }
@@ -319,12 +410,14 @@ async fn issue_or_keep(
     resolution: &Resolution,
     evidence: &Evidence,
     now: Timestamp,
+    planned: &mut Option<Planned>,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
     let name = grant.name_any();
     let secret_name = grant.spec.secret_name_or_default(&name);
     let cached = ctx.cached_secret(&namespace, &secret_name);
     if token_secret::ownership(cached.as_deref(), grant) == Ownership::Foreign {
+        withdraw_unused(grant, ctx, planned.take()).await;
         return secret_conflict(grant, ctx, &secret_name, now).await;
     }
     let status = grant.status.clone().unwrap_or_default();
@@ -391,6 +484,7 @@ async fn issue_or_keep(
                 match authority::evaluate(grant, ctx, now, true).await? {
                     Ok(evidence) => evidence,
                     Err(unauthorized) => {
+                        withdraw_unused(grant, ctx, planned.take()).await;
                         return refuse(
                             grant,
                             ctx,
@@ -406,7 +500,17 @@ async fn issue_or_keep(
             if let Some(actor) = resolution.chain.last_mut() {
                 actor.approved_by = evidence.approval.as_ref().and_then(|a| a.approver.clone());
             }
-            issue(grant, ctx, &resolution, &evidence, &secret_name, cause, now).await
+            // The plan is taken only when it fits; otherwise it is given back after the reconcile.
+            let planned = match planned {
+                Some(p) if p.limits == limits_of(&resolution) => planned.take(),
+                _ => None,
+            };
+            let issuance = Issuance {
+                cause,
+                planned,
+                now,
+            };
+            issue(grant, ctx, &resolution, &evidence, &secret_name, issuance).await
         }
     }
 }
@@ -560,6 +664,13 @@ fn token_grants_what_is_allowed(
     expected.is_some_and(|claims| ctx.minted_substance(&uid) == Some(substance(&claims)))
 }
 
+/// Why a token is issued, the plan made for it ahead of time (a new grant's first), and when.
+struct Issuance {
+    cause: IssueCause,
+    planned: Option<Planned>,
+    now: Timestamp,
+}
+
 /// Mints a token, writes it to the Secret, then records it in the status.
 async fn issue(
     grant: &DelegationGrant,
@@ -567,14 +678,20 @@ async fn issue(
     resolution: &Resolution,
     evidence: &Evidence,
     secret_name: &str,
-    cause: IssueCause,
-    now: Timestamp,
+    issuance: Issuance,
 ) -> Result<Action> {
+    let Issuance {
+        cause,
+        planned,
+        now,
+    } = issuance;
     let namespace = grant.namespace().unwrap_or_default();
     let old = grant.status.clone().unwrap_or_default();
     let supersedes = supersedes_current(cause);
-    let (revoked, revocation_reason) = revoke_replaced(grant, ctx, supersedes, now).await?;
-    let minted = mint(grant, ctx, resolution, now).await?;
+    let planned_jti = planned.as_ref().map(|p| p.jti.as_str());
+    let (revoked, revocation_reason) =
+        revoke_replaced(grant, ctx, supersedes, planned_jti, now).await?;
+    let minted = mint(grant, ctx, resolution, planned, now).await?;
 
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let desired = token_secret::desired(
@@ -679,19 +796,22 @@ async fn revoke_replaced(
     grant: &DelegationGrant,
     ctx: &Context,
     supersedes: bool,
+    planned: Option<&str>,
     now: Timestamp,
 ) -> Result<(Vec<String>, &'static str)> {
-    let kept = grant
+    let current = grant
         .status
         .as_ref()
         .and_then(|s| s.token.as_ref())
         .filter(|_| !supersedes)
         .map(|t| t.id.as_str());
+    // The token about to be minted on a plan is not replaced by itself.
+    let kept: Vec<&str> = current.into_iter().chain(planned).collect();
     let in_use = tokens_in_use(grant, ctx, now).await?;
     let replaced = in_use
         .tokens
         .into_iter()
-        .filter(|(jti, _)| Some(jti.as_str()) != kept)
+        .filter(|(jti, _)| !kept.contains(&jti.as_str()))
         .collect();
     let reason = if supersedes {
         "Superseded"
@@ -701,10 +821,10 @@ async fn revoke_replaced(
     let verified: Vec<TokenStatusRef> = in_use
         .verified_refs
         .into_iter()
-        .filter(|(jti, _)| Some(jti.as_str()) != kept)
+        .filter(|(jti, _)| !kept.contains(&jti.as_str()))
         .map(|(_, r)| r)
         .collect();
-    revoke_statuses(grant, ctx, kept, &verified, now).await?;
+    revoke_statuses(grant, ctx, &kept, &verified, now).await?;
     let revoked = record(grant, ctx, replaced, reason, now).await?;
     Ok((revoked, reason))
 }
@@ -719,22 +839,23 @@ struct Minted {
     substance: u64,
 }
 
-/// Plans, builds and signs a token for a resolved grant, with its status-list reference (allocated,
-/// recorded and published before the token exists).
+/// Plans (unless `planned`), builds and signs a token for a resolved grant, with its status-list
+/// reference (allocated, recorded and published before the token exists).
 async fn mint(
     grant: &DelegationGrant,
     ctx: &Context,
     resolution: &Resolution,
+    planned: Option<Planned>,
     now: Timestamp,
 ) -> Result<Minted> {
-    let times = plan_token(
-        now,
-        resolution.token_ttl,
-        resolution.renew_before,
-        resolution.not_after,
-        jitter(),
-    );
-    let jti = uuid::Uuid::new_v4().to_string();
+    let (jti, times, recorded) = match planned {
+        Some(p) => (p.jti, p.times, Some(p.status_ref)),
+        None => {
+            let limits = limits_of(resolution);
+            let times = plan_token(now, limits.0, limits.1, limits.2, jitter());
+            (uuid::Uuid::new_v4().to_string(), times, None)
+        }
+    };
     let grant_ref = GrantReference {
         namespace: grant.namespace().unwrap_or_default(),
         name: grant.name_any(),
@@ -750,16 +871,20 @@ async fn mint(
         jti.clone(),
     )
     .ok_or_else(|| Error::InvalidState("a resolved chain has at least one actor".into()))?;
-    let status_ref = ctx
-        .status_lists
-        .allocate(
-            &ctx.keys,
-            &grant.uid().unwrap_or_default(),
-            &jti,
-            now.as_second(),
-            claims.exp,
-        )
-        .await?;
+    let status_ref = match recorded {
+        Some(status_ref) => status_ref,
+        None => {
+            ctx.status_lists
+                .allocate(
+                    &ctx.keys,
+                    &grant.uid().unwrap_or_default(),
+                    &jti,
+                    now.as_second(),
+                    claims.exp,
+                )
+                .await?
+        }
+    };
     claims.status = Some(status_ref.status_claim());
     let signed = ctx.keys.sign(&claims)?;
     Ok(Minted {
@@ -942,7 +1067,7 @@ async fn revoke_recorded(
     // Both lists before any Secret is deleted (fail closed), written at the same time. The status
     // list must succeed: it is what verifiers check, and bounded whatever tenants do.
     let (statuses, revoked) = futures::join!(
-        revoke_statuses(grant, ctx, None, &verified, now),
+        revoke_statuses(grant, ctx, &[], &verified, now),
         record(grant, ctx, in_use.tokens, reason, now)
     );
     statuses?;
@@ -1030,7 +1155,7 @@ struct InUse {
 async fn revoke_statuses(
     grant: &DelegationGrant,
     ctx: &Context,
-    keep: Option<&str>,
+    keep: &[&str],
     verified: &[TokenStatusRef],
     now: Timestamp,
 ) -> Result<()> {

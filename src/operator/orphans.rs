@@ -86,7 +86,7 @@ async fn sweep_grant(ctx: &Context, namespace: &str, name: &str, uid: &str) -> R
         })
         .collect();
     ctx.status_lists
-        .revoke_grant(&ctx.keys, uid, None, &[], now.as_second())
+        .revoke_grant(&ctx.keys, uid, &[], &[], now.as_second())
         .await?;
     if let Err(e) = ctx.revocations.add(entries, now).await {
         tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
@@ -178,7 +178,7 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
         .into_iter()
         .collect();
     ctx.status_lists
-        .revoke_grant(&ctx.keys, &grant_uid, None, &verified, now.as_second())
+        .revoke_grant(&ctx.keys, &grant_uid, &[], &verified, now.as_second())
         .await?;
     token_secret::delete(&api, name, secret.metadata.uid.clone()).await?;
     ctx.forget_secret(namespace, name);

@@ -189,6 +189,31 @@ impl Inner {
         taken
     }
 
+    /// See [`StatusLists::withdraw`]. Returns whether an entry was set INVALID. The shard that held
+    /// the record is written again with the next flush, so the record is gone after a restart too.
+    fn withdraw(&mut self, grant_uid: &str, jti: &str) -> bool {
+        let mut planned = None;
+        for (shard, records) in self.tokens.iter_mut().enumerate() {
+            let Some(held) = records.get_mut(grant_uid) else {
+                continue;
+            };
+            if let Some(at) = held.iter().position(|h| h.0 == jti) {
+                planned = Some(held.remove(at));
+                if held.is_empty() {
+                    records.remove(grant_uid);
+                }
+                self.dirty.insert(shard);
+                break;
+            }
+        }
+        let Some(planned) = planned else {
+            return false;
+        };
+        self.version += 1;
+        let status_ref = self.status_ref(&planned);
+        matches!(self.registry.revoke(&status_ref), Ok(true))
+    }
+
     fn status_ref(&self, held: &Held) -> TokenStatusRef {
         TokenStatusRef {
             idx: held.3,
@@ -447,7 +472,7 @@ impl StatusLists {
             .collect()
     }
 
-    /// Sets to INVALID every token of `grant_uid` the operator recorded except `keep` (a jti), plus
+    /// Sets to INVALID every token of `grant_uid` the operator recorded except those in `keep` (jtis), plus
     /// `verified` references read from tokens of that grant that verified against our keys; then
     /// persists and republishes (call this before deleting any Secret: fail closed). The revoked
     /// tokens are forgotten (they stay INVALID in their lists). Returns how many entries changed.
@@ -455,7 +480,7 @@ impl StatusLists {
         &self,
         keys: &KeyStore,
         grant_uid: &str,
-        keep: Option<&str>,
+        keep: &[&str],
         verified: &[TokenStatusRef],
         now: i64,
     ) -> Result<usize> {
@@ -466,12 +491,20 @@ impl StatusLists {
         Ok(changed)
     }
 
+    /// Gives back the entry recorded for `jti`, a token planned for `grant_uid` and never minted: it
+    /// is no longer the grant's, and INVALID from the next write on (nothing is written for it alone;
+    /// no token carries it, and a restart before that write finds it as one of the grant's records,
+    /// revoked with them).
+    pub async fn withdraw(&self, grant_uid: &str, jti: &str) {
+        self.inner.lock().await.withdraw(grant_uid, jti);
+    }
+
     /// The in-memory part of [`revoke_grant`](Self::revoke_grant): how many entries changed, and
     /// the version that must be written before they count.
     async fn revoke_in_memory(
         &self,
         grant_uid: &str,
-        keep: Option<&str>,
+        keep: &[&str],
         verified: &[TokenStatusRef],
         now: i64,
     ) -> (usize, u64) {
@@ -482,7 +515,7 @@ impl StatusLists {
         let held = inner.take_held(grant_uid);
         let (kept, dropped): (Vec<Held>, Vec<Held>) = held
             .into_iter()
-            .partition(|h| keep == Some(h.0.as_str()) && h.1 > now);
+            .partition(|h| keep.contains(&h.0.as_str()) && h.1 > now);
         if !kept.is_empty() {
             inner.held_of(grant_uid).extend(kept.iter().cloned());
         }
@@ -570,21 +603,30 @@ impl StatusLists {
             return Ok(());
         }
         let _flushing = self.flushed.lock().await;
-        let inner = self.inner.lock().await;
-        let desired = if name == SECRET_NAME {
-            if inner.written.is_empty() {
-                return Ok(());
+        // The watch can show our write before the flush that made it has noted its version: that
+        // flush has finished now that we hold the lock.
+        if seen.is_some_and(|rv| self.wrote_version(name, rv)) {
+            return Ok(());
+        }
+        let desired = {
+            let inner = self.inner.lock().await;
+            if name == SECRET_NAME {
+                if inner.written.is_empty() {
+                    return Ok(());
+                }
+                desired_secret(&inner.written)
+            } else {
+                let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
+                    return Ok(());
+                };
+                if inner.shards_written[shard].is_empty() {
+                    return Ok(());
+                }
+                shard_secret(shard, &inner.shards_written[shard])
             }
-            desired_secret(&inner.written)
-        } else {
-            let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
-                return Ok(());
-            };
-            if inner.shards_written[shard].is_empty() {
-                return Ok(());
-            }
-            shard_secret(shard, &inner.shards_written[shard])
         };
+        // Not under the records' lock: issuances and revocations go on meanwhile (what they change
+        // waits for the next flush, which waits for this restore).
         let current = self.secrets.get_opt(name).await?;
         if current.as_ref().and_then(|s| s.data.as_ref()) != desired.data.as_ref() {
             tracing::warn!(
@@ -884,6 +926,7 @@ fn verify_list_token(token: &str, jwks: &Value, uri: &str) -> Option<Published> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::status_list::Status;
 
     #[test]
     fn held_tokens_persist_compactly() {
@@ -991,6 +1034,62 @@ mod tests {
             inner.held("uid-2").count(),
             1,
             "another grant's record stays"
+        );
+    }
+
+    /// A planned token that was never minted gives its entry back: INVALID, no longer the grant's,
+    /// and the grant's other records untouched.
+    #[test]
+    fn a_withdrawn_plan_is_invalid_and_no_longer_the_grants() {
+        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
+        let mut inner = Inner {
+            registry: Registry::new(config).unwrap(),
+            tokens: vec![BTreeMap::new(); SHARDS],
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
+            open: 0,
+            published: BTreeMap::new(),
+            configmap_rv: None,
+            written: String::new(),
+            version: 0,
+        };
+        let record = |inner: &mut Inner, uid: &str, jti: &str| {
+            let status_ref = inner.registry.allocate(100, 700).unwrap().status_ref;
+            let serial = status_ref.uri.rsplit('/').next().unwrap().to_owned();
+            inner
+                .held_of(uid)
+                .push(Held(jti.into(), 700, serial, status_ref.idx));
+            status_ref
+        };
+        let current = record(&mut inner, "uid-1", "current");
+        let planned = record(&mut inner, "uid-1", "planned");
+        let other = record(&mut inner, "uid-2", "planned");
+        let version = inner.version;
+        inner.dirty.clear();
+
+        assert!(inner.withdraw("uid-1", "planned"));
+        assert_eq!(
+            inner.dirty,
+            BTreeSet::from([0]),
+            "its shard is written again"
+        );
+        assert!(
+            inner.version > version,
+            "the change waits for the next write"
+        );
+        assert_eq!(inner.registry.status(&planned).unwrap(), Status::Invalid);
+        assert_eq!(inner.registry.status(&current).unwrap(), Status::Valid);
+        assert_eq!(inner.registry.status(&other).unwrap(), Status::Valid);
+        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        assert_eq!(ids, ["current"]);
+        assert_eq!(
+            inner.held("uid-2").count(),
+            1,
+            "another grant's same jti stays"
+        );
+        assert!(
+            !inner.withdraw("uid-1", "planned"),
+            "a second time changes nothing"
         );
     }
 

@@ -1007,6 +1007,27 @@ impl Fixture {
         serde_json::from_str(&cm.data.unwrap()["jwks.json"]).unwrap()
     }
 
+    /// The token ids the operator's own record (the status-list shard Secrets) holds for a grant uid.
+    pub async fn recorded_token_ids(&self, grant_uid: &str) -> Vec<String> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.operator_namespace());
+        let shards = secrets
+            .list(&kube::api::ListParams::default().labels("delegation.nhi.dev/status-list-shard"))
+            .await
+            .unwrap();
+        let mut ids = Vec::new();
+        for shard in shards.items {
+            let Some(records) = shard.data.as_ref().and_then(|d| d.get("tokens.json")) else {
+                continue;
+            };
+            let records: std::collections::BTreeMap<String, Vec<serde_json::Value>> =
+                serde_json::from_slice(&records.0).unwrap();
+            for held in records.get(grant_uid).into_iter().flatten() {
+                ids.push(held[0].as_str().unwrap().to_owned());
+            }
+        }
+        ids
+    }
+
     /// The token ids in the revocation list.
     pub async fn revoked_ids(&self) -> Vec<String> {
         let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
