@@ -158,6 +158,21 @@ pub fn renewal_may_wait(current: Option<(Timestamp, Timestamp)>, now: Timestamp)
     current.is_some_and(|(expires_at, _)| until(now, expires_at) > URGENT_RENEWAL)
 }
 
+/// When a renewal waiting in line looks again if nothing woke it: after half a minute, or when its
+/// token turns urgent (to move ahead in line); an urgent one, already at the head of the line, every
+/// few seconds (thousands of them must not flood the queue that revocations share).
+pub fn renewal_backstop(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> Duration {
+    let until_urgent = current.map_or(Duration::ZERO, |(expires_at, _)| {
+        until(now, expires_at).saturating_sub(URGENT_RENEWAL)
+    });
+    if until_urgent.is_zero() {
+        return Duration::from_secs(5);
+    }
+    until_urgent
+        .min(Duration::from_secs(30))
+        .max(Duration::from_secs(1))
+}
+
 /// How long from `now` until `at`, zero when it is already past.
 pub fn until(now: Timestamp, at: Timestamp) -> Duration {
     at.duration_since(now).try_into().unwrap_or(Duration::ZERO)
@@ -180,6 +195,33 @@ mod tests {
         assert!(!renewal_may_wait(token, ts(970)), "30 s left: urgent");
         assert!(!renewal_may_wait(token, ts(1200)), "already expired");
         assert!(!renewal_may_wait(None, ts(0)), "no token: not a renewal");
+    }
+
+    #[test]
+    fn a_waiting_renewal_looks_again_when_it_turns_urgent_and_an_urgent_one_every_few_seconds() {
+        let token = Some((ts(1000), ts(800)));
+        assert_eq!(
+            renewal_backstop(token, ts(700)),
+            Duration::from_secs(30),
+            "at most 30 s"
+        );
+        assert_eq!(
+            renewal_backstop(token, ts(960)),
+            Duration::from_secs(10),
+            "urgent in 10 s"
+        );
+        assert_eq!(renewal_backstop(token, ts(969)), Duration::from_secs(1));
+        assert_eq!(
+            renewal_backstop(token, ts(970)),
+            Duration::from_secs(5),
+            "urgent already"
+        );
+        assert_eq!(
+            renewal_backstop(token, ts(2000)),
+            Duration::from_secs(5),
+            "expired"
+        );
+        assert_eq!(renewal_backstop(None, ts(0)), Duration::from_secs(5));
     }
 
     #[test]

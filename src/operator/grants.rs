@@ -35,7 +35,7 @@ use crate::{
         resolve,
         timing::{
             IssueCause, SecretState, TokenStep, TokenTimes, next_step, plan_token,
-            renewal_may_wait, until,
+            renewal_backstop, renewal_may_wait, until,
         },
     },
     signing,
@@ -463,13 +463,14 @@ async fn issue_or_keep(
             ))
         }
         TokenStep::Issue(cause) => {
-            // A routine renewal yields to revocations: it takes one of a few slots, or waits in
-            // line to be woken (its token stays valid meanwhile; the alarm is only a backstop).
+            // A renewal yields to revocations: it takes one of a few slots (an urgent one, with
+            // under 30 s left, a few more), or waits in line to be woken (the alarm is a backstop).
             let _slot = match cause {
-                IssueCause::Renewal if renewal_may_wait(current, now) => {
+                IssueCause::Renewal => {
+                    let urgent = !renewal_may_wait(current, now);
                     match ctx
                         .renewals
-                        .take_or_queue(ObjectRef::new(&grant.name_any()).within(&namespace))
+                        .take_or_queue(ObjectRef::new(&grant.name_any()).within(&namespace), urgent)
                     {
                         Some(slot) => Some(slot),
                         None => return Ok(ctx.look_again(grant, renewal_backstop(current, now))),
@@ -513,18 +514,6 @@ async fn issue_or_keep(
             issue(grant, ctx, &resolution, &evidence, &secret_name, issuance).await
         }
     }
-}
-
-/// When a renewal waiting in line looks again if nothing woke it: after half a minute, or when its
-/// token gets close enough to expiry that it no longer waits.
-fn renewal_backstop(current: Option<(Timestamp, Timestamp)>, now: Timestamp) -> Duration {
-    let urgent = current.map(|(expires_at, _)| {
-        until(now, expires_at).saturating_sub(crate::delegation::timing::URGENT_RENEWAL)
-    });
-    urgent
-        .unwrap_or(Duration::ZERO)
-        .min(Duration::from_secs(30))
-        .max(Duration::from_secs(1))
 }
 
 /// Whether the current token still says what the grant says now: same chain (principal, actors,
