@@ -176,7 +176,7 @@ async fn plan_first_token(
     let limits = limits_of(&resolution);
     let times = plan_token(now, limits.0, limits.1, limits.2, jitter());
     let jti = uuid::Uuid::new_v4().to_string();
-    let status_ref = ctx
+    let allocated = ctx
         .status_lists
         .allocate(
             &ctx.keys,
@@ -185,7 +185,15 @@ async fn plan_first_token(
             now.as_second(),
             times.expires_at.as_second(),
         )
-        .await?;
+        .await;
+    let status_ref = match allocated {
+        Ok(status_ref) => status_ref,
+        Err(e) => {
+            // Recorded in memory but not written: given back like any unused plan.
+            ctx.status_lists.withdraw(&uid, &jti).await;
+            return Err(e);
+        }
+    };
     Ok(Some(Planned {
         jti,
         times,

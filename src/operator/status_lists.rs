@@ -649,6 +649,15 @@ impl StatusLists {
         }
     }
 
+    /// The resourceVersion of our latest write of `name`.
+    fn last_version(&self, name: &str) -> Option<String> {
+        self.own_versions
+            .lock()
+            .ok()?
+            .get(name)
+            .and_then(|v| v.back().cloned())
+    }
+
     fn wrote_version(&self, name: &str, version: &str) -> bool {
         self.own_versions.lock().is_ok_and(|own| {
             own.get(name)
@@ -675,12 +684,12 @@ impl StatusLists {
     async fn flush(&self, keys: &KeyStore, now: i64, check: bool) -> Result<u64> {
         let plan = self.inner.lock().await.plan(self, keys, now)?;
         let shard_writes = plan.shards.iter().map(|(shard, text)| async move {
-            self.apply_secret(&shard_name(*shard), shard_secret(*shard, text))
+            self.write_secret(&shard_name(*shard), shard_secret(*shard, text))
                 .await
         });
         let state_write = async {
             match &plan.state {
-                Some(state) => self.apply_secret(SECRET_NAME, desired_secret(state)).await,
+                Some(state) => self.write_secret(SECRET_NAME, desired_secret(state)).await,
                 None => Ok(()),
             }
         };
@@ -754,6 +763,29 @@ impl StatusLists {
         }
         let written = overwrite(&self.configmaps, current, desired_configmap(data)).await?;
         Ok(written.metadata.resource_version)
+    }
+
+    /// Writes one of the state Secrets: replaced at the version we last wrote (cheaper for the
+    /// apiserver than an apply, about 1 ms of a 10 KB shard write), or, when we know none or
+    /// someone else wrote it since (the guard restores such edits anyway), applied with force.
+    async fn write_secret(&self, name: &str, secret: Secret) -> Result<()> {
+        if let Some(version) = self.last_version(name) {
+            let mut desired = secret.clone();
+            desired.metadata.resource_version = Some(version);
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            match self.secrets.replace(name, &params, &desired).await {
+                Ok(written) => {
+                    self.remember_version(name, written.metadata.resource_version);
+                    return Ok(());
+                }
+                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.apply_secret(name, secret).await
     }
 
     async fn apply_secret(&self, name: &str, secret: Secret) -> Result<()> {
