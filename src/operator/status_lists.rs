@@ -1020,22 +1020,27 @@ mod tests {
         );
     }
 
-    /// Records go to the open shard; a grant whose tokens were written by different flushes has
-    /// records in several shards, and a revocation finds and removes all of them.
-    #[test]
-    fn a_grants_records_are_found_and_taken_from_every_shard() {
+    /// An empty registry and empty shards, new records going to shard `open`.
+    fn empty_inner(open: usize) -> Inner {
         let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
-        let mut inner = Inner {
+        Inner {
             registry: Registry::new(config).unwrap(),
             tokens: vec![BTreeMap::new(); SHARDS],
             shards_written: vec![String::new(); SHARDS],
             dirty: BTreeSet::new(),
-            open: 3,
+            open,
             published: BTreeMap::new(),
             configmap_rv: None,
             written: String::new(),
             version: 0,
-        };
+        }
+    }
+
+    /// Records go to the open shard; a grant whose tokens were written by different flushes has
+    /// records in several shards, and a revocation finds and removes all of them.
+    #[test]
+    fn a_grants_records_are_found_and_taken_from_every_shard() {
+        let mut inner = empty_inner(3);
         inner
             .held_of("uid-1")
             .push(Held("a".into(), 10, "0".into(), 0));
@@ -1073,18 +1078,7 @@ mod tests {
     /// and the grant's other records untouched.
     #[test]
     fn a_withdrawn_plan_is_invalid_and_no_longer_the_grants() {
-        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
-        let mut inner = Inner {
-            registry: Registry::new(config).unwrap(),
-            tokens: vec![BTreeMap::new(); SHARDS],
-            shards_written: vec![String::new(); SHARDS],
-            dirty: BTreeSet::new(),
-            open: 0,
-            published: BTreeMap::new(),
-            configmap_rv: None,
-            written: String::new(),
-            version: 0,
-        };
+        let mut inner = empty_inner(0);
         let record = |inner: &mut Inner, uid: &str, jti: &str| {
             let status_ref = inner.registry.allocate(100, 700).unwrap().status_ref;
             let serial = status_ref.uri.rsplit('/').next().unwrap().to_owned();
