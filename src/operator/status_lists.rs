@@ -472,10 +472,11 @@ impl StatusLists {
             .collect()
     }
 
-    /// Sets to INVALID every token of `grant_uid` the operator recorded except those in `keep` (jtis), plus
-    /// `verified` references read from tokens of that grant that verified against our keys; then
-    /// persists and republishes (call this before deleting any Secret: fail closed). The revoked
-    /// tokens are forgotten (they stay INVALID in their lists). Returns how many entries changed.
+    /// Sets to INVALID every token of `grant_uid` the operator recorded except those in `keep`
+    /// (jtis), plus `verified` references read from tokens of that grant that verified against our
+    /// keys; then persists and republishes (call this before deleting any Secret: fail closed). The
+    /// revoked tokens are forgotten (they stay INVALID in their lists). Returns how many entries
+    /// changed.
     pub async fn revoke_grant(
         &self,
         keys: &KeyStore,
