@@ -199,14 +199,7 @@ async fn a_delegate_permission_lets_bob_speak_for_alice_until_it_is_removed() {
     // A hop below it (created by the admin, who may do anything).
     f.apply(&serde_yaml::to_string(&hop_grant("below", "for-alice")).unwrap())
         .await;
-    let token = f
-        .wait_ready("for-alice", "True", None)
-        .await
-        .status
-        .unwrap()
-        .token
-        .unwrap()
-        .id;
+    let token = token_id(&f.wait_ready("for-alice", "True", None).await);
     f.wait_ready("below", "True", None).await;
 
     Api::<k8s_openapi::api::rbac::v1::RoleBinding>::namespaced(f.client.clone(), &f.ns)
@@ -296,16 +289,10 @@ async fn only_the_parent_actors_workload_may_extend_a_chain() {
     // The refused grant's first token was planned (its status-list entry recorded) while its
     // finalizer was added; it was never minted, so the entry was given back: once a later issuance
     // wrote the records, the operator holds nothing for it, and the issued hop holds its token.
-    let hop_token = hop
-        .status
-        .as_ref()
-        .unwrap()
-        .token
-        .as_ref()
-        .unwrap()
-        .id
-        .clone();
-    assert_eq!(f.recorded_token_ids(&hop.uid().unwrap()).await, [hop_token]);
+    assert_eq!(
+        f.recorded_token_ids(&hop.uid().unwrap()).await,
+        [token_id(&hop)]
+    );
     assert_eq!(
         f.recorded_token_ids(&refused.uid().unwrap()).await,
         Vec::<String>::new(),
@@ -552,14 +539,7 @@ async fn requiring_approval_later_or_rejecting_an_approved_grant_takes_effect_at
     )
     .await
     .unwrap();
-    let token = f
-        .wait_ready("work", "True", None)
-        .await
-        .status
-        .unwrap()
-        .token
-        .unwrap()
-        .id;
+    let token = token_id(&f.wait_ready("work", "True", None).await);
 
     f.patch_agent("orchestrator", json!({"spec": {"requireApproval": {}}}))
         .await;

@@ -1422,15 +1422,7 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
     }
 
     // Suspend: the token is revoked and its Secret deleted.
-    let token_id = ready
-        .status
-        .as_ref()
-        .unwrap()
-        .token
-        .as_ref()
-        .unwrap()
-        .id
-        .clone();
+    let suspended = token_id(&ready);
     dynamic_api(&dev, &watch_ns, "DelegationGrant")
         .patch(
             "lifecycle",
@@ -1441,7 +1433,7 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         .unwrap();
     wait_ready(&grants, "lifecycle", "False", "Suspended").await;
     assert!(secrets.get_opt("lifecycle-token").await.unwrap().is_none());
-    assert!(revoked_ids(&client, &release_ns).await.contains(&token_id));
+    assert!(revoked_ids(&client, &release_ns).await.contains(&suspended));
     // Delete: the finalizer is released.
     dynamic_api(&dev, &watch_ns, "DelegationGrant")
         .delete("lifecycle", &DeleteParams::default())
@@ -1546,15 +1538,7 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         "--set",
         &values,
     ]);
-    let survivor_token = survivor
-        .status
-        .as_ref()
-        .unwrap()
-        .token
-        .as_ref()
-        .unwrap()
-        .id
-        .clone();
+    let survivor_token = token_id(&survivor);
     let (operator, _) = start_as_deployed(
         &client,
         &release_ns,

@@ -72,18 +72,6 @@ fn user_root() -> &'static str {
     "principal: {kind: User, name: alice@example.com}"
 }
 
-fn token_id(grant: &delegation_operator::api::DelegationGrant) -> String {
-    grant
-        .status
-        .as_ref()
-        .unwrap()
-        .token
-        .as_ref()
-        .unwrap()
-        .id
-        .clone()
-}
-
 #[tokio::test]
 async fn a_three_hop_chain_gets_verifiable_tokens_with_nested_actors() {
     let f = Fixture::start("issue", &[]).await;

@@ -107,7 +107,7 @@ pub struct Context {
     pub secret_token_ids: Arc<SecretTokenIds>,
     /// Token Secrets written but not yet shown by the watch (see [`UnseenWrites`]).
     pub unseen_writes: Arc<UnseenWrites>,
-    /// Routine renewals' share of the reconcile slots (see [`super::renewals`]).
+    /// Renewals' share of the reconcile slots (see [`super::renewals`]).
     pub renewals: super::renewals::Renewals,
     /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, for
     /// [`RELEASED_KEPT`].

@@ -1142,6 +1142,19 @@ impl Fixture {
     }
 }
 
+/// The id of a grant's current token, as its status names it (panics when it has none).
+pub fn token_id(grant: &DelegationGrant) -> String {
+    grant
+        .status
+        .as_ref()
+        .unwrap()
+        .token
+        .as_ref()
+        .unwrap()
+        .id
+        .clone()
+}
+
 pub fn operator_namespace_for(ns: &str) -> String {
     format!("{ns}-op")
 }
