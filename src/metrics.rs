@@ -130,7 +130,7 @@ impl Metrics {
         );
         registry.register(
             "events_dropped",
-            "Kubernetes Events dropped unwritten because their writer's queue was full",
+            "Kubernetes Events dropped unwritten: their writer's queue was full, or Normal Events were over their rate",
             events_dropped.clone(),
         );
         let grants: Arc<RwLock<Option<Store<DelegationGrant>>>> = Arc::default();

@@ -6,6 +6,12 @@
 //! client-go's recorder does. What it remembers per series is a hash, a name and a count ([`Recent`]),
 //! and forgetting old series never scans them all, so the work per Event does not grow with the
 //! number of objects.
+//!
+//! Normal Events are also rate-limited ([`NORMAL_BURST`], then [`NORMAL_PER_SECOND`]): each is an
+//! apiserver write, and a burst of thousands of grants issued at once would otherwise spend a large
+//! share of the apiserver's work on Events nobody reads, slowing the issuance they describe. A
+//! Normal Event over the limit is dropped and counted like one dropped from a full queue. Warnings
+//! are never rate-limited: each says something needs a person.
 
 use std::{
     collections::{HashMap, VecDeque, hash_map},
@@ -67,6 +73,7 @@ impl Recorder {
                 .unwrap_or_else(|| reporter.controller.clone()),
             controller: reporter.controller,
             series: Recent::new(SERIES_WINDOW),
+            normal: Bucket::full(NORMAL_BURST, NORMAL_PER_SECOND, Instant::now()),
         };
         tokio::spawn(writer.run(pending));
         Self { queue }
@@ -112,12 +119,54 @@ struct Series {
     count: i32,
 }
 
+/// How many Normal Events may be written back to back before [`NORMAL_PER_SECOND`] applies: a
+/// few hundred grants applied at once still get one each.
+pub const NORMAL_BURST: f64 = 200.0;
+
+/// How many Normal Events per second are written once the burst is spent.
+pub const NORMAL_PER_SECOND: f64 = 10.0;
+
+/// A token bucket: `burst` tokens, refilled at `per_second` up to `burst`.
+struct Bucket {
+    burst: f64,
+    per_second: f64,
+    tokens: f64,
+    refilled_at: Instant,
+}
+
+impl Bucket {
+    fn full(burst: f64, per_second: f64, now: Instant) -> Self {
+        Self {
+            burst,
+            per_second,
+            tokens: burst,
+            refilled_at: now,
+        }
+    }
+
+    /// Takes one token if there is one. `now` must never go back.
+    fn take(&mut self, now: Instant) -> bool {
+        let elapsed = now
+            .saturating_duration_since(self.refilled_at)
+            .as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.per_second).min(self.burst);
+        self.refilled_at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
+}
+
 /// The task that writes queued Events, one at a time, in order.
 struct Writer {
     client: Client,
     controller: String,
     instance: String,
     series: Recent<Series>,
+    /// The budget of Normal Events.
+    normal: Bucket,
 }
 
 impl Writer {
@@ -130,6 +179,15 @@ impl Writer {
     /// Patches the series of the Event this one repeats, or creates a new Event. A failure is
     /// logged once and not retried.
     async fn write(&mut self, event: Pending) {
+        if matches!(event.type_, EventType::Normal) && !self.normal.take(Instant::now()) {
+            crate::metrics::metrics().events_dropped.inc();
+            tracing::debug!(
+                object = event.regarding.name.as_deref().unwrap_or_default(),
+                reason = %event.reason,
+                "event dropped: over the rate of Normal Events"
+            );
+            return;
+        }
         let key = series_key(&event);
         let namespace = event.regarding.namespace.as_deref().unwrap_or("default");
         let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
@@ -312,6 +370,29 @@ mod tests {
 
     fn later(t0: Instant, secs: u64) -> Instant {
         t0 + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn the_bucket_allows_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket::full(3.0, 2.0, t0);
+        let taken = (0..5).filter(|_| bucket.take(t0)).count();
+        assert_eq!(taken, 3, "the burst, and no more at the same instant");
+        assert!(
+            !bucket.take(t0 + Duration::from_millis(400)),
+            "0.8 tokens refilled"
+        );
+        assert!(
+            bucket.take(t0 + Duration::from_millis(500)),
+            "one token after half a second"
+        );
+        assert!(
+            !bucket.take(t0 + Duration::from_millis(500)),
+            "and only one"
+        );
+        let after_a_minute = t0 + Duration::from_secs(60);
+        let taken = (0..10).filter(|_| bucket.take(after_a_minute)).count();
+        assert_eq!(taken, 3, "refills up to the burst, never beyond");
     }
 
     #[test]
