@@ -144,25 +144,52 @@ async fn churn(f: &Fixture, rng: &mut Rng, serial: &mut u32) {
     }
 }
 
-/// Every token id the audit trails name, by grant, and every id they say was revoked.
-fn audited(
-    records: &[serde_json::Value],
-) -> (BTreeMap<String, BTreeSet<String>>, BTreeSet<String>) {
-    let mut issued: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut revoked = BTreeSet::new();
+/// What the audit trails say: every token id issued, by grant; every id revoked; and where each
+/// issued token's status lives (the `statusList` of its Issued or Rotated line).
+struct Audited {
+    issued: BTreeMap<String, BTreeSet<String>>,
+    revoked: BTreeSet<String>,
+    refs: BTreeMap<String, StatusRef>,
+}
+
+fn audited(records: &[serde_json::Value]) -> Audited {
+    let mut audited = Audited {
+        issued: BTreeMap::new(),
+        revoked: BTreeSet::new(),
+        refs: BTreeMap::new(),
+    };
     for r in records {
-        let ids = r["tokenIds"].as_array().cloned().unwrap_or_default();
-        let ids = ids.iter().filter_map(|v| v.as_str().map(str::to_owned));
+        let ids: Vec<String> = r["tokenIds"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|v| v.as_str().map(str::to_owned))
+            .collect();
         match r["action"].as_str() {
-            Some("Issued" | "Rotated") => issued
-                .entry(r["grant"].as_str().unwrap_or_default().to_owned())
-                .or_default()
-                .extend(ids),
-            Some("Revoked") => revoked.extend(ids),
+            Some("Issued" | "Rotated") => {
+                if let (Some(id), Some(reference)) = (ids.first(), status_ref(&r["statusList"])) {
+                    audited.refs.insert(id.clone(), reference);
+                }
+                audited
+                    .issued
+                    .entry(r["grant"].as_str().unwrap_or_default().to_owned())
+                    .or_default()
+                    .extend(ids);
+            }
+            Some("Revoked") => audited.revoked.extend(ids),
             _ => {}
         }
     }
-    (issued, revoked)
+    audited
+}
+
+/// A `{"idx": …, "uri": …}` status reference, as tokens and audit lines carry it.
+fn status_ref(reference: &serde_json::Value) -> Option<StatusRef> {
+    let uri = reference["uri"].as_str()?;
+    Some(StatusRef {
+        serial: uri.rsplit('/').next().unwrap_or_default().to_owned(),
+        idx: reference["idx"].as_u64()? as usize,
+    })
 }
 
 // ---- where each token's status lives -------------------------------------------------------------
@@ -177,8 +204,9 @@ struct StatusRef {
 /// Learns the status reference of every token the operator mints, from two watches: the token
 /// Secrets in the grants' namespace (the token's own `status` claim) and the operator's per-grant
 /// token records in its namespace (`[jti, exp, serial, idx]`, written before the token exists). A
-/// watch that breaks (the apiserver restarts) resumes or relists; both sources would have to miss a
-/// token for its reference to be unknown, which the invariants report as a failure.
+/// watch that breaks (the apiserver restarts) resumes or relists, so a token minted and revoked
+/// while it was down can be missed by both: the token's Issued audit line names its reference too
+/// (see [`audited`]), and a token known to neither is reported as a failure.
 struct Tracker {
     refs: Arc<Mutex<BTreeMap<String, StatusRef>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -241,22 +269,13 @@ fn status_refs_in(secret: &Secret) -> Vec<(String, StatusRef)> {
         let Some(claims) = payload else {
             return vec![];
         };
-        let reference = &claims["status"]["status_list"];
-        let (Some(jti), Some(uri), Some(idx)) = (
+        let (Some(jti), Some(reference)) = (
             claims["jti"].as_str(),
-            reference["uri"].as_str(),
-            reference["idx"].as_u64(),
+            status_ref(&claims["status"]["status_list"]),
         ) else {
             return vec![];
         };
-        let serial = uri.rsplit('/').next().unwrap_or_default().to_owned();
-        return vec![(
-            jti.to_owned(),
-            StatusRef {
-                serial,
-                idx: idx as usize,
-            },
-        )];
+        return vec![(jti.to_owned(), reference)];
     }
     if !secret.name_any().starts_with(status_lists::SHARD_PREFIX) {
         return vec![];
@@ -376,7 +395,9 @@ async fn check_invariants(
         settle(f).await;
         last = violations(f, tracker, records).await;
         if last.is_empty() {
-            let (issued, revoked) = audited(records);
+            let Audited {
+                issued, revoked, ..
+            } = audited(records);
             eprintln!(
                 "invariants hold: {} grants with audited tokens, {} tokens issued, {} revoked",
                 issued.len(),
@@ -406,12 +427,29 @@ async fn violations(f: &Fixture, tracker: &Tracker, records: &[serde_json::Value
         .map(|g| (g.name_any(), g))
         .collect();
     let published = Published::read(f).await;
-    let (issued, audited_revoked) = audited(records);
+    let Audited {
+        issued,
+        revoked: audited_revoked,
+        refs: audited_refs,
+    } = audited(records);
     let jwks = f.jwks().await;
+    // The tracker's watches can miss a token minted and revoked while the apiserver was down; its
+    // Issued audit line cannot. Where both know the token, they must agree.
     let status_of = |id: &str| -> Result<u8, String> {
-        let r = tracker
-            .get(id)
-            .ok_or_else(|| format!("the status reference of token {id} was never seen"))?;
+        let r = match (tracker.get(id), audited_refs.get(id)) {
+            (Some(seen), Some(said)) if seen != *said => {
+                return Err(format!(
+                    "the audit line of token {id} names {said:?} but the operator recorded {seen:?}"
+                ));
+            }
+            (Some(r), _) => r,
+            (None, Some(r)) => r.clone(),
+            (None, None) => {
+                return Err(format!(
+                    "the status reference of token {id} was never seen nor audited"
+                ));
+            }
+        };
         published.status(&r).ok_or_else(|| {
             format!(
                 "no published list covers token {id} ({}/{} idx {})",

@@ -305,6 +305,12 @@ async fn deleting_a_grant_revokes_its_token() {
             .contains(&"delegation.nhi.dev/revoke-tokens".to_owned())
     );
     let jti = token_id(&grant);
+    assert!(
+        f.operator().audit().iter().any(|r| r["action"] == "Issued"
+            && r["tokenIds"][0] == jti.as_str()
+            && r["statusList"] == claims["status"]["status_list"]),
+        "the audit line says where the token's status is published, as the token does"
+    );
 
     f.grants()
         .delete("doomed", &DeleteParams::default())

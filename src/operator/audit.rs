@@ -44,6 +44,10 @@ pub struct AuditRecord<'a> {
     pub token_ids: Vec<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
+    /// Of an issued token: where its revocation status is published (`{"idx": …, "uri": …}`, the
+    /// token's own `status.status_list` claim), so that an auditor can check it without the token.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub status_list: Option<&'a crate::status_list::TokenStatusRef>,
 }
 
 /// Writes one record as a JSON line on stdout.

@@ -74,8 +74,8 @@ pub struct Context {
     pub approvals: Store<DelegationApproval>,
     /// The identity-stamping admission policies, to know from when stamps are proven.
     pub stamps: super::stamps::Stamps,
-    /// Token Secrets, metadata only: token bytes never sit in this cache.
-    pub secrets: Store<PartialObjectMeta<Secret>>,
+    /// Token Secrets, metadata only and only what is read of it: token bytes never sit in this cache.
+    pub secrets: Arc<super::secret_cache::SecretCache>,
     /// Grants by actor and by parent, kept with the grants cache.
     pub index: Arc<super::index::GrantIndex>,
     /// One flag per cache, true once its initial list is in.
@@ -209,12 +209,8 @@ impl Context {
         true
     }
 
-    pub fn cached_secret(
-        &self,
-        namespace: &str,
-        name: &str,
-    ) -> Option<Arc<PartialObjectMeta<Secret>>> {
-        self.secrets.get(&ObjectRef::new(name).within(namespace))
+    pub fn cached_secret(&self, namespace: &str, name: &str) -> Option<PartialObjectMeta<Secret>> {
+        self.secrets.get(namespace, name)
     }
 
     /// Queues an Event on an object and returns at once: a background task writes it, and a failure

@@ -424,7 +424,7 @@ async fn issue_or_keep(
     let name = grant.name_any();
     let secret_name = grant.spec.secret_name_or_default(&name);
     let cached = ctx.cached_secret(&namespace, &secret_name);
-    if token_secret::ownership(cached.as_deref(), grant) == Ownership::Foreign {
+    if token_secret::ownership(cached.as_ref(), grant) == Ownership::Foreign {
         withdraw_unused(grant, ctx, planned.take()).await;
         return secret_conflict(grant, ctx, &secret_name, now).await;
     }
@@ -437,7 +437,7 @@ async fn issue_or_keep(
         ctx,
         grant,
         &secret_name,
-        cached.as_deref(),
+        cached.as_ref(),
         status.token.as_ref(),
     )
     .await?;
@@ -757,7 +757,7 @@ async fn issue(
     }
     ctx.event(grant, EventType::Normal, reason, message.clone());
     let expires_at = Some(minted.times.expires_at.to_string());
-    audit::record(&audit_record(
+    let mut record = audit_record(
         grant,
         ctx,
         action,
@@ -766,7 +766,9 @@ async fn issue(
         Some(resolution),
         vec![minted.jti.as_str()],
         expires_at,
-    ));
+    );
+    record.status_list = Some(&minted.status_ref);
+    audit::record(&record);
     Ok(ctx.look_again(
         grant,
         until(now, minted.times.renewal_at).max(Duration::from_secs(1)),
@@ -834,6 +836,8 @@ struct Minted {
     times: TokenTimes,
     /// What it grants ([`substance`]).
     substance: u64,
+    /// Where its status lives.
+    status_ref: TokenStatusRef,
 }
 
 /// Plans (unless `planned`), builds and signs a token for a resolved grant, with its status-list
@@ -890,6 +894,7 @@ async fn mint(
         key_id: signed.key_id,
         times,
         substance: substance(&claims),
+        status_ref,
     })
 }
 
@@ -1246,7 +1251,7 @@ async fn delete_our_secret(
     let namespace = grant.namespace().unwrap_or_default();
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let meta = match ctx.cached_secret(&namespace, secret_name) {
-        Some(cached) => Some((*cached).clone()),
+        Some(cached) => Some(cached),
         None if confirm => api.get_metadata_opt(secret_name).await?,
         None => None,
     };
@@ -1390,6 +1395,7 @@ fn audit_record<'a>(
         audience: resolution.map(|r| r.audience.as_str()),
         token_ids,
         expires_at,
+        status_list: None,
     }
 }
 

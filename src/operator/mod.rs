@@ -4,7 +4,7 @@
 //! - [`agents`]: the AgentIdentity controller (subject, active grants, Ready).
 //! - [`alarms`]: when each grant must be looked at again (renewal, re-checks).
 //! - [`interner`]: one shared copy of what many cached grants repeat (their requester).
-//! - [`token_secret`]: the token Secrets and who owns them.
+//! - [`token_secret`]: the token Secrets and who owns them; [`secret_cache`] what is kept of them.
 //! - [`keys`]: signing keys and the published JWKS.
 //! - [`revocations`]: the revocation list.
 //! - [`status_lists`]: the Token Status Lists (every token's `status`, set INVALID on revocation).
@@ -25,6 +25,7 @@ pub mod orphans;
 pub mod readiness;
 pub mod renewals;
 pub mod revocations;
+pub mod secret_cache;
 pub mod stamps;
 pub mod status_lists;
 pub mod token_secret;
@@ -248,10 +249,13 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let forget_token_ids = secret_token_ids.clone();
     let unseen_writes = Arc::new(context::UnseenWrites::default());
     let seen = unseen_writes.clone();
-    let (secrets, secret_events, secrets_ready) = reflect(
+    let secrets = Arc::new(secret_cache::SecretCache::default());
+    let cache = secrets.clone();
+    let (secret_events, secrets_ready) = watch_into(
         secrets_api,
         managed,
         prune_secret,
+        move |event| cache.apply(event),
         move |event| match event {
             watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
                 let key = (secret.namespace().unwrap_or_default(), secret.name_any());
@@ -478,15 +482,12 @@ fn touched_names<K: kube::Resource>(
 }
 
 /// A cache of `K`, the stream of touched objects that fills it (to be polled by a controller), and a
-/// flag that turns true once the initial list is in the cache. `after_cached` sees every event once
-/// the cache holds it. Before caching, `prune` drops what nothing reads of a `K`, and every kind loses
-/// its managedFields and kubectl's last-applied-configuration annotation (a full copy of the object
-/// as applied): nothing reads them, and they are most of a small object's size.
+/// flag that turns true once the initial list is in the cache. See [`watch_into`].
 fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
-    mut prune: impl FnMut(&mut K) + Send + 'static,
-    mut after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    prune: impl FnMut(&mut K) + Send + 'static,
+    after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
 ) -> (
     reflector::Store<K>,
     impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
@@ -501,7 +502,42 @@ where
         + Sync
         + 'static,
 {
-    let (store, writer) = reflector::store();
+    let (store, mut writer) = reflector::store();
+    let (events, ready) = watch_into(
+        api,
+        config,
+        prune,
+        move |event| writer.apply_watcher_event(event),
+        after_cached,
+    );
+    (store, events, ready)
+}
+
+/// Watches `K` into a cache that `cache` keeps, and returns the stream of touched objects (to be
+/// polled by a controller) and a flag that turns true once the initial list is in the cache.
+/// `after_cached` sees every event once `cache` has it. Before caching, `prune` drops what nothing
+/// reads of a `K`, and every kind loses its managedFields and kubectl's last-applied-configuration
+/// annotation (a full copy of the object as applied): nothing reads them, and they are most of a
+/// small object's size.
+fn watch_into<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    mut prune: impl FnMut(&mut K) + Send + 'static,
+    mut cache: impl FnMut(&watcher::Event<K>) + Send + 'static,
+    mut after_cached: impl FnMut(&watcher::Event<K>) + Send + 'static,
+) -> (
+    impl futures::Stream<Item = std::result::Result<K, watcher::Error>> + Send + 'static,
+    tokio::sync::watch::Receiver<bool>,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
     let (ready_tx, ready_rx) = tokio::sync::watch::channel(false);
     let events = watcher(api, config)
         .default_backoff()
@@ -513,9 +549,9 @@ where
             }
             prune(obj);
         })
-        .reflect(writer)
         .inspect(move |event| match event {
             Ok(event) => {
+                cache(event);
                 after_cached(event);
                 if matches!(event, watcher::Event::InitDone) {
                     ready_tx.send_replace(true);
@@ -527,7 +563,7 @@ where
             }
         })
         .touched_objects();
-    (store, events, ready_rx)
+    (events, ready_rx)
 }
 
 /// Where `kubectl apply` (client-side) keeps the whole object as last applied.

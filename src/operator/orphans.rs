@@ -106,6 +106,7 @@ async fn sweep_grant(ctx: &Context, namespace: &str, name: &str, uid: &str) -> R
         audience: None,
         token_ids: ids,
         expires_at: None,
+        status_list: None,
     });
     Ok(())
 }
@@ -196,6 +197,7 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
         audience: claims["aud"].as_str(),
         token_ids: vec![jti.as_str()],
         expires_at: Timestamp::from_second(exp).ok().map(|t| t.to_string()),
+        status_list: None,
     });
     Ok(())
 }
