@@ -83,6 +83,16 @@ for _ in $(seq 120); do
 done
 [[ -n ${stamped:-} && $stamped != forged ]] || { echo "the admission policies did not take effect" >&2; exit 1; }
 echo "requesters are stamped (this kubeconfig is $stamped)"
+# The operator trusts a stamp only on grants created STAMP_SETTLE (10 s, src/delegation/authority.rs)
+# after the stamping policy and its binding exist: every apiserver must have loaded them. On a fresh
+# cluster the probe above succeeds sooner, so wait out the rest before any grant is created.
+created=$("${KUBECTL[@]}" get mutatingadmissionpolicy,mutatingadmissionpolicybinding delegation-operator-stamp-requester \
+  -o jsonpath='{range .items[*]}{.metadata.creationTimestamp}{"\n"}{end}' | sort | tail -1)
+wait_s=$(( $(date -d "$created" +%s) + 10 + 1 - $(date +%s) ))
+if (( wait_s > 0 )); then
+  echo "waiting ${wait_s} s: the operator trusts stamps from 10 s after the policy was created"
+  sleep "$wait_s"
+fi
 
 say "starting the operator (logs: $STATE_DIR/operator.log, audit trail: $STATE_DIR/audit.jsonl)"
 if [[ -f $STATE_DIR/operator.pid ]] && kill -0 "$(cat "$STATE_DIR/operator.pid")" 2>/dev/null; then
