@@ -224,6 +224,11 @@ impl Writer {
             Ok(_) => self
                 .series
                 .insert(key, Series { name, count: 1 }, Instant::now()),
+            // Deleting a namespace deletes its grants, whose revocation Events then have nowhere to
+            // go: a normal deletion, not worth a warning.
+            Err(e) if namespace_terminating(&e) => {
+                tracing::debug!(object, reason = %event.reason, "event dropped: its namespace is being deleted");
+            }
             Err(e) => {
                 tracing::warn!(error = %e, object, reason = %event.reason, "could not publish event");
             }
@@ -262,6 +267,11 @@ fn type_name(type_: EventType) -> &'static str {
         EventType::Normal => "Normal",
         EventType::Warning => "Warning",
     }
+}
+
+/// Whether the apiserver refused a create because the namespace is being deleted.
+fn namespace_terminating(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if status.code == 403 && status.message.contains("because it is being terminated"))
 }
 
 /// Which Events form one series: same type, reason and action about the same object.
@@ -370,6 +380,25 @@ mod tests {
 
     fn later(t0: Instant, secs: u64) -> Instant {
         t0 + Duration::from_secs(secs)
+    }
+
+    fn refusal(code: u16, message: &str) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: message.into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn only_a_namespace_being_deleted_is_recognised_as_such() {
+        let terminating = "events.events.k8s.io \"g.1\" is forbidden: unable to create new content in namespace ns because it is being terminated";
+        assert!(namespace_terminating(&refusal(403, terminating)));
+        assert!(!namespace_terminating(&refusal(
+            403,
+            "events.events.k8s.io is forbidden: User \"x\" cannot create resource"
+        )));
+        assert!(!namespace_terminating(&refusal(409, terminating)));
     }
 
     #[test]
