@@ -108,7 +108,7 @@ struct RunArgs {
     /// Watch only this namespace (default: all namespaces).
     #[arg(long)]
     namespace: Option<String>,
-    /// The operator's own namespace: signing keys, JWKS and revocation list live there.
+    /// The operator's own namespace: signing keys, JWKS and status lists live there.
     #[arg(long, env = "POD_NAMESPACE", default_value = "delegation-system")]
     operator_namespace: String,
     /// The `iss` claim of every token.

@@ -1154,22 +1154,6 @@ async fn wait_ready(
     .await
 }
 
-async fn revoked_ids(client: &Client, operator_namespace: &str) -> Vec<String> {
-    let cm = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace)
-        .get_opt("delegation-operator-revocations")
-        .await
-        .unwrap();
-    let entries: Vec<Value> = cm
-        .and_then(|cm| cm.data)
-        .and_then(|d| d.get("revocations.json").cloned())
-        .map(|s| serde_json::from_str(&s).unwrap())
-        .unwrap_or_default();
-    entries
-        .iter()
-        .map(|e| e["jti"].as_str().unwrap().to_owned())
-        .collect()
-}
-
 async fn jwks(client: &Client, operator_namespace: &str) -> Value {
     let cm = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace)
         .get("delegation-operator-jwks")
@@ -1422,7 +1406,9 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
     }
 
     // Suspend: the token is revoked and its Secret deleted.
-    let suspended = token_id(&ready);
+    let suspended = token_in(&secrets, "lifecycle-token")
+        .await
+        .expect("the grant's token");
     dynamic_api(&dev, &watch_ns, "DelegationGrant")
         .patch(
             "lifecycle",
@@ -1433,7 +1419,11 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         .unwrap();
     wait_ready(&grants, "lifecycle", "False", "Suspended").await;
     assert!(secrets.get_opt("lifecycle-token").await.unwrap().is_none());
-    assert!(revoked_ids(&client, &release_ns).await.contains(&suspended));
+    assert_eq!(
+        published_status_of(&client, &release_ns, &suspended).await,
+        1,
+        "the suspended grant's token is INVALID in the published status list"
+    );
     // Delete: the finalizer is released.
     dynamic_api(&dev, &watch_ns, "DelegationGrant")
         .delete("lifecycle", &DeleteParams::default())
@@ -1525,7 +1515,9 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         .unwrap();
     let terminating = grants.get("survivor").await.unwrap();
     assert!(terminating.metadata.deletion_timestamp.is_some());
-    assert!(token_in(&secrets, "survivor-token").await.is_some());
+    let survivor_token = token_in(&secrets, "survivor-token")
+        .await
+        .expect("the Secret waits with the grant");
 
     // Installed again, the release adopts the kept objects by itself; the operator finishes the
     // deletion it missed: token revoked, Secret gone, finalizer released.
@@ -1538,7 +1530,6 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         "--set",
         &values,
     ]);
-    let survivor_token = token_id(&survivor);
     let (operator, _) = start_as_deployed(
         &client,
         &release_ns,
@@ -1561,10 +1552,10 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
     )
     .await;
     assert!(secrets.get_opt("survivor-token").await.unwrap().is_none());
-    assert!(
-        revoked_ids(&client, &release_ns)
-            .await
-            .contains(&survivor_token)
+    assert_eq!(
+        published_status_of(&client, &release_ns, &survivor_token).await,
+        1,
+        "the token of the grant deleted while no operator ran is INVALID in the published list"
     );
     operator.terminate();
     helm_cluster(&["uninstall", &release, "--namespace", &release_ns]);

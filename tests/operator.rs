@@ -1,5 +1,5 @@
 //! The operator against a real kube-apiserver: each test runs the operator binary on its own
-//! namespace and checks what a user would see — Secrets, tokens, statuses, Events, the revocation list.
+//! namespace and checks what a user would see — Secrets, tokens, statuses, Events, the status lists.
 
 mod support;
 
@@ -328,7 +328,7 @@ async fn deleting_a_grant_revokes_its_token() {
     );
     assert!(
         f.revoked_ids().await.contains(&jti),
-        "jti recorded in the revocation list"
+        "the token is INVALID in the published status list"
     );
     assert!(f.operator().audit().iter().any(|r| r["action"] == "Revoked"
         && r["grant"] == "doomed"
@@ -1090,7 +1090,7 @@ async fn a_token_displaced_by_a_second_rotation_while_still_valid_is_revoked() {
     .await;
     assert!(
         f.revoked_ids().await.contains(&first),
-        "a valid token no status tracks must be in the revocation list"
+        "a valid token no status tracks must be revoked"
     );
 }
 
@@ -1369,11 +1369,12 @@ async fn a_token_secret_whose_grant_is_gone_is_revoked_and_deleted() {
     );
 }
 
-/// What verifiers trust is guarded: a key injected into the JWKS, a deleted revocation list and an
-/// edited keys Secret are all put back as the operator holds them.
+/// What verifiers trust is guarded: a key injected into the JWKS, a deleted status-list ConfigMap
+/// and an edited keys Secret are all put back as the operator holds them. The list of revoked token
+/// ids that earlier versions kept is deleted when the operator starts.
 #[tokio::test]
 async fn published_keys_and_revocations_are_restored_when_tampered_with() {
-    let f = Fixture::start("guard", &[]).await;
+    let mut f = Fixture::start("guard", &[]).await;
     f.apply(AGENTS).await;
     f.apply(&notifier_grant("gone", "5m")).await;
     let jti = token_id(&f.wait_ready("gone", "True", None).await);
@@ -1406,13 +1407,16 @@ async fn published_keys_and_revocations_are_restored_when_tampered_with() {
     })
     .await;
 
-    cms.delete("delegation-operator-revocations", &DeleteParams::default())
+    cms.delete("delegation-operator-status-lists", &DeleteParams::default())
         .await
         .unwrap();
     wait_for(
-        "the revocation list restored",
+        "the status lists restored, the token still revoked",
         Duration::from_secs(15),
-        || async { f.revoked_ids().await.contains(&jti).then_some(()) },
+        || async {
+            let published = !f.status_list_tokens().await.is_empty();
+            (published && f.revoked_ids().await.contains(&jti)).then_some(())
+        },
     )
     .await;
 
@@ -1445,11 +1449,40 @@ async fn published_keys_and_revocations_are_restored_when_tampered_with() {
         },
     )
     .await;
+
+    // A stale list of revoked ids, as an earlier version left it: gone once the operator restarts.
+    let legacy = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some("delegation-operator-revocations".into()),
+            labels: Some(
+                [(
+                    "app.kubernetes.io/managed-by".into(),
+                    "delegation-operator".into(),
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        data: Some([("revocations.json".into(), "[]".into())].into()),
+        ..Default::default()
+    };
+    cms.create(&PostParams::default(), &legacy).await.unwrap();
+    f.operator.take().unwrap().stop();
+    f.operator = Some(Operator::start(&f.ns, &f.operator_namespace(), &[]));
+    wait_for(
+        "the earlier versions' revocation list deleted",
+        Duration::from_secs(30),
+        || async {
+            let gone = cms.get_opt("delegation-operator-revocations").await.ok()?;
+            gone.is_none().then_some(())
+        },
+    )
+    .await;
 }
 
 /// Revocation comes from what the operator minted, never from what a tenant writes: a Secret
 /// annotation naming another grant's token id (with an unreadable expiry) and a forged status entry
-/// put nothing into the revocation list; the other grant's token stays valid.
+/// revoke nothing; the other grant's token stays VALID.
 #[tokio::test]
 async fn tenant_written_annotations_and_status_cannot_revoke_or_bloat() {
     let f = Fixture::start("forged-ids", &[]).await;
@@ -1902,7 +1935,7 @@ async fn tenant_written_ids_cannot_invalidate_another_grants_status_entry() {
     );
     assert!(
         !f.revoked_ids().await.contains(&victim_token.id),
-        "another grant's token id copied into a status is not revoked in the jti list either"
+        "another grant's token id copied into a status is not revoked"
     );
 }
 
@@ -1940,7 +1973,7 @@ async fn a_restarted_operator_still_invalidates_the_entries_it_handed_out() {
     assert_eq!(f.published_status(&after).await, 0);
 }
 
-/// An unreadable status-list state stops the start, like an unreadable revocation list: starting
+/// An unreadable status-list state stops the start: starting
 /// over would forget which tokens are INVALID.
 #[tokio::test]
 async fn the_operator_refuses_to_start_with_an_unreadable_status_list_state() {

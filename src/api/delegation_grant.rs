@@ -421,7 +421,7 @@ pub struct ChainLink {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TokenStatus {
-    /// The token's `jti`: what the revocation list records.
+    /// The token's `jti` (its id in the audit trail and the Events).
     pub id: String,
     /// The `kid` of the signing key (RFC 7638 thumbprint), found in the published JWKS.
     #[serde(rename = "keyID")]

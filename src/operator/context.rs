@@ -1,4 +1,4 @@
-//! What every reconcile shares: the client, the caches, the keys, the revocation list, and a little
+//! What every reconcile shares: the client, the caches, the keys, the status lists, and a little
 //! memory of our own writes.
 
 use std::{
@@ -22,7 +22,6 @@ use super::{
     agents::CountWrites,
     events::{Recent, Recorder},
     keys::KeyStore,
-    revocations::RevocationList,
     status_lists::StatusLists,
 };
 use crate::{
@@ -34,7 +33,7 @@ use crate::{
 /// Operator settings, from flags.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    /// Where keys, the JWKS and the revocation list live.
+    /// Where keys, the JWKS and the status lists live.
     pub operator_namespace: String,
     /// Watch only this namespace (all when `None`).
     pub watch_namespace: Option<String>,
@@ -83,7 +82,6 @@ pub struct Context {
     /// The last positive authority check of each grant.
     pub authority: Arc<super::authority::CheckedAuthority>,
     pub keys: KeyStore,
-    pub revocations: RevocationList,
     /// The Token Status Lists every token points into.
     pub status_lists: StatusLists,
     /// Queues Events for the one task that writes them.

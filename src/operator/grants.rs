@@ -22,7 +22,6 @@ use super::{
     context::Context,
     error::{Error, Result},
     now,
-    revocations::Revocation,
     token_secret::{self, Ownership, Written},
 };
 use crate::{
@@ -47,7 +46,7 @@ const ISSUED: &str = "Issued";
 const ROTATED: &str = "Rotated";
 const REVOKED: &str = "Revoked";
 const SECRET_CONFLICT: &str = "SecretConflict";
-/// The revocation reason of a deleted grant's tokens, in the revocation list and the audit trail alike.
+/// The revocation reason of a deleted grant's tokens, in its Event and the audit trail alike.
 const DELETED: &str = "Deleted";
 
 pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result<Action> {
@@ -315,7 +314,7 @@ async fn cleanup(
         // Done already: the cache has not caught up with our finalizer removal yet.
         return Ok(Action::await_change());
     }
-    let revoked = revoke_recorded(grant, ctx, DELETED, now).await?;
+    let revoked = revoke_recorded(grant, ctx, now).await?;
     let message = "the grant was deleted; its tokens are revoked";
     // Children watch this status: they lose their tokens before this grant disappears. Without
     // children nobody reads it again (the grant is about to go), and the write is saved.
@@ -377,7 +376,7 @@ async fn refuse(
     now: Timestamp,
 ) -> Result<Action> {
     let reason = refusal.reason.as_str();
-    let revoked = revoke_tokens(grant, ctx, reason, now).await?;
+    let revoked = revoke_tokens(grant, ctx, now).await?;
     let changed = write_status(
         grant,
         ctx,
@@ -824,8 +823,7 @@ async fn revoke_replaced(
         .map(|(_, r)| r)
         .collect();
     revoke_statuses(grant, ctx, &kept, &verified, now).await?;
-    let revoked = record(grant, ctx, replaced, reason, now).await?;
-    Ok((revoked, reason))
+    Ok((ids(replaced), reason))
 }
 
 /// A freshly signed token.
@@ -1015,7 +1013,7 @@ async fn secret_conflict(
         "Secret {secret_name:?} already exists and was not created by delegation-operator for this grant; \
          delete it or set spec.secretName to a free name"
     );
-    let revoked = revoke_tokens(grant, ctx, SECRET_CONFLICT, now).await?;
+    let revoked = revoke_tokens(grant, ctx, now).await?;
     let changed = write_status(
         grant,
         ctx,
@@ -1042,38 +1040,36 @@ async fn secret_conflict(
     Ok(ctx.look_again(grant, Duration::from_secs(60)))
 }
 
-/// Revokes every token of the grant that may still be valid: records them in the revocation list,
-/// then deletes the grant's Secret(s). Recording comes first and must succeed (fail closed): otherwise
+/// Revokes every token of the grant that may still be valid: sets them INVALID in the status lists,
+/// then deletes the grant's Secret(s). Revoking comes first and must succeed (fail closed): otherwise
 /// nothing is deleted, the status keeps the ids, and the reconcile is retried.
 async fn revoke_tokens(
     grant: &DelegationGrant,
     ctx: &Context,
-    reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
-    let revoked = revoke_recorded(grant, ctx, reason, now).await?;
+    let revoked = revoke_recorded(grant, ctx, now).await?;
     delete_secrets(grant, ctx).await?;
     Ok(revoked)
 }
 
-/// Sets every token of the grant that may still be valid to INVALID in the status lists (and adds
-/// it to the jti list), written and published. Returns their ids.
+/// Sets every token of the grant that may still be valid to INVALID in the status lists, written and
+/// published. Returns their ids.
 async fn revoke_recorded(
     grant: &DelegationGrant,
     ctx: &Context,
-    reason: &str,
     now: Timestamp,
 ) -> Result<Vec<String>> {
     let in_use = tokens_in_use(grant, ctx, now).await?;
     let verified: Vec<TokenStatusRef> = in_use.verified_refs.into_iter().map(|(_, r)| r).collect();
-    // Both lists before any Secret is deleted (fail closed), written at the same time. The status
-    // list must succeed: it is what verifiers check, and bounded whatever tenants do.
-    let (statuses, revoked) = futures::join!(
-        revoke_statuses(grant, ctx, &[], &verified, now),
-        record(grant, ctx, in_use.tokens, reason, now)
-    );
-    statuses?;
-    revoked
+    // Before any Secret is deleted: fail closed.
+    revoke_statuses(grant, ctx, &[], &verified, now).await?;
+    Ok(ids(in_use.tokens))
+}
+
+/// The ids of tokens given as `(id, exp)`.
+fn ids(tokens: Vec<(String, Timestamp)>) -> Vec<String> {
+    tokens.into_iter().map(|(jti, _)| jti).collect()
 }
 
 /// Deletes the grant's token Secret(s), those that are its own.
@@ -1144,7 +1140,7 @@ async fn tokens_in_use(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -
 
 /// The tokens of a grant that may still be valid.
 struct InUse {
-    /// `(jti, exp)` of each, for the revocation list.
+    /// `(jti, exp)` of each.
     tokens: Vec<(String, Timestamp)>,
     /// Status-list references read from a token of this grant that verified against our keys, by
     /// jti. The others come from the operator's own record of what it minted for the grant.
@@ -1197,36 +1193,6 @@ async fn signed_token_in(
         .and_then(|e| Timestamp::from_second(e).ok());
     let status_ref = TokenStatusRef::from_status_claim(&claims["status"]);
     Ok(exp.map(|exp| (jti, exp, status_ref)))
-}
-
-/// Adds tokens to the revocation list. Returns their ids.
-async fn record(
-    grant: &DelegationGrant,
-    ctx: &Context,
-    tokens: Vec<(String, Timestamp)>,
-    reason: &str,
-    now: Timestamp,
-) -> Result<Vec<String>> {
-    if tokens.is_empty() {
-        return Ok(Vec::new());
-    }
-    let namespace = grant.namespace().unwrap_or_default();
-    let entries = tokens
-        .iter()
-        .map(|(jti, exp)| Revocation {
-            jti: jti.clone(),
-            exp: exp.as_second(),
-            grant: format!("{namespace}/{}", grant.name_any()),
-            reason: reason.to_owned(),
-            time: now.to_string(),
-        })
-        .collect();
-    // The jti list is kept beside the status lists for older verifiers, best effort: it is one
-    // ConfigMap, and a full one must not stop revocation (the status lists already hold it).
-    if let Err(e) = ctx.revocations.add(entries, now).await {
-        tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
-    }
-    Ok(tokens.into_iter().map(|(jti, _)| jti).collect())
 }
 
 /// The Secret names a grant may have written: the current one and the one its status recorded.

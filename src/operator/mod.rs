@@ -6,7 +6,6 @@
 //! - [`interner`]: one shared copy of what many cached grants repeat (their requester).
 //! - [`token_secret`]: the token Secrets and who owns them; [`secret_cache`] what is kept of them.
 //! - [`keys`]: signing keys and the published JWKS.
-//! - [`revocations`]: the revocation list.
 //! - [`status_lists`]: the Token Status Lists (every token's `status`, set INVALID on revocation).
 //! - [`audit`]: the JSON audit trail.
 
@@ -24,7 +23,6 @@ pub mod keys;
 pub mod orphans;
 pub mod readiness;
 pub mod renewals;
-pub mod revocations;
 pub mod secret_cache;
 pub mod stamps;
 pub mod status_lists;
@@ -158,8 +156,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         now(),
     )
     .await?;
-    let revocations =
-        revocations::RevocationList::load(client.clone(), &settings.operator_namespace).await?;
+    remove_legacy_revocation_list(&client, &settings.operator_namespace).await;
     let status_lists = status_lists::StatusLists::load(
         client.clone(),
         &settings.operator_namespace,
@@ -303,7 +300,6 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         caches_ready,
         authority: authority.clone(),
         keys,
-        revocations,
         status_lists,
         recorder,
         agent_count_writes: Default::default(),
@@ -368,8 +364,8 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     Ok(())
 }
 
-/// Watches what verifiers trust — the JWKS, the revocation list, the status lists (and their state
-/// Secret), the keys Secret — and puts each back
+/// Watches what verifiers trust — the JWKS, the status lists (and their state Secret and record
+/// shards), the keys Secret — and puts each back
 /// when someone edits or deletes it. Metadata only; an event costs one read of that one object,
 /// except when it shows a version of the status-list state the operator itself just wrote.
 async fn guard_published_artifacts(ctx: Arc<Context>) {
@@ -396,7 +392,6 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
                 let restored = match (secret, name.as_str()) {
                     (true, keys::KEYS_SECRET_NAME) => revoke_requested_keys(&ctx).await,
                     (false, keys::JWKS_CONFIGMAP_NAME) => ctx.keys.restore().await,
-                    (false, revocations::CONFIGMAP_NAME) => ctx.revocations.restore().await,
                     (false, status_lists::CONFIGMAP_NAME) => {
                         ctx.status_lists.restore_published().await
                     }
@@ -414,6 +409,32 @@ async fn guard_published_artifacts(ctx: Arc<Context>) {
             }
         })
         .await;
+}
+
+/// The ConfigMap of revoked token ids that versions before the Token Status Lists kept.
+const LEGACY_REVOCATIONS_CONFIGMAP: &str = "delegation-operator-revocations";
+
+/// Deletes the list of revoked token ids that older versions kept: it is no longer written, and a
+/// verifier still reading it would accept every token revoked since. Without it such a verifier
+/// finds nothing and fails, rather than trusting a stale list. Best effort: nothing of today's
+/// revocation depends on it, so a failure is reported, not fatal.
+async fn remove_legacy_revocation_list(client: &Client, namespace: &str) {
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+    match configmaps
+        .delete(LEGACY_REVOCATIONS_CONFIGMAP, &Default::default())
+        .await
+    {
+        Ok(_) => tracing::info!(
+            configmap = LEGACY_REVOCATIONS_CONFIGMAP,
+            "deleted the list of revoked token ids older versions kept; revocation is in the Token Status Lists"
+        ),
+        Err(e) if error::is_not_found(&e) => {}
+        Err(e) => tracing::warn!(
+            configmap = LEGACY_REVOCATIONS_CONFIGMAP,
+            error = %e,
+            "could not delete the list of revoked token ids older versions kept; it is no longer updated, delete it by hand"
+        ),
+    }
 }
 
 /// Carries out `delegation-operator keys revoke` (an annotation on the keys Secret), wakes every grant
@@ -472,7 +493,6 @@ fn touched_names<K: kube::Resource>(
         Ok(watcher::Event::InitDone) => [
             keys::JWKS_CONFIGMAP_NAME,
             keys::KEYS_SECRET_NAME,
-            revocations::CONFIGMAP_NAME,
             status_lists::CONFIGMAP_NAME,
         ]
         .map(|name| (name.to_owned(), None))

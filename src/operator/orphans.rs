@@ -15,14 +15,13 @@ use super::{
     context::Context,
     error::Result,
     now,
-    revocations::Revocation,
     token_secret::{self, TOKEN_KEY},
 };
 use crate::{
     api::DelegationGrant, delegation::claims::GRANT_CLAIM, signing, status_list::TokenStatusRef,
 };
 
-/// Why an orphaned token is revoked, in the revocation list and the audit trail alike.
+/// Why an orphaned token is revoked, in the audit trail.
 const ORPHANED: &str = "Orphaned";
 
 /// What to look at.
@@ -75,22 +74,9 @@ async fn sweep_grant(ctx: &Context, namespace: &str, name: &str, uid: &str) -> R
     if recorded.is_empty() {
         return Ok(());
     }
-    let entries = recorded
-        .iter()
-        .map(|(jti, exp)| Revocation {
-            jti: jti.clone(),
-            exp: *exp,
-            grant: format!("{namespace}/{name}"),
-            reason: ORPHANED.to_owned(),
-            time: now.to_string(),
-        })
-        .collect();
     ctx.status_lists
         .revoke_grant(&ctx.keys, uid, &[], &[], now.as_second())
         .await?;
-    if let Err(e) = ctx.revocations.add(entries, now).await {
-        tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
-    }
     let ids: Vec<&str> = recorded.iter().map(|(jti, _)| jti.as_str()).collect();
     audit::record(&AuditRecord {
         time: now.to_string(),
@@ -160,18 +146,6 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
     let now = now();
     let jti = claims["jti"].as_str().unwrap_or_default().to_owned();
     let exp = claims["exp"].as_i64().unwrap_or(i64::MAX);
-    if exp > now.as_second() {
-        let entry = Revocation {
-            jti: jti.clone(),
-            exp,
-            grant: format!("{namespace}/{grant_name}"),
-            reason: ORPHANED.to_owned(),
-            time: now.to_string(),
-        };
-        if let Err(e) = ctx.revocations.add(vec![entry], now).await {
-            tracing::warn!(error = %e, "could not add to the revocation ConfigMap; the status lists hold the revocation");
-        }
-    }
     // Its status-list entry (from its verified claims) and whatever else the operator minted for
     // that grant uid and still holds on record — before the delete: fail closed.
     let verified: Vec<_> = TokenStatusRef::from_status_claim(&claims["status"])

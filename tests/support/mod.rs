@@ -115,6 +115,17 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The records of one audit file (an operator's stdout), one JSON object per line.
+pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
+        })
+        .collect()
+}
+
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -791,14 +802,7 @@ impl Operator {
 
     /// The audit records written so far.
     pub fn audit(&self) -> Vec<serde_json::Value> {
-        std::fs::read_to_string(&self.audit_path)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l)
-                    .unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
-            })
-            .collect()
+        audit_lines(&self.audit_path)
     }
 
     pub fn raw_output(&self) -> String {
@@ -1028,27 +1032,64 @@ impl Fixture {
         ids
     }
 
-    /// The token ids in the revocation list.
+    /// The ids of the tokens this fixture's operators issued that are INVALID (revoked) in the
+    /// published, verified Status List Tokens. Which list and index each token has is read from the
+    /// Issued and Rotated audit lines of every operator process started for this namespace.
     pub async fn revoked_ids(&self) -> Vec<String> {
-        let cms: Api<ConfigMap> = Api::namespaced(self.client.clone(), &self.operator_namespace());
-        let Some(cm) = cms
-            .get_opt("delegation-operator-revocations")
-            .await
+        let mut by_uri: std::collections::BTreeMap<String, Vec<(String, usize)>> =
+            Default::default();
+        for record in self.all_audit() {
+            let issued = matches!(record["action"].as_str(), Some("Issued" | "Rotated"));
+            let reference = &record["statusList"];
+            if let (true, Some(jti), Some(uri), Some(idx)) = (
+                issued,
+                record["tokenIds"][0].as_str(),
+                reference["uri"].as_str(),
+                reference["idx"].as_u64(),
+            ) {
+                by_uri
+                    .entry(uri.to_owned())
+                    .or_default()
+                    .push((jti.to_owned(), idx as usize));
+            }
+        }
+        let mut revoked = Vec::new();
+        for (uri, tokens) in by_uri {
+            let (_, claims) = self
+                .status_list_token(&uri)
+                .await
+                .unwrap_or_else(|| panic!("no list published for {uri}"));
+            let list =
+                delegation_operator::status_list::StatusList::from_claim(&claims["status_list"])
+                    .unwrap();
+            for (jti, idx) in tokens {
+                if list.value(idx) == Some(1) {
+                    revoked.push(jti);
+                }
+            }
+        }
+        revoked
+    }
+
+    /// The audit records of every operator process started for this namespace (their files are
+    /// `<namespace>-<32 hex>.audit.jsonl`, see [`Operator::start_with_kubeconfig`]), file by file.
+    pub fn all_audit(&self) -> Vec<serde_json::Value> {
+        let dir = std::env::temp_dir().join("delegation-operator-tests");
+        let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
             .unwrap()
-        else {
-            return vec![];
-        };
-        let entries: Vec<serde_json::Value> = serde_json::from_str(
-            cm.data
-                .unwrap_or_default()
-                .get("revocations.json")
-                .map_or("[]", |s| s.as_str()),
-        )
-        .unwrap();
-        entries
-            .iter()
-            .map(|e| e["jti"].as_str().unwrap().to_owned())
-            .collect()
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(&format!("{}-", self.ns))
+                    .and_then(|rest| rest.strip_suffix(".audit.jsonl"))
+                    .is_some_and(|stamp| {
+                        stamp.len() == 32 && stamp.bytes().all(|b| b.is_ascii_hexdigit())
+                    })
+            })
+            .map(|e| e.path())
+            .collect();
+        files.sort();
+        files.iter().flat_map(|path| audit_lines(path)).collect()
     }
 
     /// The published Status List Tokens: ConfigMap `delegation-operator-status-lists`, one
@@ -1153,6 +1194,43 @@ pub fn token_id(grant: &DelegationGrant) -> String {
         .unwrap()
         .id
         .clone()
+}
+
+/// The JSON payload of a JWT, read without checking its signature (for tokens the operator put where
+/// only it writes, or whose signature another check covers).
+pub fn unverified_payload(token: &str) -> serde_json::Value {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("a JWT has a payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url payload");
+    serde_json::from_slice(&bytes).expect("a JSON payload")
+}
+
+/// The status of `token` in the Status List Token the operator published for it in
+/// `operator_namespace` (0 VALID, 1 INVALID), found by the token's `status.status_list` claim.
+pub async fn published_status_of(client: &Client, operator_namespace: &str, token: &str) -> u8 {
+    let reference = unverified_payload(token)["status"]["status_list"].clone();
+    let uri = reference["uri"].as_str().expect("status_list.uri");
+    let idx = reference["idx"].as_u64().expect("status_list.idx") as usize;
+    let key = format!("{}.jwt", uri.rsplit('/').next().unwrap());
+    let list_token = Api::<ConfigMap>::namespaced(client.clone(), operator_namespace)
+        .get("delegation-operator-status-lists")
+        .await
+        .unwrap()
+        .data
+        .unwrap_or_default()
+        .remove(&key)
+        .unwrap_or_else(|| panic!("no list published for {uri}"));
+    let claims = unverified_payload(&list_token);
+    assert_eq!(
+        claims["sub"], uri,
+        "the list published under {key} is {uri}"
+    );
+    delegation_operator::status_list::StatusList::from_claim(&claims["status_list"])
+        .unwrap()
+        .value(idx)
+        .unwrap_or_else(|| panic!("index {idx} is outside the list {uri}"))
 }
 
 pub fn operator_namespace_for(ns: &str) -> String {
