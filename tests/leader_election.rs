@@ -6,8 +6,15 @@ mod support;
 
 use std::{collections::BTreeMap, time::Duration};
 
-use k8s_openapi::api::coordination::v1::Lease;
-use kube::Api;
+use k8s_openapi::{
+    ByteString,
+    api::{coordination::v1::Lease, core::v1::Secret},
+};
+use kube::{
+    Api, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+};
+use serde_json::json;
 use support::*;
 
 const AGENT: &str = r#"
@@ -136,5 +143,72 @@ async fn a_leader_that_loses_its_lease_stops() {
     assert!(
         !status.success(),
         "it exits non-zero, to be restarted as a standby"
+    );
+}
+
+/// A leader that lost its lease but has not noticed yet (paused past it, say) must not undo what the
+/// new leader wrote: before it overwrites a guarded object it asks who holds the Lease. Here it renews
+/// only every 40 s; the lease is taken from it, and a status-list record shard is then rewritten as a
+/// new leader would. The old leader's guard sees the change and does not put its own copy back.
+#[tokio::test]
+async fn a_leader_that_lost_its_lease_does_not_overwrite_the_new_leaders_writes() {
+    let slow_renewal = [
+        "--leader-election-lease-duration",
+        "60s",
+        "--leader-election-renew-deadline",
+        "50s",
+        "--leader-election-retry-period",
+        "40s",
+    ];
+    let f = Fixture::start("overwrite", &slow_renewal).await;
+    f.apply(AGENT).await;
+    f.apply(&grant("g")).await;
+    f.wait_ready("g", "True", None).await;
+
+    let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    let shard = secrets
+        .list(&ListParams::default().labels("delegation.nhi.dev/status-list-shard"))
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .find(|s| {
+            s.data
+                .as_ref()
+                .and_then(|d| d.get("tokens.json"))
+                .is_some_and(|t| t.0 != b"{}")
+        })
+        .expect("the shard holding the grant's token record")
+        .name_any();
+    let leases: Api<Lease> = Api::namespaced(f.client.clone(), &f.operator_namespace());
+    leases
+        .patch(
+            "delegation-operator-leader",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"holderIdentity": "the-new-leader"}})),
+        )
+        .await
+        .unwrap();
+    let new_leaders = json!({"data": {"tokens.json": ByteString(b"{}".to_vec())}});
+    secrets
+        .patch(&shard, &PatchParams::default(), &Patch::Merge(&new_leaders))
+        .await
+        .unwrap();
+
+    wait_for(
+        "the old leader refusing to overwrite",
+        Duration::from_secs(15),
+        || async {
+            let log = f.operator().raw_output();
+            log.contains("not overwriting: the leader Lease delegation-operator-leader is held by the-new-leader")
+                .then_some(())
+        },
+    )
+    .await;
+    let kept = secrets.get(&shard).await.unwrap().data.unwrap();
+    assert_eq!(kept["tokens.json"].0, b"{}", "the new leader's write stays");
+    assert!(
+        !f.operator().raw_output().contains("lost the leader lease"),
+        "the refusal came from the fence, before the old leader noticed its lost lease"
     );
 }

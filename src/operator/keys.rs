@@ -22,6 +22,7 @@ use serde::Serialize;
 use super::{
     FIELD_MANAGER,
     error::{Error, Result},
+    fence::Fence,
     managed_labels,
 };
 use crate::signing::{Algorithm, Keyring, SigningKey, StoredKey};
@@ -47,6 +48,8 @@ pub struct KeyStore {
     rotation_period: Duration,
     /// The longest any token may live: how long a retired key stays published.
     max_token_lifetime: Duration,
+    /// Checked before an existing Secret or ConfigMap is replaced.
+    fence: Fence,
 }
 
 /// The keyring (active key first, retired ones after) and the key published to succeed the active one.
@@ -82,6 +85,7 @@ impl KeyStore {
         rotation_period: Duration,
         max_token_lifetime: Duration,
         now: Timestamp,
+        fence: Fence,
     ) -> Result<Self> {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
         let configmaps: Api<ConfigMap> = Api::namespaced(client, namespace);
@@ -104,6 +108,7 @@ impl KeyStore {
             algorithm,
             rotation_period,
             max_token_lifetime,
+            fence,
         };
         store.persist_and_publish(&store.snapshot()?).await?;
         Ok(store)
@@ -321,7 +326,7 @@ impl KeyStore {
                 data: Some(data),
                 ..Default::default()
             };
-            overwrite(&self.secrets, current, secret).await?;
+            overwrite(&self.secrets, current, secret, &self.fence).await?;
             wrote = true;
         }
 
@@ -341,7 +346,7 @@ impl KeyStore {
                 data: Some(jwks),
                 ..Default::default()
             };
-            overwrite(&self.configmaps, published, cm).await?;
+            overwrite(&self.configmaps, published, cm, &self.fence).await?;
             wrote = true;
         }
         Ok(wrote)
@@ -379,9 +384,15 @@ fn keys_from_secret(secret: &Secret) -> std::result::Result<Keys, String> {
 }
 
 /// Writes an object we own entirely, replacing whatever is there (a server-side apply would keep
-/// fields another manager added, such as an injected key). Guarded by the resourceVersion read.
+/// fields another manager added, such as an injected key). Guarded by the resourceVersion read, and
+/// by `fence` when an existing object is replaced (it may be another leader's write).
 /// Returns the object as written.
-pub async fn overwrite<K>(api: &Api<K>, current: Option<K>, mut desired: K) -> Result<K>
+pub async fn overwrite<K>(
+    api: &Api<K>,
+    current: Option<K>,
+    mut desired: K,
+    fence: &Fence,
+) -> Result<K>
 where
     K: kube::Resource + Serialize + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
 {
@@ -392,6 +403,7 @@ where
     let written = match current {
         None => api.create(&params, &desired).await?,
         Some(current) => {
+            fence.check().await?;
             let name = current.meta().name.clone().unwrap_or_default();
             desired.meta_mut().resource_version = current.meta().resource_version.clone();
             api.replace(&name, &params, &desired).await?

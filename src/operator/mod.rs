@@ -5,7 +5,7 @@
 //! - [`alarms`]: when each grant must be looked at again (renewal, re-checks).
 //! - [`interner`]: one shared copy of what many cached grants repeat (their requester).
 //! - [`token_secret`]: the token Secrets and who owns them; [`secret_cache`] what is kept of them.
-//! - [`keys`]: signing keys and the published JWKS.
+//! - [`keys`]: signing keys and the published JWKS; [`fence`]: the Lease checked before an overwrite.
 //! - [`status_lists`]: the Token Status Lists (every token's `status`, set INVALID on revocation).
 //! - [`audit`]: the JSON audit trail.
 
@@ -16,6 +16,7 @@ pub mod authority;
 pub mod context;
 pub mod error;
 pub mod events;
+pub mod fence;
 pub mod grants;
 pub mod index;
 pub mod interner;
@@ -147,6 +148,14 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     tracing::info!("leading: loading keys and starting the controllers");
     // Leading from here on, even while the keys load: /readyz waits for the caches below.
     readiness.lead(Vec::new());
+    let fence = match &settings.leader_election {
+        Some(election) => fence::Fence::lease(
+            client.clone(),
+            &settings.operator_namespace,
+            &election.identity,
+        ),
+        None => fence::Fence::none(),
+    };
     let keys = keys::KeyStore::load_or_create(
         client.clone(),
         &settings.operator_namespace,
@@ -154,6 +163,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         settings.key_rotation_period,
         settings.policy.max_token_ttl,
         now(),
+        fence.clone(),
     )
     .await?;
     remove_legacy_revocation_list(&client, &settings.operator_namespace).await;
@@ -164,6 +174,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         settings.policy.max_token_ttl,
         &keys,
         now().as_second(),
+        fence,
     )
     .await?;
 

@@ -47,6 +47,7 @@ use tokio::sync::Mutex;
 use super::{
     FIELD_MANAGER,
     error::{Error, Result},
+    fence::Fence,
     keys::{KeyStore, overwrite},
     managed_labels,
 };
@@ -303,6 +304,8 @@ pub struct StatusLists {
     /// The resourceVersions our own latest writes gave each state Secret (by name): the watch
     /// showing one of them is our write coming back, which needs no look (see [`Self::restore_state`]).
     own_versions: std::sync::Mutex<BTreeMap<String, VecDeque<String>>>,
+    /// Checked before a write that would undo someone else's (see [`Fence`]).
+    fence: Fence,
 }
 
 /// How many of our latest writes of one state Secret are remembered: the watch may show an earlier
@@ -331,6 +334,7 @@ impl StatusLists {
         max_token_lifetime: Duration,
         keys: &KeyStore,
         now: i64,
+        fence: Fence,
     ) -> Result<Self> {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
         let configmaps: Api<ConfigMap> = Api::namespaced(client, namespace);
@@ -413,6 +417,7 @@ impl StatusLists {
             }),
             flushed: Mutex::new(0),
             own_versions: Default::default(),
+            fence,
         };
         {
             let mut inner = lists.inner.lock().await;
@@ -591,7 +596,13 @@ impl StatusLists {
         let desired = published_data(&inner.published);
         if !holds(current.as_ref(), &desired) {
             tracing::warn!("the published status lists were edited or deleted; restoring them");
-            overwrite(&self.configmaps, current, desired_configmap(desired)).await?;
+            overwrite(
+                &self.configmaps,
+                current,
+                desired_configmap(desired),
+                &self.fence,
+            )
+            .await?;
         }
         Ok(())
     }
@@ -634,7 +645,7 @@ impl StatusLists {
                 secret = name,
                 "a status-list state Secret was edited or deleted; restoring it"
             );
-            let written = overwrite(&self.secrets, current, desired).await?;
+            let written = overwrite(&self.secrets, current, desired, &self.fence).await?;
             self.remember_version(name, written.metadata.resource_version);
         }
         Ok(())
@@ -762,7 +773,13 @@ impl StatusLists {
         if holds(current.as_ref(), &data) {
             return Ok(current.and_then(|c| c.metadata.resource_version));
         }
-        let written = overwrite(&self.configmaps, current, desired_configmap(data)).await?;
+        let written = overwrite(
+            &self.configmaps,
+            current,
+            desired_configmap(data),
+            &self.fence,
+        )
+        .await?;
         Ok(written.metadata.resource_version)
     }
 
@@ -782,7 +799,10 @@ impl StatusLists {
                     self.remember_version(name, written.metadata.resource_version);
                     return Ok(());
                 }
-                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {}
+                // Someone else wrote it since (or deleted it): undo that only while we lead.
+                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {
+                    self.fence.check().await?;
+                }
                 Err(e) => return Err(e.into()),
             }
         }
