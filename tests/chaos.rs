@@ -3,7 +3,7 @@
 //! control plane of its own, etcd and kube-apiserver are stopped and started again mid-churn. After
 //! each restart and at the end the invariants that make revocation trustworthy must hold:
 //! - every token of a deleted, suspended or refused grant is INVALID in the published, signed Token
-//!   Status List (the list a verifier reads, not the operator's jti ConfigMap);
+//!   Status List (the list a verifier reads);
 //! - no token Secret outlives its grant;
 //! - no token exceeds its grant (scopes, audience, lifetime);
 //! - at most one unrevoked token per grant besides the documented previous one, and the current one
