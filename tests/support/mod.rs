@@ -115,11 +115,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-/// The records of one audit file (an operator's stdout), one JSON object per line.
+/// The records of one audit file (an operator's stdout), one JSON object per line. A last line
+/// without its newline is still being written, and is left for the next read.
 pub fn audit_lines(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
-        .lines()
+        .split_inclusive('\n')
+        .filter_map(|l| l.strip_suffix('\n'))
         .map(|l| {
             serde_json::from_str(l).unwrap_or_else(|e| panic!("audit line is not JSON ({e}): {l}"))
         })
