@@ -351,6 +351,28 @@ def bare_writes(state_dir, ns, count, connections=8):
     return time.monotonic() - t0
 
 
+def release_grants(state_dir, ns, connections=8):
+    """Drops the finalizer of every grant left in `ns` (the bare client's, or the operator's once it is
+    stopped), so that they can be deleted without an operator."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
+    names = [g["metadata"]["name"] for g in Api(state_dir).request("GET", path)["items"]
+             if g["metadata"].get("finalizers")]
+
+    def worker(chunk):
+        api = Api(state_dir)
+        for name in chunk:
+            try:
+                api.request("PATCH", f"{path}/{name}", {"metadata": {"finalizers": None}},
+                            content_type="application/merge-patch+json")
+            except RuntimeError:
+                pass  # deleted meanwhile
+
+    with ThreadPoolExecutor(connections) as pool:
+        list(pool.map(worker, [names[k::connections] for k in range(connections)]))
+
+
 def percentiles(latencies):
     """p50, p99 and max of sorted latencies, in seconds."""
     return {"p50_s": round(latencies[len(latencies) // 2], 3),
@@ -422,6 +444,7 @@ def main():
 
     operator = start_operator()
     state_dir = os.path.dirname(kubeconfig)
+    bare_ns = f"{ns}-bare"
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     try:
@@ -472,7 +495,6 @@ def main():
             bare_one.append(time.monotonic() - t0)
         results["one_grant_bare_round_trip_s"] = round(statistics.median(bare_one), 4)
         results["one_grant_ratio"] = round(statistics.median(direct) / statistics.median(bare_one), 2)
-        subprocess.run([*kubectl, "delete", "namespace", f"{ns}-one", "--wait=false"], capture_output=True)
 
         batch = "---\n".join(grant(f"batch-{i:03d}") for i in range(200))
         t0 = time.monotonic()
@@ -505,7 +527,6 @@ def main():
         # until all are Ready, against a bare client making the same four writes per grant.
         scale = int(os.environ.get("BENCH_GRANTS", "0"))
         if scale:
-            bare_ns = f"{ns}-bare"
             sh(*kubectl, "create", "namespace", bare_ns)
             bare = bare_writes(state_dir, bare_ns, scale)
             before = apiserver_requests(api)
@@ -529,7 +550,6 @@ def main():
             results["peak_rss_mib"] = round(hwm / 1024, 1)
             if os.environ.get("BENCH_MALLOC_TRIM"):
                 results[f"rss_with_{1000 + scale}_grants_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
-            subprocess.run([*kubectl, "delete", "namespace", bare_ns, "--wait=false"], capture_output=True)
 
         # A restart holding every grant: nothing still valid may be minted again.
         before = token_ids(state_dir, ns)
@@ -574,7 +594,16 @@ def main():
     finally:
         operator.terminate()
         operator.wait(timeout=10)
-        subprocess.run([*kubectl, "delete", "namespace", ns, op_ns, "--wait=false"], capture_output=True)
+        # Cleaned up last, so that no deletion runs in the apiserver's background while measuring.
+        # This control plane has no namespace controller: a deleted namespace keeps what is in it, and
+        # a later cluster-wide operator (`make run`) would find every grant. So the grants (their
+        # finalizers dropped first) and Secrets are deleted themselves.
+        namespaces = [ns, f"{ns}-one", bare_ns, op_ns]
+        for namespace in namespaces:
+            release_grants(state_dir, namespace)
+            subprocess.run([*kubectl, "delete", "delegationgrants,secrets", "--all", "-n", namespace,
+                            "--wait=false"], capture_output=True)
+        subprocess.run([*kubectl, "delete", "namespace", *namespaces, "--wait=false"], capture_output=True)
     print(json.dumps(results, indent=2))
 
 
