@@ -710,15 +710,8 @@ async fn issue(
     else {
         return secret_conflict(grant, ctx, secret_name, now).await;
     };
-    ctx.remember_trusted_secret(&namespace, secret_name, rv);
-    ctx.unseen_writes
-        .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
-    ctx.remember_minted(&grant.uid().unwrap_or_default(), minted.substance);
-    if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
-        // spec.secretName changed: the token moved; the old Secret is ours to remove.
-        delete_our_secret(ctx, grant, previous_secret, true).await?;
-    }
-
+    // The token is out: its audit line is written at once, before anything else can fail or the
+    // process die, so that no token that reached a Secret goes unaudited.
     let first =
         matches!(cause, IssueCause::First | IssueCause::SecretMissing) && old.token.is_none();
     let (reason, action) = if first {
@@ -732,6 +725,27 @@ async fn issue(
         &minted.times.expires_at,
         &minted.times.renewal_at,
     );
+    let mut record = audit_record(
+        grant,
+        ctx,
+        action,
+        reason,
+        &message,
+        Some(resolution),
+        vec![minted.jti.as_str()],
+        Some(minted.times.expires_at.to_string()),
+    );
+    record.status_list = Some(&minted.status_ref);
+    audit::record(&record);
+    ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    ctx.unseen_writes
+        .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
+    ctx.remember_minted(&grant.uid().unwrap_or_default(), minted.substance);
+    if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
+        // spec.secretName changed: the token moved; the old Secret is ours to remove.
+        delete_our_secret(ctx, grant, previous_secret, true).await?;
+    }
+
     let status = issued_status(
         grant,
         &old,
@@ -755,19 +769,6 @@ async fn issue(
         report_revocation(grant, ctx, &revoked, revocation_reason, why);
     }
     ctx.event(grant, EventType::Normal, reason, message.clone());
-    let expires_at = Some(minted.times.expires_at.to_string());
-    let mut record = audit_record(
-        grant,
-        ctx,
-        action,
-        reason,
-        &message,
-        Some(resolution),
-        vec![minted.jti.as_str()],
-        expires_at,
-    );
-    record.status_list = Some(&minted.status_ref);
-    audit::record(&record);
     Ok(ctx.look_again(
         grant,
         until(now, minted.times.renewal_at).max(Duration::from_secs(1)),
