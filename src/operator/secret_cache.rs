@@ -99,14 +99,6 @@ impl SecretCache {
             _phantom: Default::default(),
         })
     }
-
-    pub fn len(&self) -> usize {
-        self.0.read().map(|s| s.live.len()).unwrap_or_default()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 fn key_of(secret: &PartialObjectMeta<Secret>) -> u64 {
@@ -197,7 +189,6 @@ mod tests {
         assert_eq!(rv.as_deref(), Some("7"));
         cache.apply(&watcher::Event::Delete(secret("a", "8", vec![])));
         assert!(cache.get("ns", "a").is_none());
-        assert!(cache.is_empty());
     }
 
     #[test]
@@ -217,6 +208,5 @@ mod tests {
             "deleted while the watch was down"
         );
         assert!(cache.get("ns", "new").is_some());
-        assert_eq!(cache.len(), 1);
     }
 }
