@@ -316,6 +316,11 @@ async fn cleanup(
     }
     let revoked = revoke_recorded(grant, ctx, now).await?;
     let message = "the grant was deleted; its tokens are revoked";
+    // Said as soon as it is true: a process dying later must not leave a revocation unaudited.
+    // (A retry after a failed write below says it again; a repeated line is better than none.)
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, DELETED, message);
+    }
     // Children watch this status: they lose their tokens before this grant disappears. Without
     // children nobody reads it again (the grant is about to go), and the write is saved.
     let namespace = grant.namespace().unwrap_or_default();
@@ -333,9 +338,6 @@ async fn cleanup(
     ctx.remember_released(grant);
     ctx.forget_grant(grant);
     ctx.authority.forget_grant(grant);
-    if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, DELETED, message);
-    }
     if let Err(e) = deleted {
         tracing::warn!(grant = %grant.name_any(), namespace, error = %e, "could not delete the token Secret of a deleted grant; its token is revoked, and the orphan sweep deletes it");
     }
@@ -377,15 +379,15 @@ async fn refuse(
 ) -> Result<Action> {
     let reason = refusal.reason.as_str();
     let revoked = revoke_tokens(grant, ctx, now).await?;
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, reason, &refusal.message);
+    }
     let changed = write_status(
         grant,
         ctx,
         refused_status(grant, approval, reason, &refusal.message, now),
     )
     .await?;
-    if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, reason, &refusal.message);
-    }
     if changed && refusal.reason.is_denial() {
         ctx.event(
             grant,
@@ -687,6 +689,14 @@ async fn issue(
     let planned_jti = planned.as_ref().map(|p| p.jti.as_str());
     let (revoked, revocation_reason) =
         revoke_replaced(grant, ctx, supersedes, planned_jti, now).await?;
+    if !revoked.is_empty() {
+        let why = if supersedes {
+            "the token no longer matched the grant, a tightened limit, or its Secret"
+        } else {
+            "a newer rotation displaced it while it was still valid"
+        };
+        report_revocation(grant, ctx, &revoked, revocation_reason, why);
+    }
     let minted = mint(grant, ctx, resolution, planned, now).await?;
 
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
@@ -759,15 +769,6 @@ async fn issue(
         now,
     );
     write_status(grant, ctx, status).await?;
-
-    if !revoked.is_empty() {
-        let why = if supersedes {
-            "the token no longer matched the grant, a tightened limit, or its Secret"
-        } else {
-            "a newer rotation displaced it while it was still valid"
-        };
-        report_revocation(grant, ctx, &revoked, revocation_reason, why);
-    }
     ctx.event(grant, EventType::Normal, reason, message.clone());
     Ok(ctx.look_again(
         grant,
@@ -1015,15 +1016,15 @@ async fn secret_conflict(
          delete it or set spec.secretName to a free name"
     );
     let revoked = revoke_tokens(grant, ctx, now).await?;
+    if !revoked.is_empty() {
+        report_revocation(grant, ctx, &revoked, SECRET_CONFLICT, &message);
+    }
     let changed = write_status(
         grant,
         ctx,
         refused_status(grant, None, SECRET_CONFLICT, &message, now),
     )
     .await?;
-    if !revoked.is_empty() {
-        report_revocation(grant, ctx, &revoked, SECRET_CONFLICT, &message);
-    }
     if changed {
         ctx.event(grant, EventType::Warning, SECRET_CONFLICT, message.clone());
         audit::record(&audit_record(
@@ -1229,6 +1230,9 @@ async fn delete_our_secret(
     Ok(())
 }
 
+/// Says that tokens were revoked (an Event and an audit line). Called as soon as they are INVALID in
+/// the written, published status list, before any other write, so that a process dying after a
+/// revocation still leaves its audit line.
 fn report_revocation(
     grant: &DelegationGrant,
     ctx: &Context,

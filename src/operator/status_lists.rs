@@ -58,8 +58,10 @@ use crate::status_list::{
 
 pub const SECRET_NAME: &str = "delegation-operator-status-lists";
 pub const STATE_KEY: &str = "state.json";
-/// The per-grant token records are spread over this many Secrets, by a hash of the grant uid.
-pub const SHARDS: usize = 64;
+/// The per-grant token records are spread over this many Secrets. Every new record costs a write
+/// of the whole shard it goes to, so many small shards (≈ 3 KB each at 10,000 grants) keep that
+/// write small; their number does not change how many writes there are (see [`Inner::plan`]).
+pub const SHARDS: usize = 256;
 /// The name prefix of the shard Secrets (`<prefix>NN`).
 pub const SHARD_PREFIX: &str = "delegation-operator-status-lists-tokens-";
 const TOKENS_KEY: &str = "tokens.json";
@@ -111,6 +113,12 @@ fn shard_of(grant_uid: &str) -> usize {
 
 fn shard_name(shard: usize) -> String {
     format!("{SHARD_PREFIX}{shard:02}")
+}
+
+/// The shard a Secret of that name holds, if it is one of ours.
+fn shard_number(name: &str) -> Option<usize> {
+    let shard: usize = name.strip_prefix(SHARD_PREFIX)?.parse().ok()?;
+    (shard < SHARDS && shard_name(shard) == name).then_some(shard)
 }
 
 /// A Status List Token as published.
@@ -628,7 +636,7 @@ impl StatusLists {
                 }
                 desired_secret(&inner.written)
             } else {
-                let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
+                let Some(shard) = shard_number(name) else {
                     return Ok(());
                 };
                 if inner.shards_written[shard].is_empty() {
@@ -943,7 +951,7 @@ async fn load_shards(secrets: &Api<Secret>, namespace: &str) -> Result<(Shards, 
         .await?;
     for secret in listed {
         let name = secret.metadata.name.clone().unwrap_or_default();
-        let Some(shard) = (0..SHARDS).find(|k| shard_name(*k) == name) else {
+        let Some(shard) = shard_number(&name) else {
             continue;
         };
         let text = secret
@@ -1143,12 +1151,28 @@ mod tests {
     #[test]
     fn grants_spread_over_the_shards_and_keep_theirs() {
         let mut counts = vec![0usize; SHARDS];
-        for i in 0..6400 {
+        for i in 0..(100 * SHARDS) {
             counts[shard_of(&format!("uid-{i}"))] += 1;
         }
         assert!(counts.iter().all(|c| (50..=150).contains(c)), "{counts:?}");
         assert_eq!(shard_of("fixed-uid"), shard_of("fixed-uid"));
         assert_eq!(shard_name(7), "delegation-operator-status-lists-tokens-07");
+        assert_eq!(
+            shard_number("delegation-operator-status-lists-tokens-07"),
+            Some(7)
+        );
+        assert_eq!(
+            shard_number("delegation-operator-status-lists-tokens-255"),
+            Some(255)
+        );
+        for foreign in [
+            "delegation-operator-status-lists-tokens-7",
+            "delegation-operator-status-lists-tokens-256",
+            "delegation-operator-status-lists-tokens-+1",
+            "delegation-operator-status-lists",
+        ] {
+            assert_eq!(shard_number(foreign), None, "{foreign}");
+        }
     }
 
     #[test]
