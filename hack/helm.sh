@@ -61,14 +61,31 @@ sync_chart() {
   {
     echo '{{- /* Generated from admission/policies.yaml by `hack/helm.sh sync-chart`. Do not edit by hand. */ -}}'
     echo '{{- if .Values.admissionPolicies.enabled }}'
+    # The finalizer policy is never kept (without an operator it would hold every new grant's
+    # deletion) and is bound only to the watched namespace when there is one.
     awk '
+      /^  name: / { name = $2 }
       /^  labels: \{app.kubernetes.io\/part-of: delegation-operator\}$/ {
-        print "  {{- include \"delegation-operator.apiMetadata\" (dict \"context\" $ \"component\" \"admission\" \"keep\" $.Values.admissionPolicies.keep) | nindent 2 }}"
+        keep = (name == "delegation-operator-add-finalizer") ? "false" : "$.Values.admissionPolicies.keep"
+        print "  {{- include \"delegation-operator.apiMetadata\" (dict \"context\" $ \"component\" \"admission\" \"keep\" " keep ") | nindent 2 }}"
         n++
         next
       }
       { print }
-      END { if (n == 0) { print "no labels line found" > "/dev/stderr"; exit 1 } }' "$ROOT/admission/policies.yaml"
+      /^  policyName: delegation-operator-add-finalizer$/ {
+        print "  {{- with .Values.watchNamespace }}"
+        print "  matchResources:"
+        print "    matchPolicy: Equivalent"
+        print "    objectSelector: {}"
+        print "    namespaceSelector:"
+        print "      matchLabels: {kubernetes.io/metadata.name: {{ . | quote }}}"
+        print "  {{- end }}"
+        scoped++
+      }
+      END {
+        if (n == 0) { print "no labels line found" > "/dev/stderr"; exit 1 }
+        if (scoped != 1) { print "no binding of the finalizer policy found" > "/dev/stderr"; exit 1 }
+      }' "$ROOT/admission/policies.yaml"
     echo '{{- end }}'
   } >"$out"
   log "wrote ${out#"$ROOT"/}"

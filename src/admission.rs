@@ -158,4 +158,31 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn the_finalizer_policy_adds_the_operators_finalizer_to_new_grants_only() {
+        let finalizer = crate::operator::FINALIZER;
+        let policy = policies()
+            .into_iter()
+            .find(|p| name(p) == "delegation-operator-add-finalizer")
+            .expect("the finalizer policy");
+        assert_eq!(kind(&policy), "MutatingAdmissionPolicy");
+        let rules = &policy["spec"]["matchConstraints"]["resourceRules"];
+        assert_eq!(
+            rules[0]["resources"],
+            serde_json::json!(["delegationgrants"])
+        );
+        // On an update it could fight a controller's or a person's edit of the list.
+        assert_eq!(rules[0]["operations"], serde_json::json!(["CREATE"]));
+        let condition = policy["spec"]["matchConditions"].to_string();
+        assert!(condition.contains(finalizer), "{condition}");
+        let mutations = policy["spec"]["mutations"].as_array().unwrap();
+        assert_eq!(mutations.len(), 1);
+        let expr = mutations[0]["jsonPatch"]["expression"].as_str().unwrap();
+        // Both branches (a list to append to, or none yet) add exactly this finalizer.
+        assert_eq!(expr.matches(finalizer).count(), 2, "{expr}");
+        assert!(
+            expr.contains("/metadata/finalizers/-") && expr.contains("\"/metadata/finalizers\"")
+        );
+    }
 }

@@ -381,8 +381,16 @@ fn admission_policy_template_renders_exactly_the_policies() {
     expected.sort_by_key(key);
     for (mut got, want) in rendered.into_iter().zip(expected) {
         let meta = got["metadata"].as_object_mut().unwrap();
-        let annotations = meta.remove("annotations").unwrap();
-        assert_eq!(annotations, json!({"helm.sh/resource-policy": "keep"}));
+        let annotations = meta.remove("annotations");
+        if meta["name"] == FINALIZER_POLICY {
+            // Never kept: with no operator left it would hold every new grant's deletion.
+            assert_eq!(annotations, None);
+        } else {
+            assert_eq!(
+                annotations,
+                Some(json!({"helm.sh/resource-policy": "keep"}))
+            );
+        }
         let labels = meta["labels"].as_object_mut().unwrap();
         assert_eq!(labels["app.kubernetes.io/component"], "admission");
         for added in [
@@ -413,6 +421,36 @@ fn admission_policy_template_renders_exactly_the_policies() {
             .filter(|d| d["kind"] == "ValidatingAdmissionPolicy")
             .all(|d| d["metadata"]["annotations"].is_null())
     );
+}
+
+const FINALIZER_POLICY: &str = "delegation-operator-add-finalizer";
+
+#[test]
+fn the_finalizer_policy_is_bound_only_to_the_watched_namespace_when_there_is_one() {
+    let binding = |docs: &[Value]| {
+        docs.iter()
+            .find(|d| {
+                d["kind"] == "MutatingAdmissionPolicyBinding"
+                    && d["metadata"]["name"] == FINALIZER_POLICY
+            })
+            .cloned()
+            .expect("the finalizer policy's binding")
+    };
+    // Cluster-wide operator: every namespace.
+    assert!(binding(&render(&[]))["spec"]["matchResources"].is_null());
+    let scoped = binding(&render(&["--set", "watchNamespace=team-a"]));
+    assert_eq!(
+        scoped["spec"]["matchResources"]["namespaceSelector"],
+        json!({"matchLabels": {"kubernetes.io/metadata.name": "team-a"}})
+    );
+    // The other policies are about who asks, wherever the grant is: never scoped.
+    for doc in render(&["--set", "watchNamespace=team-a"]) {
+        if doc["kind"] == "MutatingAdmissionPolicyBinding"
+            && doc["metadata"]["name"] != FINALIZER_POLICY
+        {
+            assert!(doc["spec"]["matchResources"].is_null(), "{doc}");
+        }
+    }
 }
 
 #[test]
@@ -1478,7 +1516,23 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         "{uninstalled}"
     );
     assert_eq!(crd_uids(&client).await, crds_before);
-    assert_eq!(policy_uids(&client).await, policy_uids_before);
+    // Every policy stays but the finalizer's: with no operator it would hold new grants' deletion.
+    let kept: Vec<_> = policy_uids_before
+        .iter()
+        .filter(|(name, _)| name != FINALIZER_POLICY)
+        .cloned()
+        .collect();
+    let finalizer_policy = Api::<
+        k8s_openapi::api::admissionregistration::v1::MutatingAdmissionPolicy,
+    >::all(client.clone())
+    .get_opt(FINALIZER_POLICY)
+    .await
+    .unwrap();
+    assert!(
+        finalizer_policy.is_none(),
+        "the finalizer policy outlived the release"
+    );
+    assert_eq!(policy_uids(&client).await, kept);
     for name in [
         fullname.as_str(),
         "delegation-admin",
@@ -1580,6 +1634,7 @@ async fn crd_uids(client: &Client) -> Vec<(String, String)> {
     uids
 }
 
+/// The uid of each policy of `admission/policies.yaml` that exists.
 async fn policy_uids(client: &Client) -> Vec<(String, String)> {
     use k8s_openapi::api::admissionregistration::v1::{
         MutatingAdmissionPolicy, ValidatingAdmissionPolicy,
@@ -1589,18 +1644,20 @@ async fn policy_uids(client: &Client) -> Vec<(String, String)> {
         let name = doc["metadata"]["name"].as_str().unwrap().to_owned();
         let uid = match doc["kind"].as_str().unwrap() {
             "MutatingAdmissionPolicy" => Api::<MutatingAdmissionPolicy>::all(client.clone())
-                .get(&name)
+                .get_opt(&name)
                 .await
                 .unwrap()
-                .uid(),
+                .and_then(|p| p.uid()),
             "ValidatingAdmissionPolicy" => Api::<ValidatingAdmissionPolicy>::all(client.clone())
-                .get(&name)
+                .get_opt(&name)
                 .await
                 .unwrap()
-                .uid(),
+                .and_then(|p| p.uid()),
             _ => continue,
         };
-        created.push((name, uid.unwrap()));
+        if let Some(uid) = uid {
+            created.push((name, uid));
+        }
     }
     created
 }

@@ -304,6 +304,25 @@ async fn deleting_a_grant_revokes_its_token() {
             .finalizers()
             .contains(&"delegation.nhi.dev/revoke-tokens".to_owned())
     );
+    // Put there at creation by the admission policy, not by a write of the operator: an update of
+    // the finalizer list would own it in managedFields (what the admission adds belongs to no one).
+    let finalizer_writers: Vec<_> = grant
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.is_none() && m.operation.as_deref() == Some("Update"))
+        .filter(|m| {
+            m.fields_v1
+                .as_ref()
+                .is_some_and(|f| f.0.to_string().contains("f:finalizers"))
+        })
+        .map(|m| m.manager.clone())
+        .collect();
+    assert!(
+        finalizer_writers.is_empty(),
+        "the finalizer was written by {finalizer_writers:?}"
+    );
     let jti = token_id(&grant);
     assert!(
         f.operator().audit().iter().any(|r| r["action"] == "Issued"
@@ -851,6 +870,16 @@ async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhi
         .await
         .unwrap();
     f.apply(&notifier_grant("arrives", "5m")).await;
+    // One created without the admission finalizer (as before the policy existed): the operator adds it.
+    f.apply(&notifier_grant("unguarded", "5m")).await;
+    f.grants()
+        .patch(
+            "unguarded",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"metadata": {"finalizers": null}})),
+        )
+        .await
+        .unwrap();
     // While the operator is down the finalizer holds the deleted grant, and its token is still there.
     let held = f.grants().get("goes").await.unwrap();
     assert!(held.metadata.deletion_timestamp.is_some());
@@ -866,6 +895,12 @@ async fn a_restarted_operator_loses_nothing_and_revokes_what_was_deleted_meanwhi
     assert!(f.secrets().get_opt("goes-token").await.unwrap().is_none());
     assert!(f.revoked_ids().await.contains(&goes));
     f.wait_ready("arrives", "True", None).await;
+    let unguarded = f.wait_ready("unguarded", "True", None).await;
+    assert_eq!(
+        unguarded.finalizers(),
+        ["delegation.nhi.dev/revoke-tokens".to_owned()],
+        "the operator adds its finalizer where the admission policy did not"
+    );
     assert_eq!(
         token_id(&f.grants().get("stays").await.unwrap()),
         stays,

@@ -68,8 +68,16 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
         (true, true) => cleanup(&api, &grant, &ctx, now).await,
         // Being deleted, and nothing of ours holds it.
         (true, false) => Ok(Action::await_change()),
+        // New, with the finalizer the admission policy put on it: ask ahead, as below.
+        (false, true) if grant.status.is_none() => {
+            let mut planned = ask_ahead(&grant, &ctx, now).await;
+            let done = apply(&grant, &ctx, now, &mut planned).await;
+            withdraw_unused(&grant, &ctx, planned).await;
+            done
+        }
         (false, true) => apply(&grant, &ctx, now, &mut None).await,
-        // New: the finalizer first (before any token exists, so that a deletion always revokes).
+        // New, created without the admission policy: the finalizer first (before any token exists,
+        // so that a deletion always revokes).
         (false, false) => {
             let (grant, mut planned) = add_finalizer_and_ask(&api, grant, &ctx, now).await?;
             let done = apply(&grant, &ctx, now, &mut planned).await;
@@ -80,10 +88,8 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
 }
 
 /// Adds the finalizer (before any token exists, so that a deletion always revokes) and, at the same
-/// time, asks the apiserver about the grant's authority, which the issuance that follows would ask
-/// anyway, and records the first token's status-list entry (see [`Planned`]). Returns the grant as
-/// the apiserver now holds it, so the issuance goes on in this very reconcile rather than after
-/// another trip through the watch.
+/// time, asks ahead (see [`ask_ahead`]). Returns the grant as the apiserver now holds it, so the
+/// issuance goes on in this very reconcile rather than after another trip through the watch.
 async fn add_finalizer_and_ask(
     api: &Api<DelegationGrant>,
     grant: Arc<DelegationGrant>,
@@ -102,20 +108,10 @@ async fn add_finalizer_and_ask(
     });
     let name = grant.name_any();
     let (params, patch) = (PatchParams::default(), Patch::Merge(&patch));
-    let (patched, asked, planned) = futures::join!(
+    let (patched, planned) = futures::join!(
         api.patch(&name, &params, &patch),
-        authority::evaluate(&grant, ctx, now, true),
-        plan_first_token(&grant, ctx, now)
+        ask_ahead(&grant, ctx, now)
     );
-    if let Err(e) = asked {
-        // The issuance asks again; this was only ahead of time.
-        tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
-    }
-    let planned = planned.unwrap_or_else(|e| {
-        // The issuance records its token itself.
-        tracing::debug!(grant = %name, error = %e, "status-list entry ahead of issuance failed");
-        None
-    });
     match patched {
         Ok(patched) => Ok((Arc::new(patched), planned)),
         Err(e) => {
@@ -123,6 +119,25 @@ async fn add_finalizer_and_ask(
             Err(Error::Finalizer(Box::new(F::AddFinalizer(e))))
         }
     }
+}
+
+/// What the first issuance of a new grant needs from the apiserver, asked at once and side by side:
+/// the grant's authority (a SubjectAccessReview the issuance would otherwise wait for) and the first
+/// token's status-list entry, recorded ahead (see [`Planned`]). Either may fail: the issuance then
+/// does it itself.
+async fn ask_ahead(grant: &DelegationGrant, ctx: &Context, now: Timestamp) -> Option<Planned> {
+    let name = grant.name_any();
+    let (asked, planned) = futures::join!(
+        authority::evaluate(grant, ctx, now, true),
+        plan_first_token(grant, ctx, now)
+    );
+    if let Err(e) = asked {
+        tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
+    }
+    planned.unwrap_or_else(|e| {
+        tracing::debug!(grant = %name, error = %e, "status-list entry ahead of issuance failed");
+        None
+    })
 }
 
 /// Gives back the status-list entry of a planned token the issuance did not mint. Before a refusal

@@ -370,8 +370,19 @@ async fn policies_pending(admin: &Client, probe: &Client, me: &str) -> Option<St
     let forged = json!({"username": "mallory", "groups": ["system:masters"]});
     let grant = probe_grant(json!({"kind": "User", "name": me}), Some(forged.clone()));
     let stamped = dry_run_create(admin, "DelegationGrant", &grant).await;
+    let finalizers = stamped
+        .as_ref()
+        .ok()
+        .and_then(|g| g.metadata.finalizers.clone());
     if let Err(why) = stamped_as(stamped, "requester", me) {
         return Some(format!("grant requester: {why}"));
+    }
+    if !finalizers
+        .unwrap_or_default()
+        .iter()
+        .any(|f| f == "delegation.nhi.dev/revoke-tokens")
+    {
+        return Some("grant finalizer: not added".into());
     }
     let approval = probe_approval(Some(forged));
     let stamped = dry_run_create(admin, "DelegationApproval", &approval).await;
