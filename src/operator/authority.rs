@@ -75,11 +75,13 @@ impl Default for CheckedAuthority {
 const SHARED_ANSWER: Duration = Duration::from_secs(1);
 
 /// One positive check: of which grant (a hash of its uid) and generation, when, and what it found.
+/// The approval is boxed: most grants need none, and this is one entry per grant.
 struct Checked {
     uid: Option<u64>,
     generation: Option<i64>,
     at: Timestamp,
-    evidence: Evidence,
+    approval: Option<Box<ApprovalStatus>>,
+    checked_at: Timestamp,
 }
 
 impl CheckedAuthority {
@@ -89,7 +91,10 @@ impl CheckedAuthority {
         (checked.uid == grant.uid().map(|u| super::context::key(&u))
             && checked.generation == grant.metadata.generation
             && add(checked.at, period) > now)
-            .then(|| checked.evidence.clone())
+            .then(|| Evidence {
+                approval: checked.approval.as_deref().cloned(),
+                checked_at: checked.checked_at,
+            })
     }
 
     fn put(&self, grant: &DelegationGrant, now: Timestamp, evidence: &Evidence) {
@@ -98,7 +103,8 @@ impl CheckedAuthority {
                 uid: grant.uid().map(|u| super::context::key(&u)),
                 generation: grant.metadata.generation,
                 at: now,
-                evidence: evidence.clone(),
+                approval: evidence.approval.clone().map(Box::new),
+                checked_at: evidence.checked_at,
             };
             map.insert(key(grant), checked);
         }
