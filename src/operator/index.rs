@@ -7,47 +7,70 @@
 
 use std::{
     collections::{BTreeSet, HashMap, VecDeque},
-    sync::Mutex,
+    sync::{Arc, Mutex},
 };
 
 use kube::{ResourceExt, runtime::watcher};
 
-use super::grants::is_ready;
+use super::{grants::is_ready, interner::Interner};
 use crate::{api::DelegationGrant, delegation::chain::MAX_CHAIN_LENGTH};
 
 /// `(namespace, name)` of an object.
 pub type Key = (String, String);
 
+/// A name the index repeats (a namespace, an agent, a grant as a member and as a parent), one shared
+/// copy per distinct name: the index holds a few small entries per grant, not strings.
+type Name = Arc<str>;
+
+/// `(namespace, name)` as the index keeps it.
+type SharedKey = (Name, Name);
+
 /// What the index keeps of one grant: the references that never change, and whether it is Ready.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
-    actor: String,
-    parent: Option<String>,
+    actor: Name,
+    parent: Option<Name>,
     ready: bool,
-}
-
-impl Entry {
-    fn of(grant: &DelegationGrant) -> Self {
-        Self {
-            actor: grant.spec.actor_ref.name.clone(),
-            parent: grant.spec.parent_grant_ref.as_ref().map(|p| p.name.clone()),
-            ready: is_ready(grant),
-        }
-    }
 }
 
 #[derive(Default)]
 struct State {
-    grants: HashMap<Key, Entry>,
+    grants: HashMap<SharedKey, Entry>,
     /// During a re-list: the grants seen so far, swapped in at its end.
-    relisting: Option<HashMap<Key, Entry>>,
-    by_actor: HashMap<Key, BTreeSet<String>>,
-    by_parent: HashMap<Key, BTreeSet<String>>,
-    ready_by_actor: HashMap<Key, usize>,
+    relisting: Option<HashMap<SharedKey, Entry>>,
+    by_actor: HashMap<SharedKey, BTreeSet<Name>>,
+    by_parent: HashMap<SharedKey, BTreeSet<Name>>,
+    ready_by_actor: HashMap<SharedKey, usize>,
+    names: Interner<str>,
 }
 
 impl State {
-    fn insert(&mut self, key: Key, entry: Entry) {
+    fn name(&mut self, name: &str) -> Name {
+        let mut shared: Name = Arc::from(name);
+        self.names.share(&mut shared);
+        shared
+    }
+
+    fn key_of(&mut self, grant: &DelegationGrant) -> SharedKey {
+        (
+            self.name(&grant.namespace().unwrap_or_default()),
+            self.name(&grant.name_any()),
+        )
+    }
+
+    fn entry_of(&mut self, grant: &DelegationGrant) -> Entry {
+        Entry {
+            actor: self.name(&grant.spec.actor_ref.name),
+            parent: grant
+                .spec
+                .parent_grant_ref
+                .as_ref()
+                .map(|p| self.name(&p.name)),
+            ready: is_ready(grant),
+        }
+    }
+
+    fn insert(&mut self, key: SharedKey, entry: Entry) {
         let (ns, name) = key.clone();
         self.by_actor
             .entry((ns.clone(), entry.actor.clone()))
@@ -68,7 +91,7 @@ impl State {
         self.grants.insert(key, entry);
     }
 
-    fn remove(&mut self, key: &Key) -> Option<Entry> {
+    fn remove(&mut self, key: &SharedKey) -> Option<Entry> {
         let entry = self.grants.remove(key)?;
         let (ns, name) = key;
         let actor_key = (ns.clone(), entry.actor.clone());
@@ -87,21 +110,40 @@ impl State {
         Some(entry)
     }
 
-    fn rebuild(&mut self, grants: HashMap<Key, Entry>) {
-        *self = State::default();
+    fn rebuild(&mut self, grants: HashMap<SharedKey, Entry>) {
+        let names = std::mem::take(&mut self.names);
+        *self = State {
+            names,
+            ..State::default()
+        };
         for (key, entry) in grants {
             self.insert(key, entry);
         }
     }
+
+    /// The members of `map` under `(namespace, name)`.
+    fn members<'a>(
+        map: &'a HashMap<SharedKey, BTreeSet<Name>>,
+        namespace: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &'a Name> + use<'a> {
+        map.get(&(Arc::from(namespace), Arc::from(name)))
+            .into_iter()
+            .flatten()
+    }
 }
 
-fn remove_member(map: &mut HashMap<Key, BTreeSet<String>>, key: &Key, name: &str) {
+fn remove_member(map: &mut HashMap<SharedKey, BTreeSet<Name>>, key: &SharedKey, name: &str) {
     if let Some(set) = map.get_mut(key) {
         set.remove(name);
         if set.is_empty() {
             map.remove(key);
         }
     }
+}
+
+fn owned((namespace, name): &SharedKey) -> Key {
+    (namespace.to_string(), name.to_string())
 }
 
 /// The dependency index of the grants cache.
@@ -125,19 +167,19 @@ impl GrantIndex {
         };
         match event {
             watcher::Event::Apply(grant) => {
-                let key = key_of(grant);
-                let entry = Entry::of(grant);
+                let key = state.key_of(grant);
+                let entry = state.entry_of(grant);
                 let old = state.remove(&key);
                 let changed = old.as_ref() != Some(&entry);
-                let actor = (key.0.clone(), entry.actor.clone());
+                let actor = owned(&(key.0.clone(), entry.actor.clone()));
                 state.insert(key, entry);
                 Touched {
                     actor: changed.then_some(actor),
                 }
             }
             watcher::Event::Delete(grant) => {
-                let key = key_of(grant);
-                let actor = state.remove(&key).map(|e| (key.0.clone(), e.actor));
+                let key = state.key_of(grant);
+                let actor = state.remove(&key).map(|e| owned(&(key.0.clone(), e.actor)));
                 Touched { actor }
             }
             watcher::Event::Init => {
@@ -145,11 +187,9 @@ impl GrantIndex {
                 Touched::default()
             }
             watcher::Event::InitApply(grant) => {
-                let entry = Entry::of(grant);
-                state
-                    .relisting
-                    .get_or_insert_default()
-                    .insert(key_of(grant), entry);
+                let key = state.key_of(grant);
+                let entry = state.entry_of(grant);
+                state.relisting.get_or_insert_default().insert(key, entry);
                 Touched::default()
             }
             watcher::Event::InitDone => {
@@ -174,14 +214,14 @@ impl GrantIndex {
     pub fn actors(&self) -> Vec<Key> {
         self.state
             .lock()
-            .map_or_else(|_| Vec::new(), |s| s.by_actor.keys().cloned().collect())
+            .map_or_else(|_| Vec::new(), |s| s.by_actor.keys().map(owned).collect())
     }
 
     /// How many grants with this actor are Ready.
     pub fn ready_count(&self, namespace: &str, agent: &str) -> usize {
         self.state.lock().map_or(0, |s| {
             s.ready_by_actor
-                .get(&(namespace.to_owned(), agent.to_owned()))
+                .get(&(Arc::from(namespace), Arc::from(agent)))
                 .copied()
                 .unwrap_or(0)
         })
@@ -194,12 +234,8 @@ impl GrantIndex {
         let Ok(state) = self.state.lock() else {
             return Vec::new();
         };
-        let mut found: BTreeSet<String> = BTreeSet::new();
-        let mut queue: VecDeque<(String, usize)> = state
-            .by_actor
-            .get(&(namespace.to_owned(), agent.to_owned()))
-            .into_iter()
-            .flatten()
+        let mut found: BTreeSet<Name> = BTreeSet::new();
+        let mut queue: VecDeque<(Name, usize)> = State::members(&state.by_actor, namespace, agent)
             .map(|g| (g.clone(), 0))
             .collect();
         while let Some((grant, depth)) = queue.pop_front() {
@@ -207,37 +243,27 @@ impl GrantIndex {
             if depth >= MAX_CHAIN_LENGTH || !found.insert(grant.clone()) {
                 continue;
             }
-            let children = state.by_parent.get(&(namespace.to_owned(), grant));
-            queue.extend(
-                children
-                    .into_iter()
-                    .flatten()
-                    .map(|c| (c.clone(), depth + 1)),
-            );
+            let children = State::members(&state.by_parent, namespace, &grant);
+            queue.extend(children.map(|c| (c.clone(), depth + 1)));
         }
-        found.into_iter().collect()
+        found.into_iter().map(|g| g.to_string()).collect()
     }
 
     fn members(
         &self,
-        map: impl Fn(&State) -> &HashMap<Key, BTreeSet<String>>,
+        map: impl Fn(&State) -> &HashMap<SharedKey, BTreeSet<Name>>,
         namespace: &str,
         name: &str,
     ) -> Vec<String> {
         self.state.lock().map_or_else(
             |_| Vec::new(),
             |s| {
-                map(&s)
-                    .get(&(namespace.to_owned(), name.to_owned()))
-                    .map(|set| set.iter().cloned().collect())
-                    .unwrap_or_default()
+                State::members(map(&s), namespace, name)
+                    .map(|m| m.to_string())
+                    .collect()
             },
         )
     }
-}
-
-fn key_of(grant: &DelegationGrant) -> Key {
-    (grant.namespace().unwrap_or_default(), grant.name_any())
 }
 
 #[cfg(test)]
@@ -328,6 +354,40 @@ mod tests {
         assert_eq!(index.ready_count("ns", "a"), 0);
         assert_eq!(index.ready_count("ns", "b"), 1);
         assert_eq!(index.with_actor("ns", "b"), ["new"]);
+    }
+
+    #[test]
+    fn repeated_names_are_one_shared_copy() {
+        let index = GrantIndex::default();
+        index.apply(&watcher::Event::Apply(grant("root", "a", None, true)));
+        index.apply(&watcher::Event::Apply(grant(
+            "one",
+            "a",
+            Some("root"),
+            true,
+        )));
+        index.apply(&watcher::Event::Apply(grant(
+            "two",
+            "a",
+            Some("root"),
+            true,
+        )));
+        let state = index.state.lock().unwrap();
+        let entry = |name: &str| &state.grants[&(Arc::from("ns"), Arc::from(name))];
+        assert!(Arc::ptr_eq(&entry("one").actor, &entry("two").actor));
+        let (root_key, _) = state
+            .grants
+            .get_key_value(&(Arc::from("ns"), Arc::from("root")))
+            .unwrap();
+        // The parent named by the children is the very string that keys the parent.
+        assert!(Arc::ptr_eq(
+            entry("one").parent.as_ref().unwrap(),
+            &root_key.1
+        ));
+        assert!(Arc::ptr_eq(
+            &root_key.0,
+            &state.grants.keys().find(|k| &*k.1 == "two").unwrap().0
+        ));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! A grant's requester is the prime case: one CI identity or one person creates many grants, and each
 //! identity as the apiserver stamps it (groups, and extra attributes such as the credential id) takes
 //! about 0.8 KiB when every grant keeps its own copy. The grant cache keeps one copy per distinct
-//! identity instead.
+//! identity instead. The dependency index shares names (`Interner<str>`) the same way.
 
 use std::{collections::HashSet, hash::Hash, sync::Arc};
 
@@ -11,12 +11,12 @@ use std::{collections::HashSet, hash::Hash, sync::Arc};
 const MIN_SWEEP: usize = 64;
 
 /// The shared copies, and when to next drop those no cached object uses any more.
-pub struct Interner<T> {
+pub struct Interner<T: ?Sized> {
     shared: HashSet<Arc<T>>,
     sweep_at: usize,
 }
 
-impl<T> Default for Interner<T> {
+impl<T: ?Sized> Default for Interner<T> {
     fn default() -> Self {
         Self {
             shared: HashSet::new(),
@@ -25,7 +25,7 @@ impl<T> Default for Interner<T> {
     }
 }
 
-impl<T: Eq + Hash> Interner<T> {
+impl<T: ?Sized + Eq + Hash> Interner<T> {
     /// Points `value` at the shared copy of an equal value, or makes it the shared copy.
     ///
     /// Copies only the interner holds are dropped whenever the set has doubled since the last sweep,

@@ -3,7 +3,8 @@
 //! - [`grants`]: the DelegationGrant controller (issue, rotate, revoke).
 //! - [`agents`]: the AgentIdentity controller (subject, active grants, Ready).
 //! - [`alarms`]: when each grant must be looked at again (renewal, re-checks).
-//! - [`interner`]: one shared copy of what many cached grants repeat (their requester).
+//! - [`interner`]: one shared copy of what many cached grants repeat (their requester, the names in
+//!   the dependency index).
 //! - [`token_secret`]: the token Secrets and who owns them; [`secret_cache`] what is kept of them.
 //! - [`keys`]: signing keys and the published JWKS; [`fence`]: the Lease checked before an overwrite.
 //! - [`status_lists`]: the Token Status Lists (every token's `status`, set INVALID on revocation).
