@@ -5,7 +5,8 @@ Measures, with the release build:
   - create -> Ready for one grant, through a direct HTTPS client (POST with a watch already open), and the
     same with `kubectl apply` + `kubectl wait` as a user would;
   - apply -> all Ready for 200 grants applied at once;
-  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants;
+  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants, and (with
+    BENCH_GRANTS=N) a fresh operator's holding exactly N, POSTed at once;
   - with BENCH_GRANTS=N (e.g. 10000), N more grants POSTed at once on 8 connections until all are Ready,
     against a bare client making the same writes per grant (POST grant, PATCH finalizer, POST Secret,
     PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds.
@@ -414,6 +415,27 @@ def wait_leading(log_path, since, timeout=600):
     raise TimeoutError("the restarted operator did not start leading")
 
 
+def rss_holding(binary, kubeconfig, kubectl, state_dir, ns, count):
+    """The RSS (MiB) of a fresh operator watching only `ns` once `count` grants POSTed there at once
+    are all Ready."""
+    sh(*kubectl, "create", "namespace", ns)
+    sh(*kubectl, "create", "namespace", f"{ns}-op")
+    operator = subprocess.Popen(
+        [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", f"{ns}-op",
+         "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        sh(*kubectl, "-n", ns, "apply", "-f", "-", stdin=AGENT)
+        post_grants(state_dir, ns, "mem", count)
+        wait_all_ready(state_dir, ns, count, 900)
+        time.sleep(2)
+        return round(rss_kib(operator.pid)[0] / 1024, 1)
+    finally:
+        operator.terminate()
+        operator.wait(timeout=10)
+
+
 def main():
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
@@ -446,6 +468,7 @@ def main():
     operator = start_operator()
     state_dir = os.path.dirname(kubeconfig)
     bare_ns = f"{ns}-bare"
+    mem_ns = f"{ns}-mem"
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
     try:
@@ -591,6 +614,14 @@ def main():
             names = [f"wave-{i:05d}" for i in range(deletes)]
             latencies = revocation_latencies(state_dir, ns, names)
             results[f"revocation_{len(names)}_deletes_at_100_per_s_during_renewals"] = percentiles(latencies)
+
+        # Memory holding exactly BENCH_GRANTS Ready grants (the goal's figure; the run above holds
+        # 1,000 more): a second operator, watching a namespace of its own, from idle to that many.
+        if scale:
+            operator.terminate()
+            operator.wait(timeout=10)
+            results[f"rss_holding_{scale}_grants_mib"] = rss_holding(
+                binary, kubeconfig, kubectl, state_dir, mem_ns, scale)
     finally:
         operator.terminate()
         operator.wait(timeout=10)
@@ -598,9 +629,12 @@ def main():
         # This control plane has no namespace controller: a deleted namespace keeps what is in it, and
         # a later cluster-wide operator (`make run`) would find every grant. So the grants (their
         # finalizers dropped first) and Secrets are deleted themselves.
-        namespaces = [ns, f"{ns}-one", bare_ns, op_ns]
+        namespaces = [ns, f"{ns}-one", bare_ns, op_ns, mem_ns, f"{mem_ns}-op"]
         for namespace in namespaces:
-            release_grants(state_dir, namespace)
+            try:
+                release_grants(state_dir, namespace)
+            except RuntimeError:
+                pass  # not created in this run
             subprocess.run([*kubectl, "delete", "delegationgrants,secrets", "--all", "-n", namespace,
                             "--wait=false"], capture_output=True)
         subprocess.run([*kubectl, "delete", "namespace", *namespaces, "--wait=false"], capture_output=True)
