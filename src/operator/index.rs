@@ -170,12 +170,11 @@ impl GrantIndex {
                 let key = state.key_of(grant);
                 let entry = state.entry_of(grant);
                 let old = state.remove(&key);
-                let changed = old.as_ref() != Some(&entry);
-                let actor = owned(&(key.0.clone(), entry.actor.clone()));
+                // Named only when it changed: most events (a status write) touch no agent.
+                let actor = (old.as_ref() != Some(&entry))
+                    .then(|| owned(&(key.0.clone(), entry.actor.clone())));
                 state.insert(key, entry);
-                Touched {
-                    actor: changed.then_some(actor),
-                }
+                Touched { actor }
             }
             watcher::Event::Delete(grant) => {
                 let key = state.key_of(grant);
