@@ -17,6 +17,17 @@ OPERATOR_NS=delegation-system
 
 say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
+# Waits (at most 60 s) until the apiserver authorises USER to do VERB on RESOURCE in the demo namespace.
+wait_authorised() {
+  local user=$1 verb=$2 resource=$3
+  for _ in $(seq 300); do
+    [[ $("${KUBECTL[@]}" auth can-i "$verb" "$resource" -n "$DEMO_NS" --as "$user" 2>/dev/null) == yes ]] && return 0
+    sleep 0.2
+  done
+  echo "the apiserver still does not let $user $verb $resource after 60 s" >&2
+  return 1
+}
+
 stop() {
   if [[ -f $STATE_DIR/operator.pid ]] && kill -0 "$(cat "$STATE_DIR/operator.pid")" 2>/dev/null; then
     kill "$(cat "$STATE_DIR/operator.pid")" && echo "operator stopped"
@@ -144,6 +155,11 @@ roleRef: {apiGroup: rbac.authorization.k8s.io, kind: Role, name: payment-approve
 subjects:
 - {apiGroup: rbac.authorization.k8s.io, kind: User, name: carol@example.com}
 EOF
+# A new RoleBinding reaches the apiserver's authorizer a moment after the write returns: wait until it
+# authorises what carol is about to do (bounded; never a fixed sleep).
+wait_authorised carol@example.com get delegationgrants.delegation.nhi.dev/alice-payment-run
+wait_authorised carol@example.com approve delegationgrants.delegation.nhi.dev/alice-payment-run
+wait_authorised carol@example.com create delegationapprovals.delegation.nhi.dev
 "$BIN" approve alice-payment-run -n "$DEMO_NS" "${KUBECONFIG_FLAG[@]}" --as carol@example.com \
   --comment "invoice 2026-0042 checked"
 "${KUBECTL[@]}" wait -n "$DEMO_NS" --for=condition=Ready delegationgrant/alice-payment-run --timeout=60s
