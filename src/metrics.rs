@@ -157,15 +157,9 @@ impl Metrics {
         }
     }
 
-    /// Counts one audit record.
-    pub fn count(&self, action: crate::operator::audit::AuditAction, reason: &str) {
-        use crate::operator::audit::AuditAction as A;
-        let family = match action {
-            A::Issued => &self.issued,
-            A::Rotated => &self.rotated,
-            A::Revoked => &self.revoked,
-            A::Denied => &self.denied,
-        };
+    /// Counts one token event of `family` (`issued`, `rotated`, `revoked` or `denied`) for `reason`.
+    /// The audit trail chooses the family: metrics know nothing of audit records.
+    pub fn count(family: &Family<ReasonLabels, Counter>, reason: &str) {
         family
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
@@ -274,15 +268,14 @@ pub async fn timed<T, E>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::operator::audit::AuditAction;
 
     /// The text format: counters get `_total`, every family carries its help, and a counted reason
     /// shows as a label.
     #[test]
     fn counts_show_in_the_text_format() {
         let m = Metrics::new();
-        m.count(AuditAction::Revoked, "AgentSuspended");
-        m.count(AuditAction::Revoked, "AgentSuspended");
+        Metrics::count(&m.revoked, "AgentSuspended");
+        Metrics::count(&m.revoked, "AgentSuspended");
         m.observe_reconcile("grants", 0.004, true);
         m.leader.set(1);
         m.events_dropped.inc();

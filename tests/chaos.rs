@@ -39,7 +39,7 @@ use std::{
 
 use base64::Engine;
 use delegation_operator::{
-    api::DelegationGrant, operator::status_lists, signing, status_list::StatusList,
+    api::DelegationGrant, operator::publishing::status_lists, signing, status_list::StatusList,
 };
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;

@@ -15,9 +15,9 @@ use serde_json::Value;
 
 use crate::api::DelegationGrant;
 use crate::delegation::explain::{self, StatusState};
-use crate::operator::keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY};
-use crate::operator::status_lists::CONFIGMAP_NAME as LISTS_CONFIGMAP_NAME;
-use crate::operator::token_secret::TOKEN_KEY;
+use crate::operator::grants::token_secret::TOKEN_KEY;
+use crate::operator::publishing::keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY};
+use crate::operator::publishing::status_lists::CONFIGMAP_NAME as LISTS_CONFIGMAP_NAME;
 use crate::signing;
 use crate::status_list::TokenStatusRef;
 use crate::status_list::data_key;

@@ -99,7 +99,7 @@ pub async fn revoke_keys(
     operator_namespace: &str,
     kids: &[String],
 ) -> Result<String, String> {
-    use crate::operator::keys::{KEYS_SECRET_NAME, REVOKE_KEYS_ANNOTATION};
+    use crate::operator::publishing::keys::{KEYS_SECRET_NAME, REVOKE_KEYS_ANNOTATION};
     let secrets: Api<k8s_openapi::api::core::v1::Secret> =
         Api::namespaced(client, operator_namespace);
     let current = secrets

@@ -18,8 +18,8 @@ use kube::{
 use serde_json::Value;
 
 use crate::operator::{
-    keys::{KEYS_SECRET_NAME, jwks_of_secret},
-    status_lists,
+    publishing::keys::{KEYS_SECRET_NAME, jwks_of_secret},
+    publishing::status_lists,
 };
 
 #[derive(Debug, Default)]

@@ -18,11 +18,10 @@ use kube::{
 
 use super::{
     FIELD_MANAGER,
-    context::Context,
-    context::key,
+    caches::context::{Context, key},
     error::{Error, Result},
-    events::Recent,
     now,
+    reporting::events::Recent,
 };
 use crate::{
     api::{AgentIdentity, AgentIdentityStatus, agent_subject},

@@ -18,11 +18,11 @@ use kube::{
     },
 };
 
-use super::{
+use crate::operator::{
     agents::CountWrites,
-    events::{Recent, Recorder},
-    keys::KeyStore,
-    status_lists::StatusLists,
+    publishing::keys::KeyStore,
+    publishing::status_lists::StatusLists,
+    reporting::events::{Recent, Recorder},
 };
 use crate::{
     api::{AgentIdentity, DelegationApproval, DelegationGrant},
@@ -72,15 +72,15 @@ pub struct Context {
     pub agents: Store<AgentIdentity>,
     pub approvals: Store<DelegationApproval>,
     /// The identity-stamping admission policies, to know from when stamps are proven.
-    pub stamps: super::stamps::Stamps,
+    pub stamps: crate::operator::caches::stamps::Stamps,
     /// Token Secrets, metadata only and only what is read of it: token bytes never sit in this cache.
-    pub secrets: Arc<super::secret_cache::SecretCache>,
+    pub secrets: Arc<crate::operator::caches::secret_cache::SecretCache>,
     /// Grants by actor and by parent, kept with the grants cache.
-    pub index: Arc<super::index::GrantIndex>,
+    pub index: Arc<crate::operator::caches::index::GrantIndex>,
     /// One flag per cache, true once its initial list is in.
     pub caches_ready: Vec<tokio::sync::watch::Receiver<bool>>,
     /// The last positive authority check of each grant.
-    pub authority: Arc<super::authority::CheckedAuthority>,
+    pub authority: Arc<crate::operator::grants::authority::CheckedAuthority>,
     pub keys: KeyStore,
     /// The Token Status Lists every token points into.
     pub status_lists: StatusLists,
@@ -89,7 +89,7 @@ pub struct Context {
     /// When each agent last had only its `activeGrants` written.
     pub agent_count_writes: CountWrites,
     /// When each grant must be looked at again (renewal, re-checks).
-    pub alarms: super::alarms::Alarms,
+    pub alarms: crate::operator::grants::alarms::Alarms,
     /// For each grant (by a hash of its uid): the [`substance`](crate::delegation::claims::substance)
     /// of the token the operator wrote to its Secret, or read there and verified. Never taken from
     /// the grant's status. A hash key keeps it at a few bytes per grant.
@@ -105,8 +105,8 @@ pub struct Context {
     pub secret_token_ids: Arc<SecretTokenIds>,
     /// Token Secrets written but not yet shown by the watch (see [`UnseenWrites`]).
     pub unseen_writes: Arc<UnseenWrites>,
-    /// Renewals' share of the reconcile slots (see [`super::renewals`]).
-    pub renewals: super::renewals::Renewals,
+    /// Renewals' share of the reconcile slots (see [`crate::operator::grants::renewals`]).
+    pub renewals: crate::operator::grants::renewals::Renewals,
     /// Deleted grants whose finalizer this process removed, by a [`key`] of their uid, for
     /// [`RELEASED_KEPT`].
     pub released: Mutex<Recent<()>>,
@@ -318,7 +318,7 @@ impl Context {
     }
 
     /// Looks at the grant again `after` from now, through its alarm rather than the controller's
-    /// requeue schedule (see [`super::alarms`]); nothing else needs to happen meanwhile.
+    /// requeue schedule (see [`crate::operator::grants::alarms`]); nothing else needs to happen meanwhile.
     pub fn look_again(&self, grant: &DelegationGrant, after: Duration) -> Action {
         self.alarms.set(
             &grant.namespace().unwrap_or_default(),

@@ -12,7 +12,7 @@ use std::{
 
 use kube::{ResourceExt, runtime::watcher};
 
-use super::{grants::is_ready, interner::Interner};
+use crate::operator::{caches::interner::Interner, grants::is_ready};
 use crate::{api::DelegationGrant, delegation::chain::MAX_CHAIN_LENGTH};
 
 /// `(namespace, name)` of an object.

@@ -18,8 +18,8 @@ use k8s_openapi::{
 };
 use kube::{Resource, ResourceExt, api::PartialObjectMeta, runtime::watcher};
 
-use super::context::key;
 use crate::api::DelegationGrant;
+use crate::operator::caches::context::key;
 
 /// What is kept of one token Secret.
 #[derive(Clone, Debug, PartialEq)]

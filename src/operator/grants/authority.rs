@@ -14,11 +14,11 @@ use k8s_openapi::{
 };
 use kube::{Api, ResourceExt, api::PostParams};
 
-use super::{
-    context::Context,
+use crate::operator::{
+    caches::context::Context,
+    caches::stamps::{APPROVER_POLICY, REQUESTER_POLICY},
     error::Result,
-    events::Recent,
-    stamps::{APPROVER_POLICY, REQUESTER_POLICY},
+    reporting::events::Recent,
 };
 use crate::{
     api::{
@@ -52,7 +52,7 @@ pub struct Unauthorized {
 /// The last positive check of each grant (by namespace and name), reused until the recheck period has
 /// passed, the grant changes, or something it rests on changes (its agent's spec, an approval of it).
 /// Refusals are never reused: a refused grant is looked at afresh every time.
-/// Keyed by a hash of namespace and name ([`super::context::key`]): one entry per grant.
+/// Keyed by a hash of namespace and name ([`crate::operator::caches::context::key`]): one entry per grant.
 pub struct CheckedAuthority {
     checked: Mutex<HashMap<u64, Checked>>,
     /// Recent "allowed" answers of the apiserver, by a hash of the whole question, holding the
@@ -88,7 +88,10 @@ impl CheckedAuthority {
     fn get(&self, grant: &DelegationGrant, period: Duration, now: Timestamp) -> Option<Evidence> {
         let map = self.checked.lock().ok()?;
         let checked = map.get(&key(grant))?;
-        (checked.uid == grant.uid().map(|u| super::context::key(&u))
+        (checked.uid
+            == grant
+                .uid()
+                .map(|u| crate::operator::caches::context::key(&u))
             && checked.generation == grant.metadata.generation
             && add(checked.at, period) > now)
             .then(|| Evidence {
@@ -100,7 +103,9 @@ impl CheckedAuthority {
     fn put(&self, grant: &DelegationGrant, now: Timestamp, evidence: &Evidence) {
         if let Ok(mut map) = self.checked.lock() {
             let checked = Checked {
-                uid: grant.uid().map(|u| super::context::key(&u)),
+                uid: grant
+                    .uid()
+                    .map(|u| crate::operator::caches::context::key(&u)),
                 generation: grant.metadata.generation,
                 at: now,
                 approval: evidence.approval.clone().map(Box::new),
@@ -142,7 +147,7 @@ impl CheckedAuthority {
         self.answers.lock().is_ok_and(|mut answers| {
             let now = now.unwrap_or_else(Instant::now);
             answers
-                .get(super::context::key(question), now)
+                .get(crate::operator::caches::context::key(question), now)
                 .is_some_and(|answer| answer.value == question)
         })
     }
@@ -150,7 +155,11 @@ impl CheckedAuthority {
     fn allowed_at(&self, question: String, now: Option<Instant>) {
         if let Ok(mut answers) = self.answers.lock() {
             let now = now.unwrap_or_else(Instant::now);
-            answers.insert(super::context::key(&question), question, now);
+            answers.insert(
+                crate::operator::caches::context::key(&question),
+                question,
+                now,
+            );
         }
     }
 }
@@ -160,7 +169,7 @@ fn key(grant: &DelegationGrant) -> u64 {
 }
 
 fn named_key(namespace: &str, name: &str) -> u64 {
-    super::context::key(&(namespace, name))
+    crate::operator::caches::context::key(&(namespace, name))
 }
 
 /// Checks whether the grant's requester may ask for it and, when its agent requires approval, whether
@@ -379,7 +388,7 @@ mod tests {
         let t0 = Instant::now();
         // As if another question had the victim's hash: its answer must not serve the victim.
         authority.answers.lock().unwrap().insert(
-            super::super::context::key("victim"),
+            crate::operator::caches::context::key("victim"),
             "another question".into(),
             t0,
         );

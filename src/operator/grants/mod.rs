@@ -4,6 +4,12 @@
 //! [`cleanup`] (the grant is being deleted: revoke). Every decision is made by the pure core in
 //! `crate::delegation`; this module only reads caches and writes what changed.
 
+pub mod alarms;
+pub mod authority;
+pub mod orphans;
+pub mod renewals;
+pub mod token_secret;
+
 use std::{sync::Arc, time::Duration};
 
 use k8s_openapi::{
@@ -15,14 +21,14 @@ use kube::{
     runtime::{controller::Action, events::EventType, reflector::ObjectRef},
 };
 
-use super::{
+use crate::operator::{
     FIELD_MANAGER, FINALIZER,
-    audit::{self, AuditAction, AuditRecord},
-    authority::{self, Evidence},
-    context::Context,
+    caches::context::Context,
     error::{Error, Result},
+    grants::authority::Evidence,
+    grants::token_secret::{Ownership, Written},
     now,
-    token_secret::{self, Ownership, Written},
+    reporting::audit::{self, AuditAction, AuditRecord},
 };
 use crate::{
     api::{ApprovalStatus, DelegationGrant, DelegationGrantStatus, PreviousToken, TokenStatus},
@@ -1196,7 +1202,7 @@ async fn signed_token_in(
         return Ok(None);
     };
     // Whatever audience it was minted for: the spec's may have changed since.
-    let Some(claims) = super::orphans::our_token(ctx, &secret, 0)? else {
+    let Some(claims) = crate::operator::grants::orphans::our_token(ctx, &secret, 0)? else {
         return Ok(None);
     };
     if claims[crate::delegation::claims::GRANT_CLAIM]["uid"].as_str()
@@ -1335,8 +1341,8 @@ async fn write_status(
             Ok(true)
         }
         // Deleted meanwhile (finalizer already gone): nothing left to describe.
-        Err(e) if super::error::is_not_found(&e) => Ok(false),
-        Err(e) if super::error::is_conflict(&e) => Err(Error::StaleStatus),
+        Err(e) if crate::operator::error::is_not_found(&e) => Ok(false),
+        Err(e) if crate::operator::error::is_conflict(&e) => Err(Error::StaleStatus),
         Err(e) => Err(e.into()),
     }
 }

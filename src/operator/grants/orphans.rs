@@ -10,12 +10,12 @@ use futures::StreamExt;
 use k8s_openapi::{api::core::v1::Secret, jiff::Timestamp};
 use kube::{Api, runtime::reflector::ObjectRef};
 
-use super::{
-    audit::{self, AuditAction, AuditRecord},
-    context::Context,
+use crate::operator::{
+    caches::context::Context,
     error::Result,
+    grants::token_secret::{self, TOKEN_KEY},
     now,
-    token_secret::{self, TOKEN_KEY},
+    reporting::audit::{self, AuditAction, AuditRecord},
 };
 use crate::{
     api::DelegationGrant, delegation::claims::GRANT_CLAIM, signing, status_list::TokenStatusRef,

@@ -15,12 +15,12 @@ use kube::{
     },
 };
 
-use super::{
+use crate::api::DelegationGrant;
+use crate::operator::{
     FIELD_MANAGER,
     error::{Result, is_conflict, is_not_found},
     managed_labels,
 };
-use crate::api::DelegationGrant;
 
 pub const SECRET_TYPE: &str = "delegation.nhi.dev/token";
 pub const TOKEN_KEY: &str = "token";

@@ -8,7 +8,7 @@
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::{Api, Client};
 
-use super::{
+use crate::operator::{
     LEASE_NAME,
     error::{Error, Result},
 };

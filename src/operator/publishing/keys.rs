@@ -19,11 +19,11 @@ use kube::{
 };
 use serde::Serialize;
 
-use super::{
+use crate::operator::{
     FIELD_MANAGER,
     error::{Error, Result},
-    fence::Fence,
     managed_labels,
+    publishing::fence::Fence,
 };
 use crate::signing::{Algorithm, Keyring, SigningKey, StoredKey};
 
@@ -173,14 +173,18 @@ impl KeyStore {
     /// Runs key maintenance forever, sleeping until the next rotation or pruning is due.
     pub async fn run_rotation(&self) {
         loop {
-            let next = match self.maintain(super::now()).await {
+            let next = match self.maintain(crate::operator::now()).await {
                 Ok(next) => next,
                 Err(e) => {
                     tracing::error!(error = %e, "signing key maintenance failed; retrying in 30s");
-                    super::add_secs(super::now(), 30)
+                    crate::operator::add_secs(crate::operator::now(), 30)
                 }
             };
-            tokio::time::sleep(crate::delegation::timing::until(super::now(), next)).await;
+            tokio::time::sleep(crate::delegation::timing::until(
+                crate::operator::now(),
+                next,
+            ))
+            .await;
         }
     }
 

@@ -44,12 +44,12 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::{
+use crate::operator::{
     FIELD_MANAGER,
     error::{Error, Result},
-    fence::Fence,
-    keys::{KeyStore, overwrite},
     managed_labels,
+    publishing::fence::Fence,
+    publishing::keys::{KeyStore, overwrite},
 };
 use crate::status_list::{
     Registry, RegistryConfig, RegistryError, RegistryState, STATUS_LIST_TYP, StatusList,
@@ -588,7 +588,10 @@ impl StatusLists {
     pub async fn run_maintenance(&self, keys: &KeyStore) {
         loop {
             tokio::time::sleep(MAINTENANCE_PERIOD).await;
-            if let Err(e) = self.maintain(keys, super::now().as_second()).await {
+            if let Err(e) = self
+                .maintain(keys, crate::operator::now().as_second())
+                .await
+            {
                 tracing::error!(error = %e, "status list maintenance failed; retrying");
             }
         }
@@ -773,7 +776,9 @@ impl StatusLists {
                 .await
             {
                 Ok(written) => return Ok(written.metadata.resource_version),
-                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {}
+                Err(e)
+                    if crate::operator::error::is_conflict(&e)
+                        || crate::operator::error::is_not_found(&e) => {}
                 Err(e) => return Err(e.into()),
             }
         }
@@ -808,7 +813,10 @@ impl StatusLists {
                     return Ok(());
                 }
                 // Someone else wrote it since (or deleted it): undo that only while we lead.
-                Err(e) if super::error::is_conflict(&e) || super::error::is_not_found(&e) => {
+                Err(e)
+                    if crate::operator::error::is_conflict(&e)
+                        || crate::operator::error::is_not_found(&e) =>
+                {
                     self.fence.check().await?;
                 }
                 Err(e) => return Err(e.into()),

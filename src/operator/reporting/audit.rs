@@ -52,7 +52,14 @@ pub struct AuditRecord<'a> {
 
 /// Writes one record as a JSON line on stdout.
 pub fn record(record: &AuditRecord<'_>) {
-    crate::metrics::metrics().count(record.action, record.reason);
+    let metrics = crate::metrics::metrics();
+    let family = match record.action {
+        AuditAction::Issued => &metrics.issued,
+        AuditAction::Rotated => &metrics.rotated,
+        AuditAction::Revoked => &metrics.revoked,
+        AuditAction::Denied => &metrics.denied,
+    };
+    crate::metrics::Metrics::count(family, record.reason);
     match serde_json::to_string(record) {
         Ok(line) => {
             let mut out = std::io::stdout().lock();

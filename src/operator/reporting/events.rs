@@ -33,7 +33,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use super::error::is_not_found;
+use crate::operator::error::is_not_found;
 
 /// Events waiting for the writer. Publishing never waits, so when a burst outruns the writer (a
 /// thousand grants issued at once) the excess is dropped and counted, as client-go's recorder drops
@@ -278,7 +278,7 @@ fn namespace_terminating(e: &kube::Error) -> bool {
 fn series_key(event: &Pending) -> u64 {
     let r = &event.regarding;
     // A collision (about one in 2^64) would merely join two series.
-    super::context::key(&(
+    crate::operator::caches::context::key(&(
         type_name(event.type_),
         &event.reason,
         &event.action,

@@ -1,0 +1,11 @@
+//! What reconciles read instead of asking the apiserver: the shared [`context`] (client, caches,
+//! keys, a little memory of our own writes), the [`watches`] that fill the caches, the dependency
+//! [`index`], the [`interner`], the compact [`secret_cache`] and the stamping policies ([`stamps`]).
+//! Read by the controllers; written only by the watches and by the controllers' own write records.
+
+pub mod context;
+pub mod index;
+pub mod interner;
+pub mod secret_cache;
+pub mod stamps;
+pub mod watches;

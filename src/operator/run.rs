@@ -1,0 +1,375 @@
+//! Start-up and leadership: the leader election, and everything the leader runs — the keys and
+//! status lists loaded, the caches filled, both controllers, the sweeps and the guard. Called by
+//! `main` only; nothing here decides anything about a grant.
+
+use std::sync::Arc;
+
+use futures::{StreamExt, future};
+use k8s_controller::LeaderElection;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ListParams, PartialObjectMeta},
+    runtime::{
+        controller::{self, Controller},
+        events::Reporter,
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+
+use super::{
+    Context, Error, MANAGED_BY, MANAGED_BY_LABEL, Readiness, Result, Settings, agents,
+    caches::{
+        context, index, interner, secret_cache, stamps,
+        watches::{agent_fan_out, grant_fan_out, reflect, watch_into},
+    },
+    error,
+    grants::{self, authority, orphans, renewals, token_secret},
+    now,
+    publishing::{fence, guard, keys, status_lists},
+    reporting::events,
+};
+use crate::api::{AgentIdentity, DelegationApproval, DelegationGrant};
+
+/// Runs both controllers and key rotation until a termination signal; `readiness` follows whether
+/// this replica leads and has its caches.
+pub async fn run(client: Client, settings: Settings, readiness: Arc<Readiness>) -> Result<()> {
+    let Some(election) = settings.leader_election.clone() else {
+        tracing::warn!(
+            "leader election is off: run exactly one replica, or revocations can be lost"
+        );
+        return lead(client, settings, readiness).await;
+    };
+    let election = LeaderElection::new(
+        client.clone(),
+        &settings.operator_namespace,
+        LEASE_NAME,
+        &election.identity,
+    )
+    .with_lease_duration(election.lease_duration)
+    .with_renew_deadline(election.renew_deadline)
+    .with_retry_period(election.retry_period);
+    let work = election.with_lease(lead(client, settings, readiness.clone()));
+    tokio::pin!(work);
+    tokio::select! {
+        outcome = &mut work => {
+            readiness.stop_leading();
+            return lease_outcome(outcome);
+        }
+        _ = shutdown_signal() => {}
+    }
+    if readiness.is_leading() {
+        // The controllers stop on the same signal; the lease is then released for the next leader.
+        return lease_outcome(work.await);
+    }
+    tracing::info!("delegation-operator stopped while waiting for the leader lease");
+    Ok(())
+}
+
+/// The Lease in the operator namespace that elects the one replica allowed to write.
+pub const LEASE_NAME: &str = "delegation-operator-leader";
+
+/// Losing the lease means another replica may already be writing: stop at once (the process exits
+/// non-zero and is restarted as a candidate) rather than write beside it.
+fn lease_outcome(outcome: Option<Result<()>>) -> Result<()> {
+    outcome.unwrap_or_else(|| {
+        Err(Error::InvalidState(
+            "lost the leader lease (it could not be renewed within the renew deadline, or another \
+             replica took it); stopped writing"
+                .into(),
+        ))
+    })
+}
+
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = terminate => {},
+    }
+}
+
+/// Everything the leader does: keys, revocations, both controllers. Nothing here runs on a standby.
+async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> Result<()> {
+    tracing::info!("leading: loading keys and starting the controllers");
+    // Leading from here on, even while the keys load: /readyz waits for the caches below.
+    readiness.lead(Vec::new());
+    let fence = match &settings.leader_election {
+        Some(election) => fence::Fence::lease(
+            client.clone(),
+            &settings.operator_namespace,
+            &election.identity,
+        ),
+        None => fence::Fence::none(),
+    };
+    let keys = keys::KeyStore::load_or_create(
+        client.clone(),
+        &settings.operator_namespace,
+        settings.algorithm,
+        settings.key_rotation_period,
+        settings.policy.max_token_ttl,
+        now(),
+        fence.clone(),
+    )
+    .await?;
+    guard::remove_legacy_revocation_list(&client, &settings.operator_namespace).await;
+    let status_lists = status_lists::StatusLists::load(
+        client.clone(),
+        &settings.operator_namespace,
+        &settings.issuer,
+        settings.policy.max_token_ttl,
+        &keys,
+        now().as_second(),
+        fence,
+    )
+    .await?;
+
+    let grants_api: Api<DelegationGrant> = scoped_api(&client, &settings);
+    let agents_api: Api<AgentIdentity> = scoped_api(&client, &settings);
+    // Metadata only: token bytes never reach this process through the watch.
+    let secrets_api: Api<PartialObjectMeta<Secret>> = scoped_api(&client, &settings);
+    let watch = watcher::Config::default();
+
+    // Wake-ups between controllers come from the very streams that fill the caches, after the cache
+    // has the change: a grant woken because its agent or parent changed always reads that change.
+    let index = Arc::new(index::GrantIndex::default());
+    let authority = Arc::new(authority::CheckedAuthority::default());
+    let (sweep, orphan_keys) = futures::channel::mpsc::unbounded();
+    let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
+    let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
+    let (grants_store, grant_events, grants_ready) = reflect(
+        grants_api,
+        watch.clone(),
+        // Nothing reads a grant's labels or annotations; grants by one requester share its identity.
+        {
+            let mut requesters = interner::Interner::default();
+            move |grant: &mut DelegationGrant| {
+                grant.metadata.labels = None;
+                grant.metadata.annotations = None;
+                if let Some(requester) = grant.spec.requester.as_mut() {
+                    requesters.share(requester);
+                }
+            }
+        },
+        grant_fan_out(index.clone(), wake_grant.clone(), wake_agent, sweep.clone()),
+    );
+    let (agents_store, agent_events, agents_ready) = reflect(
+        agents_api,
+        watch.clone(),
+        |_| {},
+        agent_fan_out(index.clone(), wake_grant.clone(), authority.clone()),
+    );
+    let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
+    // A new approval or rejection must count at once, not when a remembered check expires.
+    let forget_checked = authority.clone();
+    let (approvals, approval_events, approvals_ready) = reflect(
+        approvals_api,
+        watch.clone(),
+        |_| {},
+        move |event| {
+            if let watcher::Event::Apply(a) | watcher::Event::Delete(a) = event {
+                forget_checked
+                    .forget_named(&a.namespace().unwrap_or_default(), &a.spec.grant_ref.name);
+            }
+        },
+    );
+    // Cluster-scoped, metadata only: from when identity stamps are proven.
+    let ours = watch
+        .clone()
+        .labels("app.kubernetes.io/part-of=delegation-operator");
+    let (policies, policy_events, policies_ready) =
+        reflect(Api::all(client.clone()), ours.clone(), |_| {}, |_| {});
+    let (bindings, binding_events, bindings_ready) =
+        reflect(Api::all(client.clone()), ours, |_| {}, |_| {});
+    let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
+    // Every token Secret the cache sees is checked for a grant that is gone.
+    // Of a token Secret's labels and annotations only the token id is read: it is kept aside, as a
+    // hash, and the cache holds neither.
+    let secret_token_ids = Arc::new(context::SecretTokenIds::default());
+    let token_ids = secret_token_ids.clone();
+    let prune_secret = move |secret: &mut PartialObjectMeta<Secret>| {
+        secret.metadata.labels = None;
+        let token_id = secret
+            .metadata
+            .annotations
+            .take()
+            .and_then(|mut a| a.remove(token_secret::TOKEN_ID_ANNOTATION));
+        token_ids.record(
+            secret.metadata.namespace.as_deref().unwrap_or_default(),
+            secret.metadata.name.as_deref().unwrap_or_default(),
+            token_id.as_deref(),
+        );
+    };
+    let forget_token_ids = secret_token_ids.clone();
+    let unseen_writes = Arc::new(context::UnseenWrites::default());
+    let seen = unseen_writes.clone();
+    let secrets = Arc::new(secret_cache::SecretCache::default());
+    let cache = secrets.clone();
+    let (secret_events, secrets_ready) = watch_into(
+        secrets_api,
+        managed,
+        prune_secret,
+        move |event| cache.apply(event),
+        move |event| match event {
+            watcher::Event::Apply(secret) | watcher::Event::InitApply(secret) => {
+                let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                seen.seen(&key.0, &key.1);
+                let _ = sweep.unbounded_send(orphans::Sweep::Secret(key.0, key.1));
+            }
+            watcher::Event::Delete(secret) => {
+                let key = (secret.namespace().unwrap_or_default(), secret.name_any());
+                seen.seen(&key.0, &key.1);
+                forget_token_ids.forget(&key.0, &key.1)
+            }
+            watcher::Event::Init => seen.clear(),
+            watcher::Event::InitDone => {}
+        },
+    );
+
+    let caches_ready = vec![
+        grants_ready,
+        agents_ready,
+        approvals_ready,
+        secrets_ready,
+        policies_ready,
+        bindings_ready,
+    ];
+    readiness.lead(caches_ready.clone());
+    crate::metrics::metrics().watch_grants(Some(grants_store.clone()));
+    // Events are written by their own task, which ends when the last Context is dropped.
+    let recorder = events::Recorder::start(
+        client.clone(),
+        Reporter {
+            controller: MANAGED_BY.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        },
+    );
+    let ctx = Arc::new(Context {
+        wake_grant: wake_grant.clone(),
+        client: client.clone(),
+        settings: settings.clone(),
+        grants: grants_store.clone(),
+        agents: agents_store.clone(),
+        approvals,
+        stamps: stamps::Stamps { policies, bindings },
+        secrets,
+        index,
+        caches_ready,
+        authority: authority.clone(),
+        keys,
+        status_lists,
+        recorder,
+        agent_count_writes: Default::default(),
+        alarms: Default::default(),
+        minted: Default::default(),
+        trusted_secrets: Default::default(),
+        status_written_from: Default::default(),
+        secret_token_ids: secret_token_ids.clone(),
+        unseen_writes,
+        renewals: renewals::Renewals::new(settings.concurrency, wake_grant.clone()),
+        released: std::sync::Mutex::new(events::Recent::new(context::RELEASED_KEPT)),
+    });
+
+    let grants = Controller::for_stream(grant_events, grants_store)
+        .owns_stream(secret_events)
+        // The approvals cache is filled by this very stream: a woken grant reads the new approval.
+        .watches_stream(approval_events, |approval| {
+            approval
+                .namespace()
+                .map(|ns| ObjectRef::new(&approval.spec.grant_ref.name).within(&ns))
+        })
+        .reconcile_on(grant_wakes)
+        .with_config(controller::Config::default().concurrency(settings.concurrency))
+        .shutdown_on_signal()
+        .run(
+            |grant, ctx| crate::metrics::timed("grants", grants::reconcile(grant, ctx)),
+            grants::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+    let agents = Controller::for_stream(agent_events, agents_store)
+        .reconcile_on(agent_wakes)
+        .shutdown_on_signal()
+        .run(
+            |agent, ctx| crate::metrics::timed("agents", agents::reconcile(agent, ctx)),
+            agents::error_policy,
+            ctx.clone(),
+        )
+        .for_each(|_| future::ready(()));
+
+    tracing::info!(
+        namespace = settings.watch_namespace.as_deref().unwrap_or("<all>"),
+        operator_namespace = %settings.operator_namespace,
+        issuer = %settings.issuer,
+        "delegation-operator running"
+    );
+    // The policy caches have no controller of their own: their streams only need polling.
+    let policy_caches = future::join(
+        policy_events.for_each(|_| future::ready(())),
+        binding_events.for_each(|_| future::ready(())),
+    );
+    tokio::select! {
+        _ = future::join(grants, agents) => {},
+        _ = policy_caches => {},
+        _ = orphans::run(ctx.clone(), orphan_keys) => {},
+        _ = guard::guard_published_artifacts(ctx.clone()) => {},
+        _ = ctx.keys.run_rotation() => {},
+        _ = ctx.status_lists.run_maintenance(&ctx.keys) => {},
+        _ = ctx.alarms.run(wake_grant.clone()) => {},
+    }
+    tracing::info!("delegation-operator stopped");
+    Ok(())
+}
+
+fn scoped_api<K>(client: &Client, settings: &Settings) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match &settings.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Refuses to start, saying what to do, when the CRDs or the operator namespace are missing. Reads
+/// only where the operator will watch (a single-namespace install has no cluster-wide rights).
+pub async fn check_prerequisites(client: &Client, settings: &Settings) -> Result<()> {
+    let probe = ListParams::default().limit(1);
+    let grants: Api<DelegationGrant> = scoped_api(client, settings);
+    let agents: Api<AgentIdentity> = scoped_api(client, settings);
+    let listed = match grants.list_metadata(&probe).await {
+        Ok(_) => agents.list_metadata(&probe).await.map(|_| ()),
+        Err(e) => Err(e),
+    };
+    if let Err(e) = listed {
+        return Err(if error::is_not_found(&e) {
+            Error::InvalidState(
+                "the DelegationGrant and AgentIdentity CRDs are not installed; install them with \
+                 `delegation-operator crds | kubectl apply -f -` (or `kubectl apply -f crds/`)"
+                    .into(),
+            )
+        } else {
+            e.into()
+        });
+    }
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces
+        .get_opt(&settings.operator_namespace)
+        .await?
+        .is_none()
+    {
+        return Err(Error::InvalidState(format!(
+            "the operator namespace {:?} does not exist; create it (`kubectl create namespace {0}`) or pass --operator-namespace",
+            settings.operator_namespace
+        )));
+    }
+    Ok(())
+}
