@@ -327,7 +327,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let readiness = std::sync::Arc::new(operator::Readiness::default());
     let serve = endpoints::start(
         client.clone(),
-        endpoint_settings(&args, &issuer),
+        endpoint_settings(&args, &issuer, settings.algorithm),
         readiness.clone(),
     )
     .await?;
@@ -339,7 +339,11 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-fn endpoint_settings(args: &RunArgs, issuer: &str) -> endpoints::EndpointSettings {
+fn endpoint_settings(
+    args: &RunArgs,
+    issuer: &str,
+    algorithm: Algorithm,
+) -> endpoints::EndpointSettings {
     let ns = &args.operator_namespace;
     let dns_names = if args.tls_dns_names.is_empty() {
         // A DNS name only: an IP literal (127.0.0.1, [::1]) is no DNS SAN.
@@ -374,6 +378,7 @@ fn endpoint_settings(args: &RunArgs, issuer: &str) -> endpoints::EndpointSetting
             self_signed: args.tls_self_signed,
             dns_names,
         },
+        algorithm,
     }
 }
 

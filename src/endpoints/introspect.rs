@@ -13,9 +13,16 @@
 //!   verbs: [introspect]
 //! ```
 //!
+//! The SubjectAccessReview names no namespace (an audience belongs to none), so the rule must be
+//! bound with a ClusterRoleBinding: a RoleBinding never matches a review without a namespace. A
+//! refused caller is told nothing more than `{"active": false}`; the log says once per caller what
+//! is missing.
+//!
 //! An unauthenticated caller gets 401 and nothing else. Everything that is not a valid, unrevoked
 //! token of an audience the caller may introspect — unknown, expired, tampered, revoked, suspended,
 //! another audience — is the same `{"active": false}`.
+
+use std::{collections::BTreeSet, sync::Mutex};
 
 use k8s_openapi::api::{
     authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
@@ -124,6 +131,9 @@ async fn answer(
             return Outcome::Unavailable;
         }
     };
+    if !allowed {
+        hint_refused(&caller, &audience);
+    }
     let Some(jwks) = published.jwks() else {
         return Outcome::Answer(inactive());
     };
@@ -210,7 +220,48 @@ async fn authenticate(
         .and_then(|s| s.user))
 }
 
-/// Whether the caller may introspect tokens for `audience`.
+/// Callers already told about in the log (see [`hint_refused`]), by username; forgotten all at once
+/// when it reaches [`MAX_HINTED_CALLERS`], so it stays small and a hint repeats at worst.
+static HINTED_CALLERS: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
+const MAX_HINTED_CALLERS: usize = 1024;
+/// How much of a refused audience the hint shows: it comes from a token nobody has verified yet.
+const HINT_AUDIENCE_CHARS: usize = 200;
+
+/// Logs, once per caller, why an authenticated caller only ever gets `{"active": false}`: it may
+/// not `introspect` the audience. The answer cannot say so (it must not tell a refused caller from
+/// an inactive token), so the operator's log does, with what to do. The commonest cause is a
+/// RoleBinding: the access review names no namespace (an audience belongs to no namespace), and
+/// Kubernetes RBAC answers a review without a namespace from ClusterRoleBindings only. Neither the
+/// caller's token nor the introspected one is logged; the audience is shortened and escaped.
+fn hint_refused(caller: &UserInfo, audience: &str) {
+    let user = caller.username.clone().unwrap_or_default();
+    if !first_refusal(&user) {
+        return;
+    }
+    let audience: String = audience.chars().take(HINT_AUDIENCE_CHARS).collect();
+    tracing::warn!(
+        caller = ?user,
+        ?audience,
+        "introspection: this caller may not `{VERB}` the token's audience, so it is answered \
+         {{\"active\": false}}. To allow it, bind a ClusterRole with verbs [{VERB}] on resource \
+         {RESOURCE} of apiGroup {GROUP} (resourceNames: the audience) to the caller with a \
+         ClusterRoleBinding; a RoleBinding never applies, because the check is cluster-wide (it \
+         names no namespace). See docs/verifying.md. Logged once per caller"
+    );
+}
+
+/// Whether `user` has not been hinted about yet (and is now remembered).
+fn first_refusal(user: &str) -> bool {
+    HINTED_CALLERS.lock().is_ok_and(|mut hinted| {
+        if hinted.len() >= MAX_HINTED_CALLERS && !hinted.contains(user) {
+            hinted.clear();
+        }
+        hinted.insert(user.to_owned())
+    })
+}
+
+/// Whether the caller may introspect tokens for `audience`. The review names no namespace: an
+/// audience is not in one, so only a ClusterRoleBinding can grant it (see [`hint_refused`]).
 async fn may_introspect(client: &Client, caller: &UserInfo, audience: &str) -> kube::Result<bool> {
     let review = access_review(
         caller,
@@ -262,5 +313,21 @@ mod tests {
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["act"]["sub"], "agent");
         assert_eq!(inactive(), json!({"active": false}));
+    }
+
+    /// The hint about a refused caller is logged once per caller, and what is remembered stays
+    /// bounded.
+    #[test]
+    fn a_refused_caller_is_hinted_about_once() {
+        let caller = "system:serviceaccount:hint-test:tickets-api";
+        assert!(first_refusal(caller));
+        assert!(!first_refusal(caller));
+        assert!(first_refusal(
+            "system:serviceaccount:hint-test:payments-api"
+        ));
+        for n in 0..MAX_HINTED_CALLERS + 1 {
+            first_refusal(&format!("system:serviceaccount:hint-test:caller-{n}"));
+        }
+        assert!(HINTED_CALLERS.lock().unwrap().len() <= MAX_HINTED_CALLERS);
     }
 }

@@ -33,6 +33,7 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
 use crate::operator::{Error, Readiness, Result};
+use crate::signing::Algorithm;
 use published::Published;
 use tls::{ServingCert, TlsSettings};
 
@@ -44,6 +45,8 @@ pub struct EndpointSettings {
     pub issuer: String,
     pub operator_namespace: String,
     pub tls: TlsSettings,
+    /// The algorithm the operator's keys are generated with (`--algorithm`); discovery advertises it.
+    pub algorithm: Algorithm,
 }
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -68,6 +71,7 @@ const MAX_BODY_BYTES: usize = 64 * 1024;
 struct AppState {
     client: Client,
     issuer: String,
+    algorithm: Algorithm,
     published: Arc<Published>,
     cert: Arc<ServingCert>,
     readiness: Arc<Readiness>,
@@ -92,6 +96,7 @@ pub async fn start(
     let state = Arc::new(AppState {
         client: client.clone(),
         issuer: settings.issuer.trim_end_matches('/').to_owned(),
+        algorithm: settings.algorithm,
         published: published.clone(),
         cert: cert.clone(),
         readiness,
@@ -220,8 +225,33 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
 
 /// The discovery document. Only what a pure token issuer has (like kube-apiserver's own issuer):
 /// no authorization or token endpoint, since tokens come from grants, not from an OAuth flow.
-pub fn discovery_document(issuer: &str) -> Value {
+///
+/// `id_token_signing_alg_values_supported` names the algorithm the operator is configured with
+/// (`--algorithm`) and, besides it, only the algorithm of any key still in the published key set
+/// `jwks` (`None` before it is loaded). Normally every key has the configured algorithm, so it is
+/// that one alone. After `--algorithm` changes, the key set holds keys of both for a while: the
+/// active key keeps signing until its rotation (and a next key published before the change becomes
+/// active at that rotation), and a retired key stays published until every token it signed has
+/// expired. Those tokens are valid, and verifiers that take their allow-list from discovery (go-oidc's
+/// `Provider.Verifier` does, when it is given none) would refuse them if only the new algorithm were
+/// listed. So both are listed exactly while a key of the old one is published; once the last one is
+/// pruned, only the configured algorithm remains. The configured one is listed from the start, before
+/// any key of it signs (a key signs only after it is published, and a revocation's fresh key is of the
+/// configured algorithm).
+pub fn discovery_document(issuer: &str, algorithm: Algorithm, jwks: Option<&Value>) -> Value {
     let issuer = issuer.trim_end_matches('/');
+    let mut algorithms = vec![algorithm];
+    let published = jwks
+        .and_then(|jwks| jwks["keys"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|key| key["alg"].as_str()?.parse::<Algorithm>().ok());
+    for alg in published {
+        if !algorithms.contains(&alg) {
+            algorithms.push(alg);
+        }
+    }
+    let algorithms: Vec<String> = algorithms.iter().map(Algorithm::to_string).collect();
     json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}{JWKS_PATH}"),
@@ -229,12 +259,14 @@ pub fn discovery_document(issuer: &str) -> Value {
         "status_list_endpoint": format!("{issuer}{STATUS_LISTS_PATH}"),
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": ["ES256", "EdDSA"],
+        "id_token_signing_alg_values_supported": algorithms,
     })
 }
 
 async fn discovery(State(state): State<Arc<AppState>>) -> Response {
-    let mut response = Json(discovery_document(&state.issuer)).into_response();
+    let jwks = state.published.jwks();
+    let document = discovery_document(&state.issuer, state.algorithm, jwks.as_ref());
+    let mut response = Json(document).into_response();
     cache_for(&mut response, 300);
     response
 }
@@ -435,7 +467,7 @@ mod tests {
     /// under the issuer.
     #[test]
     fn discovery_agrees_with_the_issuer() {
-        let doc = discovery_document("https://127.0.0.1:8443/");
+        let doc = discovery_document("https://127.0.0.1:8443/", Algorithm::ES256, None);
         assert_eq!(doc["issuer"], "https://127.0.0.1:8443");
         assert_eq!(
             doc["jwks_uri"],
@@ -450,6 +482,50 @@ mod tests {
                 .as_array()
                 .unwrap()
                 .contains(&json!("ES256"))
+        );
+    }
+
+    /// The published key set of a keyring whose keys were generated with `algs`, the first active.
+    fn jwks_of(algs: &[Algorithm]) -> Value {
+        let mut ring =
+            crate::signing::Keyring::new(crate::signing::SigningKey::generate(algs[0], 1).unwrap());
+        for (n, alg) in (2..).zip(&algs[1..]) {
+            ring.rotate(*alg, n).unwrap();
+        }
+        ring.jwks()
+    }
+
+    /// Discovery advertises the algorithm the operator signs with and no other: an ES256 operator
+    /// only ES256 and an EdDSA one only EdDSA, before and after its key set is loaded.
+    #[test]
+    fn discovery_advertises_only_the_configured_algorithm() {
+        for alg in [Algorithm::ES256, Algorithm::EdDSA] {
+            let keys = jwks_of(&[alg, alg]);
+            for jwks in [None, Some(&keys)] {
+                let doc = discovery_document("https://issuer.example", alg, jwks);
+                assert_eq!(
+                    doc["id_token_signing_alg_values_supported"],
+                    json!([alg.to_string()]),
+                    "{alg} with key set {jwks:?}"
+                );
+            }
+        }
+    }
+
+    /// While `--algorithm` changes, tokens signed by still-published keys of the other algorithm are
+    /// valid: discovery lists both (the configured one first) until those keys are pruned.
+    #[test]
+    fn during_an_algorithm_switch_discovery_lists_both() {
+        let keys = jwks_of(&[Algorithm::ES256, Algorithm::EdDSA]);
+        let doc = discovery_document("https://issuer.example", Algorithm::EdDSA, Some(&keys));
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["EdDSA", "ES256"])
+        );
+        let doc = discovery_document("https://issuer.example", Algorithm::ES256, Some(&keys));
+        assert_eq!(
+            doc["id_token_signing_alg_values_supported"],
+            json!(["ES256", "EdDSA"])
         );
     }
 }
