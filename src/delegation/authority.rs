@@ -8,12 +8,29 @@
 //! `approve` on the grant and is not the requester. This module says which question to ask; the
 //! operator asks the apiserver (SubjectAccessReview) and this module turns the answer into a decision.
 
+use k8s_openapi::jiff::Timestamp;
+
 use crate::api::{
-    AgentIdentity, Decision, DelegationApproval, DelegationGrant, Principal, PrincipalKind,
-    UserIdentity, service_account_username,
+    AgentIdentity, ApprovalStatus, Decision, DelegationApproval, DelegationGrant, Principal,
+    PrincipalKind, UserIdentity, service_account_username,
 };
 
 use super::{Reason, Refusal};
+
+/// What a grant's authority check found: the approval it stands on, if its agent requires one.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Evidence {
+    pub approval: Option<ApprovalStatus>,
+    /// When the apiserver was asked.
+    pub checked_at: Timestamp,
+}
+
+/// A refusal, with the approval state to show when the refusal is about approval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unauthorized {
+    pub refusal: Refusal,
+    pub approval: Option<ApprovalStatus>,
+}
 
 /// The API group of the authority resources.
 pub const GROUP: &str = "delegation.nhi.dev";

@@ -97,6 +97,9 @@ pub enum Reason {
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
     ApprovalRejected,
+    /// A Secret of the grant's name exists and was not created by the operator for this grant: the
+    /// operator never takes one over.
+    SecretConflict,
 }
 
 impl Reason {
@@ -127,6 +130,7 @@ impl Reason {
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
+            Reason::SecretConflict => "SecretConflict",
         }
     }
 

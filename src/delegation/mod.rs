@@ -6,11 +6,13 @@
 //! - [`timing`]: when a token expires and when it is renewed.
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
+//! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
 
 pub mod authority;
 pub mod chain;
 pub mod claims;
 pub mod conditions;
+pub mod decision;
 pub mod explain;
 pub mod timing;
 

@@ -27,27 +27,12 @@ use crate::{
     delegation::{
         Lookup, Reason, Refusal,
         authority::{
-            AccessQuestion, GROUP, RequesterCheck, approval_required, decisions_for,
-            requester_check, requester_refused, stamp_proven,
+            AccessQuestion, Evidence, GROUP, RequesterCheck, Unauthorized, approval_required,
+            decisions_for, requester_check, requester_refused, stamp_proven,
         },
         chain::add,
     },
 };
-
-/// What a grant's authority check found: the approval it stands on, if its agent requires one.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Evidence {
-    pub approval: Option<ApprovalStatus>,
-    /// When the apiserver was asked.
-    pub checked_at: Timestamp,
-}
-
-/// A refusal, with the approval state to show when the refusal is about approval.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Unauthorized {
-    pub refusal: Refusal,
-    pub approval: Option<ApprovalStatus>,
-}
 
 /// The last positive check of each grant (by namespace and name), reused until the recheck period has
 /// passed, the grant changes, or something it rests on changes (its agent's spec, an approval of it).
