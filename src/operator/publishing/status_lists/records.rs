@@ -1,0 +1,431 @@
+//! The status lists' records in memory: which tokens the operator minted for each grant uid (in
+//! shards), the published Status List Tokens, and how a change is planned into one flush.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::operator::{
+    error::{Error, Result},
+    publishing::keys::KeyStore,
+};
+use crate::status_list::{Registry, RegistryState, TokenStatusRef};
+
+use super::*;
+
+/// A token the operator minted and may have to revoke: `[jti, exp, list serial, idx]`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct Held(
+    pub(super) String,
+    pub(super) i64,
+    pub(super) String,
+    pub(super) usize,
+);
+
+/// What the state Secret holds.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub(super) struct Persisted {
+    pub(super) base_uri: String,
+    pub(super) registry: RegistryState,
+    #[serde(default)]
+    pub(super) tokens: BTreeMap<String, Vec<Held>>,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(super) struct PersistedRef<'a> {
+    pub(super) base_uri: &'a str,
+    pub(super) registry: &'a RegistryState,
+}
+
+/// Grant uid -> the tokens minted for it, one map per shard.
+pub(super) type Shards = Vec<BTreeMap<String, Vec<Held>>>;
+
+/// The shard a record of the older single-Secret state moves to (SHA-256, not a std hasher: the
+/// same on every start).
+pub(super) fn shard_of(grant_uid: &str) -> usize {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(grant_uid.as_bytes());
+    usize::from(u16::from_be_bytes([digest[0], digest[1]])) % SHARDS
+}
+
+pub(super) fn shard_name(shard: usize) -> String {
+    format!("{SHARD_PREFIX}{shard:02}")
+}
+
+/// The shard a Secret of that name holds, if it is one of ours.
+pub(super) fn shard_number(name: &str) -> Option<usize> {
+    let shard: usize = name.strip_prefix(SHARD_PREFIX)?.parse().ok()?;
+    (shard < SHARDS && shard_name(shard) == name).then_some(shard)
+}
+
+/// A Status List Token as published.
+#[derive(Clone, Debug)]
+pub(super) struct Published {
+    pub(super) uri: String,
+    pub(super) token: String,
+    /// The `status_list` claim it carries.
+    pub(super) claim: Value,
+    pub(super) exp: i64,
+    pub(super) kid: String,
+}
+
+pub(super) struct Inner {
+    pub(super) registry: Registry,
+    /// Per shard: grant uid -> the tokens minted for it that may still be valid.
+    pub(super) tokens: Shards,
+    /// The JSON last written to each shard Secret.
+    pub(super) shards_written: Vec<String>,
+    /// Shards changed since they were written.
+    pub(super) dirty: BTreeSet<usize>,
+    /// The shard new records go to; moves on at every flush.
+    pub(super) open: usize,
+    /// ConfigMap data key -> the Status List Token published under it.
+    pub(super) published: BTreeMap<String, Published>,
+    /// The ConfigMap's resourceVersion after our last write of it: the next write replaces that
+    /// version without reading it first (someone else's edit makes it conflict, and then it is read).
+    pub(super) configmap_rv: Option<String>,
+    /// The state JSON last written to the Secret.
+    pub(super) written: String,
+    /// Counts the changes that must be written before anyone relies on them (an allocation, a
+    /// revocation, a retired list). A change is durable once a flush that started after it succeeded.
+    pub(super) version: u64,
+}
+
+impl Inner {
+    pub(super) fn base(&self) -> String {
+        self.registry
+            .config()
+            .base_uri
+            .trim_end_matches('/')
+            .to_owned()
+    }
+
+    pub(super) fn state_json(&self) -> Result<String> {
+        Ok(serde_json::to_string(&PersistedRef {
+            base_uri: &self.registry.config().base_uri,
+            registry: self.registry.state(),
+        })?)
+    }
+
+    /// Where a new record of `grant_uid` goes: the open shard.
+    pub(super) fn held_of(&mut self, grant_uid: &str) -> &mut Vec<Held> {
+        let shard = self.open;
+        self.dirty.insert(shard);
+        self.tokens[shard].entry(grant_uid.to_owned()).or_default()
+    }
+
+    /// Every record of `grant_uid`, in whichever shards they are.
+    pub(super) fn held(&self, grant_uid: &str) -> impl Iterator<Item = &Held> {
+        self.tokens
+            .iter()
+            .filter_map(move |shard| shard.get(grant_uid))
+            .flatten()
+    }
+
+    /// Removes every record of `grant_uid` from every shard. Forgetting is not written on its own:
+    /// it rides along with the next write of that shard (a record that outlives a restart is
+    /// revoked again, which changes nothing), so a revocation writes only what verifiers read.
+    pub(super) fn take_held(&mut self, grant_uid: &str) -> Vec<Held> {
+        let mut taken = Vec::new();
+        for records in self.tokens.iter_mut() {
+            if let Some(held) = records.remove(grant_uid) {
+                taken.extend(held);
+            }
+        }
+        taken
+    }
+
+    /// See [`StatusLists::withdraw`]. Returns whether an entry was set INVALID. The shard that held
+    /// the record is written again with the next flush, so the record is gone after a restart too.
+    pub(super) fn withdraw(&mut self, grant_uid: &str, jti: &str) -> bool {
+        let mut planned = None;
+        for (shard, records) in self.tokens.iter_mut().enumerate() {
+            let Some(held) = records.get_mut(grant_uid) else {
+                continue;
+            };
+            if let Some(at) = held.iter().position(|h| h.0 == jti) {
+                planned = Some(held.remove(at));
+                if held.is_empty() {
+                    records.remove(grant_uid);
+                }
+                self.dirty.insert(shard);
+                break;
+            }
+        }
+        let Some(planned) = planned else {
+            return false;
+        };
+        self.version += 1;
+        let status_ref = self.status_ref(&planned);
+        matches!(self.registry.revoke(&status_ref), Ok(true))
+    }
+
+    pub(super) fn status_ref(&self, held: &Held) -> TokenStatusRef {
+        TokenStatusRef {
+            idx: held.3,
+            uri: format!("{}/{}", self.base(), held.2),
+        }
+    }
+
+    /// What a flush must write now. Takes the dirty shards (a shard changed later is dirty again
+    /// for the next flush); signs what needs signing (new or changed lists, tokens with less than
+    /// half their life left, tokens of a key that no longer signs) and drops retired lists.
+    pub(super) fn plan(&mut self, lists: &StatusLists, keys: &KeyStore, now: i64) -> Result<Flush> {
+        let mut shards = Vec::new();
+        for &shard in &self.dirty {
+            let text = serde_json::to_string(&self.tokens[shard])?;
+            if text == self.shards_written[shard] {
+                continue;
+            }
+            if text.len() > MAX_STATE_BYTES {
+                return Err(Error::InvalidState(format!(
+                    "status-list shard {shard} would take {} bytes, more than a Secret holds; refusing to issue",
+                    text.len()
+                )));
+            }
+            shards.push((shard, text));
+        }
+        let state = Some(self.state_json()?).filter(|text| *text != self.written);
+        if let Some(text) = &state
+            && text.len() > MAX_STATE_BYTES
+        {
+            return Err(Error::InvalidState(format!(
+                "the status-list state would take {} bytes, more than a Secret holds; refusing to issue",
+                text.len()
+            )));
+        }
+        let active = keys.active_kid()?;
+        let mut published = BTreeMap::new();
+        let mut publish = false;
+        for (uri, list) in self.registry.lists() {
+            let key = data_key(uri);
+            let claim = list.to_claim();
+            let fresh = self.published.get(&key).filter(|p| {
+                p.uri == uri
+                    && p.claim == claim
+                    && p.exp - now > RESIGN_WHEN_LEFT_SECS
+                    && p.kid == active
+            });
+            let signed = match fresh {
+                Some(p) => p.clone(),
+                None => {
+                    publish = true;
+                    lists.sign(keys, uri, list, claim, now)?
+                }
+            };
+            published.insert(key, signed);
+        }
+        publish |= self.published.keys().any(|k| !published.contains_key(k));
+        // Planned shards are dirty no more; one whose write fails is marked again. The issuances of
+        // the next flush go to the next shard.
+        self.dirty.clear();
+        self.open = (self.open + 1) % SHARDS;
+        Ok(Flush {
+            version: self.version,
+            shards,
+            state,
+            published,
+            publish,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::status_list::{RegistryConfig, Status};
+
+    #[test]
+    pub(super) fn held_tokens_persist_compactly() {
+        let held = Held(
+            "0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f".into(),
+            1_800_000_600,
+            "3".into(),
+            17,
+        );
+        assert_eq!(
+            serde_json::to_string(&held).unwrap(),
+            r#"["0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f",1800000600,"3",17]"#
+        );
+    }
+
+    /// A restart reads back exactly what was written: the state is not rewritten for nothing.
+    #[test]
+    pub(super) fn the_persisted_state_reads_back_byte_for_byte() {
+        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
+        let mut registry = Registry::new(config.clone()).unwrap();
+        let a = registry.allocate(1_800_000_000, 1_800_000_600).unwrap();
+        registry.revoke(&a.status_ref).unwrap();
+        let mut tokens: Shards = vec![BTreeMap::new(); SHARDS];
+        tokens[shard_of("uid-1")].insert(
+            "uid-1".to_owned(),
+            vec![Held("j".into(), 1_800_000_600, "0".into(), 0)],
+        );
+        let inner = Inner {
+            registry,
+            tokens,
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
+            open: 0,
+            published: BTreeMap::new(),
+            configmap_rv: None,
+            written: String::new(),
+            version: 0,
+        };
+        let text = inner.state_json().unwrap();
+        let shard_text = serde_json::to_string(&inner.tokens[shard_of("uid-1")]).unwrap();
+        let read: Persisted = serde_json::from_str(&text).unwrap();
+        let mut read_tokens: Shards = vec![BTreeMap::new(); SHARDS];
+        read_tokens[shard_of("uid-1")] = serde_json::from_str(&shard_text).unwrap();
+        let restored = Inner {
+            registry: Registry::restore(config, read.registry).unwrap(),
+            tokens: read_tokens,
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
+            open: 0,
+            published: BTreeMap::new(),
+            configmap_rv: None,
+            written: text.clone(),
+            version: 0,
+        };
+        assert_eq!(restored.state_json().unwrap(), text);
+        assert_eq!(
+            restored.status_ref(&restored.tokens[shard_of("uid-1")]["uid-1"][0]),
+            a.status_ref
+        );
+    }
+
+    /// An empty registry and empty shards, new records going to shard `open`.
+    pub(super) fn empty_inner(open: usize) -> Inner {
+        let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
+        Inner {
+            registry: Registry::new(config).unwrap(),
+            tokens: vec![BTreeMap::new(); SHARDS],
+            shards_written: vec![String::new(); SHARDS],
+            dirty: BTreeSet::new(),
+            open,
+            published: BTreeMap::new(),
+            configmap_rv: None,
+            written: String::new(),
+            version: 0,
+        }
+    }
+
+    /// Records go to the open shard; a grant whose tokens were written by different flushes has
+    /// records in several shards, and a revocation finds and removes all of them.
+    #[test]
+    pub(super) fn a_grants_records_are_found_and_taken_from_every_shard() {
+        let mut inner = empty_inner(3);
+        inner
+            .held_of("uid-1")
+            .push(Held("a".into(), 10, "0".into(), 0));
+        inner
+            .held_of("uid-2")
+            .push(Held("x".into(), 10, "0".into(), 1));
+        inner.dirty.clear();
+        inner.open = 4;
+        inner
+            .held_of("uid-1")
+            .push(Held("b".into(), 20, "0".into(), 2));
+        assert_eq!(
+            inner.dirty,
+            BTreeSet::from([4]),
+            "only the open shard is touched"
+        );
+        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        assert_eq!(ids, ["a", "b"]);
+        inner.dirty.clear();
+        let taken: Vec<String> = inner.take_held("uid-1").into_iter().map(|h| h.0).collect();
+        assert_eq!(taken, ["a", "b"]);
+        assert!(
+            inner.dirty.is_empty(),
+            "forgetting rides along with the next write"
+        );
+        assert!(inner.held("uid-1").next().is_none());
+        assert_eq!(
+            inner.held("uid-2").count(),
+            1,
+            "another grant's record stays"
+        );
+    }
+
+    /// A planned token that was never minted gives its entry back: INVALID, no longer the grant's,
+    /// and the grant's other records untouched.
+    #[test]
+    pub(super) fn a_withdrawn_plan_is_invalid_and_no_longer_the_grants() {
+        let mut inner = empty_inner(0);
+        let record = |inner: &mut Inner, uid: &str, jti: &str| {
+            let status_ref = inner.registry.allocate(100, 700).unwrap().status_ref;
+            let serial = status_ref.uri.rsplit('/').next().unwrap().to_owned();
+            inner
+                .held_of(uid)
+                .push(Held(jti.into(), 700, serial, status_ref.idx));
+            status_ref
+        };
+        let current = record(&mut inner, "uid-1", "current");
+        let planned = record(&mut inner, "uid-1", "planned");
+        let other = record(&mut inner, "uid-2", "planned");
+        let version = inner.version;
+        inner.dirty.clear();
+
+        assert!(inner.withdraw("uid-1", "planned"));
+        assert_eq!(
+            inner.dirty,
+            BTreeSet::from([0]),
+            "its shard is written again"
+        );
+        assert!(
+            inner.version > version,
+            "the change waits for the next write"
+        );
+        assert_eq!(inner.registry.status(&planned).unwrap(), Status::Invalid);
+        assert_eq!(inner.registry.status(&current).unwrap(), Status::Valid);
+        assert_eq!(inner.registry.status(&other).unwrap(), Status::Valid);
+        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        assert_eq!(ids, ["current"]);
+        assert_eq!(
+            inner.held("uid-2").count(),
+            1,
+            "another grant's same jti stays"
+        );
+        assert!(
+            !inner.withdraw("uid-1", "planned"),
+            "a second time changes nothing"
+        );
+    }
+
+    #[test]
+    pub(super) fn grants_spread_over_the_shards_and_keep_theirs() {
+        let mut counts = vec![0usize; SHARDS];
+        for i in 0..(100 * SHARDS) {
+            counts[shard_of(&format!("uid-{i}"))] += 1;
+        }
+        assert!(counts.iter().all(|c| (50..=150).contains(c)), "{counts:?}");
+        assert_eq!(shard_of("fixed-uid"), shard_of("fixed-uid"));
+        assert_eq!(shard_name(7), "delegation-operator-status-lists-tokens-07");
+        assert_eq!(
+            shard_number("delegation-operator-status-lists-tokens-07"),
+            Some(7)
+        );
+        assert_eq!(
+            shard_number("delegation-operator-status-lists-tokens-255"),
+            Some(255)
+        );
+        for foreign in [
+            "delegation-operator-status-lists-tokens-7",
+            "delegation-operator-status-lists-tokens-256",
+            "delegation-operator-status-lists-tokens-+1",
+            "delegation-operator-status-lists",
+        ] {
+            assert_eq!(shard_number(foreign), None, "{foreign}");
+        }
+    }
+
+    #[test]
+    pub(super) fn the_data_key_is_the_last_segment_of_the_uri() {
+        assert_eq!(data_key("https://i/statuslists/abc/12"), "12.jwt");
+    }
+}
