@@ -19,7 +19,8 @@ use crate::operator::{Context, MANAGED_BY, MANAGED_BY_LABEL, Result, error, now}
 /// Watches what verifiers trust — the JWKS, the status lists (and their state Secret and record
 /// shards), the keys Secret — and puts each back
 /// when someone edits or deletes it. Metadata only; an event costs one read of that one object,
-/// except when it shows a version of the status-list state the operator itself just wrote.
+/// except when it shows a version the operator itself just wrote (of the status-list state, the keys
+/// Secret or the JWKS): that is never "restored" over.
 pub async fn guard_published_artifacts(ctx: Arc<Context>) {
     let namespace = ctx.settings.operator_namespace.clone();
     let configmaps: Api<PartialObjectMeta<ConfigMap>> =
@@ -42,8 +43,13 @@ pub async fn guard_published_artifacts(ctx: Arc<Context>) {
             let ctx = ctx.clone();
             async move {
                 let restored = match (secret, name.as_str()) {
-                    (true, keys::KEYS_SECRET_NAME) => revoke_requested_keys(&ctx).await,
-                    (false, keys::JWKS_CONFIGMAP_NAME) => ctx.keys.restore().await,
+                    (true, keys::KEYS_SECRET_NAME) => {
+                        revoke_requested_keys(&ctx, seen.as_deref()).await
+                    }
+                    (false, keys::JWKS_CONFIGMAP_NAME) => {
+                        let seen = seen.as_deref().map(|rv| (keys::KeysObject::Jwks, rv));
+                        ctx.keys.restore(seen).await
+                    }
                     (false, status_lists::CONFIGMAP_NAME) => {
                         ctx.status_lists.restore_published().await
                     }
@@ -90,8 +96,13 @@ pub async fn remove_legacy_revocation_list(client: &Client, namespace: &str) {
 }
 
 /// Carries out `delegation-operator keys revoke` (an annotation on the keys Secret), wakes every grant
-/// whose token a revoked key signed, and puts the Secret back to the keys held.
-async fn revoke_requested_keys(ctx: &Context) -> Result<()> {
+/// whose token a revoked key signed, and puts the Secret back to the keys held. `seen` is the
+/// resourceVersion the watch showed (`None` for a deletion or a re-list).
+async fn revoke_requested_keys(ctx: &Context, seen: Option<&str>) -> Result<()> {
+    // Our own write coming back: it replaced the Secret whole, so it carries no request either.
+    if seen.is_some_and(|rv| ctx.keys.wrote(keys::KeysObject::Secret, rv)) {
+        return Ok(());
+    }
     let secrets: Api<Secret> =
         Api::namespaced(ctx.client.clone(), &ctx.settings.operator_namespace);
     let requested: Vec<String> = secrets
@@ -124,7 +135,9 @@ async fn revoke_requested_keys(ctx: &Context) -> Result<()> {
             }
         }
     }
-    ctx.keys.restore().await
+    ctx.keys
+        .restore(seen.map(|rv| (keys::KeysObject::Secret, rv)))
+        .await
 }
 
 /// The names a watch event concerns; the end of a (re-)list checks everything once.

@@ -6,7 +6,11 @@
 //! published for the operator's maximum token lifetime, so every token it signed verifies until it
 //! expires.
 
-use std::{sync::RwLock, time::Duration};
+use std::{
+    collections::VecDeque,
+    sync::{Mutex, RwLock},
+    time::Duration,
+};
 
 use k8s_openapi::{
     ByteString,
@@ -39,11 +43,22 @@ pub const JWKS_DATA_KEY: &str = "jwks.json";
 /// Extra time a retired key stays published: tokens signed in the moment between its retirement and
 /// the switch to the new key may expire that much later.
 const PRUNE_MARGIN_SECS: i64 = 60;
+/// How many of our latest writes of the keys Secret (and of the JWKS) are remembered: the guard may
+/// see an earlier one after a later one returned.
+const OWN_VERSIONS_KEPT: usize = 8;
 
 pub struct KeyStore {
     secrets: Api<Secret>,
     configmaps: Api<ConfigMap>,
     state: RwLock<Keys>,
+    /// Held from before every write of the keys Secret or the JWKS until `state` holds what was
+    /// written (maintenance, revocation, restoring): the guard compares the Secret with the keys last
+    /// written, never with keys that a write in flight is replacing — "restoring" those would put the
+    /// Secret back a step.
+    writing: tokio::sync::Mutex<Writing>,
+    /// The resourceVersions our latest writes gave the keys Secret and the JWKS: the guard seeing one
+    /// of them is our own write coming back, which needs no look.
+    own_versions: Mutex<OwnVersions>,
     algorithm: Algorithm,
     rotation_period: Duration,
     /// The longest any token may live: how long a retired key stays published.
@@ -66,6 +81,37 @@ impl Keys {
             keys.push(next.public_jwk());
         }
         jwks
+    }
+}
+
+/// What `KeyStore::writing` guards besides the writes themselves.
+#[derive(Default)]
+struct Writing {
+    /// The JWKS may lag the Secret: its write failed after the Secret's succeeded.
+    jwks_behind: bool,
+}
+
+/// Which of the two objects the keys are kept and published in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeysObject {
+    /// The keys Secret ([`KEYS_SECRET_NAME`]).
+    Secret,
+    /// The published JWKS ConfigMap ([`JWKS_CONFIGMAP_NAME`]).
+    Jwks,
+}
+
+#[derive(Default)]
+struct OwnVersions {
+    secret: VecDeque<String>,
+    jwks: VecDeque<String>,
+}
+
+impl OwnVersions {
+    fn of(&mut self, object: KeysObject) -> &mut VecDeque<String> {
+        match object {
+            KeysObject::Secret => &mut self.secret,
+            KeysObject::Jwks => &mut self.jwks,
+        }
     }
 }
 
@@ -105,18 +151,23 @@ impl KeyStore {
             secrets,
             configmaps,
             state: RwLock::new(keys),
+            writing: Default::default(),
+            own_versions: Default::default(),
             algorithm,
             rotation_period,
             max_token_lifetime,
             fence,
         };
-        store.persist_and_publish(&store.snapshot()?).await?;
+        let keys = store.snapshot()?;
+        store.persist(&keys).await?;
+        store.publish(&keys).await?;
         Ok(store)
     }
 
     /// Publishes the next key ahead of time, rotates to it when due, and drops keys no token can need
     /// any more. Returns when to look again.
     pub async fn maintain(&self, now: Timestamp) -> Result<Timestamp> {
+        let mut writing = self.writing.lock().await;
         let mut keys = self.snapshot()?;
         let now = now.as_second();
         let mut changed = false;
@@ -137,10 +188,12 @@ impl KeyStore {
         }
         changed |= keys.ring.prune(now, self.retention_secs());
         if changed {
-            // Persist and publish first: a key is verifiable before it signs anything.
-            self.persist_and_publish(&keys).await?;
-            *self.state.write().map_err(|_| poisoned())? = keys;
+            self.commit(&mut writing, keys).await?;
+        } else if writing.jwks_behind {
+            self.publish(&keys).await?;
+            writing.jwks_behind = false;
         }
+        drop(writing);
         self.next_maintenance()
     }
 
@@ -192,6 +245,7 @@ impl KeyStore {
     /// any more; a revoked active key is replaced by a fresh one without waiting for its
     /// pre-publication. Returns the key ids dropped (those still held).
     pub async fn revoke(&self, kids: &[String], now: Timestamp) -> Result<Vec<String>> {
+        let mut writing = self.writing.lock().await;
         let mut keys = self.snapshot()?;
         let held: Vec<String> = keys
             .ring
@@ -222,8 +276,8 @@ impl KeyStore {
             .filter(|k| !held.contains(&k.kid))
             .collect();
         keys.ring = Keyring::from_stored(&kept)?;
-        self.persist_and_publish(&keys).await?;
-        *self.state.write().map_err(|_| poisoned())? = keys;
+        self.commit(&mut writing, keys).await?;
+        drop(writing);
         tracing::warn!(kids = ?held, active = self.active_kid()?, "revoked signing keys on request; tokens they signed are reissued");
         Ok(held)
     }
@@ -251,13 +305,52 @@ impl KeyStore {
     /// Puts the keys Secret and the published JWKS back to what this operator holds, when someone
     /// edited or deleted them (a key injected into the JWKS would let its holder mint tokens that
     /// verify). Writes nothing when they are intact.
-    pub async fn restore(&self) -> Result<()> {
-        if self.persist_and_publish(&self.snapshot()?).await? {
+    ///
+    /// `seen` is the object and resourceVersion a watch event showed (`None`, e.g. for a deletion or
+    /// after a re-list, looks at both): one of our own writes coming back needs no look at all. Waits
+    /// for a write in flight (a rotation, say) to finish, so that what it compares with is the newest
+    /// keyring, never the one that write replaces.
+    pub async fn restore(&self, seen: Option<(KeysObject, &str)>) -> Result<()> {
+        let ours = |seen: Option<(KeysObject, &str)>| {
+            seen.is_some_and(|(object, version)| self.wrote(object, version))
+        };
+        if ours(seen) {
+            return Ok(());
+        }
+        let mut writing = self.writing.lock().await;
+        // The watch can show our write before the write has returned and noted its version: it has
+        // now that we hold the lock.
+        if ours(seen) {
+            return Ok(());
+        }
+        let keys = self.snapshot()?;
+        let secret = self.persist(&keys).await?;
+        let jwks = self.publish(&keys).await?;
+        // A JWKS that only lagged behind our own Secret write was not tampered with.
+        let lagged = std::mem::take(&mut writing.jwks_behind);
+        if secret || (jwks && !lagged) {
             tracing::warn!(
                 "the signing keys Secret or the published JWKS was edited or deleted; restored"
             );
         }
         Ok(())
+    }
+
+    /// Whether `version` of `object` is one of our own latest writes of it.
+    pub fn wrote(&self, object: KeysObject, version: &str) -> bool {
+        self.own_versions
+            .lock()
+            .is_ok_and(|mut own| own.of(object).iter().any(|v| v == version))
+    }
+
+    fn remember(&self, object: KeysObject, version: Option<String>) {
+        if let (Some(version), Ok(mut own)) = (version, self.own_versions.lock()) {
+            let versions = own.of(object);
+            if versions.len() == OWN_VERSIONS_KEPT {
+                versions.pop_front();
+            }
+            versions.push_back(version);
+        }
     }
 
     fn snapshot(&self) -> Result<Keys> {
@@ -302,9 +395,22 @@ impl KeyStore {
         Ok(Timestamp::from_second(at).unwrap_or(Timestamp::MAX))
     }
 
-    /// Writes the keys Secret and the JWKS when they differ from `keys`, whole (keys someone else
-    /// added are removed too). Returns whether anything was written.
-    async fn persist_and_publish(&self, keys: &Keys) -> Result<bool> {
+    /// Makes `keys` the keys held (the caller holds `writing`). The Secret is written first, then the
+    /// JWKS, and only then do the keys sign: a key is verifiable before it signs anything. Once the
+    /// Secret holds them they are held even if the JWKS write fails — every replica serves the
+    /// Secret's keys and a restart loads them, so going back would take back a published key; the
+    /// JWKS is written again by the next maintenance or restore.
+    async fn commit(&self, writing: &mut Writing, keys: Keys) -> Result<()> {
+        self.persist(&keys).await?;
+        let published = self.publish(&keys).await;
+        writing.jwks_behind = published.is_err();
+        *self.state.write().map_err(|_| poisoned())? = keys;
+        published.map(|_| ())
+    }
+
+    /// Writes the keys Secret when it differs from `keys`, whole (keys someone else added are
+    /// removed too), and notes the version written. Returns whether it was written.
+    async fn persist(&self, keys: &Keys) -> Result<bool> {
         let mut data = vec![(
             KEYS_DATA_KEY.to_owned(),
             ByteString(serde_json::to_vec(&keys.ring.to_stored())?),
@@ -317,43 +423,49 @@ impl KeyStore {
             ));
         }
         let data: std::collections::BTreeMap<String, ByteString> = data.into_iter().collect();
-        let mut wrote = false;
         let current = self.secrets.get_opt(KEYS_SECRET_NAME).await?;
-        if current.as_ref().and_then(|s| s.data.as_ref()) != Some(&data) {
-            let secret = Secret {
-                metadata: ObjectMeta {
-                    name: Some(KEYS_SECRET_NAME.into()),
-                    labels: Some(managed_labels()),
-                    ..Default::default()
-                },
-                type_: Some("Opaque".into()),
-                data: Some(data),
-                ..Default::default()
-            };
-            overwrite(&self.secrets, current, secret, &self.fence).await?;
-            wrote = true;
+        if current.as_ref().and_then(|s| s.data.as_ref()) == Some(&data) {
+            return Ok(false);
         }
+        let secret = Secret {
+            metadata: ObjectMeta {
+                name: Some(KEYS_SECRET_NAME.into()),
+                labels: Some(managed_labels()),
+                ..Default::default()
+            },
+            type_: Some("Opaque".into()),
+            data: Some(data),
+            ..Default::default()
+        };
+        let written = overwrite(&self.secrets, current, secret, &self.fence).await?;
+        self.remember(KeysObject::Secret, written.metadata.resource_version);
+        Ok(true)
+    }
 
+    /// Writes the JWKS ConfigMap when it differs from the public keys of `keys`, whole, and notes the
+    /// version written. Returns whether it was written.
+    async fn publish(&self, keys: &Keys) -> Result<bool> {
         let jwks = [(
             JWKS_DATA_KEY.to_owned(),
             serde_json::to_string_pretty(&keys.jwks())?,
         )]
         .into();
         let published = self.configmaps.get_opt(JWKS_CONFIGMAP_NAME).await?;
-        if published.as_ref().and_then(|c| c.data.as_ref()) != Some(&jwks) {
-            let cm = ConfigMap {
-                metadata: ObjectMeta {
-                    name: Some(JWKS_CONFIGMAP_NAME.into()),
-                    labels: Some(managed_labels()),
-                    ..Default::default()
-                },
-                data: Some(jwks),
-                ..Default::default()
-            };
-            overwrite(&self.configmaps, published, cm, &self.fence).await?;
-            wrote = true;
+        if published.as_ref().and_then(|c| c.data.as_ref()) == Some(&jwks) {
+            return Ok(false);
         }
-        Ok(wrote)
+        let cm = ConfigMap {
+            metadata: ObjectMeta {
+                name: Some(JWKS_CONFIGMAP_NAME.into()),
+                labels: Some(managed_labels()),
+                ..Default::default()
+            },
+            data: Some(jwks),
+            ..Default::default()
+        };
+        let written = overwrite(&self.configmaps, published, cm, &self.fence).await?;
+        self.remember(KeysObject::Jwks, written.metadata.resource_version);
+        Ok(true)
     }
 }
 
