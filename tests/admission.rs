@@ -679,6 +679,15 @@ async fn the_who_may_delegate_example_lets_its_group_delegate_for_the_names_it_l
         .await
         .unwrap_or_else(|e| panic!("{:?}: {e}", doc.metadata.name));
     }
+    // The example's bindings reach the authorizer a moment after they are written: wait until it
+    // lets the group ask for grants and delegate for alice (what the admission policy asks).
+    let leads = group_subject("support-leads");
+    for rule in [
+        rule(G, &["delegationgrants"], &["create"], &[]),
+        rule(G, &["users"], &["delegate"], &[ALICE]),
+    ] {
+        wait_allowed(&env.admin, &env.ns, &leads, &rule).await;
+    }
     let dana = client_as("dana@example.com", &["support-leads"]).await;
     wait_for(
         "the example's RoleBindings to apply",

@@ -206,6 +206,14 @@ async fn a_delegate_permission_lets_bob_speak_for_alice_until_it_is_removed() {
         .delete("bob-for-alice", &DeleteParams::default())
         .await
         .unwrap();
+    // The deletion reaches the authorizer a moment later; the operator's recheck asks it.
+    wait_denied(
+        &f.client,
+        &f.ns,
+        &user_subject("bob@example.com"),
+        &rule(GROUP, &["users"], &["delegate"], &["alice@example.com"]),
+    )
+    .await;
     let grant = f
         .wait_ready("for-alice", "False", Some("DeniedNotAuthorized"))
         .await;

@@ -841,6 +841,9 @@ async fn restarting_the_apiserver_and_etcd_during_churn_never_breaks_revocation(
             || async { f.grants().list(&ListParams::default()).await.ok() },
         )
         .await;
+        // Answering is not enforcing: the restarted apiserver loads the admission policies (and the
+        // CRD schemas the mutating ones need) a while later, and the churn below relies on them.
+        wait_admission_policies_effective(&cp.kubeconfig).await;
         eprintln!(
             "restart {}: operator exits so far: {:?}",
             round + 1,

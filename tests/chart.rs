@@ -18,7 +18,7 @@ use k8s_openapi::api::{
     authentication::v1::{TokenRequest, TokenRequestSpec},
     coordination::v1::Lease,
     core::v1::{ConfigMap, Secret, ServiceAccount},
-    rbac::v1::{ClusterRole, RoleBinding, RoleRef},
+    rbac::v1::{ClusterRole, PolicyRule, RoleBinding, RoleRef},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
@@ -1102,7 +1102,9 @@ async fn adopt_existing(release: &str, namespace: &str, rendered: &[Value]) {
     }
 }
 
-/// Binds a ClusterRole to a user in a namespace (a RoleBinding).
+/// Binds a ClusterRole to a user in a namespace (a RoleBinding), and waits until the authorizer
+/// allows the user every rule of the role there: a binding (and a role Helm just created) reaches
+/// the authorizer a moment after the write returns.
 async fn bind(client: &Client, namespace: &str, cluster_role: &str, user: &str) {
     let binding = RoleBinding {
         metadata: kube::api::ObjectMeta {
@@ -1125,6 +1127,78 @@ async fn bind(client: &Client, namespace: &str, cluster_role: &str, user: &str) 
         )
         .await
         .unwrap();
+    let rules = Api::<ClusterRole>::all(client.clone())
+        .get(cluster_role)
+        .await
+        .unwrap_or_else(|e| panic!("ClusterRole {cluster_role}: {e}"))
+        .rules
+        .unwrap_or_default();
+    for rule in &rules {
+        wait_allowed(client, namespace, &user_subject(user), rule).await;
+    }
+}
+
+/// What the roles bound to the chart's ServiceAccount allow, rule by rule, with the namespace each
+/// applies in: its ClusterRoleBindings (asked in the release namespace) and its RoleBindings in the
+/// release namespace and in each namespace the operator watches (`--namespace=` of `args`).
+async fn operator_rbac(
+    client: &Client,
+    release_ns: &str,
+    fullname: &str,
+    args: &[String],
+) -> Vec<(String, PolicyRule)> {
+    use k8s_openapi::api::rbac::v1::{ClusterRoleBinding, Role, Subject};
+    let is_account = |subjects: &Option<Vec<Subject>>| {
+        subjects.iter().flatten().any(|s| {
+            s.kind == "ServiceAccount"
+                && s.name == fullname
+                && s.namespace.as_deref() == Some(release_ns)
+        })
+    };
+    let mut bound: Vec<(String, RoleRef)> = Vec::new();
+    for binding in Api::<ClusterRoleBinding>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .unwrap()
+    {
+        if is_account(&binding.subjects) {
+            bound.push((release_ns.to_owned(), binding.role_ref));
+        }
+    }
+    let watched = args.iter().filter_map(|a| a.strip_prefix("--namespace="));
+    for namespace in std::iter::once(release_ns).chain(watched) {
+        for binding in Api::<RoleBinding>::namespaced(client.clone(), namespace)
+            .list(&Default::default())
+            .await
+            .unwrap()
+        {
+            if is_account(&binding.subjects) {
+                bound.push((namespace.to_owned(), binding.role_ref));
+            }
+        }
+    }
+    let mut rules = Vec::new();
+    for (namespace, role_ref) in bound {
+        let role_rules = if role_ref.kind == "ClusterRole" {
+            Api::<ClusterRole>::all(client.clone())
+                .get(&role_ref.name)
+                .await
+                .map(|r| r.rules)
+        } else {
+            Api::<Role>::namespaced(client.clone(), &namespace)
+                .get(&role_ref.name)
+                .await
+                .map(|r| r.rules)
+        }
+        .unwrap_or_else(|e| panic!("{} {}: {e}", role_ref.kind, role_ref.name));
+        rules.extend(
+            role_rules
+                .unwrap_or_default()
+                .into_iter()
+                .map(|rule| (namespace.clone(), rule)),
+        );
+    }
+    rules
 }
 
 /// Creates (server-side apply) one of our objects as `client`, retrying while RBAC catches up.
@@ -1244,6 +1318,12 @@ async fn start_as_deployed(
     // The only change: the Pod listens on 8443 on its own IP; here several tests share one host.
     // (`run` lets a later flag override an earlier one.)
     args.push(format!("--https-address=127.0.0.1:{https_port}"));
+    // The RBAC Helm just wrote reaches the authorizer a moment after Helm returns; an operator
+    // started before that is refused (and its log says so).
+    let account = service_account_subject(release_ns, fullname);
+    for (namespace, rule) in operator_rbac(client, release_ns, fullname, &args).await {
+        wait_allowed(client, &namespace, &account, &rule).await;
+    }
     let kubeconfig = service_account_kubeconfig(client, release_ns, fullname).await;
     let operator = ChartOperator::start(&args, kubeconfig, pod, release_ns);
     (operator, args)
@@ -1509,6 +1589,7 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
 
     // Uninstall: the operator's Pods, ServiceAccount and RBAC go; CRDs and policies stay (keep), and
     // with them the grants, their finalizers and their token Secrets.
+    let operator_rules = operator_rbac(&client, &release_ns, &fullname, &args).await;
     operator.terminate();
     let uninstalled = helm_cluster(&["uninstall", &release, "--namespace", &release_ns]);
     assert!(
@@ -1572,6 +1653,13 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
     let survivor_token = token_in(&secrets, "survivor-token")
         .await
         .expect("the Secret waits with the grant");
+
+    // The uninstall's RBAC deletions reach the authorizer a moment later: wait until it refuses the
+    // ServiceAccount, so that what allows it after the next install is the new RBAC, not a stale view.
+    let account = service_account_subject(&release_ns, &fullname);
+    for (namespace, rule) in &operator_rules {
+        wait_denied(&client, namespace, &account, rule).await;
+    }
 
     // Installed again, the release adopts the kept objects by itself; the operator finishes the
     // deletion it missed: token revoked, Secret gone, finalizer released.

@@ -633,7 +633,7 @@ impl ClusterRoleGuard {
                 name: Some(name.clone()),
                 ..Default::default()
             },
-            rules: Some(vec![grants]),
+            rules: Some(vec![grants.clone()]),
             ..Default::default()
         };
         Api::<ClusterRole>::all(f.client.clone())
@@ -656,7 +656,12 @@ impl ClusterRoleGuard {
             .patch(&name, &params, &Patch::Apply(&binding))
             .await
             .unwrap();
-        Self { name }
+        let guard = Self { name };
+        // The binding reaches the authorizer a moment after the write returns: wait until it allows
+        // the rule, asked as the operator asks (no namespace), before anyone relies on it.
+        let account = service_account_subject(&f.ns, account);
+        wait_allowed(&f.client, "", &account, &grants).await;
+        guard
     }
 }
 

@@ -399,6 +399,14 @@ async fn live_objects_in_every_state_get_the_documented_health() {
         .delete("dave-for-alice", &DeleteParams::default())
         .await
         .unwrap();
+    // The deletion reaches the authorizer a moment later; the operator's recheck asks it.
+    support::wait_denied(
+        &f.client,
+        &f.ns,
+        &user_subject("dave@example.com"),
+        &rule(GROUP, &["users"], &["delegate"], &["alice@example.com"]),
+    )
+    .await;
 
     let grants = [
         (

@@ -983,8 +983,18 @@ async fn an_idle_operator_makes_no_writes() {
         (s.active_grants == Some(1)).then_some(())
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let before = resource_versions(&f).await;
+    // Writes already due (Events, the other agents' counts) end first: a bounded wait for two quiet
+    // seconds, not a fixed pause that a loaded machine can outlast.
+    let before = wait_for(
+        "two seconds without writes",
+        Duration::from_secs(60),
+        || async {
+            let first = resource_versions(&f).await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            (resource_versions(&f).await == first).then_some(first)
+        },
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(8)).await;
     let after = resource_versions(&f).await;
     assert_eq!(before, after, "something was written while nothing was due");

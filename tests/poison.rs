@@ -473,7 +473,7 @@ async fn a_hostile_status_stored_under_the_old_schema_does_not_poison_a_list() {
     // A new CRD serves its objects a moment after it is Established.
     wait_for(
         "the legacy CRD serves",
-        std::time::Duration::from_secs(10),
+        std::time::Duration::from_secs(60),
         || async { legacy.list(&ListParams::default()).await.ok() },
     )
     .await;

@@ -24,7 +24,9 @@ use delegation_operator::api::{AgentIdentity, DelegationGrant};
 use k8s_openapi::{
     api::{
         authentication::v1::{SelfSubjectReview, UserInfo},
-        authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+        authorization::v1::{
+            NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
+        },
         core::v1::{ConfigMap, Namespace, Secret},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
@@ -301,6 +303,20 @@ pub async fn reinstall_admission_policies(client: &Client) {
     install_admission_policies(client).await;
 }
 
+/// Waits (up to 60 s) until the admission policies, already installed on the control plane of
+/// `kubeconfig` (admin credentials), are in effect again: after its apiserver restarted, it loads them
+/// (and the CRD schemas the mutating ones need) a while after it answers requests. Changes nothing.
+pub async fn wait_admission_policies_effective(kubeconfig: &Path) {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
+    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .expect("valid kubeconfig");
+    let admin = Client::try_from(config.clone()).expect("admin client");
+    config.auth_info.impersonate = Some(PROBE_USER.to_owned());
+    let probe = Client::try_from(config).expect("probe client");
+    wait_policies_effective_with(&admin, &probe).await;
+}
+
 async fn apply_cluster_document(client: &Client, doc: serde_json::Value) {
     let obj: DynamicObject = serde_json::from_value(doc).expect("a Kubernetes object");
     let types = obj.types.clone().expect("apiVersion and kind");
@@ -347,14 +363,19 @@ async fn allow_probe_user(client: &Client) {
 /// installed the mutating policies answer 503 until the apiserver has loaded the CRD schemas, and
 /// every policy takes a few seconds to load: errors are retried.
 async fn wait_policies_effective(admin: &Client) {
+    let probe = client_as(PROBE_USER, &[]).await;
+    wait_policies_effective_with(admin, &probe).await;
+}
+
+/// [`wait_policies_effective`] with the probe user's client given (for another control plane).
+async fn wait_policies_effective_with(admin: &Client, probe: &Client) {
     let me = whoami(admin)
         .await
         .username
         .expect("the test user has a name");
-    let probe = client_as(PROBE_USER, &[]).await;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let Some(why) = policies_pending(admin, &probe, &me).await else {
+        let Some(why) = policies_pending(admin, probe, &me).await else {
             return;
         };
         assert!(
@@ -652,8 +673,47 @@ pub async fn grant_role(
     }
 }
 
-/// Waits until a SubjectAccessReview says `subject` may do the first verb of `rule`.
+/// How long to wait for the authorizer to catch up with an RBAC write. A new (or deleted) binding
+/// reaches the authorizer a moment after the write returns; on a loaded machine that moment can be
+/// seconds. The bound only matters when something is really wrong.
+pub const RBAC_SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until a SubjectAccessReview says `subject` may do the first verb of `rule` (on its first
+/// resource and name, or its first non-resource URL), in `namespace` (`""`: cluster-wide).
 pub async fn wait_allowed(client: &Client, namespace: &str, subject: &Subject, rule: &PolicyRule) {
+    wait_access(client, namespace, subject, rule, true).await;
+}
+
+/// Waits until a SubjectAccessReview says `subject` may no longer do the first verb of `rule`: after
+/// deleting or narrowing a binding, before expecting anyone (the operator) to see the refusal.
+pub async fn wait_denied(client: &Client, namespace: &str, subject: &Subject, rule: &PolicyRule) {
+    wait_access(client, namespace, subject, rule, false).await;
+}
+
+async fn wait_access(
+    client: &Client,
+    namespace: &str,
+    subject: &Subject,
+    rule: &PolicyRule,
+    allowed: bool,
+) {
+    let review = access_review(namespace, subject, rule);
+    let api = Api::<SubjectAccessReview>::all(client.clone());
+    let what = format!(
+        "the authorizer to say {subject_kind} {name} is {answer} {rule:?} in namespace {namespace:?}",
+        subject_kind = subject.kind,
+        name = subject.name,
+        answer = if allowed { "allowed" } else { "denied" },
+    );
+    wait_for(&what, RBAC_SETTLE_TIMEOUT, || async {
+        let answer = api.create(&PostParams::default(), &review).await.ok()?;
+        (answer.status?.allowed == allowed).then_some(())
+    })
+    .await;
+}
+
+/// The SubjectAccessReview asking whether `subject` may do the first verb of `rule`.
+fn access_review(namespace: &str, subject: &Subject, rule: &PolicyRule) -> SubjectAccessReview {
     let first = |xs: &Option<Vec<String>>| xs.as_ref().and_then(|v| v.first().cloned());
     let (user, groups) = match subject.kind.as_str() {
         "User" => (Some(subject.name.clone()), None),
@@ -666,29 +726,37 @@ pub async fn wait_allowed(client: &Client, namespace: &str, subject: &Subject, r
             )
         }
     };
-    let review = SubjectAccessReview {
-        spec: SubjectAccessReviewSpec {
-            user,
-            groups,
-            resource_attributes: Some(ResourceAttributes {
+    let verb = rule.verbs.first().cloned();
+    let (resource_attributes, non_resource_attributes) = match first(&rule.non_resource_urls) {
+        Some(path) => (
+            None,
+            Some(NonResourceAttributes {
+                path: Some(path),
+                verb,
+            }),
+        ),
+        None => (
+            Some(ResourceAttributes {
                 namespace: Some(namespace.into()),
                 group: first(&rule.api_groups),
                 resource: first(&rule.resources),
                 name: first(&rule.resource_names),
-                verb: rule.verbs.first().cloned(),
+                verb,
                 ..Default::default()
             }),
+            None,
+        ),
+    };
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user,
+            groups,
+            resource_attributes,
+            non_resource_attributes,
             ..Default::default()
         },
         ..Default::default()
-    };
-    let api = Api::<SubjectAccessReview>::all(client.clone());
-    let what = format!("{} {} allowed {:?}", subject.kind, subject.name, rule);
-    wait_for(&what, Duration::from_secs(10), || async {
-        let answer = api.create(&PostParams::default(), &review).await.ok()?;
-        answer.status?.allowed.then_some(())
-    })
-    .await;
+    }
 }
 
 // ---- kubectl -----------------------------------------------------------------------------------
