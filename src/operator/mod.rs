@@ -4,6 +4,8 @@
 //!
 //! - [`run`]: start-up and leadership — the one place that builds the caches, the publishers and the
 //!   controllers and runs them while this replica leads.
+//! - [`lease`]: the leader Lease's owner — this replica's ServiceAccount, so that the Lease goes
+//!   with it on uninstall.
 //! - [`grants`]: the DelegationGrant controller — gathers what a grant's reconcile reads, asks the
 //!   pure decision in `crate::delegation::decision`, and carries it out (issue, rotate, revoke,
 //!   status writes); with its token Secrets, authority checks, renewal slots, alarms, orphan sweep.
@@ -19,6 +21,7 @@ pub mod agents;
 pub mod caches;
 pub mod error;
 pub mod grants;
+pub mod lease;
 pub mod publishing;
 pub mod readiness;
 pub mod reporting;

@@ -26,7 +26,7 @@ use super::{
     },
     error,
     grants::{self, authority, orphans, renewals, token_secret},
-    now,
+    lease, now,
     publishing::{fence, guard, keys, status_lists},
     reporting::events,
 };
@@ -41,6 +41,12 @@ pub async fn run(client: Client, settings: Settings, readiness: Arc<Readiness>) 
         );
         return lead(client, settings, readiness).await;
     };
+    // As it starts leading, this replica makes its ServiceAccount the Lease's owner: the garbage
+    // collector then deletes the Lease with the ServiceAccount (an uninstall), and the next install
+    // leads at once instead of waiting out a Lease the old leader could not release. Who we are is
+    // asked before the election, so that once leading only the Lease's own write is left.
+    let owner = lease::service_account_owner(&client, &settings.operator_namespace).await;
+    let identity = election.identity.clone();
     let election = LeaderElection::new(
         client.clone(),
         &settings.operator_namespace,
@@ -50,7 +56,13 @@ pub async fn run(client: Client, settings: Settings, readiness: Arc<Readiness>) 
     .with_lease_duration(election.lease_duration)
     .with_renew_deadline(election.renew_deadline)
     .with_retry_period(election.retry_period);
-    let work = election.with_lease(lead(client, settings, readiness.clone()));
+    let leader = readiness.clone();
+    let work = election.with_lease(async move {
+        if let Some(owner) = &owner {
+            lease::ensure_owner(&client, &settings.operator_namespace, &identity, owner).await;
+        }
+        lead(client, settings, leader).await
+    });
     tokio::pin!(work);
     tokio::select! {
         outcome = &mut work => {
