@@ -797,6 +797,10 @@ async fn a_deleted_or_edited_secret_is_restored() {
         },
     )
     .await;
+    assert!(
+        f.revoked_ids().await.contains(&first),
+        "the token of a deleted Secret is revoked: deleting it says the token leaked"
+    );
     wait_for(
         "status names the restored token",
         Duration::from_secs(10),

@@ -16,7 +16,8 @@
 //!    evaluation): on older evidence the verdict is [`Verdict::Confirm`] — ask again, decide again.
 //!
 //! Every refusal revokes every token of the grant; an issuance revokes every token but the current
-//! one, and the current one too when it no longer says the right thing ([`Revoke`]).
+//! one, and the current one too when it no longer says the right thing or its Secret was deleted
+//! ([`Revoke`]).
 
 use std::time::Duration;
 
@@ -273,12 +274,14 @@ fn limit(resolution: &Resolution, now: Timestamp) -> Timestamp {
 }
 
 /// Whether the current token must be revoked rather than kept as `previousToken`: it no longer says
-/// the right thing (changed grant, tightened limit, tampered Secret, revoked key).
+/// the right thing (changed grant, tightened limit, tampered Secret, revoked key), or someone deleted
+/// its Secret — which says the token leaked, so it must not stay valid until it expires.
 pub fn supersedes_current(cause: IssueCause) -> bool {
     matches!(
         cause,
         IssueCause::GrantChanged
             | IssueCause::OutlivesLimit
+            | IssueCause::SecretMissing
             | IssueCause::SecretChanged
             | IssueCause::KeyRevoked
     )

@@ -363,10 +363,10 @@ fn each_reason_for_a_new_token_has_its_cause_and_its_revocation() {
             Revoke::Every,
         ),
         (
-            "the Secret was deleted",
+            "the Secret was deleted (its token is taken as leaked)",
             |_, k| k.secret = SecretHolder::Ours(SecretState::Missing),
             IssueCause::SecretMissing,
-            Revoke::AllButCurrent,
+            Revoke::Every,
         ),
         (
             "the Secret was altered",

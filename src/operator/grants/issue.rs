@@ -61,7 +61,9 @@ pub(super) async fn issue(
     let (revoked, revocation_reason) =
         revoke_replaced(grant, ctx, supersedes, planned_jti, now).await?;
     if !revoked.is_empty() {
-        let why = if supersedes {
+        let why = if cause == IssueCause::SecretMissing {
+            "its Secret was deleted, which is taken to mean the token leaked"
+        } else if supersedes {
             "the token no longer matched the grant, a tightened limit, or its Secret"
         } else {
             "a newer rotation displaced it while it was still valid"
