@@ -357,18 +357,45 @@ async fn a_group_principal_always_needs_delegate_on_groups() {
 #[tokio::test]
 async fn a_service_account_may_delegate_for_itself_and_others_need_delegate_on_serviceaccounts() {
     let env = Env::new("adm-sa").await;
+    wait_service_account_self_grants_need_a_pod(&env.admin).await;
     let robot_user = env.service_account_user("robot");
     env.allow_editing(&[service_account_subject(&env.ns, "robot")])
         .await;
-    let robot = client_as(&robot_user, &["system:serviceaccounts"]).await;
     let principal = json!({"kind": "ServiceAccount", "name": robot_user});
 
+    // Acting as the ServiceAccount (impersonation) is not the ServiceAccount asking.
+    let impersonated = client_as(&robot_user, &["system:serviceaccounts"]).await;
+    let refused = env
+        .create_grant(&impersonated, &grant_for("robot-itself", principal.clone()))
+        .await;
+    let message = forbidden_message(refused);
+    for words in [
+        format!("user {robot_user} may not delegate for ServiceAccount {robot_user}"),
+        format!(r#"on "serviceaccounts" named "{robot_user}""#),
+        "presented no pod-bound ServiceAccount token".into(),
+    ] {
+        assert!(message.contains(&words), "{words:?} missing: {message}");
+    }
+
+    // Its workload: a pod running as it, authenticated with the token bound to that pod.
+    let (robot, pod) = pod_bound_client(&env.admin, &env.ns, "robot").await;
     let created = env
         .create_grant(&robot, &grant_for("robot-itself", principal.clone()))
         .await
         .unwrap();
     assert_eq!(requester(&created)["username"], robot_user.as_str());
     assert!(strings(&requester(&created)["groups"]).contains(&"system:serviceaccounts"));
+    let extra = &requester(&created)["extra"];
+    assert_eq!(
+        extra["authentication.kubernetes.io/pod-name"],
+        json!([pod.metadata.name]),
+        "{extra}"
+    );
+    assert_eq!(
+        extra["authentication.kubernetes.io/pod-uid"],
+        json!([pod.metadata.uid]),
+        "{extra}"
+    );
 
     let bob = client_as(BOB, &[PEOPLE]).await;
     let refused = env

@@ -8,6 +8,7 @@ use std::time::Duration;
 use delegation_operator::{
     api::{Decision, DelegationGrant},
     cli,
+    delegation::authority,
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -246,7 +247,8 @@ async fn a_delegate_permission_lets_bob_speak_for_alice_until_it_is_removed() {
     assert_eq!(revoked["principal"], "alice@example.com");
 }
 
-/// A hop is the parent actor's workload's to create, or needs `delegate` on that agent.
+/// A hop is the parent actor's workload's to create (from a pod running as its ServiceAccount), or
+/// needs `delegate` on that agent.
 #[tokio::test]
 async fn only_the_parent_actors_workload_may_extend_a_chain() {
     let f = Fixture::start("hop", &[]).await;
@@ -289,11 +291,22 @@ async fn only_the_parent_actors_workload_may_extend_a_chain() {
         "a Warning Denied event"
     );
 
-    let sa = client_as(&workload, &["system:serviceaccounts"]).await;
+    // The workload: a pod running as the orchestrator's ServiceAccount, with the token bound to it.
+    let (sa, pod) = pod_bound_client(&f.client, &f.ns, "orchestrator-sa").await;
     create_as(&sa, &f.ns, hop_grant("by-workload", "root"))
         .await
         .unwrap();
     let hop = f.wait_ready("by-workload", "True", None).await;
+    let stamped = hop.spec.requester.clone().unwrap();
+    assert_eq!(stamped.username, workload);
+    assert_eq!(
+        authority::bound_pod(&stamped),
+        Some((
+            pod.metadata.name.as_deref().unwrap(),
+            pod.metadata.uid.as_deref().unwrap()
+        )),
+        "the requester's stamp names the pod: {stamped:?}"
+    );
     // The refused grant's first token was planned (its status-list entry recorded) while its
     // finalizer was added; it was never minted, so the entry was given back: once a later issuance
     // wrote the records, the operator holds nothing for it, and the issued hop holds its token.
@@ -330,6 +343,134 @@ async fn only_the_parent_actors_workload_may_extend_a_chain() {
         claims["delegation_chain"][1]["requested_by"],
         workload.as_str()
     );
+}
+
+/// The attack, as an editor of the namespace would run it: the built-in `edit` role may impersonate
+/// the namespace's ServiceAccounts. Refused a hop as herself, she creates the same hop as the parent
+/// actor's ServiceAccount (`kubectl --as=system:serviceaccount:<ns>:orchestrator-sa`). Without a token
+/// bound to one of its pods that is not the workload asking: the hop needs `delegate` on the agent,
+/// which the ServiceAccount does not have. (On the old code it became Ready, its evidence saying that
+/// the workload asked.)
+#[tokio::test]
+async fn an_editor_impersonating_the_workload_may_not_extend_its_chain() {
+    let f = Fixture::start("hop-edit", &[]).await;
+    f.apply(AGENTS).await;
+    let workload = format!("system:serviceaccount:{}:orchestrator-sa", f.ns);
+    // The editor: anyone bound to `edit` here; a ServiceAccount's token is her credential (the
+    // test apiserver trusts no other kind of user but its admin's certificate).
+    ensure_service_account(&f.client, &f.ns, "editor").await;
+    let editor_user = format!("system:serviceaccount:{}:editor", f.ns);
+    make_editor(&f.client, &f.ns, &service_account_subject(&f.ns, "editor")).await;
+    // Editors and the workload may create grants (as the chart's roles aggregated into edit allow).
+    tenants(&f, &["alice@example.com", &workload, &editor_user]).await;
+    let alice = client_as("alice@example.com", &[]).await;
+    create_as(
+        &alice,
+        &f.ns,
+        root_grant("root", "alice@example.com", "10m"),
+    )
+    .await
+    .unwrap();
+    f.wait_ready("root", "True", None).await;
+
+    let token = request_service_account_token(&f.client, &f.ns, "editor", None).await;
+    let editor = token_client_as(&token, None).await;
+    create_as(&editor, &f.ns, hop_grant("by-editor", "root"))
+        .await
+        .unwrap();
+    f.wait_ready("by-editor", "False", Some("DeniedNotAuthorized"))
+        .await;
+
+    let as_workload = token_client_as(&token, Some(&workload)).await;
+    create_as(&as_workload, &f.ns, hop_grant("as-workload", "root"))
+        .await
+        .expect("edit may impersonate the namespace's ServiceAccounts");
+    let refused = f
+        .wait_ready("as-workload", "False", Some("DeniedNotAuthorized"))
+        .await;
+    let stamped = refused.spec.requester.clone().unwrap();
+    assert_eq!(
+        stamped.username, workload,
+        "the apiserver saw the ServiceAccount"
+    );
+    assert_eq!(authority::bound_pod(&stamped), None, "{stamped:?}");
+    let (_, message) = condition(&refused);
+    for words in [
+        workload.as_str(),
+        "\"agentidentities\" named \"orchestrator\"",
+        "presented no pod-bound ServiceAccount token",
+        "impersonation",
+    ] {
+        assert!(message.contains(words), "{words} missing from {message}");
+    }
+    assert!(
+        f.secrets()
+            .get_opt("as-workload-token")
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(refused.status.as_ref().unwrap().token.is_none());
+    assert!(
+        f.operator()
+            .audit()
+            .iter()
+            .all(|r| !(r["action"] == "Issued" && r["grant"] == "as-workload")),
+        "no token was issued for the impersonated hop"
+    );
+}
+
+/// The same trick for a ServiceAccount principal: an editor impersonating a ServiceAccount lends its
+/// authority "as itself". Refused at admission, naming the permission and the missing pod-bound token;
+/// a pod running as the ServiceAccount may. (On the old code the impersonated grant was admitted and
+/// became Ready.)
+#[tokio::test]
+async fn an_editor_impersonating_a_service_account_may_not_lend_its_authority() {
+    let f = Fixture::start("self-edit", &[]).await;
+    wait_service_account_self_grants_need_a_pod(&f.client).await;
+    f.apply(AGENTS).await;
+    let robot = format!("system:serviceaccount:{}:robot", f.ns);
+    ensure_service_account(&f.client, &f.ns, "editor").await;
+    make_editor(&f.client, &f.ns, &service_account_subject(&f.ns, "editor")).await;
+    tenants(&f, &[&robot]).await;
+    let own_grant = || {
+        json!({
+            "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
+            "metadata": {"name": "robot-itself"},
+            "spec": {"principal": {"kind": "ServiceAccount", "name": robot},
+                     "actorRef": {"name": "orchestrator"}, "scopes": ["tickets:read"],
+                     "audience": "https://tickets.example.com", "tokenTTL": "10m"},
+        })
+    };
+
+    let token = request_service_account_token(&f.client, &f.ns, "editor", None).await;
+    let as_robot = token_client_as(&token, Some(&robot)).await;
+    let message = match create_as(&as_robot, &f.ns, own_grant()).await {
+        Err(kube::Error::Api(status)) if status.code == 403 => status.message,
+        other => panic!("an impersonated ServiceAccount must be refused at admission: {other:?}"),
+    };
+    for words in [
+        format!("may not delegate for ServiceAccount {robot}"),
+        format!("\"delegate\" on \"serviceaccounts\" named \"{robot}\""),
+        "presented no pod-bound ServiceAccount token".into(),
+        "impersonation".into(),
+    ] {
+        assert!(message.contains(&words), "{words} missing from {message}");
+    }
+    assert!(f.grants().get_opt("robot-itself").await.unwrap().is_none());
+
+    // Its workload lends its own authority: a pod running as it, with the token bound to the pod.
+    let (robot_pod, pod) = pod_bound_client(&f.client, &f.ns, "robot").await;
+    create_as(&robot_pod, &f.ns, own_grant()).await.unwrap();
+    let grant = f.wait_ready("robot-itself", "True", None).await;
+    let stamped = grant.spec.requester.clone().unwrap();
+    assert_eq!(stamped.username, robot);
+    assert_eq!(
+        authority::bound_pod(&stamped).map(|(name, _)| name),
+        pod.metadata.name.as_deref()
+    );
+    let chain = grant.status.unwrap().chain.unwrap();
+    assert_eq!(chain[1].requested_by.as_deref(), Some(robot.as_str()));
 }
 
 /// A parent deleted and re-created under the same name does not adopt its old children.

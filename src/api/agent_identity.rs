@@ -47,7 +47,8 @@ pub struct AgentIdentitySpec {
 
     /// The Kubernetes ServiceAccount (in this namespace) the agent's workload runs as, if any. That
     /// ServiceAccount may create hops below grants this agent acts under (sub-delegate), within
-    /// `delegation`.
+    /// `delegation`, when its request is made with a pod-bound token (a pod running as it);
+    /// impersonating it is not enough.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
     pub service_account_name: Option<String>,
@@ -197,7 +198,9 @@ impl AgentIdentitySpec {
     }
 }
 
-/// The token subject of an agent, stable for its namespace and name.
+/// The token subject of an agent, stable for its namespace and name: `agent:<namespace>/<name>`
+/// (`client_id`, `act.sub`). No principal's subject takes this form: those begin with `user:`,
+/// `group:` or `serviceaccount:` ([`crate::delegation::claims::principal_subject`]).
 pub fn agent_subject(namespace: &str, name: &str) -> String {
     format!("agent:{namespace}/{name}")
 }

@@ -4,9 +4,12 @@
 //! when Kubernetes RBAC allows it verb `delegate` on the principal (resource `users`, `groups` or
 //! `serviceaccounts` of group `delegation.nhi.dev`, resourceName = the principal). It may extend a chain
 //! when it is the parent actor's workload (its ServiceAccount), or when RBAC allows it `delegate` on
-//! `agentidentities` named after the parent's actor. An approval counts when its approver was allowed
-//! `approve` on the grant and is not the requester. This module says which question to ask; the
-//! operator asks the apiserver (SubjectAccessReview) and this module turns the answer into a decision.
+//! `agentidentities` named after the parent's actor. A ServiceAccount counts as itself (the principal,
+//! or the workload) only when it authenticated with a token bound to a pod ([`bound_pod`]): the built-in
+//! `edit` and `admin` roles may impersonate a namespace's ServiceAccounts, so the name alone is not
+//! evidence that the workload asked. An approval counts when its approver was allowed `approve` on the
+//! grant and is not the requester. This module says which question to ask; the operator asks the
+//! apiserver (SubjectAccessReview) and this module turns the answer into a decision.
 
 use k8s_openapi::jiff::Timestamp;
 
@@ -38,6 +41,43 @@ pub const GROUP: &str = "delegation.nhi.dev";
 pub const DELEGATE: &str = "delegate";
 /// The verb that lets an approver approve or reject a grant.
 pub const APPROVE: &str = "approve";
+
+/// The `userInfo.extra` keys the apiserver sets when a ServiceAccount token bound to a Pod (the
+/// projected token the kubelet gives a pod, or a TokenRequest with `boundObjectRef` kind Pod)
+/// authenticates a request; the stamping admission policy copies them into `spec.requester.extra`.
+/// Impersonation sets extra only with verb `impersonate` on `userextras/<key>` (API group
+/// `authentication.k8s.io`), which the built-in `edit` and `admin` roles do not grant, while they do
+/// grant `impersonate` on `serviceaccounts`.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+/// See [`POD_NAME_EXTRA`].
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
+
+/// The pod (name, uid) whose bound ServiceAccount token authenticated `user`, if one did: both extras
+/// hold a non-empty value (as the admission policy checks).
+pub fn bound_pod(user: &UserIdentity) -> Option<(&str, &str)> {
+    let extra = user.extra.as_ref()?;
+    let value = |key| {
+        extra
+            .get(key)?
+            .0
+            .iter()
+            .find(|v| !v.is_empty())
+            .map(String::as_str)
+    };
+    Some((value(POD_NAME_EXTRA)?, value(POD_UID_EXTRA)?))
+}
+
+/// Whether `user` is a ServiceAccount (by the user name Kubernetes gives one).
+fn is_service_account(user: &UserIdentity) -> bool {
+    user.username.starts_with("system:serviceaccount:")
+}
+
+/// Whether `user`, whose name is the one that counts as itself (the principal, or the parent actor's
+/// workload), may be believed: anyone but a ServiceAccount is; a ServiceAccount only with a pod-bound
+/// token.
+fn proven_itself(user: &UserIdentity) -> bool {
+    !is_service_account(user) || bound_pod(user).is_some()
+}
 
 /// How long after a stamping policy and its binding exist the operator trusts that the apiserver applies
 /// them (it loads policies within seconds).
@@ -90,7 +130,8 @@ impl AccessQuestion {
 /// What it takes for a grant's requester to be allowed.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum RequesterCheck {
-    /// The requester is the principal, or the parent actor's workload: allowed without asking.
+    /// The requester is the principal, or the parent actor's workload (a ServiceAccount: from a
+    /// pod-bound token): allowed without asking.
     Itself,
     /// Allowed only if the apiserver says yes.
     Ask(AccessQuestion),
@@ -126,7 +167,8 @@ pub fn requester_check<'a>(
             let workload = parent_actor
                 .and_then(|a| a.spec.service_account_name.as_deref())
                 .map(|sa| service_account_username(namespace, sa));
-            if workload.as_deref() == Some(requester.username.as_str()) {
+            if workload.as_deref() == Some(requester.username.as_str()) && proven_itself(requester)
+            {
                 RequesterCheck::Itself
             } else {
                 RequesterCheck::Ask(AccessQuestion {
@@ -157,8 +199,12 @@ fn principal_check(
         PrincipalKind::Group => "groups",
         PrincipalKind::ServiceAccount => "serviceaccounts",
     };
-    // No one *is* a group: naming one always needs the permission.
-    if principal.kind != PrincipalKind::Group && requester.username == principal.name {
+    // No one *is* a group: naming one always needs the permission. A ServiceAccount is itself only
+    // from a pod-bound token.
+    if principal.kind != PrincipalKind::Group
+        && requester.username == principal.name
+        && proven_itself(requester)
+    {
         return RequesterCheck::Itself;
     }
     RequesterCheck::Ask(AccessQuestion {
@@ -175,17 +221,40 @@ pub fn requester_refused(
     requester: &UserIdentity,
     question: &AccessQuestion,
 ) -> Refusal {
-    let what = match &grant.spec.principal {
-        Some(p) => format!("delegate for {} {:?}", p.kind.as_str(), p.name),
-        None => format!(
-            "extend the chain of AgentIdentity {:?} (only its workload's ServiceAccount may, or someone allowed to)",
-            question.name
+    let (what, might_be_itself) = match &grant.spec.principal {
+        Some(p) => (
+            format!("delegate for {} {:?}", p.kind.as_str(), p.name),
+            p.name == requester.username,
         ),
+        None => (
+            format!(
+                "extend the chain of AgentIdentity {:?} (only its workload's ServiceAccount may, from a \
+                 pod-bound token, or someone allowed to)",
+                question.name
+            ),
+            // The workload is a ServiceAccount of the grant's namespace.
+            requester
+                .username
+                .strip_prefix("system:serviceaccount:")
+                .and_then(|rest| rest.strip_prefix(question.namespace.as_str()))
+                .is_some_and(|rest| rest.starts_with(':')),
+        ),
+    };
+    // A ServiceAccount that would have counted as itself, but showed no pod: say why it did not.
+    let unproven = if might_be_itself && !proven_itself(requester) {
+        format!(
+            "; {:?} presented no pod-bound ServiceAccount token (the token a pod running as it is given), \
+             and acting as a ServiceAccount by impersonation (which the built-in edit and admin roles \
+             allow) is not evidence that its workload asked",
+            requester.username
+        )
+    } else {
+        String::new()
     };
     Refusal::new(
         Reason::DeniedNotAuthorized,
         format!(
-            "requester {:?} may not {what}: it needs {}",
+            "requester {:?} may not {what}: it needs {}{unproven}",
             requester.username,
             question.describe()
         ),
@@ -310,6 +379,17 @@ pub fn principal_name_problem(principal: &Principal) -> Option<String> {
             "principal name {name:?} starts with system:, which is reserved for Kubernetes"
         ));
     }
+    // The token's subject drops this prefix (`serviceaccount:<namespace>:<name>`): a name without
+    // it, or with other than two parts after it, could take another ServiceAccount's subject.
+    if principal.kind == PrincipalKind::ServiceAccount
+        && name
+            .strip_prefix("system:serviceaccount:")
+            .is_none_or(|rest| rest.split(':').count() != 2 || rest.split(':').any(str::is_empty))
+    {
+        return Some(format!(
+            "ServiceAccount principal {name:?} is not named system:serviceaccount:<namespace>:<name>"
+        ));
+    }
     None
 }
 
@@ -323,6 +403,26 @@ fn is_invisible_format(c: char) -> bool {
 mod tests {
     use super::*;
     use crate::api::{DelegationApprovalSpec, GrantRef};
+
+    #[test]
+    fn a_service_account_principal_must_have_the_kubernetes_form() {
+        let sa = |name: &str| Principal {
+            kind: PrincipalKind::ServiceAccount,
+            name: name.into(),
+        };
+        assert_eq!(
+            principal_name_problem(&sa("system:serviceaccount:ns:robot")),
+            None
+        );
+        for bad in [
+            "ns:robot",
+            "system:serviceaccount:ns",
+            "system:serviceaccount:ns:robot:x",
+            "system:serviceaccount::robot",
+        ] {
+            assert!(principal_name_problem(&sa(bad)).is_some(), "{bad}");
+        }
+    }
 
     fn grant(spec: serde_json::Value) -> DelegationGrant {
         let mut base = serde_json::json!({"actorRef": {"name": "bot"}, "scopes": ["s"],
@@ -354,6 +454,14 @@ mod tests {
         serde_json::json!({"username": user, "groups": ["system:authenticated"]})
     }
 
+    /// A ServiceAccount's identity as the apiserver stamps it from a token bound to a pod.
+    fn from_pod(service_account: &str) -> serde_json::Value {
+        serde_json::json!({"username": service_account,
+            "groups": ["system:serviceaccounts", "system:authenticated"],
+            "extra": {"authentication.kubernetes.io/credential-id": ["JTI=1"],
+                      POD_NAME_EXTRA: ["orchestrator-7d9"], POD_UID_EXTRA: ["uid-pod"]}})
+    }
+
     #[test]
     fn a_grant_without_a_stamped_requester_is_refused_saying_what_to_install() {
         let g = grant(serde_json::json!({"principal": {"kind": "User", "name": "alice"}}));
@@ -379,7 +487,7 @@ mod tests {
         let sa = "system:serviceaccount:ns:robot";
         let own_sa = grant(
             serde_json::json!({"principal": {"kind": "ServiceAccount", "name": sa},
-            "requester": requested_by(sa)}),
+            "requester": from_pod(sa)}),
         );
         assert_eq!(
             requester_check(&own_sa, "ns", None).unwrap().1,
@@ -436,7 +544,7 @@ mod tests {
     #[test]
     fn a_hop_is_the_parent_actors_workload_or_needs_delegate_on_that_agent() {
         let by_workload = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
-            "requester": requested_by("system:serviceaccount:ns:orchestrator-sa")}));
+            "requester": from_pod("system:serviceaccount:ns:orchestrator-sa")}));
         let workload = agent(Some("orchestrator-sa"));
         assert_eq!(
             requester_check(&by_workload, "ns", Some(&workload))
@@ -445,7 +553,7 @@ mod tests {
             RequesterCheck::Itself
         );
         let by_other_sa = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
-            "requester": requested_by("system:serviceaccount:other-ns:orchestrator-sa")}));
+            "requester": from_pod("system:serviceaccount:other-ns:orchestrator-sa")}));
         let RequesterCheck::Ask(q) = requester_check(&by_other_sa, "ns", Some(&workload))
             .unwrap()
             .1
@@ -463,6 +571,107 @@ mod tests {
                 .1,
             RequesterCheck::Ask(_)
         ));
+    }
+
+    /// The built-in `edit` role may impersonate the namespace's ServiceAccounts, but not set the
+    /// extras a pod-bound token carries: a ServiceAccount's name without them proves nothing.
+    #[test]
+    fn a_service_account_is_itself_only_from_a_pod_bound_token() {
+        let workload = agent(Some("orchestrator-sa"));
+        let sa = "system:serviceaccount:ns:orchestrator-sa";
+        let mut missing_uid = from_pod(sa);
+        missing_uid["extra"]
+            .as_object_mut()
+            .unwrap()
+            .remove(POD_UID_EXTRA);
+        let mut empty_name = from_pod(sa);
+        empty_name["extra"][POD_NAME_EXTRA] = serde_json::json!([""]);
+        let mut no_values = from_pod(sa);
+        no_values["extra"][POD_UID_EXTRA] = serde_json::json!([]);
+        let not_from_a_pod = [
+            requested_by(sa),
+            serde_json::json!({"username": sa, "groups": ["system:serviceaccounts"], "extra": {}}),
+            missing_uid,
+            empty_name,
+            no_values,
+        ];
+        for requester in not_from_a_pod {
+            let hop = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
+                "requester": requester.clone()}));
+            let (who, RequesterCheck::Ask(q)) =
+                requester_check(&hop, "ns", Some(&workload)).unwrap()
+            else {
+                panic!("a hop by {requester} must ask");
+            };
+            assert_eq!(
+                (q.verb, q.resource, q.name.as_str()),
+                (DELEGATE, "agentidentities", "orchestrator")
+            );
+            let message = requester_refused(&hop, who, &q).message;
+            for words in [
+                "presented no pod-bound",
+                "impersonation",
+                "\"agentidentities\"",
+            ] {
+                assert!(message.contains(words), "{words} missing: {message}");
+            }
+
+            let own = grant(
+                serde_json::json!({"principal": {"kind": "ServiceAccount", "name": sa},
+                "requester": requester.clone()}),
+            );
+            let (who, RequesterCheck::Ask(q)) = requester_check(&own, "ns", None).unwrap() else {
+                panic!("a ServiceAccount lending its own authority as {requester} must ask");
+            };
+            assert_eq!(
+                (q.verb, q.resource, q.name.as_str()),
+                (DELEGATE, "serviceaccounts", sa)
+            );
+            let message = requester_refused(&own, who, &q).message;
+            for words in [
+                "presented no pod-bound",
+                "impersonation",
+                "\"serviceaccounts\"",
+            ] {
+                assert!(message.contains(words), "{words} missing: {message}");
+            }
+        }
+        let bound: UserIdentity = serde_json::from_value(from_pod(sa)).unwrap();
+        assert_eq!(bound_pod(&bound), Some(("orchestrator-7d9", "uid-pod")));
+
+        // The note is only for a ServiceAccount that would have counted as itself.
+        let other = grant(serde_json::json!({"parentGrantRef": {"name": "p"},
+            "requester": requested_by("system:serviceaccount:other-ns:orchestrator-sa")}));
+        let (who, RequesterCheck::Ask(q)) = requester_check(&other, "ns", Some(&workload)).unwrap()
+        else {
+            panic!("must ask");
+        };
+        assert!(
+            !requester_refused(&other, who, &q)
+                .message
+                .contains("presented no")
+        );
+        let for_sa = grant(
+            serde_json::json!({"principal": {"kind": "ServiceAccount", "name": sa},
+            "requester": requested_by("system:serviceaccount:ns:someone-else")}),
+        );
+        let (who, RequesterCheck::Ask(q)) = requester_check(&for_sa, "ns", None).unwrap() else {
+            panic!("must ask");
+        };
+        assert!(
+            !requester_refused(&for_sa, who, &q)
+                .message
+                .contains("presented no")
+        );
+        // People are not ServiceAccounts: no pod needed.
+        let alice = grant(
+            serde_json::json!({"principal": {"kind": "User", "name": "alice"},
+            "requester": requested_by("alice")}),
+        );
+        assert_eq!(
+            requester_check(&alice, "ns", None).unwrap().1,
+            RequesterCheck::Itself
+        );
     }
 
     fn approval(

@@ -1389,3 +1389,230 @@ pub fn python_decode_status_list(token: &str, indices: &[usize]) -> Vec<String> 
         .map(str::to_owned)
         .collect()
 }
+
+// ---- ServiceAccounts: a workload's own token, and acting as one ------------------------------
+
+/// Creates ServiceAccount `name` in `namespace` unless it exists.
+pub async fn ensure_service_account(admin: &Client, namespace: &str, name: &str) {
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+    if accounts.get_opt(name).await.unwrap().is_some() {
+        return;
+    }
+    let account = ServiceAccount {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    accounts
+        .create(&PostParams::default(), &account)
+        .await
+        .unwrap_or_else(|e| panic!("ServiceAccount {namespace}/{name}: {e}"));
+}
+
+/// A token of ServiceAccount `name` of `namespace` for the apiserver's own audience (a TokenRequest),
+/// bound to `pod` when given, as the token the kubelet projects into a pod is.
+pub async fn request_service_account_token(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    pod: Option<&k8s_openapi::api::core::v1::Pod>,
+) -> String {
+    use k8s_openapi::api::{
+        authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+    };
+    let request = TokenRequest {
+        spec: Some(TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            bound_object_ref: pod.map(|pod| BoundObjectReference {
+                kind: Some("Pod".into()),
+                api_version: Some("v1".into()),
+                name: pod.metadata.name.clone(),
+                uid: pod.metadata.uid.clone(),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+        .create_token_request(name, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{name}: {e}"))
+        .status
+        .and_then(|s| s.token)
+        .expect("a token")
+}
+
+/// A client of the test control plane that authenticates with a bearer token (and no client
+/// certificate), acting as `impersonate` when given: `kubectl --token <token> [--as <user>]`.
+pub async fn token_client_as(token: &str, impersonate: Option<&str>) -> Client {
+    let mut config = admin_config().await;
+    config.auth_info = serde_json::from_value(json!({"token": token})).expect("a token user");
+    config.auth_info.impersonate = impersonate.map(str::to_owned);
+    Client::try_from(config).expect("token client for the test control plane")
+}
+
+/// A Pod (named after the ServiceAccount, with a unique suffix) that runs as ServiceAccount
+/// `service_account` (created if needed). The test apiserver has no kubelet and no ServiceAccount
+/// admission plugin: the Pod stays Pending and nothing mounts a token into it.
+pub async fn pod_running_as(
+    admin: &Client,
+    namespace: &str,
+    service_account: &str,
+) -> k8s_openapi::api::core::v1::Pod {
+    use k8s_openapi::api::core::v1::Pod;
+    ensure_service_account(admin, namespace, service_account).await;
+    let name = format!(
+        "{service_account}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..5]
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name},
+        "spec": {"serviceAccountName": service_account,
+                 "containers": [{"name": "workload", "image": "registry.invalid/workload"}]},
+    }))
+    .unwrap();
+    Api::<Pod>::namespaced(admin.clone(), namespace)
+        .create(&PostParams::default(), &pod)
+        .await
+        .unwrap_or_else(|e| panic!("Pod {namespace}/{name}: {e}"))
+}
+
+/// A client authenticated as ServiceAccount `service_account` of `namespace` the way its workload is:
+/// with a token bound to a Pod running as it (created here), so that the apiserver puts the pod's
+/// name and uid into the user's extra. Returns the client and the Pod.
+pub async fn pod_bound_client(
+    admin: &Client,
+    namespace: &str,
+    service_account: &str,
+) -> (Client, k8s_openapi::api::core::v1::Pod) {
+    let pod = pod_running_as(admin, namespace, service_account).await;
+    let token = request_service_account_token(admin, namespace, service_account, Some(&pod)).await;
+    (token_client_as(&token, None).await, pod)
+}
+
+/// Binds ClusterRole `cluster_role` to `subjects` in `namespace` (a RoleBinding named `name`, server-side
+/// apply), as an admin gives someone a built-in role there.
+pub async fn bind_cluster_role(
+    admin: &Client,
+    namespace: &str,
+    name: &str,
+    cluster_role: &str,
+    subjects: &[Subject],
+) {
+    let binding = RoleBinding {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "ClusterRole".into(),
+            name: cluster_role.into(),
+        },
+        subjects: Some(subjects.to_vec()),
+    };
+    Api::<RoleBinding>::namespaced(admin.clone(), namespace)
+        .patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&binding),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("RoleBinding {namespace}/{name}: {e}"));
+}
+
+/// Makes `subject` an editor of `namespace` the way a cluster admin does: a RoleBinding to the
+/// built-in ClusterRole `edit`. A control plane without a controller-manager (the tests') never
+/// aggregates `edit`'s rules into it; then the subject is also bound to `system:aggregate-to-edit`,
+/// the ClusterRole the apiserver bootstraps with the rules upstream aggregates into `edit` (among
+/// them verb `impersonate` on `serviceaccounts`), so that the editor holds exactly what upstream
+/// gives one. Waits until the authorizer lets the subject impersonate the namespace's
+/// ServiceAccounts.
+pub async fn make_editor(admin: &Client, namespace: &str, subject: &Subject) {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let impersonates_service_accounts = |role: &ClusterRole| {
+        role.rules.iter().flatten().any(|r| {
+            r.verbs.iter().any(|v| v == "impersonate")
+                && r.api_groups.iter().flatten().any(|g| g.is_empty())
+                && r.resources.iter().flatten().any(|x| x == "serviceaccounts")
+        })
+    };
+    let roles = Api::<ClusterRole>::all(admin.clone());
+    let edit = roles
+        .get("edit")
+        .await
+        .expect("the built-in ClusterRole edit");
+    bind_cluster_role(
+        admin,
+        namespace,
+        "editor",
+        "edit",
+        std::slice::from_ref(subject),
+    )
+    .await;
+    if !impersonates_service_accounts(&edit) {
+        let upstream = roles
+            .get("system:aggregate-to-edit")
+            .await
+            .expect("the bootstrap ClusterRole system:aggregate-to-edit");
+        assert!(
+            impersonates_service_accounts(&upstream),
+            "upstream's edit rules let an editor impersonate ServiceAccounts"
+        );
+        bind_cluster_role(
+            admin,
+            namespace,
+            "editor-aggregated",
+            "system:aggregate-to-edit",
+            std::slice::from_ref(subject),
+        )
+        .await;
+    }
+    wait_allowed(
+        admin,
+        namespace,
+        subject,
+        &rule("", &["serviceaccounts"], &["impersonate"], &[]),
+    )
+    .await;
+}
+
+/// Waits (up to 60 s) until the loaded grant-authority policy refuses a ServiceAccount that lends its
+/// own authority without a pod-bound token. [`install_admission_policies`] sees a policy in effect
+/// by behaviour older versions share too; on a control plane that ran an older version, the apiserver
+/// may still enforce it for a few seconds after the new one is applied.
+pub async fn wait_service_account_self_grants_need_a_pod(admin: &Client) {
+    install_admission_policies(admin).await;
+    let account = "delegation-operator-tests-probe";
+    grant_role(
+        admin,
+        PROBE_NAMESPACE,
+        "delegation-operator-tests-probe-sa",
+        &[service_account_subject(PROBE_NAMESPACE, account)],
+        &[rule(
+            "delegation.nhi.dev",
+            &["delegationgrants"],
+            &["create"],
+            &[],
+        )],
+    )
+    .await;
+    let user = format!("system:serviceaccount:{PROBE_NAMESPACE}:{account}");
+    let impersonated = client_as(&user, &[]).await;
+    let grant = probe_grant(json!({"kind": "ServiceAccount", "name": user}), None);
+    wait_for(
+        "the admission policy to refuse a ServiceAccount without a pod-bound token",
+        Duration::from_secs(60),
+        || async {
+            let result = dry_run_create(&impersonated, "DelegationGrant", &grant).await;
+            refused_with(result, "pod-bound").ok()
+        },
+    )
+    .await;
+}
