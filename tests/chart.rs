@@ -1468,7 +1468,7 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
         0,
     )
     .expect("the token verifies against the JWKS in the release namespace");
-    assert_eq!(claims["sub"], "alice@example.com");
+    assert_eq!(claims["sub"], "user:alice@example.com");
     assert_eq!(
         claims["iss"],
         format!("https://{fullname}.{release_ns}.svc")

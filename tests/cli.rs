@@ -147,7 +147,7 @@ async fn token_inspect_verifies_from_the_cluster_and_reports_tampering_and_revoc
     for expected in [
         "signature   verified (ES256 kid ".to_owned(),
         format!("grant       {ns}/g3 (uid "),
-        "principal   alice@example.com (User): whose authority this is".into(),
+        "principal   user:alice@example.com (User): whose authority this is".into(),
         format!(
             "chain       1. alice@example.com -> agent:{ns}/orchestrator  (grant g1, scopes tickets:read cases:read)"
         ),
@@ -193,7 +193,7 @@ async fn token_inspect_verifies_from_the_cluster_and_reports_tampering_and_revoc
     let json: Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(json["valid"], true);
     assert_eq!(json["signatureVerified"], true);
-    assert_eq!(json["claims"]["sub"], "alice@example.com");
+    assert_eq!(json["claims"]["sub"], "user:alice@example.com");
     assert_eq!(json["claims"]["delegation.nhi.dev/grant"]["name"], "g3");
     assert_eq!(
         json["actors"],

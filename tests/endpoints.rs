@@ -314,7 +314,7 @@ async fn discovery_jwks_and_status_lists_are_served_over_https() {
     )
     .expect("the token verifies with what the endpoints serve");
     assert!(verified.is_active());
-    assert_eq!(verified.claims["sub"], "alice@example.com");
+    assert_eq!(verified.claims["sub"], "user:alice@example.com");
 
     // An unknown list is a plain 404, not another list.
     let missing = https.get(&format!(
@@ -420,7 +420,7 @@ async fn introspection_answers_authenticated_callers_for_their_audience_only() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.cache_control, "no-store");
     let body = reply.json();
-    assert_eq!(body["sub"], "alice@example.com");
+    assert_eq!(body["sub"], "user:alice@example.com");
     assert_eq!(body["aud"], "https://tickets.example.com");
     assert_eq!(body["iss"], https.issuer.as_str());
     assert_eq!(body["scope"], "tickets:read");

@@ -88,7 +88,8 @@ async fn a_three_hop_chain_gets_verifiable_tokens_with_nested_actors() {
     let claims = signing::verify(&token, &f.jwks().await, "https://tickets.example.com", 0)
         .expect("verifies against the JWKS");
     assert_eq!(claims["iss"], "https://issuer.test");
-    assert_eq!(claims["sub"], "alice@example.com");
+    // The principal, typed by its kind (a group of the same name would be `group:...`).
+    assert_eq!(claims["sub"], "user:alice@example.com");
     assert_eq!(claims["aud"], "https://tickets.example.com");
     assert_eq!(claims["scope"], "tickets:read");
     let ns = &f.ns;
@@ -297,7 +298,7 @@ async fn deleting_a_grant_revokes_its_token() {
         .verified_claims("doomed-token")
         .await
         .expect("an EdDSA token that verifies");
-    assert_eq!(claims["sub"], "alice@example.com");
+    assert_eq!(claims["sub"], "user:alice@example.com");
     assert_eq!(f.jwks().await["keys"][0]["kty"], "OKP");
     assert!(
         grant

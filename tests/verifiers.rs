@@ -155,7 +155,7 @@ async fn three_independent_libraries_accept_the_chain_and_refuse_forgeries_as_th
             let v = &by_name[*g];
             assert_eq!(
                 v.sub.as_deref(),
-                Some("alice@example.com"),
+                Some("user:alice@example.com"),
                 "{}",
                 v.verifier
             );
@@ -205,7 +205,7 @@ async fn three_independent_libraries_accept_the_chain_and_refuse_forgeries_as_th
             "introspection and the verifiers disagree on {name}"
         );
         if accepted {
-            assert_eq!(answer["sub"], "alice@example.com");
+            assert_eq!(answer["sub"], "user:alice@example.com");
             assert_eq!(answer["jti"], unverified_claims(token)["jti"]);
         } else {
             assert_eq!(

@@ -203,7 +203,8 @@ pub struct Principal {
     /// `groups`), or `ServiceAccount` (a workload, by its Kubernetes user name).
     pub kind: PrincipalKind,
     /// The user name (`alice@example.com`), group name (`payments-approvers`), or ServiceAccount user
-    /// name (`system:serviceaccount:<namespace>:<name>`). It becomes the token's `sub`.
+    /// name (`system:serviceaccount:<namespace>:<name>`). The token's `sub` is it typed by its kind:
+    /// `user:<name>`, `group:<name>` or `serviceaccount:<namespace>:<name>`.
     #[schemars(length(min = 1, max = 256))]
     pub name: String,
 }

@@ -5,16 +5,74 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::{chain::Resolution, timing::TokenTimes};
-use crate::api::{AuthorizationDetail, ChainLink, DelegationGrantSpec};
+use crate::api::{AuthorizationDetail, ChainLink, DelegationGrantSpec, Principal, PrincipalKind};
 
 /// The claim naming the grant a token was minted for.
 pub const GRANT_CLAIM: &str = "delegation.nhi.dev/grant";
+
+/// Prefix of the `sub` of a token whose principal is a `User`: `user:alice@example.com`.
+pub const USER_SUBJECT_PREFIX: &str = "user:";
+/// Prefix of the `sub` of a token whose principal is a `Group`: `group:payments-approvers`.
+pub const GROUP_SUBJECT_PREFIX: &str = "group:";
+/// Prefix of the `sub` of a token whose principal is a `ServiceAccount`: `serviceaccount:<ns>:<name>`.
+pub const SERVICE_ACCOUNT_SUBJECT_PREFIX: &str = "serviceaccount:";
+
+/// The token `sub` of a root principal: its kind, lower-case, then `:`, then its name —
+/// `user:<user name>`, `group:<group name>`, `serviceaccount:<namespace>:<name>`.
+///
+/// Why kind-prefixed: a bare name cannot say which kind of principal it is. The group
+/// `alice@example.com` and the user `alice@example.com` would get the same `sub`, and every consumer
+/// that maps `sub` to a user (the Kubernetes apiserver recipe in `docs/verifying.md` among them)
+/// would let whoever may delegate for the group act as the user; a User named
+/// `agent:payments/refund-bot` would get an agent's subject. With the kind in front, the text up to
+/// the first `:` says what the subject is, and the four prefixes — these three and the agents'
+/// `agent:` ([`crate::api::agent_subject`]) — are pairwise distinct, so no principal's subject can
+/// equal another kind's or any agent's whatever its name is (stripping the prefix gives the name
+/// back: the map is injective). The `delegation_chain` records keep the name as Kubernetes knows it
+/// beside an explicit `kind`, which is unambiguous there.
+///
+/// A ServiceAccount's subject is not its Kubernetes user name `system:serviceaccount:<ns>:<name>`:
+/// a token carrying that verbatim would pass for the ServiceAccount's own credential with any
+/// consumer that takes `sub` as a Kubernetes user name, while it is an agent's *delegated* token. The
+/// `serviceaccount:` prefix keeps it typed like the others; a resource server that wants the user
+/// name prepends `system:` (the recipe maps it to `delegation:system:serviceaccount:<ns>:<name>`, as
+/// before). A name not of that form (which the CRD refuses) keeps its whole text after the prefix.
+///
+/// Not RFC 9493 subject identifiers (`sub_id`): none of its formats names a Kubernetes group or
+/// ServiceAccount (only `opaque`, which drops the kind), consumers authorise on `sub` (RFC 9068 §2.2)
+/// and the apiserver maps users from a claim, so an ambiguous `sub` would stay ambiguous beside it.
+pub fn principal_subject(principal: &Principal) -> String {
+    let name = principal.name.as_str();
+    match principal.kind {
+        PrincipalKind::User => format!("{USER_SUBJECT_PREFIX}{name}"),
+        PrincipalKind::Group => format!("{GROUP_SUBJECT_PREFIX}{name}"),
+        PrincipalKind::ServiceAccount => format!(
+            "{SERVICE_ACCOUNT_SUBJECT_PREFIX}{}",
+            name.strip_prefix("system:serviceaccount:").unwrap_or(name)
+        ),
+    }
+}
+
+/// The principal's name from a typed subject (as the other audit records name it): the subject
+/// without its kind prefix, a ServiceAccount's as its Kubernetes user name. An untyped subject (a
+/// token minted before subjects were typed) is returned as it is.
+pub fn principal_name(sub: &str) -> String {
+    if let Some(sa) = sub.strip_prefix(SERVICE_ACCOUNT_SUBJECT_PREFIX) {
+        return format!("system:serviceaccount:{sa}");
+    }
+    sub.strip_prefix(USER_SUBJECT_PREFIX)
+        .or_else(|| sub.strip_prefix(GROUP_SUBJECT_PREFIX))
+        .unwrap_or(sub)
+        .to_owned()
+}
 
 /// JWT claims of one token.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AccessTokenClaims {
     pub iss: String,
-    /// The root principal: whose authority this is.
+    /// The root principal, whose authority this is, typed by its kind: `user:<name>`,
+    /// `group:<name>` or `serviceaccount:<namespace>:<name>` ([`principal_subject`]); never an
+    /// agent's `agent:<namespace>/<name>`.
     pub sub: String,
     /// The one resource server the token is for.
     pub aud: String,
@@ -32,8 +90,9 @@ pub struct AccessTokenClaims {
     pub authorization_details: Option<Vec<AuthorizationDetail>>,
     /// Every hop of the delegation, root first: who delegated to whom, what, and who asked for and
     /// approved it (in the spirit of draft-liu-oauth-chain-delegation's `delegation_chain`, beside
-    /// the RFC 8693 `act`, which carries identities only). The first record's delegator says which
-    /// kind of principal `sub` is.
+    /// the RFC 8693 `act`, which carries identities only). The first record's delegator is the
+    /// principal by kind and name as Kubernetes knows them (`{"kind": "User", "sub":
+    /// "alice@example.com"}`); the token's `sub` is the same principal typed ([`principal_subject`]).
     pub delegation_chain: Vec<DelegationRecord>,
     #[serde(rename = "delegation.nhi.dev/grant")]
     pub grant: GrantReference,
@@ -164,7 +223,7 @@ pub fn build_claims(
     let act = nest_actors(&resolution.actors)?;
     Some(AccessTokenClaims {
         iss: issuer.to_owned(),
-        sub: resolution.principal.name.clone(),
+        sub: principal_subject(&resolution.principal),
         aud: resolution.audience.clone(),
         client_id: act.sub.clone(),
         scope: resolution.effective_scopes.join(" "),
@@ -202,7 +261,7 @@ mod tests {
     fn sample_claims() -> AccessTokenClaims {
         AccessTokenClaims {
             iss: "https://issuer".into(),
-            sub: "alice".into(),
+            sub: "user:alice".into(),
             aud: "https://api".into(),
             client_id: "agent:ns/a".into(),
             scope: "read write".into(),
@@ -234,7 +293,7 @@ mod tests {
         renewed.status = Some(serde_json::json!({"status_list": {"idx": 3, "uri": "u"}}));
         assert_eq!(substance(&base), substance(&renewed));
         let changes: Vec<fn(&mut AccessTokenClaims)> = vec![
-            |c| c.sub = "bob".into(),
+            |c| c.sub = "user:bob".into(),
             |c| c.aud = "https://else".into(),
             |c| c.client_id = "agent:ns/b".into(),
             |c| c.scope = "read".into(),
@@ -324,6 +383,63 @@ mod tests {
                  "requested_by": "alice", "approved_by": "carol"},
             ])
         );
+    }
+
+    fn principal(kind: PrincipalKind, name: &str) -> Principal {
+        Principal {
+            kind,
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn a_principal_subject_says_its_kind_and_never_takes_an_agents_form() {
+        use PrincipalKind::*;
+        assert_eq!(
+            principal_subject(&principal(User, "alice@example.com")),
+            "user:alice@example.com"
+        );
+        assert_eq!(
+            principal_subject(&principal(Group, "alice@example.com")),
+            "group:alice@example.com"
+        );
+        assert_eq!(
+            principal_subject(&principal(
+                ServiceAccount,
+                "system:serviceaccount:ci:deployer"
+            )),
+            "serviceaccount:ci:deployer"
+        );
+        // The same name under every kind, and names that look like other kinds' subjects: all
+        // distinct, none an agent's subject.
+        let names = [
+            "alice@example.com",
+            "agent:payments/refund-bot",
+            "user:alice@example.com",
+            "group:alice@example.com",
+            "serviceaccount:ci:deployer",
+            "system:serviceaccount:ci:deployer",
+            "ci:deployer",
+        ];
+        let mut seen = std::collections::BTreeMap::new();
+        for kind in [User, Group, ServiceAccount] {
+            for name in names {
+                let sub = principal_subject(&principal(kind, name));
+                assert!(!sub.starts_with("agent:"), "{kind:?} {name:?}: {sub}");
+                assert_ne!(sub, crate::api::agent_subject("payments", "refund-bot"));
+                let earlier = seen.insert(sub.clone(), (kind, name));
+                // Only a malformed ServiceAccount name (which the CRD refuses) maps like a valid one.
+                if let Some(earlier) = earlier {
+                    assert!(
+                        kind == ServiceAccount
+                            && earlier.0 == ServiceAccount
+                            && [earlier.1, name].contains(&"ci:deployer"),
+                        "{earlier:?} and {:?} share the subject {sub}",
+                        (kind, name)
+                    );
+                }
+            }
+        }
     }
 
     #[test]

@@ -682,7 +682,7 @@ mod tests {
 
     fn three_hop_claims() -> Value {
         json!({
-            "iss": "https://issuer.test", "sub": "alice@example.com", "aud": "https://tickets.example.com",
+            "iss": "https://issuer.test", "sub": "user:alice@example.com", "aud": "https://tickets.example.com",
             "client_id": "agent:demo/notifier", "scope": "tickets:read",
             "iat": NOW - 125, "nbf": NOW - 125, "exp": NOW + 175, "jti": "0b8e6b0e",
             "act": {"sub": "agent:demo/notifier", "act": {"sub": "agent:demo/summarizer",
@@ -728,7 +728,7 @@ signature   verified (ES256 kid k-1, in the JWKS)
 grant       demo/g3 (uid u-3)
 token id    0b8e6b0e
 issuer      https://issuer.test
-principal   alice@example.com (User): whose authority this is
+principal   user:alice@example.com (User): whose authority this is
 chain       1. alice@example.com -> agent:demo/orchestrator  (grant g1, scopes tickets:read cases:read)
                requested by alice@example.com
             2. agent:demo/orchestrator -> agent:demo/summarizer  (grant g2, scopes tickets:read cases:read)
@@ -876,7 +876,7 @@ verdict: VALID
         let json: Value = serde_json::from_str(&json).unwrap();
         assert_eq!(json["valid"], true);
         assert_eq!(json["kid"], ring.active().kid());
-        assert_eq!(json["claims"]["sub"], "alice@example.com");
+        assert_eq!(json["claims"]["sub"], "user:alice@example.com");
         assert_eq!(
             json["status"],
             json!({"state": "valid", "uri": "https://issuer.test/statuslists/s/0", "idx": 17})

@@ -240,7 +240,7 @@ fn claims_carry_principal_actor_chain_and_scopes() {
     };
     let claims = build_claims("https://issuer", &r, grant, None, &times, "id-1".into()).unwrap();
     let json = serde_json::to_value(&claims).unwrap();
-    assert_eq!(json["sub"], "alice@example.com");
+    assert_eq!(json["sub"], "user:alice@example.com");
     assert_eq!(json["client_id"], "agent:support/summarizer");
     assert_eq!(
         json["act"],

@@ -164,7 +164,9 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
         grant: &grant_name,
         reason: ORPHANED,
         message: "the token's Secret outlived its grant; the token is revoked and the Secret deleted",
-        principal: claims["sub"].as_str().map(str::to_owned),
+        principal: claims["sub"]
+            .as_str()
+            .map(crate::delegation::claims::principal_name),
         requester: None,
         chain: Vec::new(),
         scopes: None,
