@@ -15,9 +15,8 @@ use std::{
 
 use k8s_openapi::api::{
     apps::v1::Deployment,
-    authentication::v1::{TokenRequest, TokenRequestSpec},
     coordination::v1::Lease,
-    core::v1::{ConfigMap, Secret, ServiceAccount},
+    core::v1::{ConfigMap, Secret},
     rbac::v1::{ClusterRole, PolicyRule, RoleBinding, RoleRef},
 };
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -1007,50 +1006,6 @@ fn runnable(args: Vec<String>) -> Vec<String> {
         );
     }
     args
-}
-
-/// A kubeconfig for the test apiserver that authenticates with a TokenRequest token of the
-/// ServiceAccount (never printed; the file is private and removed by the caller).
-async fn service_account_kubeconfig(client: &Client, namespace: &str, name: &str) -> PathBuf {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create_token_request(name, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest for the chart's ServiceAccount")
-        .status
-        .expect("a token")
-        .token;
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    let config = serde_yaml::to_string(&json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": serde_json::to_value(cluster).unwrap()}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
-        "current-context": "test",
-    }))
-    .unwrap();
-    let path = std::env::temp_dir().join(format!(
-        "delegation-operator-chart-{}.kubeconfig",
-        uuid::Uuid::new_v4().simple()
-    ));
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-    path
 }
 
 /// Puts Helm's ownership metadata on the chart's cluster-scoped objects that already exist (the test

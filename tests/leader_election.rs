@@ -14,7 +14,7 @@ use std::{
 use k8s_openapi::{
     ByteString,
     api::{
-        authentication::v1::{SelfSubjectReview, TokenRequest, TokenRequestSpec},
+        authentication::v1::SelfSubjectReview,
         coordination::v1::Lease,
         core::v1::{Secret, ServiceAccount},
         rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef},
@@ -594,48 +594,4 @@ async fn grant_cluster_role(
     for rule in rules {
         wait_allowed(client, "", subject, rule).await;
     }
-}
-
-/// A kubeconfig for the test apiserver that authenticates with a TokenRequest token of the
-/// ServiceAccount (never printed; the file is private and removed by its owner).
-async fn service_account_kubeconfig(client: &Client, namespace: &str, name: &str) -> PathBuf {
-    let request = TokenRequest {
-        spec: Some(TokenRequestSpec {
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let token = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create_token_request(name, &PostParams::default(), &request)
-        .await
-        .expect("TokenRequest for the operator's ServiceAccount")
-        .status
-        .expect("a token")
-        .token;
-    let admin: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
-    let cluster = admin["clusters"][0]["cluster"].clone();
-    let config = serde_yaml::to_string(&json!({
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [{"name": "test", "cluster": serde_json::to_value(cluster).unwrap()}],
-        "users": [{"name": name, "user": {"token": token}}],
-        "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
-        "current-context": "test",
-    }))
-    .unwrap();
-    let path = std::env::temp_dir().join(format!(
-        "delegation-operator-lease-{}.kubeconfig",
-        uuid::Uuid::new_v4().simple()
-    ));
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
-    path
 }

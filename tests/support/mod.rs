@@ -1616,3 +1616,48 @@ pub async fn wait_service_account_self_grants_need_a_pod(admin: &Client) {
     )
     .await;
 }
+
+/// A kubeconfig for the test apiserver that authenticates with a TokenRequest token of the
+/// ServiceAccount (never printed; the file is private and removed by its owner).
+pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: &str) -> PathBuf {
+    let request = k8s_openapi::api::authentication::v1::TokenRequest {
+        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
+            expiration_seconds: Some(3600),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let token =
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), namespace)
+            .create_token_request(name, &PostParams::default(), &request)
+            .await
+            .expect("TokenRequest for the ServiceAccount")
+            .status
+            .expect("a token")
+            .token;
+    let admin: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(kubeconfig_path()).unwrap()).unwrap();
+    let cluster = admin["clusters"][0]["cluster"].clone();
+    let config = serde_yaml::to_string(&serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": serde_json::to_value(cluster).unwrap()}],
+        "users": [{"name": name, "user": {"token": token}}],
+        "contexts": [{"name": "test", "context": {"cluster": "test", "user": name}}],
+        "current-context": "test",
+    }))
+    .unwrap();
+    let path = std::env::temp_dir().join(format!(
+        "delegation-operator-sa-{}.kubeconfig",
+        uuid::Uuid::new_v4().simple()
+    ));
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
+    path
+}
