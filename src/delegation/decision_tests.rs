@@ -634,9 +634,10 @@ proptest! {
                 prop_assert_eq!(Some(&issue.resolution), allowed.as_ref());
                 prop_assert_eq!(issue.evidence.checked_at, now());
                 prop_assert_ne!(secret, Some(SecretHolder::Foreign));
-                if supersedes_current(issue.cause) {
-                    prop_assert_eq!(issue.revoke, Revoke::Every);
-                }
+                // The current token survives only a renewal or a first issuance (listed here, not
+                // taken from the code under test).
+                let keeps_current = matches!(issue.cause, IssueCause::First | IssueCause::Renewal);
+                prop_assert_eq!(issue.revoke == Revoke::AllButCurrent, keeps_current);
             }
             Verdict::Keep(_) => {
                 // Never keep a token whose recorded substance differs from what the grant allows

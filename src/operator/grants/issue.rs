@@ -13,7 +13,7 @@ use kube::{
 };
 
 use super::{
-    ahead::{Planned, limits_of},
+    ahead::{Planned, limits_of, withdraw_unused},
     jitter,
     revoke::{delete_our_secret, ids, refuse, report_revocation, revoke_statuses, tokens_in_use},
     status::{ISSUED, ROTATED, Said, write_status},
@@ -57,9 +57,15 @@ pub(super) async fn issue(
     let namespace = grant.namespace().unwrap_or_default();
     let old = grant.status.clone().unwrap_or_default();
     let supersedes = *revoke == Revoke::Every;
-    let planned_jti = planned.as_ref().map(|p| p.jti.as_str());
-    let (revoked, revocation_reason) =
-        revoke_replaced(grant, ctx, supersedes, planned_jti, now).await?;
+    let planned_jti = planned.as_ref().map(|p| p.jti.clone());
+    let replaced = revoke_replaced(grant, ctx, supersedes, planned_jti.as_deref(), now).await;
+    let (revoked, revocation_reason) = match replaced {
+        Ok(replaced) => replaced,
+        Err(e) => {
+            withdraw_unused(grant, ctx, planned).await;
+            return Err(e);
+        }
+    };
     if !revoked.is_empty() {
         let why = if cause == IssueCause::SecretMissing {
             "its Secret was deleted, which is taken to mean the token leaked"
@@ -70,7 +76,16 @@ pub(super) async fn issue(
         };
         report_revocation(grant, ctx, &revoked, revocation_reason, why);
     }
-    let minted = mint(grant, ctx, resolution, planned, now).await?;
+    let minted = match mint(grant, ctx, resolution, planned, now).await {
+        Ok(minted) => minted,
+        Err(e) => {
+            // A planned entry that was not signed is given back, never left VALID and unused.
+            if let (Some(jti), Some(uid)) = (planned_jti, grant.uid()) {
+                ctx.status_lists.withdraw(&uid, &jti).await;
+            }
+            return Err(e);
+        }
+    };
 
     let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
     let desired = token_secret::desired(

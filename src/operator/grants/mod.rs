@@ -1,5 +1,6 @@
 //! The DelegationGrant controller: gathers what a grant's reconcile reads, asks the one pure decision
-//! ([`crate::delegation::decision::decide`]) what to do, and carries the verdict out — issue, rotate,
+//! ([`crate::delegation::decision::decide`]) what to do (once more after a fresh authority check when
+//! it asks for one), and carries the verdict out — issue, rotate,
 //! revoke, and write the chain back. Called by the controller runtime (`operator::run`).
 //!
 //! - this module: [`reconcile`] routes by the finalizer to [`apply`] (make the token match the
@@ -142,7 +143,7 @@ fn is_stale_finalizer_write(error: &Error) -> bool {
 }
 
 /// Brings the grant's token in line with what the grant allows now: gathers the facts, asks the
-/// decision once, and carries it out. A token due on evidence older than now is confirmed with the
+/// decision, and carries it out. A token due on evidence older than now is confirmed with the
 /// apiserver first (continuous evaluation), and the decision asked again with the fresh answer.
 async fn apply(
     grant: &DelegationGrant,
@@ -211,12 +212,15 @@ async fn apply(
         // Not reached: a confirmed verdict rests on evidence taken now. Fail closed: look again.
         Verdict::Confirm(_) => Ok(Action::requeue(Duration::from_secs(1))),
         Verdict::Issue(issuance) => {
-            // The plan is taken only when it fits; otherwise it is given back after the reconcile.
-            let planned = match planned {
-                Some(p) if p.limits == ahead::limits_of(&issuance.resolution) => planned.take(),
-                _ => None,
-            };
-            issue(grant, ctx, &issuance, planned, now).await
+            // The plan is taken only when it fits; otherwise it is given back first (the issuance
+            // would otherwise revoke, and report, it as one of the grant's tokens).
+            let fits = planned
+                .as_ref()
+                .is_some_and(|p| p.limits == ahead::limits_of(&issuance.resolution));
+            if !fits {
+                withdraw_unused(grant, ctx, planned.take()).await;
+            }
+            issue(grant, ctx, &issuance, planned.take(), now).await
         }
     }
 }

@@ -46,6 +46,8 @@ const PRUNE_MARGIN_SECS: i64 = 60;
 /// How many of our latest writes of the keys Secret (and of the JWKS) are remembered: the guard may
 /// see an earlier one after a later one returned.
 const OWN_VERSIONS_KEPT: usize = 8;
+/// How soon a JWKS write that failed after its keys Secret's is tried again.
+const JWKS_RETRY_SECS: u64 = 30;
 
 pub struct KeyStore {
     secrets: Api<Secret>,
@@ -193,8 +195,18 @@ impl KeyStore {
             self.publish(&keys).await?;
             writing.jwks_behind = false;
         }
+        let behind = writing.jwks_behind;
         drop(writing);
-        self.next_maintenance()
+        let next = self.next_maintenance()?;
+        // A JWKS that lags the Secret is written again soon, not at the next rotation.
+        Ok(if behind {
+            next.min(crate::operator::add_secs(
+                Timestamp::from_second(now).unwrap_or(Timestamp::UNIX_EPOCH),
+                JWKS_RETRY_SECS,
+            ))
+        } else {
+            next
+        })
     }
 
     /// Signs claims with the active key.
@@ -400,12 +412,18 @@ impl KeyStore {
     /// Secret holds them they are held even if the JWKS write fails — every replica serves the
     /// Secret's keys and a restart loads them, so going back would take back a published key; the
     /// JWKS is written again by the next maintenance or restore.
+    ///
+    /// A failed JWKS write is therefore not an error of the commit: the keys are held, and a caller
+    /// (a key revocation) goes on to re-sign and wake what the change concerns.
     async fn commit(&self, writing: &mut Writing, keys: Keys) -> Result<()> {
         self.persist(&keys).await?;
         let published = self.publish(&keys).await;
         writing.jwks_behind = published.is_err();
         *self.state.write().map_err(|_| poisoned())? = keys;
-        published.map(|_| ())
+        if let Err(e) = published {
+            tracing::warn!(error = %e, "the signing keys Secret is written but the published JWKS is not; it is written again within {JWKS_RETRY_SECS} s");
+        }
+        Ok(())
     }
 
     /// Writes the keys Secret when it differs from `keys`, whole (keys someone else added are
