@@ -33,17 +33,6 @@ const ROTATIONS: usize = 4;
 const RESTORED_WARNING: &str =
     "the signing keys Secret or the published JWKS was edited or deleted";
 
-const AGENT: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: notifier}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 15m
-"#;
-
 /// Renewed every 2 s (a quarter of its lifetime), so tokens are signed throughout the rotations.
 const GRANT: &str = r#"
 apiVersion: delegation.nhi.dev/v1alpha1
@@ -461,7 +450,7 @@ async fn the_keys_only_move_forward_through_rotations() {
         ns,
         operator: Some(operator),
     };
-    f.apply(AGENT).await;
+    f.apply(NOTIFIER_AGENT).await;
     f.apply(GRANT).await;
     f.wait_ready("spin", "True", None).await;
 

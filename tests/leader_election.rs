@@ -29,17 +29,6 @@ use kube::{
 use serde_json::json;
 use support::*;
 
-const AGENT: &str = r#"
-apiVersion: delegation.nhi.dev/v1alpha1
-kind: AgentIdentity
-metadata: {name: notifier}
-spec:
-  owner: {kind: Group, name: platform}
-  allowedScopes: [tickets:read]
-  allowedAudiences: [https://tickets.example.com]
-  maxTokenTTL: 15m
-"#;
-
 fn grant(name: &str) -> String {
     format!(
         "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: {name}}}\nspec:\n  principal: {{kind: User, name: alice@example.com}}\n  actorRef: {{name: notifier}}\n  scopes: [tickets:read]\n  audience: https://tickets.example.com\n  tokenTTL: 10m\n"
@@ -67,7 +56,7 @@ fn issued_lines(operator: &Operator) -> usize {
 async fn only_the_leader_writes_and_a_standby_takes_over_after_a_kill() {
     let mut f = Fixture::start("leader", &[]).await;
     let standby = Operator::start(&f.ns, &f.operator_namespace(), &[]);
-    f.apply(AGENT).await;
+    f.apply(NOTIFIER_AGENT).await;
     let names: Vec<String> = (0..5).map(|i| format!("g{i}")).collect();
     for name in &names {
         f.apply(&grant(name)).await;
@@ -135,7 +124,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over_after_a_kill() {
 #[tokio::test]
 async fn a_leader_that_loses_its_lease_stops() {
     let mut f = Fixture::start("fenced", &[]).await;
-    f.apply(AGENT).await;
+    f.apply(NOTIFIER_AGENT).await;
     f.apply(&grant("g")).await;
     f.wait_ready("g", "True", None).await;
     let leases: Api<Lease> = Api::namespaced(f.client.clone(), &f.operator_namespace());
@@ -173,7 +162,7 @@ async fn a_leader_that_lost_its_lease_does_not_overwrite_the_new_leaders_writes(
         "40s",
     ];
     let f = Fixture::start("overwrite", &slow_renewal).await;
-    f.apply(AGENT).await;
+    f.apply(NOTIFIER_AGENT).await;
     f.apply(&grant("g")).await;
     f.wait_ready("g", "True", None).await;
 

@@ -75,6 +75,18 @@ spec:
   maxTokenTTL: 5m
 "#;
 
+/// One agent, `notifier`, that may act for anyone on `tickets:read` for tickets.example.com, up to 15 m.
+pub const NOTIFIER_AGENT: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: notifier}
+spec:
+  owner: {kind: Group, name: platform}
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+"#;
+
 /// A three-hop chain over [`CHAIN_AGENTS`]: alice -> g1 (orchestrator) -> g2 (summarizer) -> g3
 /// (notifier), each narrowing the scopes.
 pub const CHAIN_GRANTS: &str = r#"
