@@ -9,18 +9,22 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use super::record::TokenRecord;
 use crate::api::{
-    AgentIdentity, ApprovalState, AuthorizationDetail, CONDITION_READY, ChainLink, DelegationGrant,
-    Principal, agent_subject,
+    AgentIdentity, AuthorizationDetail, ChainLink, DelegationGrant, Principal, agent_subject,
 };
 
 /// The longest chain the operator resolves (root grant plus eight hops, the highest `maxDepth`).
 pub const MAX_CHAIN_LENGTH: usize = 9;
 
-/// Read access to the grants and agents of one namespace.
+/// Read access to the grants and agents of one namespace, and to the operator's own record of their
+/// tokens.
 pub trait Lookup {
     fn grant(&self, name: &str) -> Option<Arc<DelegationGrant>>;
     fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>>;
+    /// What the operator itself minted and decided for `grant` (by its uid); `None` when this process
+    /// has not looked at it yet.
+    fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord>;
 }
 
 /// Operator-wide limits, set by flags.
@@ -216,7 +220,10 @@ pub fn resolve(
 
     let parent_expiry = match lineage.len() {
         1 => None,
-        n => Some(parent_token_expiry(&lineage[n - 2], now)?),
+        n => {
+            let parent = &lineage[n - 2];
+            Some(parent_token_expiry(parent, lookup.record(parent), now)?)
+        }
     };
     // Whole seconds, as times are stored: a limit with a fraction would never compare equal to the
     // expiry read back, and the token would be renewed again and again until the limit.
@@ -234,7 +241,7 @@ pub fn resolve(
             format!("root grant {:?} has no principal", root.metadata.name),
         )
     })?;
-    let chain = links(&lineage, namespace);
+    let chain = links(&lineage, namespace, lookup);
     let actors = chain.iter().filter_map(|l| l.subject.clone()).collect();
     let token_ttl = parse_duration_field(&grant.spec.token_ttl, "spec.tokenTTL")?;
     let renew_before = grant
@@ -256,8 +263,13 @@ pub fn resolve(
 }
 
 /// The chain links of a lineage (root grant first): the principal, when the root names one, then one
-/// link per agent.
-fn links(lineage: &[Arc<DelegationGrant>], namespace: &str) -> Vec<ChainLink> {
+/// link per agent. An ancestor's approver is the one its token records (the operator's own record);
+/// the last hop's is left for the decision to fill from the evidence it rests on.
+fn links(
+    lineage: &[Arc<DelegationGrant>],
+    namespace: &str,
+    lookup: &impl Lookup,
+) -> Vec<ChainLink> {
     let principal = lineage
         .first()
         .and_then(|root| root.spec.principal.as_ref());
@@ -270,14 +282,15 @@ fn links(lineage: &[Arc<DelegationGrant>], namespace: &str) -> Vec<ChainLink> {
         requested_by: None,
         approved_by: None,
     });
-    let agent_links = lineage.iter().map(|g| ChainLink {
+    let last = lineage.len().saturating_sub(1);
+    let agent_links = lineage.iter().enumerate().map(|(i, g)| ChainLink {
         kind: "AgentIdentity".into(),
         name: g.spec.actor_ref.name.clone(),
         subject: Some(agent_subject(namespace, &g.spec.actor_ref.name)),
         grant: g.metadata.name.clone(),
         scopes: Some(g.spec.scopes.clone()),
         requested_by: g.spec.requester.as_ref().map(|r| r.username.clone()),
-        approved_by: approver_of(g),
+        approved_by: (i < last).then(|| approver_of(g, lookup)).flatten(),
     });
     principal_link.into_iter().chain(agent_links).collect()
 }
@@ -301,7 +314,7 @@ pub fn chain_as_written(
         lineage.push(parent);
     }
     lineage.reverse();
-    links(&lineage, namespace)
+    links(&lineage, namespace, lookup)
 }
 
 /// The grants from the root down to `grant` (inclusive). Refuses cycles, dangling parents and chains
@@ -591,31 +604,42 @@ fn check_ttl(
     Ok(())
 }
 
-/// When the parent's current token expires, if the parent is Ready for its current spec.
-fn parent_token_expiry(parent: &DelegationGrant, now: Timestamp) -> Result<Timestamp, Refusal> {
+/// When the parent's current token expires, if the operator holds a valid token for the parent's
+/// current spec — by its own record, never by the parent's status (which anyone allowed to write
+/// `delegationgrants/status` could make say Ready, approved, and valid for a year).
+fn parent_token_expiry(
+    parent: &DelegationGrant,
+    record: Option<TokenRecord>,
+    now: Timestamp,
+) -> Result<Timestamp, Refusal> {
     let name = parent.metadata.name.as_deref().unwrap_or_default();
-    let status = parent.status.as_ref();
-    let ready = status
-        .and_then(|s| s.conditions.as_ref())
-        .and_then(|cs| cs.iter().find(|c| c.type_ == CONDITION_READY))
-        .is_some_and(|c| c.status == "True");
-    let current = status.and_then(|s| s.observed_generation) == parent.metadata.generation;
-    let deleting = parent.metadata.deletion_timestamp.is_some();
-    let expiry = status
-        .and_then(|s| s.token.as_ref())
-        .map(|t| t.expires_at.0);
-    match expiry {
-        Some(exp) if ready && current && !deleting && exp > now => Ok(exp),
-        Some(exp) if ready && !current && !deleting && exp > now => Err(Refusal::new(
-            Reason::ParentUpdating,
-            format!("parent grant {name:?} changed and is being reconciled"),
-        )),
-        _ => Err(Refusal::new(
+    let not_ready = || {
+        Refusal::new(
             Reason::ParentNotReady,
             format!(
                 "parent grant {name:?} does not hold a valid token yet; this grant is issued once it does"
             ),
+        )
+    };
+    if parent.metadata.deletion_timestamp.is_some() {
+        return Err(not_ready());
+    }
+    match record {
+        // Not looked at by this process yet (it just started): wait for its reconcile, which wakes
+        // this grant, rather than revoke a token that may well stand.
+        None => Err(Refusal::new(
+            Reason::ParentUpdating,
+            format!("parent grant {name:?} has not been checked by the operator yet"),
         )),
+        Some(TokenRecord::Refused) => Err(not_ready()),
+        Some(TokenRecord::Holds(held)) if held.expires_at() <= now => Err(not_ready()),
+        Some(TokenRecord::Holds(held)) if held.confirmed_for != parent.metadata.generation => {
+            Err(Refusal::new(
+                Reason::ParentUpdating,
+                format!("parent grant {name:?} changed and is being reconciled"),
+            ))
+        }
+        Some(TokenRecord::Holds(held)) => Ok(held.expires_at()),
     }
 }
 
@@ -667,13 +691,12 @@ fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
         && within(&outer.privileges, &inner.privileges)
 }
 
-/// Who approved a grant's current generation, as its status records it.
-fn approver_of(grant: &DelegationGrant) -> Option<String> {
-    let approval = grant.status.as_ref()?.approval.as_ref()?;
-    (approval.state == ApprovalState::Approved
-        && Some(approval.generation) == grant.metadata.generation)
-        .then(|| approval.approver.clone())
-        .flatten()
+/// Who approved an ancestor's hop, as the token the operator holds for it records.
+fn approver_of(grant: &DelegationGrant, lookup: &impl Lookup) -> Option<String> {
+    match lookup.record(grant)? {
+        TokenRecord::Holds(held) => held.approved_by.as_deref().map(str::to_owned),
+        TokenRecord::Refused => None,
+    }
 }
 
 fn valid_until(grant: &DelegationGrant) -> Option<Timestamp> {

@@ -39,6 +39,9 @@ impl Lookup for World {
     fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>> {
         self.agents.get(name).cloned()
     }
+    fn record(&self, _grant: &DelegationGrant) -> Option<crate::delegation::record::TokenRecord> {
+        None
+    }
 }
 
 fn world() -> World {

@@ -7,6 +7,7 @@
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 //! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
+//! - [`record`]: what the operator itself minted and decided for a grant (a hop rests on its parent's).
 
 pub mod authority;
 pub mod chain;
@@ -14,6 +15,7 @@ pub mod claims;
 pub mod conditions;
 pub mod decision;
 pub mod explain;
+pub mod record;
 pub mod timing;
 
 pub use chain::{Lookup, Policy, Reason, Refusal, Resolution, resolve};

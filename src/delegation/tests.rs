@@ -12,6 +12,7 @@ use super::{
     chain::{Lookup, Policy, Reason, resolve},
     claims::{GrantReference, build_claims},
     conditions::set_ready,
+    record::{HeldToken, TokenRecord},
     timing::plan_token,
 };
 use crate::api::*;
@@ -22,6 +23,8 @@ const NS: &str = "support";
 struct World {
     grants: HashMap<String, Arc<DelegationGrant>>,
     agents: HashMap<String, Arc<AgentIdentity>>,
+    /// The operator's own record, by grant uid.
+    records: HashMap<String, TokenRecord>,
 }
 
 impl Lookup for World {
@@ -31,6 +34,9 @@ impl Lookup for World {
     fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>> {
         self.agents.get(name).cloned()
     }
+    fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord> {
+        self.records.get(grant.metadata.uid.as_deref()?).cloned()
+    }
 }
 
 impl World {
@@ -39,7 +45,24 @@ impl World {
             .insert(agent.metadata.name.clone().unwrap(), Arc::new(agent));
         self
     }
+    /// Adds a grant as the operator left it: one whose status holds a token (see [`issued`]) is
+    /// recorded as holding it, for its generation and approver, as the operator records what it mints;
+    /// any other as refused.
     fn with_grant(mut self, grant: DelegationGrant) -> Self {
+        let uid = grant.metadata.uid.clone().unwrap();
+        self.records.insert(uid, operators_record(&grant));
+        self.grants
+            .insert(grant.metadata.name.clone().unwrap(), Arc::new(grant));
+        self
+    }
+    /// Adds a grant whose status someone else wrote over what the operator decided (`record`, `None`:
+    /// the operator has not looked at the grant since it started).
+    fn with_forged_status(mut self, grant: DelegationGrant, record: Option<TokenRecord>) -> Self {
+        let uid = grant.metadata.uid.clone().unwrap();
+        match record {
+            Some(record) => self.records.insert(uid, record),
+            None => self.records.remove(&uid),
+        };
         self.grants
             .insert(grant.metadata.name.clone().unwrap(), Arc::new(grant));
         self
@@ -160,6 +183,27 @@ fn issued(mut grant: DelegationGrant, exp: Timestamp) -> DelegationGrant {
         ..Default::default()
     });
     grant
+}
+
+/// What the operator records when it writes the status `issued` describes (or no token).
+fn operators_record(grant: &DelegationGrant) -> TokenRecord {
+    let Some((status, token)) = grant
+        .status
+        .as_ref()
+        .and_then(|s| Some((s, s.token.as_ref()?)))
+    else {
+        return TokenRecord::Refused;
+    };
+    TokenRecord::Holds(HeldToken {
+        substance: 0,
+        expires_at: token.expires_at.0.as_second(),
+        approved_by: status
+            .approval
+            .as_ref()
+            .and_then(|a| a.approver.as_deref())
+            .map(Into::into),
+        confirmed_for: status.observed_generation,
+    })
 }
 
 /// user → orchestrator → summarizer → notifier, every hop allowed, every parent issued.
@@ -682,6 +726,78 @@ fn each_link_of_the_chain_names_who_requested_it() {
     for link in &r.chain[1..] {
         assert_eq!(link.requested_by.as_deref(), Some("alice@example.com"));
     }
+}
+
+/// Someone allowed to write `delegationgrants/status` marks a parent awaiting approval Ready,
+/// approved by the CFO, with a token valid for a year: the hop below rests on the operator's own
+/// record of the parent, so it gets nothing, and says the parent holds no valid token.
+#[test]
+fn a_forged_parent_status_mints_nothing_below_it() {
+    let world = three_hops();
+    let mut forged = issued(world.get("g2"), ts(now().as_second() + 365 * 86_400));
+    forged.status.as_mut().unwrap().approval = Some(ApprovalStatus {
+        state: ApprovalState::Approved,
+        generation: 1,
+        approval: Some("forged".into()),
+        approver: Some("cfo@example.com".into()),
+    });
+    for (record, expected) in [
+        (Some(TokenRecord::Refused), Reason::ParentNotReady),
+        // Not looked at since the operator started: the child waits, and keeps nothing it lacks.
+        (None, Reason::ParentUpdating),
+    ] {
+        let w = world.clone().with_forged_status(forged.clone(), record);
+        let (reason, message) = refusal(&w, "g3");
+        assert_eq!(reason, expected, "{message}");
+        assert!(message.contains("\"g2\""), "{message}");
+    }
+}
+
+/// What an ancestor's link says, and how long a child may live, is what the operator minted for the
+/// parent: its recorded approver and expiry, whatever the parent's status claims.
+#[test]
+fn an_ancestors_approver_and_expiry_come_from_the_operators_record() {
+    let world = three_hops();
+    let mut g2 = world.get("g2");
+    g2.status.as_mut().unwrap().approval = Some(ApprovalStatus {
+        state: ApprovalState::Approved,
+        generation: 1,
+        approval: Some("forged".into()),
+        approver: Some("cfo@example.com".into()),
+    });
+    g2.status
+        .as_mut()
+        .unwrap()
+        .token
+        .as_mut()
+        .unwrap()
+        .expires_at = Time(ts(now().as_second() + 365 * 86_400));
+    let minted = TokenRecord::Holds(HeldToken {
+        substance: 7,
+        expires_at: now().as_second() + 120,
+        approved_by: Some("carol@example.com".into()),
+        confirmed_for: Some(1),
+    });
+    let world = world.with_forged_status(g2, Some(minted));
+    let r = resolve(&world.get("g3"), NS, &world, &Policy::default(), now()).unwrap();
+    let g2_link = r.chain.iter().find(|l| l.grant.as_deref() == Some("g2"));
+    assert_eq!(
+        g2_link.unwrap().approved_by.as_deref(),
+        Some("carol@example.com")
+    );
+    assert_eq!(r.not_after, Some(ts(now().as_second() + 120)));
+    assert_eq!(
+        r.chain.last().unwrap().approved_by,
+        None,
+        "the last hop's approver is the decision's evidence, never a status"
+    );
+
+    // A record confirmed for an older generation: the parent changed, wait for its reconcile.
+    let mut edited = world.get("g2");
+    edited.metadata.generation = Some(2);
+    let record = world.records.get("uid-g2").cloned();
+    let world = world.with_forged_status(edited, record);
+    assert_eq!(refusal(&world, "g3").0, Reason::ParentUpdating);
 }
 
 #[test]

@@ -281,7 +281,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         recorder,
         agent_count_writes: Default::default(),
         alarms: Default::default(),
-        minted: Default::default(),
+        records: Default::default(),
         trusted_secrets: Default::default(),
         status_written_from: Default::default(),
         secret_token_ids: secret_token_ids.clone(),

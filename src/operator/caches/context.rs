@@ -26,7 +26,10 @@ use crate::operator::{
 };
 use crate::{
     api::{AgentIdentity, DelegationApproval, DelegationGrant},
-    delegation::{Lookup, Policy},
+    delegation::{
+        Lookup, Policy,
+        record::{HeldToken, TokenRecord},
+    },
     signing::Algorithm,
 };
 
@@ -90,10 +93,10 @@ pub struct Context {
     pub agent_count_writes: CountWrites,
     /// When each grant must be looked at again (renewal, re-checks).
     pub alarms: crate::operator::grants::alarms::Alarms,
-    /// For each grant (by a hash of its uid): the [`substance`](crate::delegation::claims::substance)
-    /// of the token the operator wrote to its Secret, or read there and verified. Never taken from
-    /// the grant's status. A hash key keeps it at a few bytes per grant.
-    pub minted: Mutex<HashMap<u64, u64>>,
+    /// For each grant (by a hash of its uid): the operator's own record of its token — what it wrote to
+    /// the Secret, or read there and verified, and what it decided since. Never taken from the grant's
+    /// status. A hash key keeps it at a few dozen bytes per grant.
+    pub records: Mutex<HashMap<u64, TokenRecord>>,
     /// For each token Secret (namespace, name): the resourceVersion whose content we wrote or verified.
     /// A different version means someone else changed it. Keys and versions are kept as [`key`]
     /// hashes: this is one entry per grant.
@@ -281,7 +284,7 @@ impl Context {
         }
         self.alarms
             .remove(&grant.namespace().unwrap_or_default(), &grant.name_any());
-        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.minted.lock()) {
+        if let (Some(uid), Ok(mut map)) = (grant.uid(), self.records.lock()) {
             map.remove(&key(&uid));
         }
     }
@@ -304,17 +307,84 @@ impl Context {
         })
     }
 
-    pub fn remember_minted(&self, grant_uid: &str, substance: u64) {
-        if let Ok(mut map) = self.minted.lock() {
-            map.insert(key(grant_uid), substance);
+    /// Records a token the operator minted for the grant (`confirmed`: decided for its current
+    /// generation) or read back from its Secret and verified (`confirmed` false). A token read back
+    /// that is the one already recorded keeps its confirmation. Wakes the grant's children when what
+    /// they rest on changed.
+    pub fn remember_token(&self, grant: &DelegationGrant, mut held: HeldToken, confirmed: bool) {
+        let Some(uid) = grant.uid() else { return };
+        if confirmed {
+            held.confirmed_for = grant.metadata.generation;
+        }
+        let changed = self.records.lock().is_ok_and(|mut map| {
+            let entry = map.entry(key(&uid)).or_insert(TokenRecord::Refused);
+            if !confirmed
+                && let TokenRecord::Holds(known) = &*entry
+                && known.substance == held.substance
+                && known.expires_at == held.expires_at
+            {
+                held.confirmed_for = known.confirmed_for;
+            }
+            let new = TokenRecord::Holds(held);
+            let changed = *entry != new;
+            *entry = new;
+            changed
+        });
+        if changed {
+            self.wake_children(grant);
         }
     }
 
-    pub fn minted_substance(&self, grant_uid: &str) -> Option<u64> {
-        self.minted
+    /// Records that the token held stands for the grant's current generation (the decision kept it).
+    pub fn confirm_token(&self, grant: &DelegationGrant) {
+        let Some(uid) = grant.uid() else { return };
+        let changed = self
+            .records
+            .lock()
+            .is_ok_and(|mut map| match map.get_mut(&key(&uid)) {
+                Some(TokenRecord::Holds(held))
+                    if held.confirmed_for != grant.metadata.generation =>
+                {
+                    held.confirmed_for = grant.metadata.generation;
+                    true
+                }
+                _ => false,
+            });
+        if changed {
+            self.wake_children(grant);
+        }
+    }
+
+    /// Records that the grant was refused and holds no token.
+    pub fn remember_refused(&self, grant: &DelegationGrant) {
+        let Some(uid) = grant.uid() else { return };
+        let changed = self.records.lock().is_ok_and(|mut map| {
+            map.insert(key(&uid), TokenRecord::Refused) != Some(TokenRecord::Refused)
+        });
+        if changed {
+            self.wake_children(grant);
+        }
+    }
+
+    pub fn record(&self, grant_uid: &str) -> Option<TokenRecord> {
+        self.records
             .lock()
             .ok()
-            .and_then(|map| map.get(&key(grant_uid)).copied())
+            .and_then(|map| map.get(&key(grant_uid)).cloned())
+    }
+
+    pub fn minted_substance(&self, grant_uid: &str) -> Option<u64> {
+        self.record(grant_uid).and_then(|r| r.substance())
+    }
+
+    /// Wakes the grants that hang below this one: their chain rests on its record.
+    fn wake_children(&self, grant: &DelegationGrant) {
+        let namespace = grant.namespace().unwrap_or_default();
+        for child in self.index.children(&namespace, &grant.name_any()) {
+            let _ = self
+                .wake_grant
+                .unbounded_send(ObjectRef::new(&child).within(&namespace));
+        }
     }
 
     /// Looks at the grant again `after` from now, through its alarm rather than the controller's
@@ -345,6 +415,10 @@ impl Lookup for NamespaceView<'_> {
         self.ctx
             .agents
             .get(&ObjectRef::new(name).within(self.namespace))
+    }
+
+    fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord> {
+        self.ctx.record(grant.metadata.uid.as_deref()?)
     }
 }
 

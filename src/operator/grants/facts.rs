@@ -12,6 +12,7 @@ use crate::{
     delegation::{
         claims::{AccessTokenClaims, substance},
         decision::SecretHolder,
+        record::HeldToken,
         timing::SecretState,
     },
     signing,
@@ -72,11 +73,18 @@ pub(super) async fn secret_state(
         return Ok(SecretState::Changed);
     };
     // What this token grants, from its verified claims: the operator's own knowledge from now on.
-    if let (Some(uid), Ok(claims)) = (
-        grant.uid(),
-        serde_json::from_value::<AccessTokenClaims>(claims),
-    ) {
-        ctx.remember_minted(&uid, substance(&claims));
+    if let Ok(claims) = serde_json::from_value::<AccessTokenClaims>(claims) {
+        let held = HeldToken {
+            substance: substance(&claims),
+            expires_at: claims.exp,
+            approved_by: claims
+                .delegation_chain
+                .last()
+                .and_then(|hop| hop.approved_by.as_deref())
+                .map(Into::into),
+            confirmed_for: None,
+        };
+        ctx.remember_token(grant, held, false);
     }
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
     Ok(SecretState::Intact)

@@ -32,6 +32,7 @@ use crate::{
         claims::{GrantReference, build_claims, claims_digest, substance},
         conditions::set_ready,
         decision::{Issue, Revoke, secret_conflict},
+        record::{HeldToken, last_approver},
         timing::{IssueCause, TokenTimes, plan_token, until},
     },
     status_list::TokenStatusRef,
@@ -132,7 +133,16 @@ pub(super) async fn issue(
     ctx.remember_trusted_secret(&namespace, secret_name, rv);
     ctx.unseen_writes
         .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
-    ctx.remember_minted(&grant.uid().unwrap_or_default(), minted.substance);
+    ctx.remember_token(
+        grant,
+        HeldToken {
+            substance: minted.substance,
+            expires_at: minted.times.expires_at.as_second(),
+            approved_by: last_approver(&resolution.chain),
+            confirmed_for: None,
+        },
+        true,
+    );
     if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
         // spec.secretName changed: the token moved; the old Secret is ours to remove.
         delete_our_secret(ctx, grant, previous_secret, true).await?;

@@ -204,6 +204,8 @@ async fn apply(
             refuse(grant, ctx, &refused, now).await
         }
         Verdict::Keep(keep) => {
+            // Before the status says so: a hop below reads this record, not the status.
+            ctx.confirm_token(grant);
             if keep.acknowledge_generation {
                 acknowledge_generation(grant, ctx, now).await?;
             }

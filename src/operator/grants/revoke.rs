@@ -118,6 +118,8 @@ pub(super) async fn refuse(
     } = refused;
     debug_assert_eq!(*revoke, Revoke::Every, "a refusal revokes every token");
     let reason = refusal.reason.as_str();
+    // Recorded before anything is revoked: from now on no hop below may rest on this grant's token.
+    ctx.remember_refused(grant);
     let revoked = revoke_tokens(grant, ctx, now).await?;
     if !revoked.is_empty() {
         report_revocation(grant, ctx, &revoked, reason, &refusal.message);
