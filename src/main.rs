@@ -129,6 +129,10 @@ struct RunArgs {
     /// Longest tokenTTL any grant may have; retired keys stay published this long.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_token_ttl: std::time::Duration,
+    /// How long any grant lives from its creation; past it the grant is Expired and must be re-created
+    /// (unset: grants live until their validUntil).
+    #[arg(long, value_parser = parse_duration)]
+    max_grant_lifetime: Option<std::time::Duration>,
     /// How often a Ready grant's authority (its requester's RBAC, its approver's) is checked again
     /// between issuances; every issuance and rotation checks it too.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -318,6 +322,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         policy: Policy {
             min_token_ttl: args.min_token_ttl,
             max_token_ttl: args.max_token_ttl,
+            max_grant_lifetime: args.max_grant_lifetime,
         },
         concurrency: args.concurrency,
         authority_recheck_period: args.authority_recheck_period,

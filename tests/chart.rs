@@ -641,6 +641,8 @@ fn operator_rbac_is_least_privilege_cluster_wide() {
         verbs_on(cluster, "authorization.k8s.io", "subjectaccessreviews"),
         sorted(&["create"])
     );
+    // Only read, to see that a ServiceAccount that asked still exists with its uid.
+    assert_eq!(verbs_on(cluster, "", "serviceaccounts"), sorted(&["get"]));
     assert_eq!(
         verbs_on(cluster, "authentication.k8s.io", "tokenreviews"),
         sorted(&["create"])

@@ -450,6 +450,7 @@ impl OperatorAccount {
                 &["get", "list", "watch", "create", "patch", "delete"],
                 &[],
             ),
+            rule("", &["serviceaccounts"], &["get"], &[]),
             rule("events.k8s.io", &["events"], &["create", "patch"], &[]),
         ];
         grant_role(

@@ -96,9 +96,12 @@ fn renew_before_rule() -> String {
     validation = Rule::new("has(self.parentGrantRef) == has(oldSelf.parentGrantRef) && (!has(self.parentGrantRef) || self.parentGrantRef == oldSelf.parentGrantRef)")
         .message("spec.parentGrantRef is immutable: create a new grant instead")
         .field_path(".parentGrantRef"),
-    validation = Rule::new("has(self.requester) == has(oldSelf.requester) && (!has(self.requester) || self.requester == oldSelf.requester)")
-        .message("spec.requester is stamped by the apiserver when the grant is created and cannot change")
+    validation = Rule::new("!has(oldSelf.requester) || has(self.requester)")
+        .message("spec.requester is stamped by the apiserver and cannot be removed")
         .field_path(".requester"),
+    validation = Rule::new("!has(oldSelf.authors) || has(self.authors)")
+        .message("spec.authors is stamped by the apiserver and cannot be removed")
+        .field_path(".authors"),
     validation = Rule::new("self.actorRef == oldSelf.actorRef")
         .message("spec.actorRef is immutable: create a new grant instead")
         .field_path(".actorRef"),
@@ -121,11 +124,21 @@ pub struct DelegationGrantSpec {
     /// The AgentIdentity (in this namespace) that acts with this authority. Immutable.
     pub actor_ref: LocalRef,
 
-    /// Who created this grant, as the apiserver authenticated them: the evidence of who asked. Set by
-    /// the delegation-operator admission policy on creation (anything written here is replaced) and
-    /// immutable afterwards. Leave it out of your manifests. A grant without it gets no token.
+    /// Who asked for what this grant authorises now, as the apiserver authenticated them: whoever
+    /// created it or, since then, last changed what it authorises (any spec field but `suspended`, or
+    /// resuming it). The evidence of who asked, and the identity checked for the right to ask. Set by
+    /// the delegation-operator admission policy (anything written here is replaced); leave it out of
+    /// your manifests. A grant without it gets no token.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requester: Option<Arc<UserIdentity>>,
+
+    /// The user names of everyone who created this grant or changed what it authorises, in the order
+    /// of their last such change (the last is `requester`). An approval by any of them is a
+    /// self-approval and does not count. At most 64: re-create a grant more people have changed. Set by
+    /// the delegation-operator admission policy; leave it out of your manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 64), inner(length(max = 512)))]
+    pub authors: Option<Vec<String>>,
 
     /// OAuth scopes delegated. Each must be allowed by the actor and held by the parent grant (if any);
     /// a grant asking for more is denied, never silently narrowed.

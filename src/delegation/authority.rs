@@ -7,8 +7,10 @@
 //! `agentidentities` named after the parent's actor. A ServiceAccount counts as itself (the principal,
 //! or the workload) only when it authenticated with a token bound to a pod ([`bound_pod`]): the built-in
 //! `edit` and `admin` roles may impersonate a namespace's ServiceAccounts, so the name alone is not
-//! evidence that the workload asked. An approval counts when its approver was allowed `approve` on the
-//! grant and is not the requester. This module says which question to ask; the operator asks the
+//! evidence that the workload asked. The requester is whoever last changed what the grant authorises
+//! (an edit is a request, stamped and checked like a creation). An approval counts when its approver
+//! was allowed `approve` on the grant and wrote no version of its spec (neither the requester nor
+//! any of `spec.authors`). This module says which question to ask; the operator asks the
 //! apiserver (SubjectAccessReview) and this module turns the answer into a decision.
 
 use k8s_openapi::jiff::Timestamp;
@@ -120,11 +122,69 @@ pub struct AccessQuestion {
 impl AccessQuestion {
     /// The permission in words, for messages: what a RoleBinding must grant.
     pub fn describe(&self) -> String {
+        let named = if self.name.is_empty() {
+            String::new()
+        } else {
+            format!(" named {:?}", self.name)
+        };
         format!(
-            "verb {:?} on {:?} named {:?} (API group {GROUP}) in namespace {:?}",
-            self.verb, self.resource, self.name, self.namespace
+            "verb {:?} on {:?}{named} (API group {GROUP}) in namespace {:?}",
+            self.verb, self.resource, self.namespace
         )
     }
+}
+
+/// What a requester that counted as itself (a self-grant, or the workload extending its chain) must
+/// still be allowed, at every check: to ask for grants in the namespace (`create` on
+/// `delegationgrants`). Removing the person's or the ServiceAccount's RoleBinding ends the delegation,
+/// as removing `delegate` does for everyone else.
+pub fn still_may_ask(namespace: &str) -> AccessQuestion {
+    AccessQuestion {
+        verb: "create",
+        resource: "delegationgrants",
+        name: String::new(),
+        namespace: namespace.to_owned(),
+    }
+}
+
+/// The refusal when a requester that counted as itself may no longer ask.
+pub fn no_longer_may_ask(requester: &UserIdentity, question: &AccessQuestion) -> Refusal {
+    Refusal::new(
+        Reason::DeniedNotAuthorized,
+        format!(
+            "requester {:?} may no longer ask for grants here: it needs {} (a grant of one's own \
+             authority stands only while its requester may ask for it)",
+            requester.username,
+            question.describe()
+        ),
+    )
+}
+
+/// The ServiceAccount (namespace, name) a user name stands for, if it is one.
+pub fn service_account_of(user: &UserIdentity) -> Option<(&str, &str)> {
+    let rest = user.username.strip_prefix("system:serviceaccount:")?;
+    let (namespace, name) = rest.split_once(':')?;
+    (!namespace.is_empty() && !name.is_empty() && !name.contains(':')).then_some((namespace, name))
+}
+
+/// Whether the ServiceAccount that asked is still the one that asked: it exists, with the uid the
+/// apiserver stamped (when one was). `found` is the uid of the ServiceAccount of that name now
+/// (`None`: there is none). Returns the refusal otherwise.
+pub fn service_account_gone(requester: &UserIdentity, found: Option<&str>) -> Option<Refusal> {
+    let stamped = requester.uid();
+    let gone = match (found, stamped) {
+        (None, _) => "was deleted",
+        (Some(now), Some(then)) if now != then => "was deleted and re-created (another uid)",
+        _ => return None,
+    };
+    Some(Refusal::new(
+        Reason::DeniedRequesterGone,
+        format!(
+            "the ServiceAccount {:?} that asked for this grant {gone} since; a new one of the same \
+             name is not the one that asked: re-create the grant",
+            requester.username
+        ),
+    ))
 }
 
 /// What it takes for a grant's requester to be allowed.
@@ -347,6 +407,13 @@ pub fn decisions_for(
             ));
             continue;
         }
+        if authored(grant, &approver.username) {
+            decisions.ignored.push(format!(
+                "{approval_name:?} is by {:?}, who wrote a version of this grant's spec (spec.authors): no one may approve a grant they asked for",
+                approver.username
+            ));
+            continue;
+        }
         decisions.candidates.push(Candidate {
             name: approval_name,
             decision: approval.spec.decision,
@@ -360,6 +427,15 @@ pub fn decisions_for(
         });
     }
     decisions
+}
+
+/// Whether `username` created the grant or changed what it authorises (the stamped `spec.authors`).
+fn authored(grant: &DelegationGrant, username: &str) -> bool {
+    grant
+        .spec
+        .authors
+        .as_ref()
+        .is_some_and(|authors| authors.iter().any(|a| a == username))
 }
 
 /// Control, zero-width and bidirectional characters: they make a name read differently from what it
@@ -708,7 +784,7 @@ mod tests {
     fn only_approvals_of_this_grant_and_generation_by_someone_else_may_count_rejections_first() {
         let g = grant(
             serde_json::json!({"principal": {"kind": "User", "name": "alice"},
-            "requester": requested_by("alice")}),
+            "requester": requested_by("alice"), "authors": ["mallory", "alice"]}),
         );
         let approvals = vec![
             approval("ok", "carol", Decision::Approve, 2, "uid-g"),
@@ -723,14 +799,26 @@ mod tests {
             ),
             approval("self", "alice", Decision::Approve, 2, "uid-g"),
             approval("unstamped", "", Decision::Approve, 2, "uid-g"),
+            approval(
+                "by-an-earlier-editor",
+                "mallory",
+                Decision::Approve,
+                2,
+                "uid-g",
+            ),
         ];
         let since = Some(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
         let d = decisions_for(&g, "ns", &approvals, since);
         let names: Vec<_> = d.candidates.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["no", "ok"]);
         assert_eq!(d.candidates[0].question.verb, APPROVE);
-        assert_eq!(d.ignored.len(), 2, "{:?}", d.ignored);
+        assert_eq!(d.ignored.len(), 3, "{:?}", d.ignored);
         assert!(d.ignored.iter().any(|m| m.contains("own requester")));
+        assert!(
+            d.ignored
+                .iter()
+                .any(|m| m.contains("\"mallory\"") && m.contains("spec.authors"))
+        );
         assert!(d.ignored.iter().any(|m| m.contains("no stamped approver")));
     }
 
@@ -749,6 +837,53 @@ mod tests {
             scopes: Some(vec!["s".into()]),
         });
         assert!(approval_required(&g, &a));
+    }
+
+    #[test]
+    fn a_service_account_requester_must_still_be_the_one_that_asked() {
+        let sa: UserIdentity = serde_json::from_value(serde_json::json!({
+            "username": "system:serviceaccount:ns:robot", "uid": "uid-1"}))
+        .unwrap();
+        assert_eq!(service_account_of(&sa), Some(("ns", "robot")));
+        assert_eq!(service_account_gone(&sa, Some("uid-1")), None);
+        let deleted = service_account_gone(&sa, None).unwrap();
+        assert_eq!(deleted.reason, Reason::DeniedRequesterGone);
+        assert!(
+            deleted.message.contains("was deleted"),
+            "{}",
+            deleted.message
+        );
+        let recreated = service_account_gone(&sa, Some("uid-2")).unwrap();
+        assert!(
+            recreated.message.contains("another uid"),
+            "{}",
+            recreated.message
+        );
+        // Impersonated ServiceAccounts carry no uid: only existence can be checked.
+        let no_uid = UserIdentity {
+            uid: None,
+            ..sa.clone()
+        };
+        assert_eq!(service_account_gone(&no_uid, Some("uid-2")), None);
+        for not_one in [
+            "alice",
+            "system:serviceaccount:ns",
+            "system:serviceaccount:ns:a:b",
+        ] {
+            let user = UserIdentity {
+                username: not_one.into(),
+                ..Default::default()
+            };
+            assert_eq!(service_account_of(&user), None, "{not_one}");
+        }
+        let q = still_may_ask("ns");
+        assert_eq!(
+            q.describe(),
+            "verb \"create\" on \"delegationgrants\" (API group delegation.nhi.dev) in namespace \"ns\""
+        );
+        let refusal = no_longer_may_ask(&sa, &q);
+        assert_eq!(refusal.reason, Reason::DeniedNotAuthorized);
+        assert!(refusal.message.contains("no longer"), "{}", refusal.message);
     }
 
     #[test]

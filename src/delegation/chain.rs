@@ -34,6 +34,9 @@ pub struct Policy {
     pub min_token_ttl: Duration,
     /// Longest tokenTTL accepted, whatever an agent allows; it bounds how long retired keys stay published.
     pub max_token_ttl: Duration,
+    /// How long any grant lives from its creation (`None`: until its `validUntil`, or for ever). A
+    /// grant past it is refused as `Expired`, and no token outlives it.
+    pub max_grant_lifetime: Option<Duration>,
 }
 
 impl Default for Policy {
@@ -41,6 +44,7 @@ impl Default for Policy {
         Self {
             min_token_ttl: Duration::from_secs(60),
             max_token_ttl: Duration::from_secs(24 * 3600),
+            max_grant_lifetime: None,
         }
     }
 }
@@ -97,6 +101,8 @@ pub enum Reason {
     DeniedRequesterUnverified,
     /// The requester may not speak for the principal, or may not extend the parent actor's chain.
     DeniedNotAuthorized,
+    /// The ServiceAccount that asked for the grant was deleted, or re-created with another uid.
+    DeniedRequesterGone,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -132,6 +138,7 @@ impl Reason {
             Reason::DeniedRequesterMissing => "DeniedRequesterMissing",
             Reason::DeniedRequesterUnverified => "DeniedRequesterUnverified",
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
+            Reason::DeniedRequesterGone => "DeniedRequesterGone",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",
@@ -192,12 +199,12 @@ pub fn resolve(
             "spec.suspended is true; set it to false to issue tokens again",
         ));
     }
-    if let Some(until) = valid_until(grant)
-        && until <= now
+    if let Some(end) = ends_at(grant, policy)
+        && end.at <= now
     {
         return Err(Refusal::new(
             Reason::Expired,
-            format!("the delegation ended at {until} (spec.validUntil)"),
+            format!("the delegation ended at {} ({})", end.at, end.why),
         ));
     }
     let lineage = lineage(grant, lookup)?;
@@ -229,7 +236,7 @@ pub fn resolve(
     // expiry read back, and the token would be renewed again and again until the limit.
     let not_after = lineage
         .iter()
-        .filter_map(|g| valid_until(g))
+        .filter_map(|g| ends_at(g, policy).map(|end| end.at))
         .chain(parent_expiry)
         .min()
         .map(|t| Timestamp::from_second(t.as_second()).unwrap_or(t));
@@ -394,12 +401,12 @@ fn check_hop(
                 format!("grant {name:?} is suspended"),
             ));
         }
-        if let Some(until) = valid_until(grant)
-            && until <= now
+        if let Some(end) = ends_at(grant, policy)
+            && end.at <= now
         {
             return Err(Refusal::new(
                 Reason::Expired,
-                format!("grant {name:?} ended at {until}"),
+                format!("grant {name:?} ended at {} ({})", end.at, end.why),
             ));
         }
     }
@@ -697,6 +704,34 @@ fn approver_of(grant: &DelegationGrant, lookup: &impl Lookup) -> Option<String> 
         TokenRecord::Holds(held) => held.approved_by.as_deref().map(str::to_owned),
         TokenRecord::Refused => None,
     }
+}
+
+/// When a grant ends, and why: its `validUntil`, or its creation plus the longest grant lifetime,
+/// whichever comes first.
+struct End {
+    at: Timestamp,
+    why: String,
+}
+
+fn ends_at(grant: &DelegationGrant, policy: &Policy) -> Option<End> {
+    let until = valid_until(grant).map(|at| End {
+        at,
+        why: "spec.validUntil".into(),
+    });
+    let lifetime = policy.max_grant_lifetime.and_then(|max| {
+        let created = grant.metadata.creation_timestamp.as_ref()?.0;
+        Some(End {
+            at: add(created, max),
+            why: format!(
+                "created at {created}, and grants live at most {}s (--max-grant-lifetime); re-create it to ask again",
+                max.as_secs()
+            ),
+        })
+    });
+    [until, lifetime]
+        .into_iter()
+        .flatten()
+        .min_by_key(|end| end.at)
 }
 
 fn valid_until(grant: &DelegationGrant) -> Option<Timestamp> {

@@ -90,6 +90,7 @@ fn grant() -> DelegationGrant {
             }),
             parent_grant_ref: None,
             actor_ref: LocalRef::new("triage"),
+            authors: None,
             requester: Some(Arc::new(UserIdentity {
                 username: "alice@example.com".into(),
                 ..Default::default()

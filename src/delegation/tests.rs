@@ -122,6 +122,7 @@ fn grant_spec(actor: &str, scopes: &[&str]) -> DelegationGrantSpec {
         principal: None,
         parent_grant_ref: None,
         actor_ref: LocalRef::new(actor),
+        authors: None,
         requester: Some(std::sync::Arc::new(UserIdentity {
             username: "alice@example.com".into(),
             ..Default::default()

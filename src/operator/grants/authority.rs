@@ -10,6 +10,7 @@ use std::{
 
 use k8s_openapi::{
     api::authorization::v1::{ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec},
+    api::core::v1::ServiceAccount,
     jiff::Timestamp,
 };
 use kube::{Api, ResourceExt, api::PostParams};
@@ -28,7 +29,8 @@ use crate::{
         Lookup, Reason, Refusal,
         authority::{
             AccessQuestion, Evidence, GROUP, RequesterCheck, Unauthorized, approval_required,
-            decisions_for, requester_check, requester_refused, stamp_proven,
+            decisions_for, no_longer_may_ask, requester_check, requester_refused,
+            service_account_gone, service_account_of, stamp_proven, still_may_ask,
         },
         chain::add,
     },
@@ -205,12 +207,22 @@ async fn ask(
         let refusal = Refusal::new(Reason::DeniedRequesterUnverified, problem);
         return Ok(Err(unauthorized(refusal)));
     }
-    if let RequesterCheck::Ask(question) = &check
-        && !allowed(ctx, requester, question).await?
-    {
-        return Ok(Err(unauthorized(requester_refused(
-            grant, requester, question,
-        ))));
+    if let Some(refusal) = service_account_replaced(ctx, requester).await? {
+        return Ok(Err(unauthorized(refusal)));
+    }
+    match &check {
+        RequesterCheck::Ask(question) if !allowed(ctx, requester, question).await? => {
+            return Ok(Err(unauthorized(requester_refused(
+                grant, requester, question,
+            ))));
+        }
+        RequesterCheck::Itself => {
+            let question = still_may_ask(&namespace);
+            if !allowed(ctx, requester, &question).await? {
+                return Ok(Err(unauthorized(no_longer_may_ask(requester, &question))));
+            }
+        }
+        RequesterCheck::Ask(_) => {}
     }
     let Some(actor) = view.agent(&grant.spec.actor_ref.name) else {
         // Chain resolution has already refused a grant without its agent.
@@ -300,6 +312,22 @@ async fn approval(
     }))
 }
 
+/// When the requester is a ServiceAccount: the refusal if it was deleted, or re-created with another
+/// uid, since it asked (read from the apiserver at each check; they are few, and a cache of every
+/// ServiceAccount would cost more than these reads).
+async fn service_account_replaced(
+    ctx: &Context,
+    requester: &UserIdentity,
+) -> Result<Option<Refusal>> {
+    let Some((namespace, name)) = service_account_of(requester) else {
+        return Ok(None);
+    };
+    let api: Api<ServiceAccount> = Api::namespaced(ctx.client.clone(), namespace);
+    let found = api.get_metadata_opt(name).await?;
+    let uid = found.as_ref().and_then(|sa| sa.metadata.uid.as_deref());
+    Ok(service_account_gone(requester, uid))
+}
+
 /// One SubjectAccessReview: may this authenticated user do what the question asks? Uses everything
 /// the apiserver stamped (name, uid, groups, extra), so RBAC sees the user as it authenticated.
 async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) -> Result<bool> {
@@ -318,7 +346,8 @@ async fn allowed(ctx: &Context, user: &UserIdentity, question: &AccessQuestion) 
                 group: Some(GROUP.into()),
                 resource: Some(question.resource.into()),
                 verb: Some(question.verb.into()),
-                name: Some(question.name.clone()),
+                // An empty name asks about every object of the resource (e.g. `create`).
+                name: (!question.name.is_empty()).then(|| question.name.clone()),
                 namespace: Some(question.namespace.clone()),
                 ..Default::default()
             }),

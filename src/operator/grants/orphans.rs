@@ -87,6 +87,7 @@ async fn sweep_grant(ctx: &Context, namespace: &str, name: &str, uid: &str) -> R
         message: "the grant was deleted without its finalizer; the tokens minted for it are revoked",
         principal: None,
         requester: None,
+        authors: None,
         chain: Vec::new(),
         scopes: None,
         audience: None,
@@ -168,6 +169,7 @@ async fn sweep(ctx: &Context, namespace: &str, name: &str) -> Result<()> {
             .as_str()
             .map(crate::delegation::claims::principal_name),
         requester: None,
+        authors: None,
         chain: Vec::new(),
         scopes: None,
         audience: claims["aud"].as_str(),

@@ -193,6 +193,7 @@ impl<'a> Said<'a> {
             message: self.message,
             principal,
             requester: grant.spec.requester.as_ref().map(|r| r.username.as_str()),
+            authors: grant.spec.authors.as_deref(),
             chain,
             scopes: self.resolution.map(|r| r.effective_scopes.as_slice()),
             audience: self.resolution.map(|r| r.audience.as_str()),

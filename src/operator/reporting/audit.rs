@@ -31,9 +31,13 @@ pub struct AuditRecord<'a> {
     /// The root principal, when the chain reaches one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub principal: Option<String>,
-    /// Who created the grant, as the apiserver authenticated them.
+    /// Who asked for what the grant authorises now (created it, or last changed it), as the apiserver
+    /// authenticated them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requester: Option<&'a str>,
+    /// Everyone who wrote a version of the grant's spec (`spec.authors`), the requester last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub authors: Option<&'a [String]>,
     /// Root principal first: the resolved chain, or for a refusal the chain as written.
     pub chain: Vec<ChainLink>,
     #[serde(skip_serializing_if = "Option::is_none")]
