@@ -228,7 +228,7 @@ async fn the_stamp_is_the_callers_full_identity_including_extra() {
 }
 
 #[tokio::test]
-async fn the_requester_cannot_change_but_other_updates_pass() {
+async fn the_requester_cannot_be_edited_but_other_updates_pass_and_a_change_is_a_request() {
     let env = Env::new("adm-immutable").await;
     let alice = client_as(ALICE, &[PEOPLE]).await;
     let bob = client_as(BOB, &[PEOPLE]).await;
@@ -254,7 +254,8 @@ async fn the_requester_cannot_change_but_other_updates_pass() {
             .await;
         let message = rejection_message(result);
         assert!(
-            message.contains("spec.requester") && message.contains("cannot change"),
+            message.contains("spec.requester")
+                && (message.contains("cannot be edited") || message.contains("cannot be removed")),
             "{what}: {message}"
         );
     }
@@ -270,14 +271,17 @@ async fn the_requester_cannot_change_but_other_updates_pass() {
         .unwrap();
     assert_eq!(updated.metadata.labels.as_ref().unwrap()["team"], "support");
     assert_eq!(requester(&updated), &original);
-    // So does a change of a mutable spec field by the admin (the operator's identity in tests).
+    // A change of what the grant authorises is a request by whoever makes it: the admin (who may
+    // delegate for anyone) becomes the requester, after alice in the authors.
     let patch = json!({"spec": {"tokenTTL": "5m"}, "metadata": {"finalizers": null}});
     let updated = env
         .merge_patch(&env.admin, "DelegationGrant", "mine", patch)
         .await
         .unwrap();
     assert_eq!(updated.data["spec"]["tokenTTL"], "5m");
-    assert_eq!(requester(&updated), &original);
+    let admin = whoami(&env.admin).await.username.unwrap();
+    assert_eq!(requester(&updated)["username"], json!(admin));
+    assert_eq!(updated.data["spec"]["authors"], json!([ALICE, admin]));
 }
 
 // ---- who may delegate for whom ---------------------------------------------------------------

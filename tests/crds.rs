@@ -17,12 +17,13 @@ fn grant(name: &str, spec: Value) -> DynamicObject {
     .unwrap()
 }
 
-/// A spec without the fields the admission policies stamp (`spec.requester` of grants): what the user
-/// wrote, when nothing else was changed on the way in.
+/// A spec without the fields the admission policies stamp (`spec.requester` and `spec.authors` of
+/// grants): what the user wrote, when nothing else was changed on the way in.
 fn as_written(spec: &Value) -> Value {
     let mut spec = spec.clone();
     if let Some(fields) = spec.as_object_mut() {
         fields.remove("requester");
+        fields.remove("authors");
     }
     spec
 }

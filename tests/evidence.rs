@@ -672,7 +672,15 @@ async fn no_grant_outlives_the_longest_grant_lifetime() {
         .await;
     let ready = f.wait_ready("short", "True", None).await;
     let created = ready.metadata.creation_timestamp.clone().unwrap().0;
-    let expires = ready.status.as_ref().unwrap().token.as_ref().unwrap().expires_at.0;
+    let expires = ready
+        .status
+        .as_ref()
+        .unwrap()
+        .token
+        .as_ref()
+        .unwrap()
+        .expires_at
+        .0;
     assert!(
         expires.as_second() <= created.as_second() + 8,
         "the token ({expires}) outlives the grant's lifetime (created {created})"

@@ -744,6 +744,54 @@ async fn no_example_drifts_once_the_operator_has_reconciled_it() {
         "{diff}"
     );
     std::fs::remove_file(edited).ok();
+
+    // Another identity (a second controller, another cluster's Argo CD) re-applies the same grants:
+    // no request, so the stamps stay, nothing changes, and there is still no drift. (Last: from now
+    // on it co-owns the fields, so a changed manifest by the first manager would conflict.)
+    let before: Vec<_> = f.grants().list(&Default::default()).await.unwrap().items;
+    let grants_file = repo_root().join("examples/gitops/delegation/grants/grants.yaml");
+    let grants_file = grants_file.to_str().unwrap();
+    let other = kubectl(&[
+        "apply",
+        "--server-side",
+        "--as=another-gitops-bot",
+        "--as-group=system:masters",
+        "--field-manager=another-gitops-bot",
+        "-n",
+        &f.ns,
+        "-f",
+        grants_file,
+    ])
+    .await;
+    assert!(
+        other.status.success(),
+        "another identity re-applying: {}",
+        String::from_utf8_lossy(&other.stderr)
+    );
+    for grant in &before {
+        let now = f.grants().get(&grant.name_any()).await.unwrap();
+        assert_eq!(
+            now.metadata.generation,
+            grant.metadata.generation,
+            "{}: {:?} -> {:?}",
+            grant.name_any(),
+            grant.spec,
+            now.spec
+        );
+        assert_eq!(
+            now.spec.requester,
+            grant.spec.requester,
+            "{}",
+            grant.name_any()
+        );
+        assert_eq!(now.spec.authors, grant.spec.authors);
+    }
+    let out = kubectl(&["diff", "--server-side", "-n", &f.ns, "-f", grants_file]).await;
+    assert!(
+        out.status.code() == Some(0) && out.stdout.is_empty(),
+        "drift after another identity's re-apply: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 // ---- the image recipe ------------------------------------------------------------------------

@@ -207,9 +207,6 @@ async fn ask(
         let refusal = Refusal::new(Reason::DeniedRequesterUnverified, problem);
         return Ok(Err(unauthorized(refusal)));
     }
-    if let Some(refusal) = service_account_replaced(ctx, requester).await? {
-        return Ok(Err(unauthorized(refusal)));
-    }
     match &check {
         RequesterCheck::Ask(question) if !allowed(ctx, requester, question).await? => {
             return Ok(Err(unauthorized(requester_refused(
@@ -223,6 +220,10 @@ async fn ask(
             }
         }
         RequesterCheck::Ask(_) => {}
+    }
+    // Allowed by name; but a ServiceAccount deleted (or re-created) since is not the one that asked.
+    if let Some(refusal) = service_account_replaced(ctx, requester).await? {
+        return Ok(Err(unauthorized(refusal)));
     }
     let Some(actor) = view.agent(&grant.spec.actor_ref.name) else {
         // Chain resolution has already refused a grant without its agent.
