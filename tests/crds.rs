@@ -81,6 +81,7 @@ async fn every_crd_installs_and_becomes_established() {
         names,
         [
             "agentidentities.delegation.nhi.dev",
+            "audiencepolicies.delegation.nhi.dev",
             "delegationapprovals.delegation.nhi.dev",
             "delegationgrants.delegation.nhi.dev"
         ]
@@ -636,5 +637,35 @@ async fn references_cannot_name_another_namespace() {
             assert!(status.message.contains("namespace"), "{}", status.message);
         }
         other => panic!("a cross-namespace reference was accepted: {other:?}"),
+    }
+}
+
+/// The AudiencePolicies the examples need (`examples/policies/`, applied by `make run`, and the
+/// GitOps examples' `policies/`) are accepted by the apiserver as written (a dry run: they are
+/// cluster-wide).
+#[tokio::test]
+async fn every_audience_policy_example_is_accepted() {
+    let client = client().await;
+    install_crds(&client).await;
+    let root = repo_root().join("examples");
+    let mut files = yaml_files(&root.join("policies"));
+    files.extend(yaml_files(&root.join("gitops/delegation/policies")));
+    assert_eq!(files.len(), 2, "{files:?}");
+    let api = dynamic_api(&client, "", "AudiencePolicy");
+    for file in files {
+        for doc in load_documents(&file) {
+            assert_eq!(doc.types.as_ref().unwrap().kind, "AudiencePolicy");
+            let created = api
+                .create(
+                    &kube::api::PostParams {
+                        dry_run: true,
+                        ..Default::default()
+                    },
+                    &doc,
+                )
+                .await
+                .unwrap_or_else(|e| panic!("{} ({:?}): {e}", file.display(), doc.metadata.name));
+            assert_eq!(created.data["spec"], doc.data["spec"], "stored as written");
+        }
     }
 }
