@@ -570,7 +570,8 @@ pub async fn declare_test_audiences(client: &Client, namespace: &str) {
         {"type": "ticket"},
         {"type": "ticket", "actions": ["read", "write", "comment", "update", "close"]},
         {"type": "ticket_queue", "actions": ["read", "comment"]},
-        {"type": "customer_case", "actions": ["read"]},
+        {"type": "customer_case", "actions": ["read"],
+         "locations": ["https://crm.example.com/cases/98765"], "datatypes": ["contact", "case_history"]},
         {"type": "payment_initiation", "actions": ["execute"]}
     ]);
     let api = dynamic_api(client, "", "AudiencePolicy");
