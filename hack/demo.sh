@@ -123,6 +123,9 @@ if [[ -n $("${KUBECTL[@]}" get delegationgrants -n "$DEMO_NS" -o name 2>/dev/nul
   "${KUBECTL[@]}" delete delegationgrants --all -n "$DEMO_NS" --wait=true --timeout=90s
 fi
 
+say "declaring the APIs the examples use (AudiencePolicy, cluster-wide: no token for an undeclared audience)"
+"${KUBECTL[@]}" apply -f examples/policies/
+
 say "applying examples/ into namespace $DEMO_NS"
 "${KUBECTL[@]}" apply -n "$DEMO_NS" -f examples/
 

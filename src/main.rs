@@ -129,8 +129,8 @@ struct RunArgs {
     /// Longest tokenTTL any grant may have; retired keys stay published this long.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     max_token_ttl: std::time::Duration,
-    /// How long any grant lives from its creation; past it the grant is Expired and must be re-created
-    /// (unset: grants live until their validUntil).
+    /// How long any grant lives from its creation; past it the grant is refused
+    /// (DeniedGrantLifetimeEnded) and must be re-created (unset: no limit beyond AudiencePolicies').
     #[arg(long, value_parser = parse_duration)]
     max_grant_lifetime: Option<std::time::Duration>,
     /// How often a Ready grant's authority (its requester's RBAC, its approver's) is checked again

@@ -623,6 +623,11 @@ fn operator_rbac_is_least_privilege_cluster_wide() {
         verbs_on(cluster, group, "delegationapprovals"),
         sorted(&["list", "watch"])
     );
+    // The ceilings per API: read, never written.
+    assert_eq!(
+        verbs_on(cluster, group, "audiencepolicies"),
+        sorted(&["list", "watch"])
+    );
     // Token Secrets everywhere, but never replaced wholesale.
     assert_eq!(
         verbs_on(cluster, "", "secrets"),
@@ -698,6 +703,11 @@ fn single_namespace_mode_uses_roles_in_that_namespace() {
     // Nothing of our kinds stays cluster-wide: even the start-up probe reads the watched namespace.
     assert!(verbs_on(cluster, "delegation.nhi.dev", "delegationgrants").is_empty());
     assert!(verbs_on(cluster, "delegation.nhi.dev", "agentidentities").is_empty());
+    // ... but the cluster-scoped ceilings are read in every mode.
+    assert_eq!(
+        verbs_on(cluster, "delegation.nhi.dev", "audiencepolicies"),
+        sorted(&["list", "watch"])
+    );
     let watched = find(&docs, "Role", "rel-delegation-operator-watch");
     assert_eq!(watched["metadata"]["namespace"], "team-a");
     assert_eq!(
@@ -749,8 +759,9 @@ fn aggregated_roles_extend_admin_edit_view() {
     assert_eq!(verbs_on(edit, g, "agentidentities"), read);
     // admin: agents too.
     assert!(verbs_on(admin, g, "agentidentities").contains(&"update".to_owned()));
-    // Authority is never handed out by aggregation.
+    // Authority is never handed out by aggregation, nor are the cluster's ceilings.
     for role in [view, edit, admin] {
+        assert!(verbs_on(role, g, "audiencepolicies").is_empty());
         for (_, resources, verbs, _) in rules(role) {
             assert!(
                 !verbs.iter().any(|v| v == "delegate" || v == "approve"),

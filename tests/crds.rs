@@ -82,6 +82,7 @@ async fn every_crd_installs_and_becomes_established() {
         names,
         [
             "agentidentities.delegation.nhi.dev",
+            "audiencepolicies.delegation.nhi.dev",
             "delegationapprovals.delegation.nhi.dev",
             "delegationgrants.delegation.nhi.dev"
         ]
@@ -637,5 +638,33 @@ async fn references_cannot_name_another_namespace() {
             assert!(status.message.contains("namespace"), "{}", status.message);
         }
         other => panic!("a cross-namespace reference was accepted: {other:?}"),
+    }
+}
+
+/// The AudiencePolicies the examples need (`examples/policies/`, applied by `make run`, and the
+/// GitOps examples' `policies/`) are accepted by the apiserver as written (a server-side dry run:
+/// they are cluster-wide, and tests/gitops.rs applies the GitOps ones for real).
+#[tokio::test]
+async fn every_audience_policy_example_is_accepted() {
+    let client = client().await;
+    install_crds(&client).await;
+    let root = repo_root().join("examples");
+    let mut files = yaml_files(&root.join("policies"));
+    files.extend(yaml_files(&root.join("gitops/delegation/policies")));
+    assert_eq!(files.len(), 2, "{files:?}");
+    let api = dynamic_api(&client, "", "AudiencePolicy");
+    for file in files {
+        for doc in load_documents(&file) {
+            assert_eq!(doc.types.as_ref().unwrap().kind, "AudiencePolicy");
+            let name = doc.metadata.name.clone().unwrap();
+            let params = kube::api::PatchParams::apply(FIELD_MANAGER)
+                .force()
+                .dry_run();
+            let created = api
+                .patch(&name, &params, &kube::api::Patch::Apply(&doc))
+                .await
+                .unwrap_or_else(|e| panic!("{} ({name}): {e}", file.display()));
+            assert_eq!(created.data["spec"], doc.data["spec"], "stored as written");
+        }
     }
 }

@@ -663,7 +663,7 @@ async fn a_service_accounts_grant_ends_when_it_is_deleted_or_re_created() {
 }
 
 /// `--max-grant-lifetime` bounds every grant from its creation: the token never outlives it, and past
-/// it the grant is Expired, naming the limit.
+/// it the grant is refused (`DeniedGrantLifetimeEnded`), naming the limit.
 #[tokio::test]
 async fn no_grant_outlives_the_longest_grant_lifetime() {
     let f = Fixture::start("lifetime", &["--max-grant-lifetime", "8s"]).await;
@@ -687,7 +687,7 @@ async fn no_grant_outlives_the_longest_grant_lifetime() {
     );
     let ended = wait_for("the grant to end", Duration::from_secs(30), || async {
         let g = f.grants().get("short").await.ok()?;
-        (condition(&g).0 == "Expired").then_some(g)
+        (condition(&g).0 == "DeniedGrantLifetimeEnded").then_some(g)
     })
     .await;
     let (_, message) = condition(&ended);

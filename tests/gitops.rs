@@ -155,7 +155,10 @@ fn the_argocd_cm_snippet_installs_exactly_the_tested_checks() {
             paths += 1;
         }
     }
-    assert_eq!(paths, 2, "one Kustomization for agents, one for grants");
+    assert_eq!(
+        paths, 3,
+        "one Kustomization for the AudiencePolicies, one for agents, one for grants"
+    );
 }
 
 // ---- live objects ----------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-//! The API contract: `AgentIdentity` and `DelegationGrant` in `delegation.nhi.dev/v1alpha1`.
+//! The API contract: `AgentIdentity`, `DelegationGrant`, `DelegationApproval` (namespaced) and
+//! `AudiencePolicy` (cluster-scoped) in `delegation.nhi.dev/v1alpha1`.
 //!
 //! Nothing else in the crate defines the shape of these resources. The CRDs under `crds/` are generated
 //! from these types (`delegation-operator crds`), and a test keeps the two in sync.
@@ -8,6 +9,7 @@
 //! `kubectl explain`.
 
 mod agent_identity;
+mod audience_policy;
 mod delegation_approval;
 mod delegation_grant;
 mod duration;
@@ -15,6 +17,7 @@ mod identity;
 mod times;
 
 pub use agent_identity::*;
+pub use audience_policy::*;
 pub use delegation_approval::*;
 pub use delegation_grant::*;
 pub use duration::*;
@@ -66,6 +69,7 @@ pub fn crds()
 {
     vec![
         AgentIdentity::crd(),
+        AudiencePolicy::crd(),
         DelegationApproval::crd(),
         DelegationGrant::crd(),
     ]

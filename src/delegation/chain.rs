@@ -9,22 +9,26 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
+use super::ceilings::{self, Ceiling};
 use super::record::TokenRecord;
 use crate::api::{
-    AgentIdentity, AuthorizationDetail, ChainLink, DelegationGrant, Principal, agent_subject,
+    AgentIdentity, AudiencePolicy, AuthorizationDetail, ChainLink, DelegationGrant, Principal,
+    agent_subject,
 };
 
 /// The longest chain the operator resolves (root grant plus eight hops, the highest `maxDepth`).
 pub const MAX_CHAIN_LENGTH: usize = 9;
 
-/// Read access to the grants and agents of one namespace, and to the operator's own record of their
-/// tokens.
+/// Read access to the grants and agents of one namespace, to the cluster's AudiencePolicies, and to
+/// the operator's own record of the grants' tokens.
 pub trait Lookup {
     fn grant(&self, name: &str) -> Option<Arc<DelegationGrant>>;
     fn agent(&self, name: &str) -> Option<Arc<AgentIdentity>>;
     /// What the operator itself minted and decided for `grant` (by its uid); `None` when this process
     /// has not looked at it yet.
     fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord>;
+    /// The AudiencePolicies declaring `audience` (for any namespace).
+    fn audience_policies(&self, audience: &str) -> Vec<Arc<AudiencePolicy>>;
 }
 
 /// Operator-wide limits, set by flags.
@@ -79,6 +83,13 @@ pub enum Reason {
     DeniedAudienceMismatch,
     /// The authorizationDetails are not covered by the parent grant's.
     DeniedDetailsExceedParent,
+    /// No AudiencePolicy declares the audience for the grant's namespace (fail closed).
+    DeniedAudienceUndeclared,
+    /// Policies declare the audience for the namespace, but none allows all of the grant (scopes,
+    /// authorizationDetails, tokenTTL).
+    DeniedBeyondPolicy,
+    /// The grant's lifetime under its AudiencePolicy (creationTimestamp + maxGrantLifetime) has ended.
+    DeniedGrantLifetimeEnded,
     /// tokenTTL exceeds the actor's maxTokenTTL or the operator's ceiling.
     DeniedTTLTooLong,
     /// tokenTTL is below the operator's minimum.
@@ -128,6 +139,9 @@ impl Reason {
             Reason::DeniedAudienceNotAllowed => "DeniedAudienceNotAllowed",
             Reason::DeniedAudienceMismatch => "DeniedAudienceMismatch",
             Reason::DeniedDetailsExceedParent => "DeniedDetailsExceedParent",
+            Reason::DeniedAudienceUndeclared => "DeniedAudienceUndeclared",
+            Reason::DeniedBeyondPolicy => "DeniedBeyondPolicy",
+            Reason::DeniedGrantLifetimeEnded => "DeniedGrantLifetimeEnded",
             Reason::DeniedTTLTooLong => "DeniedTTLTooLong",
             Reason::DeniedTTLTooShort => "DeniedTTLTooShort",
             Reason::DeniedActorNotAllowed => "DeniedActorNotAllowed",
@@ -181,7 +195,8 @@ pub struct Resolution {
     pub audience: String,
     pub token_ttl: Duration,
     pub renew_before: Option<Duration>,
-    /// No token may live past this: the earliest validUntil in the lineage and the parent token's expiry.
+    /// No token may live past this: the earliest validUntil in the lineage, the parent token's
+    /// expiry and the end of each hop's lifetime under its AudiencePolicy.
     pub not_after: Option<Timestamp>,
 }
 
@@ -203,15 +218,20 @@ pub fn resolve(
         && end.at <= now
     {
         return Err(Refusal::new(
-            Reason::Expired,
+            end.reason,
             format!("the delegation ended at {} ({})", end.at, end.why),
         ));
     }
     let lineage = lineage(grant, lookup)?;
 
     // Every ancestor must itself be valid; its refusal becomes ours as ParentNotReady.
+    let mut lifetime_ends = Vec::new();
     for depth in 0..lineage.len() - 1 {
-        if let Err(refusal) = check_hop(&lineage, depth, namespace, lookup, policy, now) {
+        let checked = check_hop(&lineage, depth, namespace, lookup, policy, now);
+        if let Ok(ceiling) = &checked {
+            lifetime_ends.extend(ceiling.ends_at);
+        }
+        if let Err(refusal) = checked {
             let ancestor = lineage[depth].metadata.name.as_deref().unwrap_or_default();
             return Err(Refusal::new(
                 Reason::ParentNotReady,
@@ -223,7 +243,8 @@ pub fn resolve(
             ));
         }
     }
-    check_hop(&lineage, lineage.len() - 1, namespace, lookup, policy, now)?;
+    let ceiling = check_hop(&lineage, lineage.len() - 1, namespace, lookup, policy, now)?;
+    lifetime_ends.extend(ceiling.ends_at);
 
     let parent_expiry = match lineage.len() {
         1 => None,
@@ -238,6 +259,7 @@ pub fn resolve(
         .iter()
         .filter_map(|g| ends_at(g, policy).map(|end| end.at))
         .chain(parent_expiry)
+        .chain(lifetime_ends)
         .min()
         .map(|t| Timestamp::from_second(t.as_second()).unwrap_or(t));
 
@@ -382,7 +404,8 @@ fn lineage(
     Ok(lineage)
 }
 
-/// Validates the hop at `index` of `lineage` (0 = root grant) against its actor and its parent.
+/// Validates the hop at `index` of `lineage` (0 = root grant) against its actor, the cluster's
+/// AudiencePolicies and its parent; returns what the applicable policy adds.
 fn check_hop(
     lineage: &[Arc<DelegationGrant>],
     index: usize,
@@ -390,7 +413,7 @@ fn check_hop(
     lookup: &impl Lookup,
     policy: &Policy,
     now: Timestamp,
-) -> Result<(), Refusal> {
+) -> Result<Ceiling, Refusal> {
     let grant = &lineage[index];
     let name = grant.metadata.name.as_deref().unwrap_or_default();
     if index + 1 < lineage.len() {
@@ -405,7 +428,7 @@ fn check_hop(
             && end.at <= now
         {
             return Err(Refusal::new(
-                Reason::Expired,
+                end.reason,
                 format!("grant {name:?} ended at {} ({})", end.at, end.why),
             ));
         }
@@ -458,8 +481,15 @@ fn check_hop(
             ),
         ));
     }
+    // The cluster's ceiling for the API, above whatever the namespace's agent allows.
+    let ceiling = ceilings::ceiling(
+        grant,
+        namespace,
+        &lookup.audience_policies(&grant.spec.audience),
+        now,
+    )?;
     if index == 0 {
-        return Ok(());
+        return Ok(ceiling);
     }
 
     let parent = &lineage[index - 1];
@@ -538,7 +568,7 @@ fn check_hop(
             ));
         }
     }
-    Ok(())
+    Ok(ceiling)
 }
 
 /// The most `authorizationDetails` may take in a token once encoded: tokens travel in HTTP headers,
@@ -660,21 +690,58 @@ fn details_within(
     let Some(parent) = parent.filter(|p| !p.is_empty()) else {
         return Ok(());
     };
-    let child = child.unwrap_or_default();
-    if child.is_empty() {
-        return Err("this grant lists no authorizationDetails, so its token would carry no fine-grained limit".into());
-    }
-    match child.iter().find(|c| !parent.iter().any(|p| covers(p, c))) {
+    match uncovered_detail(child.unwrap_or_default(), parent) {
         None => Ok(()),
-        Some(c) => Err(format!(
-            "authorization detail of type {:?}{} is not within the parent's",
-            c.type_,
-            c.identifier
-                .as_ref()
-                .map(|i| format!(" for {i:?}"))
-                .unwrap_or_default()
+        Some(Uncovered::NoneListed) => Err("this grant lists no authorizationDetails, so its token would carry no fine-grained limit".into()),
+        Some(Uncovered::Detail(c)) => Err(format!(
+            "authorization detail {} is not within the parent's",
+            describe_detail(c)
         )),
     }
+}
+
+/// What of a grant's authorizationDetails is not within a non-empty list of ceilings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Uncovered<'a> {
+    /// The grant lists none, so its token would carry no fine-grained limit at all.
+    NoneListed,
+    /// The first detail no ceiling covers.
+    Detail(&'a AuthorizationDetail),
+}
+
+/// The first of `wanted` that no detail of `ceilings` [`covers`] (or that `wanted` is empty while
+/// `ceilings` limits something): the one rule for a hop below its parent and for a grant below an
+/// AudiencePolicy.
+pub(crate) fn uncovered_detail<'a>(
+    wanted: &'a [AuthorizationDetail],
+    ceilings: &[AuthorizationDetail],
+) -> Option<Uncovered<'a>> {
+    if wanted.is_empty() {
+        return (!ceilings.is_empty()).then_some(Uncovered::NoneListed);
+    }
+    wanted
+        .iter()
+        .find(|w| !ceilings.iter().any(|c| covers(c, w)))
+        .map(Uncovered::Detail)
+}
+
+/// A detail as a person reads it in a message: `of type "ticket" for "1234"`.
+pub(crate) fn describe_detail(detail: &AuthorizationDetail) -> String {
+    let mut text = format!("of type {:?}", detail.type_);
+    if let Some(identifier) = &detail.identifier {
+        text.push_str(&format!(" for {identifier:?}"));
+    }
+    for (name, list) in [
+        ("actions", &detail.actions),
+        ("locations", &detail.locations),
+        ("datatypes", &detail.datatypes),
+        ("privileges", &detail.privileges),
+    ] {
+        if let Some(list) = list {
+            text.push_str(&format!(" with {name} {list:?}"));
+        }
+    }
+    text
 }
 
 /// Whether `outer` allows everything `inner` asks: same type, same identifier when `outer` names one
@@ -682,7 +749,7 @@ fn details_within(
 /// `outer` has it, within `outer`'s. A list the parent left out may not appear below it: what
 /// `privileges: [admin]` means to a resource server is its own business, so it is never added on the way
 /// down.
-fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
+pub(crate) fn covers(outer: &AuthorizationDetail, inner: &AuthorizationDetail) -> bool {
     fn within(outer: &Option<Vec<String>>, inner: &Option<Vec<String>>) -> bool {
         match (outer, inner) {
             (None, None) => true,
@@ -706,22 +773,26 @@ fn approver_of(grant: &DelegationGrant, lookup: &impl Lookup) -> Option<String> 
     }
 }
 
-/// When a grant ends, and why: its `validUntil`, or its creation plus the longest grant lifetime,
-/// whichever comes first.
+/// When a grant ends, and why: its `validUntil` (`Expired`: the grant's own choice), or its creation
+/// plus the operator's longest grant lifetime (`DeniedGrantLifetimeEnded`, as under an AudiencePolicy's
+/// `maxGrantLifetime`), whichever comes first.
 struct End {
     at: Timestamp,
+    reason: Reason,
     why: String,
 }
 
 fn ends_at(grant: &DelegationGrant, policy: &Policy) -> Option<End> {
     let until = valid_until(grant).map(|at| End {
         at,
+        reason: Reason::Expired,
         why: "spec.validUntil".into(),
     });
     let lifetime = policy.max_grant_lifetime.and_then(|max| {
         let created = grant.metadata.creation_timestamp.as_ref()?.0;
         Some(End {
             at: add(created, max),
+            reason: Reason::DeniedGrantLifetimeEnded,
             why: format!(
                 "created at {created}, and grants live at most {}s (--max-grant-lifetime); re-create it to ask again",
                 max.as_secs()
@@ -744,7 +815,7 @@ fn parse_duration_field(d: &crate::api::Duration, field: &str) -> Result<Duratio
 }
 
 /// The items of `wanted` that `held` lacks, in `wanted`'s order.
-fn missing_from(wanted: &[String], held: &[String]) -> Vec<String> {
+pub(crate) fn missing_from(wanted: &[String], held: &[String]) -> Vec<String> {
     wanted
         .iter()
         .filter(|s| !held.contains(s))

@@ -42,6 +42,15 @@ impl Lookup for World {
     fn record(&self, _grant: &DelegationGrant) -> Option<crate::delegation::record::TokenRecord> {
         None
     }
+    /// No ceilings of its own: every audience declared for everything the agents allow.
+    fn audience_policies(&self, audience: &str) -> Vec<Arc<AudiencePolicy>> {
+        let scopes = self
+            .agents
+            .values()
+            .flat_map(|a| a.spec.allowed_scopes.clone())
+            .collect();
+        crate::delegation::ceilings::tests::open_policies(audience, scopes, Vec::new())
+    }
 }
 
 fn world() -> World {

@@ -2,6 +2,7 @@
 //! arguments so it can be unit- and property-tested without a cluster.
 //!
 //! - [`authority`]: who may speak for a principal, extend a chain, or approve.
+//! - [`ceilings`]: what the cluster-wide AudiencePolicies of a grant's audience allow it.
 //! - [`chain`]: resolve a grant's chain from principal to actor and enforce every attenuation rule.
 //! - [`timing`]: when a token expires and when it is renewed.
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
@@ -10,6 +11,7 @@
 //! - [`record`]: what the operator itself minted and decided for a grant (a hop rests on its parent's).
 
 pub mod authority;
+pub mod ceilings;
 pub mod chain;
 pub mod claims;
 pub mod conditions;

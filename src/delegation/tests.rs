@@ -9,7 +9,8 @@ use k8s_openapi::{
 use proptest::prelude::*;
 
 use super::{
-    chain::{Lookup, Policy, Reason, resolve},
+    ceilings::tests::open_policies,
+    chain::{Lookup, Policy, Reason, Refusal, Resolution},
     claims::{GrantReference, build_claims},
     conditions::set_ready,
     record::{HeldToken, TokenRecord},
@@ -25,6 +26,10 @@ struct World {
     agents: HashMap<String, Arc<AgentIdentity>>,
     /// The operator's own record, by grant uid.
     records: HashMap<String, TokenRecord>,
+    /// The cluster's AudiencePolicies; `None`: every audience declared for all the world asks.
+    policies: Option<Vec<Arc<AudiencePolicy>>>,
+    /// The grant being resolved, which need not be in `grants`.
+    asked: Option<Arc<DelegationGrant>>,
 }
 
 impl Lookup for World {
@@ -37,9 +42,43 @@ impl Lookup for World {
     fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord> {
         self.records.get(grant.metadata.uid.as_deref()?).cloned()
     }
+    fn audience_policies(&self, audience: &str) -> Vec<Arc<AudiencePolicy>> {
+        if let Some(policies) = &self.policies {
+            return policies.clone();
+        }
+        let scopes = self
+            .agents
+            .values()
+            .flat_map(|a| a.spec.allowed_scopes.clone())
+            .chain(self.asked_and_grants().flat_map(|g| g.spec.scopes.clone()))
+            .collect();
+        let details = self
+            .asked_and_grants()
+            .flat_map(|g| g.spec.authorization_details.clone().unwrap_or_default())
+            .collect();
+        open_policies(audience, scopes, details)
+    }
+}
+
+/// Chain resolution in a world that declares, unless it has policies of its own, every audience
+/// for all the world and the grant ask: the rules of the chain are tested here, the ceilings in
+/// `ceilings_tests.rs`.
+fn resolve(
+    grant: &DelegationGrant,
+    namespace: &str,
+    world: &World,
+    policy: &Policy,
+    now: Timestamp,
+) -> Result<Resolution, Refusal> {
+    let mut world = world.clone();
+    world.asked = Some(Arc::new(grant.clone()));
+    super::chain::resolve(grant, namespace, &world, policy, now)
 }
 
 impl World {
+    fn asked_and_grants(&self) -> impl Iterator<Item = &Arc<DelegationGrant>> {
+        self.asked.iter().chain(self.grants.values())
+    }
     fn with_agent(mut self, agent: AgentIdentity) -> Self {
         self.agents
             .insert(agent.metadata.name.clone().unwrap(), Arc::new(agent));
@@ -1024,4 +1063,49 @@ proptest! {
             if loops { prop_assert!(result.is_err()); }
         }
     }
+}
+
+#[test]
+fn the_cluster_ceiling_applies_to_every_hop_and_bounds_the_token() {
+    use super::ceilings::tests::policy;
+    let w = three_hops();
+    let mut ceiling = policy("api", "https://api", &[NS], &["t:read"]);
+    ceiling.spec.max_grant_lifetime = Some(Duration::from("1h"));
+    let created = ts(now().as_second() - 600);
+    let with_ceiling = |w: &World, p: Option<AudiencePolicy>| {
+        let mut w = w.clone();
+        w.policies = Some(p.into_iter().map(Arc::new).collect());
+        for g in w.grants.values_mut() {
+            Arc::make_mut(g).metadata.creation_timestamp = Some(Time(created));
+        }
+        w
+    };
+    // The root asks c:read, which the policy does not allow: the root is refused, its hops wait.
+    let strict = with_ceiling(&w, Some(ceiling.clone()));
+    let root = strict.get("g1");
+    let refusal = resolve(&root, NS, &strict, &Policy::default(), now()).unwrap_err();
+    assert_eq!(
+        refusal.reason,
+        Reason::DeniedBeyondPolicy,
+        "{}",
+        refusal.message
+    );
+    let refusal = resolve(&strict.get("g2"), NS, &strict, &Policy::default(), now()).unwrap_err();
+    assert_eq!(refusal.reason, Reason::ParentNotReady);
+    assert!(
+        refusal.message.contains("DeniedBeyondPolicy"),
+        "{}",
+        refusal.message
+    );
+
+    // Allowed: the grant's token never outlives creation + maxGrantLifetime.
+    ceiling.spec.allowed_scopes.push("c:read".into());
+    let allowed = with_ceiling(&w, Some(ceiling.clone()));
+    let resolution = resolve(&allowed.get("g1"), NS, &allowed, &Policy::default(), now()).unwrap();
+    assert_eq!(resolution.not_after, Some(ts(created.as_second() + 3600)));
+
+    // Undeclared: nothing at all.
+    let none = with_ceiling(&w, None);
+    let refusal = resolve(&none.get("g1"), NS, &none, &Policy::default(), now()).unwrap_err();
+    assert_eq!(refusal.reason, Reason::DeniedAudienceUndeclared);
 }

@@ -22,7 +22,7 @@ use super::{
     Context, Error, MANAGED_BY, MANAGED_BY_LABEL, Readiness, Result, Settings, agents,
     caches::{
         context, index, interner, secret_cache, stamps,
-        watches::{agent_fan_out, grant_fan_out, reflect, watch_into},
+        watches::{agent_fan_out, grant_fan_out, policy_fan_out, reflect, watch_into},
     },
     error,
     grants::{self, authority, orphans, renewals, token_secret},
@@ -30,7 +30,7 @@ use super::{
     publishing::{fence, guard, keys, status_lists},
     reporting::events,
 };
-use crate::api::{AgentIdentity, DelegationApproval, DelegationGrant};
+use crate::api::{AgentIdentity, AudiencePolicy, DelegationApproval, DelegationGrant};
 
 /// Runs both controllers and key rotation until a termination signal; `readiness` follows whether
 /// this replica leads and has its caches.
@@ -171,13 +171,31 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
                 }
             }
         },
-        grant_fan_out(index.clone(), wake_grant.clone(), wake_agent, sweep.clone()),
+        grant_fan_out(
+            index.clone(),
+            wake_grant.clone(),
+            wake_agent.clone(),
+            sweep.clone(),
+        ),
     );
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
         watch.clone(),
         |_| {},
         agent_fan_out(index.clone(), wake_grant.clone(), authority.clone()),
+    );
+    // Cluster-scoped, whatever namespace is watched: the ceilings per API.
+    let (audience_policies, audience_policy_events, audience_policies_ready) = reflect(
+        Api::<AudiencePolicy>::all(client.clone()),
+        watch.clone(),
+        |_| {},
+        policy_fan_out(
+            grants_store.clone(),
+            agents_store.clone(),
+            wake_grant.clone(),
+            wake_agent,
+            authority.clone(),
+        ),
     );
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
     // A new approval or rejection must count at once, not when a remembered check expires.
@@ -250,6 +268,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         grants_ready,
         agents_ready,
         approvals_ready,
+        audience_policies_ready,
         secrets_ready,
         policies_ready,
         bindings_ready,
@@ -271,6 +290,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         grants: grants_store.clone(),
         agents: agents_store.clone(),
         approvals,
+        audience_policies,
         stamps: stamps::Stamps { policies, bindings },
         secrets,
         index,
@@ -324,9 +344,10 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         "delegation-operator running"
     );
     // The policy caches have no controller of their own: their streams only need polling.
-    let policy_caches = future::join(
+    let policy_caches = future::join3(
         policy_events.for_each(|_| future::ready(())),
         binding_events.for_each(|_| future::ready(())),
+        audience_policy_events.for_each(|_| future::ready(())),
     );
     tokio::select! {
         _ = future::join(grants, agents) => {},
@@ -361,10 +382,17 @@ pub async fn check_prerequisites(client: &Client, settings: &Settings) -> Result
         Ok(_) => agents.list_metadata(&probe).await.map(|_| ()),
         Err(e) => Err(e),
     };
+    let listed = match listed {
+        Ok(()) => Api::<AudiencePolicy>::all(client.clone())
+            .list_metadata(&probe)
+            .await
+            .map(|_| ()),
+        Err(e) => Err(e),
+    };
     if let Err(e) = listed {
         return Err(if error::is_not_found(&e) {
             Error::InvalidState(
-                "the DelegationGrant and AgentIdentity CRDs are not installed; install them with \
+                "the DelegationGrant, AgentIdentity and AudiencePolicy CRDs are not installed; install them with \
                  `delegation-operator crds | kubectl apply -f -` (or `kubectl apply -f crds/`)"
                     .into(),
             )

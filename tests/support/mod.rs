@@ -521,9 +521,108 @@ pub fn yaml_files(dir: &Path) -> Vec<PathBuf> {
     files
 }
 
-/// Creates a namespace with a unique name for one test. It is never waited on for deletion: a bare
-/// apiserver has no namespace controller, so deleted namespaces stay Terminating.
+/// Creates a namespace with a unique name for one test, with the AudiencePolicies every test's
+/// grants need ([`declare_test_audiences`]). It is never waited on for deletion: a bare apiserver
+/// has no namespace controller, so deleted namespaces stay Terminating.
 pub async fn fresh_namespace(client: &Client, prefix: &str) -> String {
+    let name = fresh_namespace_undeclared(client, prefix).await;
+    declare_test_audiences(client, &name).await;
+    name
+}
+
+// ---- cluster-level ceilings --------------------------------------------------------------------
+
+/// The label on the AudiencePolicies [`declare_test_audiences`] creates: the namespace they are for.
+pub const TEST_POLICY_LABEL: &str = "delegation.nhi.dev/test-namespace";
+
+/// The audiences the tests' grants ask for, each with every scope and authorizationDetails type the
+/// tests and examples use. Tests of the ceilings themselves use [`fresh_namespace_undeclared`].
+const TEST_AUDIENCES: &[&str] = &[
+    "https://tickets.example.com",
+    "https://payments.example.com",
+    "https://crm.example.com",
+    "https://kb.example.com",
+    "https://other.example.com",
+    "https://probe.example.com",
+    "https://tokens.example.com",
+    "https://kubernetes.default.svc",
+];
+
+/// Declares, cluster-wide, the audiences the tests use for `namespace` alone (grants elsewhere are
+/// not affected): the operator issues no token for an undeclared audience. Two policies per audience,
+/// as a cluster administrator would write them: one for grants without authorizationDetails, one
+/// for grants with them. Labelled [`TEST_POLICY_LABEL`]; [`Fixture`] removes them when dropped.
+pub async fn declare_test_audiences(client: &Client, namespace: &str) {
+    let scopes = json!([
+        "tickets:read",
+        "tickets:write",
+        "tickets:comment",
+        "tickets:close",
+        "tickets:update",
+        "payments:execute",
+        "payments:read",
+        "cases:read",
+        "customers:read",
+        "configmaps:read",
+        "kb:read"
+    ]);
+    let details = json!([
+        {"type": "ticket"},
+        {"type": "ticket", "actions": ["read", "write", "comment", "update", "close"]},
+        {"type": "ticket_queue", "actions": ["read", "comment"]},
+        {"type": "customer_case", "actions": ["read"],
+         "locations": ["https://crm.example.com/cases/98765"], "datatypes": ["contact", "case_history"]},
+        {"type": "payment_initiation", "actions": ["execute"]}
+    ]);
+    let api = dynamic_api(client, "", "AudiencePolicy");
+    for (i, audience) in TEST_AUDIENCES.iter().enumerate() {
+        for with_details in [false, true] {
+            let name = format!("{namespace}-{i}{}", if with_details { "d" } else { "" });
+            let mut spec = json!({
+                "audience": audience,
+                "namespaces": [namespace],
+                "allowedScopes": scopes,
+                "maxTokenTTL": "24h",
+            });
+            if with_details {
+                spec["allowedAuthorizationDetails"] = details.clone();
+            }
+            let policy: DynamicObject = serde_json::from_value(json!({
+                "apiVersion": "delegation.nhi.dev/v1alpha1",
+                "kind": "AudiencePolicy",
+                "metadata": {"name": name, "labels": {TEST_POLICY_LABEL: namespace}},
+                "spec": spec,
+            }))
+            .unwrap();
+            api.patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&policy),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("declare AudiencePolicy {name}: {e}"));
+        }
+    }
+}
+
+/// Removes the AudiencePolicies [`declare_test_audiences`] created for `namespace` (synchronously,
+/// with kubectl, so that it can run from `Drop`).
+pub fn remove_test_audiences(namespace: &str) {
+    let _ = Command::new(kubectl_path())
+        .arg("--kubeconfig")
+        .arg(kubeconfig_path())
+        .args([
+            "delete",
+            "audiencepolicies.delegation.nhi.dev",
+            "-l",
+            &format!("{TEST_POLICY_LABEL}={namespace}"),
+            "--wait=false",
+        ])
+        .output();
+}
+
+/// [`fresh_namespace`] without any AudiencePolicy: every audience is undeclared there.
+pub async fn fresh_namespace_undeclared(client: &Client, prefix: &str) -> String {
     let name = format!(
         "{prefix}-{}",
         &uuid::Uuid::new_v4().simple().to_string()[..8]
@@ -560,6 +659,12 @@ pub fn dynamic_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicO
         "AgentIdentity" => "agentidentities",
         "DelegationGrant" => "delegationgrants",
         "DelegationApproval" => "delegationapprovals",
+        "AudiencePolicy" => {
+            return Api::all_with(
+                client.clone(),
+                &ApiResource::from_gvk_with_plural(&gvk, "audiencepolicies"),
+            );
+        }
         other => panic!("not one of our kinds: {other}"),
     };
     Api::namespaced_with(
@@ -934,6 +1039,14 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // The operator first: it must not see its grants' audiences disappear and revoke.
+        drop(self.operator.take());
+        remove_test_audiences(&self.ns);
     }
 }
 

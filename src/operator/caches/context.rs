@@ -25,7 +25,7 @@ use crate::operator::{
     reporting::events::{Recent, Recorder},
 };
 use crate::{
-    api::{AgentIdentity, DelegationApproval, DelegationGrant},
+    api::{AgentIdentity, AudiencePolicy, DelegationApproval, DelegationGrant},
     delegation::{
         Lookup, Policy,
         record::{HeldToken, TokenRecord},
@@ -74,6 +74,8 @@ pub struct Context {
     pub grants: Store<DelegationGrant>,
     pub agents: Store<AgentIdentity>,
     pub approvals: Store<DelegationApproval>,
+    /// The cluster's AudiencePolicies (cluster-scoped; few, and small).
+    pub audience_policies: Store<AudiencePolicy>,
     /// The identity-stamping admission policies, to know from when stamps are proven.
     pub stamps: crate::operator::caches::stamps::Stamps,
     /// Token Secrets, metadata only and only what is read of it: token bytes never sit in this cache.
@@ -419,6 +421,21 @@ impl Lookup for NamespaceView<'_> {
 
     fn record(&self, grant: &DelegationGrant) -> Option<TokenRecord> {
         self.ctx.record(grant.metadata.uid.as_deref()?)
+    }
+
+    fn audience_policies(&self, audience: &str) -> Vec<Arc<AudiencePolicy>> {
+        self.ctx.audience_policies_for(audience)
+    }
+}
+
+impl Context {
+    /// The AudiencePolicies declaring `audience` (a policy's audience is immutable).
+    pub fn audience_policies_for(&self, audience: &str) -> Vec<Arc<AudiencePolicy>> {
+        self.audience_policies
+            .state()
+            .into_iter()
+            .filter(|p| p.spec.audience == audience)
+            .collect()
     }
 }
 

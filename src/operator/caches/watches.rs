@@ -11,7 +11,7 @@ use kube::{
 
 use super::index;
 use crate::{
-    api::{AgentIdentity, DelegationGrant},
+    api::{AgentIdentity, AudiencePolicy, DelegationGrant},
     operator::grants::{self, authority, orphans},
 };
 
@@ -211,5 +211,85 @@ pub fn agent_fan_out(
                 let _ = wake_grant.unbounded_send(ObjectRef::new(&grant).within(&ns));
             }
         }
+    }
+}
+
+/// After an AudiencePolicy event: when its spec changed (a new generation) or it is gone, wake every
+/// grant of its audience — a narrowed or deleted policy revokes at once what it no longer allows, a
+/// widened one issues — and forget their authority checks (a policy can require approval). Agents
+/// allowing the audience are woken too: their Ready message says which audiences are undeclared.
+/// During a re-list the changes are collected and woken once the new list is in the cache; the first
+/// list wakes nobody (everything is reconciled at start-up anyway).
+pub fn policy_fan_out(
+    grants: reflector::Store<DelegationGrant>,
+    agents: reflector::Store<AgentIdentity>,
+    wake_grant: Wake<DelegationGrant>,
+    wake_agent: Wake<AgentIdentity>,
+    authority: Arc<authority::CheckedAuthority>,
+) -> impl FnMut(&watcher::Event<AudiencePolicy>) + Send + 'static {
+    // uid -> (audience, generation) of every policy seen.
+    let mut seen: std::collections::HashMap<String, (String, Option<i64>)> = Default::default();
+    let mut relisted: Option<std::collections::HashSet<String>> = None;
+    let mut pending: std::collections::BTreeSet<String> = Default::default();
+    let mut listed_once = false;
+    move |event| {
+        let mut changed =
+            |policy: &AudiencePolicy, pending: &mut std::collections::BTreeSet<String>| {
+                let entry = (policy.spec.audience.clone(), policy.metadata.generation);
+                if seen.insert(policy.uid().unwrap_or_default(), entry.clone()) != Some(entry) {
+                    pending.insert(policy.spec.audience.clone());
+                }
+            };
+        match event {
+            watcher::Event::Apply(policy) => changed(policy, &mut pending),
+            watcher::Event::Delete(policy) => {
+                seen.remove(&policy.uid().unwrap_or_default());
+                pending.insert(policy.spec.audience.clone());
+            }
+            watcher::Event::Init => relisted = Some(Default::default()),
+            watcher::Event::InitApply(policy) => {
+                relisted
+                    .get_or_insert_default()
+                    .insert(policy.uid().unwrap_or_default());
+                changed(policy, &mut pending);
+                return;
+            }
+            watcher::Event::InitDone => {
+                // Policies deleted while the watch was down are absent from the new list.
+                let listed = relisted.take().unwrap_or_default();
+                seen.retain(|uid, (audience, _)| {
+                    listed.contains(uid) || {
+                        pending.insert(audience.clone());
+                        false
+                    }
+                });
+                if !listed_once {
+                    listed_once = true;
+                    pending.clear();
+                }
+            }
+        }
+        if pending.is_empty() {
+            return;
+        }
+        for grant in grants.state() {
+            if pending.contains(&grant.spec.audience) {
+                let ns = grant.namespace().unwrap_or_default();
+                authority.forget_named(&ns, &grant.name_any());
+                let _ = wake_grant.unbounded_send(ObjectRef::new(&grant.name_any()).within(&ns));
+            }
+        }
+        for agent in agents.state() {
+            if agent
+                .spec
+                .allowed_audiences
+                .iter()
+                .any(|a| pending.contains(a))
+            {
+                let ns = agent.namespace().unwrap_or_default();
+                let _ = wake_agent.unbounded_send(ObjectRef::new(&agent.name_any()).within(&ns));
+            }
+        }
+        pending.clear();
     }
 }

@@ -32,6 +32,7 @@ use crate::{
             decisions_for, no_longer_may_ask, requester_check, requester_refused,
             service_account_gone, service_account_of, stamp_proven, still_may_ask,
         },
+        ceilings,
         chain::add,
     },
 };
@@ -232,13 +233,30 @@ async fn ask(
             checked_at: now,
         }));
     };
-    if !approval_required(grant, &actor) {
-        return Ok(Ok(Evidence {
-            approval: None,
-            checked_at: now,
-        }));
-    }
-    approval(grant, ctx, &namespace, now).await
+    // The cluster's ceiling for the audience may require approval too; a grant it does not allow
+    // is refused by its chain before it gets here, and counts as requiring it (fail closed).
+    let policy = ceilings::ceiling(
+        grant,
+        &namespace,
+        &ctx.audience_policies_for(&grant.spec.audience),
+        now,
+    );
+    let required_by = match (approval_required(grant, &actor), &policy) {
+        (false, Ok(c)) if !c.approval_required => {
+            return Ok(Ok(Evidence {
+                approval: None,
+                checked_at: now,
+            }));
+        }
+        (true, Ok(c)) if c.approval_required => format!(
+            "AgentIdentity {:?} and AudiencePolicy {:?} require",
+            grant.spec.actor_ref.name, c.policy
+        ),
+        (false, Ok(c)) => format!("AudiencePolicy {:?} requires", c.policy),
+        (true, _) => format!("AgentIdentity {:?} requires", grant.spec.actor_ref.name),
+        (false, Err(_)) => "the grant's AudiencePolicies require".to_string(),
+    };
+    approval(grant, ctx, &namespace, now, &required_by).await
 }
 
 /// Finds the decision of an allowed approver on this generation: a rejection wins over approvals.
@@ -247,6 +265,7 @@ async fn approval(
     ctx: &Context,
     namespace: &str,
     now: Timestamp,
+    required_by: &str,
 ) -> Result<std::result::Result<Evidence, Unauthorized>> {
     let generation = grant.metadata.generation.unwrap_or_default();
     let approvals: Vec<std::sync::Arc<DelegationApproval>> = ctx
@@ -296,8 +315,7 @@ async fn approval(
     }
     let name = grant.name_any();
     let mut message = format!(
-        "AgentIdentity {:?} requires approval: waiting for someone allowed verb \"approve\" on \"delegationgrants\" named {name:?} (API group {GROUP}) to approve generation {generation}, e.g. `delegation-operator approve {name} -n {namespace}`",
-        grant.spec.actor_ref.name
+        "{required_by} approval: waiting for someone allowed verb \"approve\" on \"delegationgrants\" named {name:?} (API group {GROUP}) to approve generation {generation}, e.g. `delegation-operator approve {name} -n {namespace}`"
     );
     if !decisions.ignored.is_empty() {
         message += &format!("; not counted: {}", decisions.ignored.join("; "));
