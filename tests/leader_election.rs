@@ -504,6 +504,8 @@ impl OperatorAccount {
                 &[
                     "mutatingadmissionpolicies",
                     "mutatingadmissionpolicybindings",
+                    "validatingadmissionpolicies",
+                    "validatingadmissionpolicybindings",
                 ],
                 &["list", "watch"],
                 &[],

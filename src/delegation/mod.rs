@@ -7,6 +7,8 @@
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 //! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
+//! - [`stamp_trust`]: whether the admission policies that stamp requesters and approvers are in force,
+//!   and which generations were written under them.
 
 pub mod authority;
 pub mod chain;
@@ -14,6 +16,7 @@ pub mod claims;
 pub mod conditions;
 pub mod decision;
 pub mod explain;
+pub mod stamp_trust;
 pub mod timing;
 
 pub use chain::{Lookup, Policy, Reason, Refusal, Resolution, resolve};

@@ -14,12 +14,7 @@ use k8s_openapi::{
 };
 use kube::{Api, ResourceExt, api::PostParams};
 
-use crate::operator::{
-    caches::context::Context,
-    caches::stamps::{APPROVER_POLICY, REQUESTER_POLICY},
-    error::Result,
-    reporting::events::Recent,
-};
+use crate::operator::{caches::context::Context, error::Result, reporting::events::Recent};
 use crate::{
     api::{
         ApprovalState, ApprovalStatus, Decision, DelegationApproval, DelegationGrant, UserIdentity,
@@ -28,7 +23,7 @@ use crate::{
         Lookup, Reason, Refusal,
         authority::{
             AccessQuestion, Evidence, GROUP, RequesterCheck, Unauthorized, approval_required,
-            decisions_for, requester_check, requester_refused, stamp_proven,
+            decisions_for, requester_check, requester_refused,
         },
         chain::add,
     },
@@ -166,6 +161,14 @@ pub async fn evaluate(
     now: Timestamp,
     fresh: bool,
 ) -> Result<std::result::Result<Evidence, Unauthorized>> {
+    // Before any remembered check: trust in the stamp can end at any moment (a policy edited away).
+    if let Err(refusal) = requester_stamp(grant, ctx, now) {
+        ctx.authority.forget(grant);
+        return Ok(Err(Unauthorized {
+            refusal,
+            approval: None,
+        }));
+    }
     let period = ctx.settings.authority_recheck_period;
     if !fresh && let Some(evidence) = ctx.authority.get(grant, period, now) {
         return Ok(Ok(evidence));
@@ -176,6 +179,26 @@ pub async fn evaluate(
         Err(_) => ctx.authority.forget(grant),
     }
     Ok(outcome)
+}
+
+/// Refuses a grant whose stamped requester is not proven (see [`crate::delegation::stamp_trust`]). A
+/// grant without a requester passes here: [`requester_check`] refuses it with its own reason.
+fn requester_stamp(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> std::result::Result<(), Refusal> {
+    if grant
+        .spec
+        .requester
+        .as_ref()
+        .is_none_or(|r| r.username.is_empty())
+    {
+        return Ok(());
+    }
+    ctx.stamps
+        .requester_proven(grant, now)
+        .map_err(|problem| Refusal::new(Reason::DeniedRequesterUnverified, problem))
 }
 
 async fn ask(
@@ -199,12 +222,6 @@ async fn ask(
         Ok(found) => found,
         Err(refusal) => return Ok(Err(unauthorized(refusal))),
     };
-    let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    let since = ctx.stamps.since(REQUESTER_POLICY);
-    if let Err(problem) = stamp_proven(created, since, REQUESTER_POLICY, "spec.requester") {
-        let refusal = Refusal::new(Reason::DeniedRequesterUnverified, problem);
-        return Ok(Err(unauthorized(refusal)));
-    }
     if let RequesterCheck::Ask(question) = &check
         && !allowed(ctx, requester, question).await?
     {
@@ -242,8 +259,9 @@ async fn approval(
         .into_iter()
         .filter(|a| a.namespace().as_deref() == Some(namespace))
         .collect();
-    let since = ctx.stamps.since(APPROVER_POLICY);
-    let mut decisions = decisions_for(grant, namespace, &approvals, since);
+    let mut decisions = decisions_for(grant, namespace, &approvals, |approval| {
+        ctx.stamps.approver_proven(approval, now)
+    });
     for candidate in &decisions.candidates {
         if !allowed(ctx, &candidate.approver, &candidate.question).await? {
             decisions.ignored.push(format!(
