@@ -43,9 +43,11 @@ pub const APPROVER: Stamping = Stamping {
     check_policy: "delegation-operator-approval-authority",
 };
 
-/// How to put the admission policies back as the operator ships them.
-pub const INSTALL_HINT: &str =
-    "`delegation-operator admission-policies | kubectl apply --server-side -f -`";
+/// How to put the admission policies back as the operator ships them. Forcing, as a weakening edit by
+/// another field manager owns the fields it changed; a set such as `validationActions` would then be
+/// merged rather than replaced, which `kubectl replace` avoids.
+pub const INSTALL_HINT: &str = "`delegation-operator admission-policies | kubectl apply --server-side \
+     --force-conflicts -f -`, or `kubectl replace -f -` for an edited list";
 
 impl Stamping {
     /// The (kind, name) of the four objects, in the order they are reported.
