@@ -274,6 +274,9 @@ async fn a_weakened_or_missing_policy_makes_new_grants_unverified_until_it_is_re
     let kept = f.wait_ready("proven", "True", None).await;
     assert_eq!(kept.status.unwrap().token.unwrap().id, token_id);
 
+    // Re-created rather than edited back: policies whose spec never changed (generation 1) are what
+    // later test binaries expect (an edit made while their operator is down then counts).
+    delete_policies(&f.client).await;
     apply_policies_as_documented().await;
     reinstall_admission_policies(&f.client).await;
     let (_, status, reason, message) = verdict_on_new_grant(&f, "back", None)

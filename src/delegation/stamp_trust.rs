@@ -84,18 +84,33 @@ impl Stamping {
 pub struct Observed {
     pub spec: Value,
     pub created: Option<Timestamp>,
+    /// `metadata.generation`: 1 while the spec never changed since the object was created.
+    pub generation: Option<i64>,
     pub deleting: bool,
 }
 
-/// Whether the policies and bindings of `stamping` are in force: `Ok` with the latest of their
-/// creation times, or the first problem in words (what is missing or differs, and how to fix it).
+/// What makes the policies of one stamping in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InForce {
+    /// The latest creation of the four objects.
+    pub created: Option<Timestamp>,
+    /// No spec of the four changed since it was created: they were in force, as they are now,
+    /// ever since.
+    pub unchanged: bool,
+}
+
+/// Whether the policies and bindings of `stamping` are in force: `Ok` with their creation and
+/// history ([`InForce`]), or the first problem in words (what is missing or differs, and how to fix it).
 /// `documents` are the shipped ones; `observed` finds an object by kind and name.
 pub fn in_force<'a>(
     stamping: &Stamping,
     documents: &[Value],
     observed: impl Fn(&str, &str) -> Option<&'a Observed>,
-) -> Result<Option<Timestamp>, String> {
-    let mut latest = None;
+) -> Result<InForce, String> {
+    let mut found = InForce {
+        created: None,
+        unchanged: true,
+    };
     for (kind, name) in stamping.objects() {
         let shipped = documents
             .iter()
@@ -117,9 +132,12 @@ pub fn in_force<'a>(
                 stamping.field
             ));
         }
-        latest = latest.max(observed(kind, name).and_then(|o| o.created));
+        if let Some(o) = observed(kind, name) {
+            found.created = found.created.max(o.created);
+            found.unchanged &= o.generation == Some(1);
+        }
     }
-    Ok(latest)
+    Ok(found)
 }
 
 /// Fields the apiserver fills in when a manifest leaves them out, with the value it gives them: an
@@ -196,20 +214,23 @@ pub struct TrustSpan {
     /// the latest of the objects' creation and, when this process saw them out of force before, the
     /// moment it saw them back.
     pub since: Timestamp,
+    /// The policies never changed since they were created and this process never saw them out of
+    /// force: an object created after `since` lived its whole life under them.
+    pub unchanged: bool,
 }
 
 /// Follows whether the policies of one stamping are in force, as the policy watches report them.
 #[derive(Clone, Debug, Default)]
 pub struct TrustFollower {
     /// The last judgement, `None` before the first.
-    last: Option<Result<Option<Timestamp>, String>>,
+    last: Option<Result<InForce, String>>,
     /// When this process last saw them come back after a problem.
     restored_at: Option<Timestamp>,
 }
 
 impl TrustFollower {
     /// Takes a fresh judgement ([`in_force`]) seen at `now`; returns whether trust changed.
-    pub fn observe(&mut self, judged: Result<Option<Timestamp>, String>, now: Timestamp) -> bool {
+    pub fn observe(&mut self, judged: Result<InForce, String>, now: Timestamp) -> bool {
         if judged.is_ok() && matches!(self.last, Some(Err(_))) {
             self.restored_at = Some(now);
         }
@@ -224,12 +245,14 @@ impl TrustFollower {
                 Trust::Broken("the operator has not read the admission policies yet".to_owned())
             }
             Some(Err(problem)) => Trust::Broken(problem.clone()),
-            Some(Ok(created)) => {
-                let from = (*created)
+            Some(Ok(found)) => {
+                let from = found
+                    .created
                     .max(self.restored_at)
                     .unwrap_or(Timestamp::UNIX_EPOCH);
                 Trust::InForce(TrustSpan {
                     since: add(from, STAMP_SETTLE),
+                    unchanged: found.unchanged && self.restored_at.is_none(),
                 })
             }
         }
@@ -267,7 +290,10 @@ pub struct Written {
 ///    - a later generation: the operator saw an earlier generation of the object at or after
 ///      `since`, so the policies stayed in force, as far as their watch showed, from before the
 ///      edit until now; and that earlier generation was proven, unless every edit is stamped afresh
-///      (then the edit's own stamp is the evidence, whatever the earlier one was).
+///      (then the edit's own stamp is the evidence, whatever the earlier one was); or, for an edit
+///      the operator did not follow (made while it was down), the object was created after `since`
+///      and the policies never changed since their creation (`metadata.generation` 1, never seen
+///      out of force): every version of the object was written under them.
 ///
 /// The window that remains: the operator's watch of the policies and its watch of the objects are
 /// not ordered with each other. An edit made just after a policy was weakened can reach a reconcile
@@ -322,7 +348,8 @@ fn edited_under(
     let followed = seen.is_some_and(|s| {
         s.generation < written.generation && s.at >= span.since && (s.proven || restamps_on_update)
     });
-    if followed {
+    let lived_under = span.unchanged && written.created.is_some_and(|c| c >= span.since);
+    if followed || lived_under {
         return Ok(());
     }
     let again = if restamps_on_update {
@@ -363,6 +390,7 @@ mod tests {
                     Observed {
                         spec: d["spec"].clone(),
                         created: Some(t(100)),
+                        generation: Some(1),
                         deleting: false,
                     },
                 )
@@ -373,7 +401,7 @@ mod tests {
     fn judge(
         stamping: &Stamping,
         cluster: &[((String, String), Observed)],
-    ) -> Result<Option<Timestamp>, String> {
+    ) -> Result<InForce, String> {
         in_force(stamping, &shipped(), |kind, name| {
             cluster
                 .iter()
@@ -398,8 +426,8 @@ mod tests {
     #[test]
     fn the_shipped_policies_are_in_force_as_shipped_for_both_stamps() {
         let cluster = as_installed(&shipped());
-        assert_eq!(judge(&REQUESTER, &cluster), Ok(Some(t(100))));
-        assert_eq!(judge(&APPROVER, &cluster), Ok(Some(t(100))));
+        assert_eq!(judge(&REQUESTER, &cluster), ok(100));
+        assert_eq!(judge(&APPROVER, &cluster), ok(100));
     }
 
     #[test]
@@ -515,7 +543,12 @@ mod tests {
             .iter_mut()
             .filter(|((k, _), _)| k == "ValidatingAdmissionPolicyBinding")
             .for_each(|(_, o)| o.created = Some(t(300)));
-        assert_eq!(judge(&REQUESTER, &cluster), Ok(Some(t(300))));
+        assert_eq!(judge(&REQUESTER, &cluster), ok(300));
+        cluster[0].1.generation = Some(3);
+        assert!(
+            !judge(&REQUESTER, &cluster).unwrap().unchanged,
+            "edited once"
+        );
     }
 
     #[test]
@@ -547,6 +580,13 @@ mod tests {
             });
     }
 
+    fn ok(created: i64) -> Result<InForce, String> {
+        Ok(InForce {
+            created: Some(t(created)),
+            unchanged: true,
+        })
+    }
+
     #[test]
     fn trust_starts_a_settling_time_after_the_policies_or_their_return() {
         let mut follower = TrustFollower::default();
@@ -554,33 +594,43 @@ mod tests {
             matches!(follower.trust(), Trust::Broken(_)),
             "nothing read yet"
         );
-        assert!(follower.observe(Ok(Some(t(100))), t(500)));
+        assert!(follower.observe(ok(100), t(500)));
         assert_eq!(
             follower.trust(),
-            Trust::InForce(TrustSpan { since: t(110) })
+            Trust::InForce(TrustSpan {
+                since: t(110),
+                unchanged: true
+            })
         );
-        assert!(
-            !follower.observe(Ok(Some(t(100))), t(600)),
-            "the same state again"
-        );
+        assert!(!follower.observe(ok(100), t(600)), "the same state again");
         assert!(follower.observe(Err("binding missing".into()), t(700)));
         assert_eq!(follower.trust(), Trust::Broken("binding missing".into()));
         // Put back by an edit: their creation is old, the return is what counts.
-        assert!(follower.observe(Ok(Some(t(100))), t(800)));
+        assert!(follower.observe(ok(100), t(800)));
         assert_eq!(
             follower.trust(),
-            Trust::InForce(TrustSpan { since: t(810) })
+            Trust::InForce(TrustSpan {
+                since: t(810),
+                unchanged: false
+            })
         );
         // Re-created later still: the creation counts.
-        follower.observe(Ok(Some(t(900))), t(901));
+        follower.observe(ok(900), t(901));
         assert_eq!(
             follower.trust(),
-            Trust::InForce(TrustSpan { since: t(910) })
+            Trust::InForce(TrustSpan {
+                since: t(910),
+                unchanged: false
+            })
         );
     }
 
+    /// In force since `s`, seen changed or come back (so only what the operator followed counts).
     fn in_force_since(s: i64) -> Trust {
-        Trust::InForce(TrustSpan { since: t(s) })
+        Trust::InForce(TrustSpan {
+            since: t(s),
+            unchanged: false,
+        })
     }
 
     fn written(generation: i64, created: i64) -> Written {
@@ -677,6 +727,34 @@ mod tests {
         let broken = Trust::Broken("gone".into());
         assert!(
             judge_generation(before(true, 120), written(2, 50), &broken, false, t(200))
+                .0
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn an_edit_while_the_operator_was_down_counts_if_the_policies_never_changed_in_its_life() {
+        let unchanged = |since| {
+            Trust::InForce(TrustSpan {
+                since: t(since),
+                unchanged: true,
+            })
+        };
+        // Nothing remembered (a restart): created after the unchanged policies settled.
+        assert!(
+            judge_generation(None, written(3, 120), &unchanged(110), false, t(200))
+                .0
+                .is_ok()
+        );
+        // Created before them: its first version may predate them.
+        assert!(
+            judge_generation(None, written(3, 100), &unchanged(110), false, t(200))
+                .0
+                .is_err()
+        );
+        // Policies edited at some time the operator cannot know: only followed edits count.
+        assert!(
+            judge_generation(None, written(3, 120), &in_force_since(110), false, t(200))
                 .0
                 .is_err()
         );

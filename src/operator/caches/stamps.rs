@@ -227,6 +227,7 @@ fn observed<K: Resource + serde::Serialize>(obj: &K) -> Observed {
             .map(|v| v["spec"].clone())
             .unwrap_or_default(),
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
+        generation: meta.generation,
         deleting: meta.deletion_timestamp.is_some(),
     }
 }
