@@ -95,7 +95,7 @@ done
 [[ -n ${stamped:-} && $stamped != forged ]] || { echo "the admission policies did not take effect" >&2; exit 1; }
 echo "requesters are stamped (this kubeconfig is $stamped)"
 # The operator trusts a stamp only on grants created STAMP_SETTLE (10 s, src/delegation/authority.rs)
-# after the stamping policy and its binding exist: every apiserver must have loaded them. On a fresh
+# after the stamping and checking policies and their bindings exist (all applied together above): every apiserver must have loaded them. On a fresh
 # cluster the probe above succeeds sooner, so wait out the rest before any grant is created.
 created=$("${KUBECTL[@]}" get mutatingadmissionpolicy,mutatingadmissionpolicybinding delegation-operator-stamp-requester \
   -o jsonpath='{range .items[*]}{.metadata.creationTimestamp}{"\n"}{end}' | sort | tail -1)

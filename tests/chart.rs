@@ -652,14 +652,19 @@ fn operator_rbac_is_least_privilege_cluster_wide() {
         verbs_on(cluster, "authentication.k8s.io", "tokenreviews"),
         sorted(&["create"])
     );
-    assert_eq!(
-        verbs_on(
-            cluster,
-            "admissionregistration.k8s.io",
-            "mutatingadmissionpolicies"
-        ),
-        sorted(&["list", "watch"])
-    );
+    // Whether stamps are proven: the policies and bindings, read through watches only.
+    for resource in [
+        "mutatingadmissionpolicies",
+        "mutatingadmissionpolicybindings",
+        "validatingadmissionpolicies",
+        "validatingadmissionpolicybindings",
+    ] {
+        assert_eq!(
+            verbs_on(cluster, "admissionregistration.k8s.io", resource),
+            sorted(&["list", "watch"]),
+            "{resource}"
+        );
+    }
     // The only namespace it may read is its own.
     assert!(
         rules(cluster)

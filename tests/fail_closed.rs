@@ -64,7 +64,8 @@ async fn without_the_admission_policies_no_requester_is_trusted() {
     let grants = dynamic_api(&f.client, &f.ns, "DelegationGrant");
 
     // 1. Without the validating policy, a requester who may not delegate for alice gets past
-    //    admission, stamped; the operator's own SubjectAccessReview refuses.
+    //    admission, stamped; but nothing checked the stamp, so the operator does not trust it, and
+    //    says which binding is missing.
     unbind::<ValidatingAdmissionPolicyBinding>(&f.client, "delegation-operator-grant-authority")
         .await;
     grant_role(
@@ -96,9 +97,19 @@ async fn without_the_admission_policies_no_requester_is_trusted() {
     )
     .await;
     let refused = f
-        .wait_ready("by-bob", "False", Some("DeniedNotAuthorized"))
+        .wait_ready("by-bob", "False", Some("DeniedRequesterUnverified"))
         .await;
-    assert_eq!(refused.spec.requester.unwrap().username, "bob@example.com");
+    assert_eq!(
+        refused.spec.requester.as_ref().unwrap().username,
+        "bob@example.com"
+    );
+    let message = &refused.status.unwrap().conditions.unwrap()[0].message;
+    assert!(
+        message.contains(
+            "ValidatingAdmissionPolicyBinding delegation-operator-grant-authority is missing"
+        ),
+        "{message}"
+    );
     assert!(f.secrets().get_opt("by-bob-token").await.unwrap().is_none());
 
     // 2. Without the stamping policy, nothing stamps: no requester, no token, and a message that

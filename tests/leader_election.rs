@@ -505,6 +505,8 @@ impl OperatorAccount {
                 &[
                     "mutatingadmissionpolicies",
                     "mutatingadmissionpolicybindings",
+                    "validatingadmissionpolicies",
+                    "validatingadmissionpolicybindings",
                 ],
                 &["list", "watch"],
                 &[],

@@ -81,34 +81,10 @@ fn proven_itself(user: &UserIdentity) -> bool {
     !is_service_account(user) || bound_pod(user).is_some()
 }
 
-/// How long after a stamping policy and its binding exist the operator trusts that the apiserver applies
-/// them (it loads policies within seconds).
+/// How long after the stamping and checking policies and their bindings are in force (created, or seen
+/// back after a problem) the operator trusts that every apiserver applies them (they load within
+/// seconds). See [`super::stamp_trust`].
 pub const STAMP_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Whether an object created at `created` carries a stamp the apiserver wrote: the stamping policy
-/// was in force (`stamped_since`, `None` when it is not installed) when the object was created.
-/// Returns the problem in words otherwise; `what` names the stamped field.
-pub fn stamp_proven(
-    created: Option<k8s_openapi::jiff::Timestamp>,
-    stamped_since: Option<k8s_openapi::jiff::Timestamp>,
-    policy: &str,
-    what: &str,
-) -> Result<(), String> {
-    let Some(since) = stamped_since else {
-        return Err(format!(
-            "the admission policy {policy} (and its binding) that stamps {what} is not installed, so \
-             nothing proves who wrote it; install the admission policies \
-             (`delegation-operator admission-policies | kubectl apply --server-side -f -`)"
-        ));
-    };
-    match created {
-        Some(created) if created >= since => Ok(()),
-        _ => Err(format!(
-            "this object was created before the admission policy {policy} was in force (from {since}), so \
-             nothing proves {what} was not typed by its author; delete and re-create it"
-        )),
-    }
-}
 
 /// A question for the apiserver's authorizer: may `user` do `verb` on `resource` named `name`?
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -356,7 +332,7 @@ pub fn decisions_for(
     grant: &DelegationGrant,
     namespace: &str,
     approvals: &[std::sync::Arc<DelegationApproval>],
-    approver_stamped_since: Option<k8s_openapi::jiff::Timestamp>,
+    approver_proven: impl Fn(&DelegationApproval) -> Result<(), String>,
 ) -> Decisions {
     let name = grant.metadata.name.clone().unwrap_or_default();
     let uid = grant.metadata.uid.clone().unwrap_or_default();
@@ -388,13 +364,7 @@ pub fn decisions_for(
             ));
             continue;
         };
-        let created = approval.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        if let Err(problem) = stamp_proven(
-            created,
-            approver_stamped_since,
-            "delegation-operator-stamp-approver",
-            "spec.approver",
-        ) {
+        if let Err(problem) = approver_proven(approval) {
             decisions
                 .ignored
                 .push(format!("{approval_name:?}: {problem}"));
@@ -807,8 +777,7 @@ mod tests {
                 "uid-g",
             ),
         ];
-        let since = Some(k8s_openapi::jiff::Timestamp::UNIX_EPOCH);
-        let d = decisions_for(&g, "ns", &approvals, since);
+        let d = decisions_for(&g, "ns", &approvals, |_| Ok(()));
         let names: Vec<_> = d.candidates.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(names, ["no", "ok"]);
         assert_eq!(d.candidates[0].question.verb, APPROVE);
@@ -884,20 +853,6 @@ mod tests {
         let refusal = no_longer_may_ask(&sa, &q);
         assert_eq!(refusal.reason, Reason::DeniedNotAuthorized);
         assert!(refusal.message.contains("no longer"), "{}", refusal.message);
-    }
-
-    #[test]
-    fn a_stamp_is_proven_only_on_objects_created_while_the_policy_was_in_force() {
-        let t = |s| k8s_openapi::jiff::Timestamp::from_second(s).unwrap();
-        assert!(stamp_proven(Some(t(100)), Some(t(50)), "p", "spec.requester").is_ok());
-        let missing = stamp_proven(Some(t(100)), None, "p", "spec.requester").unwrap_err();
-        assert!(
-            missing.contains("not installed") && missing.contains("admission-policies"),
-            "{missing}"
-        );
-        let before = stamp_proven(Some(t(40)), Some(t(50)), "p", "spec.requester").unwrap_err();
-        assert!(before.contains("re-create"), "{before}");
-        assert!(stamp_proven(None, Some(t(50)), "p", "spec.requester").is_err());
     }
 
     #[test]

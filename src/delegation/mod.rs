@@ -9,6 +9,8 @@
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 //! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
 //! - [`record`]: what the operator itself minted and decided for a grant (a hop rests on its parent's).
+//! - [`stamp_trust`]: whether the admission policies that stamp requesters and approvers are in force,
+//!   and which generations were written under them.
 
 pub mod authority;
 pub mod ceilings;
@@ -18,6 +20,7 @@ pub mod conditions;
 pub mod decision;
 pub mod explain;
 pub mod record;
+pub mod stamp_trust;
 pub mod timing;
 
 pub use chain::{Lookup, Policy, Reason, Refusal, Resolution, resolve};

@@ -6,7 +6,13 @@ use std::sync::Arc;
 
 use futures::{StreamExt, future};
 use k8s_controller::LeaderElection;
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::{
+    admissionregistration::v1::{
+        MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding, ValidatingAdmissionPolicy,
+        ValidatingAdmissionPolicyBinding,
+    },
+    core::v1::{Namespace, Secret},
+};
 use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PartialObjectMeta},
@@ -154,6 +160,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     // has the change: a grant woken because its agent or parent changed always reads that change.
     let index = Arc::new(index::GrantIndex::default());
     let authority = Arc::new(authority::CheckedAuthority::default());
+    let stamps = Arc::new(stamps::Stamps::default());
     let (sweep, orphan_keys) = futures::channel::mpsc::unbounded();
     let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
     let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
@@ -200,6 +207,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
     // A new approval or rejection must count at once, not when a remembered check expires.
     let forget_checked = authority.clone();
+    let forget_stamp = stamps.clone();
     let (approvals, approval_events, approvals_ready) = reflect(
         approvals_api,
         watch.clone(),
@@ -209,16 +217,46 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
                 forget_checked
                     .forget_named(&a.namespace().unwrap_or_default(), &a.spec.grant_ref.name);
             }
+            if let watcher::Event::Delete(a) = event {
+                forget_stamp.forget_approval(a);
+            }
         },
     );
-    // Cluster-scoped, metadata only: from when identity stamps are proven.
+    // Cluster-scoped, whole objects: whether identity stamps are proven. A change of trust wakes
+    // every grant, and again once new policies have settled.
     let ours = watch
         .clone()
         .labels("app.kubernetes.io/part-of=delegation-operator");
-    let (policies, policy_events, policies_ready) =
-        reflect(Api::all(client.clone()), ours.clone(), |_| {}, |_| {});
-    let (bindings, binding_events, bindings_ready) =
-        reflect(Api::all(client.clone()), ours, |_| {}, |_| {});
+    let (mutating, mutating_ready) = watch_policies::<MutatingAdmissionPolicy>(
+        &client,
+        &ours,
+        &stamps,
+        &grants_store,
+        &wake_grant,
+    );
+    let (mutating_bindings, mutating_bindings_ready) =
+        watch_policies::<MutatingAdmissionPolicyBinding>(
+            &client,
+            &ours,
+            &stamps,
+            &grants_store,
+            &wake_grant,
+        );
+    let (validating, validating_ready) = watch_policies::<ValidatingAdmissionPolicy>(
+        &client,
+        &ours,
+        &stamps,
+        &grants_store,
+        &wake_grant,
+    );
+    let (validating_bindings, validating_bindings_ready) =
+        watch_policies::<ValidatingAdmissionPolicyBinding>(
+            &client,
+            &ours,
+            &stamps,
+            &grants_store,
+            &wake_grant,
+        );
     let managed = watch.labels(&format!("{MANAGED_BY_LABEL}={MANAGED_BY}"));
     // Every token Secret the cache sees is checked for a grant that is gone.
     // Of a token Secret's labels and annotations only the token id is read: it is kept aside, as a
@@ -270,8 +308,10 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         approvals_ready,
         audience_policies_ready,
         secrets_ready,
-        policies_ready,
-        bindings_ready,
+        mutating_ready,
+        mutating_bindings_ready,
+        validating_ready,
+        validating_bindings_ready,
     ];
     readiness.lead(caches_ready.clone());
     crate::metrics::metrics().watch_grants(Some(grants_store.clone()));
@@ -291,7 +331,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         agents: agents_store.clone(),
         approvals,
         audience_policies,
-        stamps: stamps::Stamps { policies, bindings },
+        stamps: stamps.clone(),
         secrets,
         index,
         caches_ready,
@@ -344,9 +384,11 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         "delegation-operator running"
     );
     // The policy caches have no controller of their own: their streams only need polling.
-    let policy_caches = future::join3(
-        policy_events.for_each(|_| future::ready(())),
-        binding_events.for_each(|_| future::ready(())),
+    let policy_caches = future::join5(
+        mutating,
+        mutating_bindings,
+        validating,
+        validating_bindings,
         audience_policy_events.for_each(|_| future::ready(())),
     );
     tokio::select! {
@@ -360,6 +402,59 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     }
     tracing::info!("delegation-operator stopped");
     Ok(())
+}
+
+/// Watches one kind of admission object into `stamps`; returns the watch (to be polled) and its
+/// ready flag. When trust in a stamp changes, every grant is woken at once and again when the
+/// policies have settled (a grant created meanwhile is judged against the settled time).
+fn watch_policies<K>(
+    client: &Client,
+    config: &watcher::Config,
+    stamps: &Arc<stamps::Stamps>,
+    grants: &kube::runtime::reflector::Store<DelegationGrant>,
+    wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
+) -> (
+    impl std::future::Future<Output = ()> + Send + 'static,
+    tokio::sync::watch::Receiver<bool>,
+)
+where
+    K: kube::Resource<Scope = k8s_openapi::ClusterResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (stamps, grants, wake) = (stamps.clone(), grants.clone(), wake.clone());
+    let (events, ready) = watch_into(
+        Api::<K>::all(client.clone()),
+        config.clone(),
+        |_| {},
+        move |event| {
+            if let Some(settled) = stamps.apply(event, now()) {
+                wake_every_grant(&grants, &wake);
+                let (grants, wake) = (grants.clone(), wake.clone());
+                let wait = settled.duration_since(now()).unsigned_abs();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    wake_every_grant(&grants, &wake);
+                });
+            }
+        },
+        |_| {},
+    );
+    (events.for_each(|_| future::ready(())), ready)
+}
+
+fn wake_every_grant(
+    grants: &kube::runtime::reflector::Store<DelegationGrant>,
+    wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
+) {
+    for grant in grants.state() {
+        let _ = wake.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+    }
 }
 
 fn scoped_api<K>(client: &Client, settings: &Settings) -> Api<K>

@@ -273,35 +273,31 @@ pub async fn install_admission_policies(client: &Client) {
     POLICIES_EFFECTIVE.store(true, Ordering::Release);
 }
 
-/// The operator trusts a stamp only on objects created a settling time after the stamping policy and
-/// its binding (`delegation::authority::STAMP_SETTLE`, so that nothing created while a policy was
-/// still loading counts as proven). Right after a first install, wait that out once.
+/// The operator trusts a stamp only on objects created a settling time after the stamping and checking
+/// policies and their bindings (`delegation::authority::STAMP_SETTLE`, so that nothing created while a
+/// policy was still loading counts as proven). Right after a first install, wait that out once.
 async fn wait_stamps_trusted(client: &Client) {
-    use k8s_openapi::api::admissionregistration::v1::{
-        MutatingAdmissionPolicy, MutatingAdmissionPolicyBinding,
-    };
     let mut latest_ms = 0;
     for doc in delegation_operator::admission::documents() {
         let name = doc["metadata"]["name"].as_str().unwrap_or_default();
-        let created = match doc["kind"].as_str() {
-            Some("MutatingAdmissionPolicy") => Api::<MutatingAdmissionPolicy>::all(client.clone())
-                .get(name)
-                .await
-                .map(|p| p.metadata.creation_timestamp),
-            Some("MutatingAdmissionPolicyBinding") => {
-                Api::<MutatingAdmissionPolicyBinding>::all(client.clone())
-                    .get(name)
-                    .await
-                    .map(|b| b.metadata.creation_timestamp)
-            }
-            _ => continue,
-        };
-        let created = created.unwrap_or_else(|e| panic!("reading {name}: {e}"));
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let created = admission_api(client, kind)
+            .get(name)
+            .await
+            .unwrap_or_else(|e| panic!("reading {kind} {name}: {e}"))
+            .metadata
+            .creation_timestamp;
         latest_ms = latest_ms.max(created.map_or(0, |t| t.0.as_millisecond()));
     }
+    wait_settled_after(latest_ms).await;
+}
+
+/// Waits until [`STAMP_SETTLE`](delegation_operator::delegation::authority::STAMP_SETTLE) and a second
+/// of margin (for the clock the time was taken with, and the operator's watch) have passed since
+/// `from_ms`.
+async fn wait_settled_after(from_ms: i64) {
     let settle = delegation_operator::delegation::authority::STAMP_SETTLE;
-    // A second of margin for the clock the creation timestamps were taken with.
-    let trusted_from_ms = latest_ms + settle.as_millis() as i64 + 1000;
+    let trusted_from_ms = from_ms + settle.as_millis() as i64 + 1000;
     let now_ms = k8s_openapi::jiff::Timestamp::now().as_millisecond();
     if trusted_from_ms > now_ms {
         tokio::time::sleep(Duration::from_millis((trusted_from_ms - now_ms) as u64)).await;
@@ -309,10 +305,28 @@ async fn wait_stamps_trusted(client: &Client) {
 }
 
 /// Applies the admission policies again and waits until they are in effect, even if this binary did
-/// so before: for tests that remove a policy or binding for a while.
+/// so before: for tests that remove or weaken a policy or binding for a while. An operator that saw
+/// them out of force trusts them again a settling time after it saw them back, so that is waited too.
 pub async fn reinstall_admission_policies(client: &Client) {
     POLICIES_EFFECTIVE.store(false, Ordering::Release);
     install_admission_policies(client).await;
+    wait_settled_after(k8s_openapi::jiff::Timestamp::now().as_millisecond()).await;
+}
+
+/// A dynamic API for one kind of `admission/policies.yaml`.
+pub fn admission_api(client: &Client, kind: &str) -> Api<DynamicObject> {
+    let plural = match kind {
+        "MutatingAdmissionPolicy" => "mutatingadmissionpolicies",
+        "MutatingAdmissionPolicyBinding" => "mutatingadmissionpolicybindings",
+        "ValidatingAdmissionPolicy" => "validatingadmissionpolicies",
+        "ValidatingAdmissionPolicyBinding" => "validatingadmissionpolicybindings",
+        other => panic!("unexpected kind in admission/policies.yaml: {other}"),
+    };
+    let gvk = GroupVersionKind::gvk("admissionregistration.k8s.io", "v1", kind);
+    Api::all_with(
+        client.clone(),
+        &ApiResource::from_gvk_with_plural(&gvk, plural),
+    )
 }
 
 /// Waits (up to 60 s) until the admission policies, already installed on the control plane of
@@ -331,27 +345,16 @@ pub async fn wait_admission_policies_effective(kubeconfig: &Path) {
 
 async fn apply_cluster_document(client: &Client, doc: serde_json::Value) {
     let obj: DynamicObject = serde_json::from_value(doc).expect("a Kubernetes object");
-    let types = obj.types.clone().expect("apiVersion and kind");
+    let kind = obj.types.clone().expect("apiVersion and kind").kind;
     let name = obj.metadata.name.clone().expect("a name");
-    let plural = match types.kind.as_str() {
-        "MutatingAdmissionPolicy" => "mutatingadmissionpolicies",
-        "MutatingAdmissionPolicyBinding" => "mutatingadmissionpolicybindings",
-        "ValidatingAdmissionPolicy" => "validatingadmissionpolicies",
-        "ValidatingAdmissionPolicyBinding" => "validatingadmissionpolicybindings",
-        other => panic!("unexpected kind in admission/policies.yaml: {other}"),
-    };
-    let gvk = GroupVersionKind::try_from(&types).expect("a valid apiVersion");
-    let api: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &ApiResource::from_gvk_with_plural(&gvk, plural),
-    );
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&obj),
-    )
-    .await
-    .unwrap_or_else(|e| panic!("applying {} {name}: {e}", types.kind));
+    admission_api(client, &kind)
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("applying {kind} {name}: {e}"));
 }
 
 async fn allow_probe_user(client: &Client) {

@@ -76,8 +76,8 @@ pub struct Context {
     pub approvals: Store<DelegationApproval>,
     /// The cluster's AudiencePolicies (cluster-scoped; few, and small).
     pub audience_policies: Store<AudiencePolicy>,
-    /// The identity-stamping admission policies, to know from when stamps are proven.
-    pub stamps: crate::operator::caches::stamps::Stamps,
+    /// The identity-stamping admission policies, and which stamps were found proven.
+    pub stamps: Arc<crate::operator::caches::stamps::Stamps>,
     /// Token Secrets, metadata only and only what is read of it: token bytes never sit in this cache.
     pub secrets: Arc<crate::operator::caches::secret_cache::SecretCache>,
     /// Grants by actor and by parent, kept with the grants cache.
@@ -289,6 +289,7 @@ impl Context {
         if let (Some(uid), Ok(mut map)) = (grant.uid(), self.records.lock()) {
             map.remove(&key(&uid));
         }
+        self.stamps.forget_grant(grant);
     }
 
     /// Records that the grant's deletion was carried out and its finalizer removed.

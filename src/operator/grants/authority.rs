@@ -15,12 +15,7 @@ use k8s_openapi::{
 };
 use kube::{Api, ResourceExt, api::PostParams};
 
-use crate::operator::{
-    caches::context::Context,
-    caches::stamps::{APPROVER_POLICY, REQUESTER_POLICY},
-    error::Result,
-    reporting::events::Recent,
-};
+use crate::operator::{caches::context::Context, error::Result, reporting::events::Recent};
 use crate::{
     api::{
         ApprovalState, ApprovalStatus, Decision, DelegationApproval, DelegationGrant, UserIdentity,
@@ -30,7 +25,7 @@ use crate::{
         authority::{
             AccessQuestion, Evidence, GROUP, RequesterCheck, Unauthorized, approval_required,
             decisions_for, no_longer_may_ask, requester_check, requester_refused,
-            service_account_gone, service_account_of, stamp_proven, still_may_ask,
+            service_account_gone, service_account_of, still_may_ask,
         },
         ceilings,
         chain::add,
@@ -169,6 +164,14 @@ pub async fn evaluate(
     now: Timestamp,
     fresh: bool,
 ) -> Result<std::result::Result<Evidence, Unauthorized>> {
+    // Before any remembered check: trust in the stamp can end at any moment (a policy edited away).
+    if let Err(refusal) = requester_stamp(grant, ctx, now) {
+        ctx.authority.forget(grant);
+        return Ok(Err(Unauthorized {
+            refusal,
+            approval: None,
+        }));
+    }
     let period = ctx.settings.authority_recheck_period;
     if !fresh && let Some(evidence) = ctx.authority.get(grant, period, now) {
         return Ok(Ok(evidence));
@@ -179,6 +182,26 @@ pub async fn evaluate(
         Err(_) => ctx.authority.forget(grant),
     }
     Ok(outcome)
+}
+
+/// Refuses a grant whose stamped requester is not proven (see [`crate::delegation::stamp_trust`]). A
+/// grant without a requester passes here: [`requester_check`] refuses it with its own reason.
+fn requester_stamp(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    now: Timestamp,
+) -> std::result::Result<(), Refusal> {
+    if grant
+        .spec
+        .requester
+        .as_ref()
+        .is_none_or(|r| r.username.is_empty())
+    {
+        return Ok(());
+    }
+    ctx.stamps
+        .requester_proven(grant, now)
+        .map_err(|problem| Refusal::new(Reason::DeniedRequesterUnverified, problem))
 }
 
 async fn ask(
@@ -202,12 +225,6 @@ async fn ask(
         Ok(found) => found,
         Err(refusal) => return Ok(Err(unauthorized(refusal))),
     };
-    let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
-    let since = ctx.stamps.since(REQUESTER_POLICY);
-    if let Err(problem) = stamp_proven(created, since, REQUESTER_POLICY, "spec.requester") {
-        let refusal = Refusal::new(Reason::DeniedRequesterUnverified, problem);
-        return Ok(Err(unauthorized(refusal)));
-    }
     match &check {
         RequesterCheck::Ask(question) if !allowed(ctx, requester, question).await? => {
             return Ok(Err(unauthorized(requester_refused(
@@ -274,8 +291,9 @@ async fn approval(
         .into_iter()
         .filter(|a| a.namespace().as_deref() == Some(namespace))
         .collect();
-    let since = ctx.stamps.since(APPROVER_POLICY);
-    let mut decisions = decisions_for(grant, namespace, &approvals, since);
+    let mut decisions = decisions_for(grant, namespace, &approvals, |approval| {
+        ctx.stamps.approver_proven(approval, now)
+    });
     for candidate in &decisions.candidates {
         if !allowed(ctx, &candidate.approver, &candidate.question).await? {
             decisions.ignored.push(format!(

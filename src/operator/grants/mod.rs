@@ -51,9 +51,9 @@ use crate::{
         Refusal, Resolution,
         authority::{Evidence, Unauthorized},
         conditions::ready_condition,
-        decision::{Facts, SecretHolder, Verdict, decide},
+        decision::{Facts, SecretHolder, Verdict, decide, expected_substance},
         resolve,
-        timing::{IssueCause, renewal_backstop, renewal_may_wait},
+        timing::{IssueCause, SecretState, renewal_backstop, renewal_may_wait},
     },
 };
 
@@ -159,6 +159,9 @@ async fn apply(
         &ctx.settings.policy,
         now,
     );
+    if let Ok(resolution) = &resolved {
+        vouch_by_current_token(grant, ctx, &resolved, resolution, now).await?;
+    }
     let mut authority = match &resolved {
         Ok(_) => Some(authority::evaluate(grant, ctx, now, false).await?),
         Err(_) => None,
@@ -225,6 +228,35 @@ async fn apply(
             issue(grant, ctx, &issuance, planned.take(), now).await
         }
     }
+}
+
+/// After a restart the operator remembers no proven stamps. A grant whose current token it minted
+/// (signature verified, see [`facts::secret_state`]) for exactly what the grant says now was proven
+/// when that token was minted: its stamp counts as proven, so that a restart revokes nothing. Only for
+/// a grant the operator has not judged yet: one it has judged is followed by its own record.
+async fn vouch_by_current_token(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    resolved: &std::result::Result<Resolution, Refusal>,
+    resolution: &Resolution,
+    now: Timestamp,
+) -> Result<()> {
+    let has_token = grant.status.as_ref().is_some_and(|s| s.token.is_some());
+    let Some(uid) = grant.uid() else {
+        return Ok(());
+    };
+    if !has_token || ctx.stamps.remembers(grant) {
+        return Ok(());
+    }
+    let holder = secret_holder(grant, ctx).await?;
+    let facts = facts(grant, ctx, resolved, None, Some(holder), now);
+    let current = holder == SecretHolder::Ours(SecretState::Intact)
+        && facts.minted.is_some()
+        && facts.minted == expected_substance(&facts, resolution, uid);
+    if current {
+        ctx.stamps.remember_proven(grant, now);
+    }
+    Ok(())
 }
 
 /// The facts of the decision, from what the reconcile gathered and what the caches remember.
