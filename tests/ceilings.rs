@@ -284,6 +284,34 @@ async fn an_editor_gets_no_token_beyond_the_apis_policy_whatever_the_agent_allow
         claims["authorization_details"][0]["privileges"],
         json!(["viewer"])
     );
+
+    // The agent itself says what its grants cannot have, before anyone asks.
+    let agent = wait_for(
+        "the agent to name what is beyond the policy",
+        Duration::from_secs(30),
+        || async {
+            let agent = f.agents().get("payments-bot").await.ok()?;
+            let ready = agent
+                .status?
+                .conditions?
+                .into_iter()
+                .find(|c| c.type_ == "Ready")?;
+            (ready.reason == "BeyondPolicy").then_some(ready)
+        },
+    )
+    .await;
+    assert_eq!(agent.status, "True", "grants within the policy still work");
+    for words in [
+        "payments:admin",
+        "maxTokenTTL 24h",
+        "https://undeclared.example.com",
+    ] {
+        assert!(
+            agent.message.contains(words),
+            "{words} missing: {}",
+            agent.message
+        );
+    }
 }
 
 #[tokio::test]
@@ -308,7 +336,8 @@ async fn a_namespace_the_policy_does_not_list_gets_no_token() {
         &f,
         "elsewhere",
         "DeniedAudienceUndeclared",
-        &[&policy_name(&f), &f.ns],
+        // Its own policy is named when few policies declare the audience; other tests' may be many.
+        &[&f.ns, "declare it for other namespaces"],
     )
     .await;
 }

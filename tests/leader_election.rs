@@ -511,6 +511,12 @@ impl OperatorAccount {
                 &["list", "watch"],
                 &[],
             ),
+            rule(
+                "delegation.nhi.dev",
+                &["audiencepolicies"],
+                &["list", "watch"],
+                &[],
+            ),
             rule("", &["namespaces"], &["get"], &[operator_ns]),
         ];
         grant_cluster_role(client, &cluster_role, &subject, &cluster_rules).await;

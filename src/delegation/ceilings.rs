@@ -96,6 +96,9 @@ pub fn ceiling(
     Err(refusal(audience, namespace, &beyond))
 }
 
+/// How many policies a refusal names.
+const NAMED: usize = 5;
+
 fn undeclared(audience: &str, namespace: &str, declared: &[&AudiencePolicy]) -> Refusal {
     let message = if declared.is_empty() {
         format!(
@@ -103,12 +106,18 @@ fn undeclared(audience: &str, namespace: &str, declared: &[&AudiencePolicy]) -> 
              the cluster's administrators (or the API's owners) must create an AudiencePolicy for it that lists namespace {namespace:?}"
         )
     } else {
+        // A few names are enough to find them; a cluster may have hundreds.
         let names: Vec<&str> = declared
             .iter()
+            .take(NAMED)
             .map(|p| p.metadata.name.as_deref().unwrap_or_default())
             .collect();
+        let more = match declared.len().saturating_sub(NAMED) {
+            0 => String::new(),
+            n => format!(" and {n} more"),
+        };
         format!(
-            "no AudiencePolicy for audience {audience:?} lists namespace {namespace:?} (AudiencePolicies {names:?} declare it for other namespaces); \
+            "no AudiencePolicy for audience {audience:?} lists namespace {namespace:?} (AudiencePolicies {names:?}{more} declare it for other namespaces); \
              the cluster's administrators (or the API's owners) must add the namespace to one of them"
         )
     };
@@ -238,6 +247,58 @@ fn allows(
 fn allowed_details(ceilings: &[crate::api::AuthorizationDetail]) -> String {
     let each: Vec<String> = ceilings.iter().map(describe_detail).collect();
     format!("it allows details {}", each.join(", "))
+}
+
+/// What an AgentIdentity (in `namespace`) allows beyond every AudiencePolicy: one phrase per audience
+/// it lists that no policy declares for the namespace, per scope no policy of that audience allows,
+/// and a `maxTokenTTL` longer than every such policy's. Grants asking for any of it are refused; the
+/// agent says so in its status, so that its owner learns before a grant does.
+pub fn agent_beyond(
+    agent: &crate::api::AgentIdentity,
+    namespace: &str,
+    policies: &[Arc<AudiencePolicy>],
+) -> Vec<String> {
+    let agent_ttl = agent.spec.max_token_ttl.parse().ok();
+    let mut beyond = Vec::new();
+    for audience in &agent.spec.allowed_audiences {
+        let matching: Vec<&AudiencePolicy> = policies
+            .iter()
+            .map(|p| p.as_ref())
+            .filter(|p| &p.spec.audience == audience && p.spec.covers_namespace(namespace))
+            .collect();
+        if matching.is_empty() {
+            beyond.push(format!(
+                "audience {audience:?} is declared by no AudiencePolicy for namespace {namespace:?}"
+            ));
+            continue;
+        }
+        let scopes: Vec<String> = agent
+            .spec
+            .allowed_scopes
+            .iter()
+            .filter(|s| !matching.iter().any(|p| p.spec.allowed_scopes.contains(s)))
+            .cloned()
+            .collect();
+        if !scopes.is_empty() {
+            beyond.push(format!(
+                "scopes {scopes:?} are allowed by no AudiencePolicy of {audience:?}"
+            ));
+        }
+        let longest = matching
+            .iter()
+            .filter_map(|p| p.spec.max_token_ttl.parse().ok())
+            .max();
+        if let (Some(agent_ttl), Some(longest)) = (agent_ttl, longest)
+            && agent_ttl > longest
+        {
+            beyond.push(format!(
+                "maxTokenTTL {} is longer than every AudiencePolicy of {audience:?} allows ({}s)",
+                agent.spec.max_token_ttl,
+                longest.as_secs()
+            ));
+        }
+    }
+    beyond
 }
 
 #[cfg(test)]

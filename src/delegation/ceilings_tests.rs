@@ -156,6 +156,18 @@ fn a_policy_for_other_namespaces_names_itself_and_the_namespace() {
         refusal.message
     );
     assert!(refusal.message.contains(NS), "{}", refusal.message);
+
+    // Many such policies: a few are named, the rest counted, so the message stays short.
+    let many: Vec<_> = (0..8)
+        .map(|i| policy(&format!("p{i}"), AUD, &["billing"], &["payments:read"]))
+        .collect();
+    let refusal = check(&grant(&["payments:read"], "5m"), many).unwrap_err();
+    assert!(
+        refusal.message.contains("\"p4\"] and 3 more"),
+        "{}",
+        refusal.message
+    );
+    assert!(!refusal.message.contains("\"p5\""), "{}", refusal.message);
 }
 
 #[test]
@@ -337,6 +349,39 @@ fn a_grant_without_creation_time_has_no_lifetime_to_count() {
 
 const SCOPES: [&str; 4] = ["p:read", "p:write", "p:admin", "p:execute"];
 const NAMESPACES: [&str; 3] = [NS, "other", "*"];
+
+/// The agent a namespace admin writes: an undeclared audience, an admin scope, 24 hours.
+#[test]
+fn an_agent_beyond_every_policy_says_what_its_grants_cannot_have() {
+    let agent: AgentIdentity = serde_json::from_value(serde_json::json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": {"name": "greedy", "namespace": NS},
+        "spec": {"owner": {"kind": "Group", "name": "p"},
+                 "allowedScopes": ["payments:read", "payments:admin"],
+                 "allowedAudiences": [AUD, "https://undeclared.example.com"],
+                 "maxTokenTTL": "24h"},
+    }))
+    .unwrap();
+    let policies = vec![Arc::new(policy("payments", AUD, &[NS], &["payments:read"]))];
+    let beyond = agent_beyond(&agent, NS, &policies);
+    assert_eq!(beyond.len(), 3, "{beyond:?}");
+    assert!(beyond[0].contains("payments:admin"), "{beyond:?}");
+    assert!(beyond[1].contains("maxTokenTTL 24h"), "{beyond:?}");
+    assert!(beyond[2].contains("undeclared.example.com"), "{beyond:?}");
+    let modest: AgentIdentity = serde_json::from_value(serde_json::json!({
+        "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "AgentIdentity",
+        "metadata": {"name": "modest", "namespace": NS},
+        "spec": {"owner": {"kind": "Group", "name": "p"}, "allowedScopes": ["payments:read"],
+                 "allowedAudiences": [AUD], "maxTokenTTL": "10m"},
+    }))
+    .unwrap();
+    assert!(agent_beyond(&modest, NS, &policies).is_empty());
+    assert_eq!(
+        agent_beyond(&modest, "elsewhere", &policies).len(),
+        1,
+        "another namespace is not declared"
+    );
+}
 
 fn subset(of: &'static [&'static str]) -> impl Strategy<Value = Vec<&'static str>> {
     proptest::sample::subsequence(of.to_vec(), 0..=of.len())

@@ -25,7 +25,7 @@ use super::{
 };
 use crate::{
     api::{AgentIdentity, AgentIdentityStatus, agent_subject},
-    delegation::conditions::set_ready,
+    delegation::{ceilings::agent_beyond, conditions::set_ready},
 };
 
 pub async fn reconcile(agent: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<Action> {
@@ -37,7 +37,9 @@ pub async fn reconcile(agent: Arc<AgentIdentity>, ctx: Arc<Context>) -> Result<A
         .ok_or_else(|| Error::InvalidState("agent without namespace".into()))?;
     let name = agent.name_any();
     let active = ctx.index.ready_count(&namespace, &name);
-    let (ready, reason, message) = readiness(&agent);
+    let policies = ctx.audience_policies.state();
+    let beyond = agent_beyond(&agent, &namespace, &policies);
+    let (ready, reason, message) = readiness(&agent, &beyond);
     let previous = agent.status.as_ref().and_then(|s| s.conditions.as_deref());
     let status = AgentIdentityStatus {
         subject: Some(agent_subject(&namespace, &name)),
@@ -120,7 +122,9 @@ pub fn error_policy(agent: Arc<AgentIdentity>, error: &Error, _ctx: Arc<Context>
     Action::requeue(Duration::from_secs(5))
 }
 
-fn readiness(agent: &AgentIdentity) -> (bool, &'static str, String) {
+/// The agent's Ready condition. An agent allowing more than the AudiencePolicies stays Ready (grants
+/// within the policies work) with reason `BeyondPolicy`, saying what its grants cannot have.
+fn readiness(agent: &AgentIdentity, beyond: &[String]) -> (bool, &'static str, String) {
     if agent.spec.is_suspended() {
         return (
             false,
@@ -130,6 +134,16 @@ fn readiness(agent: &AgentIdentity) -> (bool, &'static str, String) {
     }
     if let Err(e) = agent.spec.max_token_ttl.parse() {
         return (false, "InvalidSpec", format!("spec.maxTokenTTL: {e}"));
+    }
+    if !beyond.is_empty() {
+        return (
+            true,
+            "BeyondPolicy",
+            format!(
+                "the agent can receive grants within the AudiencePolicies only: {}; grants asking for that are refused",
+                beyond.join("; ")
+            ),
+        );
     }
     (
         true,

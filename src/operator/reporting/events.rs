@@ -79,7 +79,8 @@ impl Recorder {
         Self { queue }
     }
 
-    /// Queues an Event about `regarding` and returns at once; when the queue is full the Event is
+    /// Queues an Event about `regarding` and returns at once (its note cut to what the apiserver
+    /// takes, [`MAX_NOTE`]); when the queue is full the Event is
     /// dropped and counted in `delegation_events_dropped_total`.
     pub fn publish(
         &self,
@@ -94,7 +95,7 @@ impl Recorder {
             type_,
             reason: reason.to_owned(),
             action: action.to_owned(),
-            note,
+            note: fit_note(note),
             observed: Timestamp::now(),
         };
         if let Err(e) = self.queue.try_send(pending) {
@@ -372,9 +373,40 @@ impl<V> Recent<V> {
     }
 }
 
+/// The longest note the apiserver accepts on an `events.k8s.io/v1` Event (bytes); a longer one is
+/// refused, and the Event lost.
+pub const MAX_NOTE: usize = 1024;
+
+/// The note, cut at a character boundary to fit [`MAX_NOTE`] with an ellipsis (the whole message
+/// stays in the grant's condition).
+fn fit_note(note: String) -> String {
+    if note.len() <= MAX_NOTE {
+        return note;
+    }
+    let ellipsis = "…";
+    let mut end = MAX_NOTE - ellipsis.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{ellipsis}", &note[..end])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_long_note_is_cut_to_what_the_apiserver_takes_at_a_character_boundary() {
+        assert_eq!(fit_note("short".into()), "short");
+        let exact = "a".repeat(MAX_NOTE);
+        assert_eq!(fit_note(exact.clone()), exact);
+        for long in ["é".repeat(MAX_NOTE), "x".repeat(5 * MAX_NOTE)] {
+            let cut = fit_note(long.clone());
+            assert!(cut.len() <= MAX_NOTE, "{}", cut.len());
+            assert!(cut.ends_with('…'));
+            assert!(long.starts_with(cut.trim_end_matches('…')));
+        }
+    }
 
     const TTL: Duration = Duration::from_secs(60);
 
