@@ -5,15 +5,8 @@ mod support;
 
 use std::time::Duration;
 
-use delegation_operator::{
-    api::{Decision, DelegationGrant},
-    cli,
-    delegation::authority,
-};
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, DynamicObject, PostParams},
-};
+use delegation_operator::{api::Decision, cli, delegation::authority};
+use kube::{Api, ResourceExt, api::DeleteParams};
 use serde_json::json;
 use support::*;
 
@@ -78,48 +71,11 @@ fn payment_grant(name: &str) -> serde_json::Value {
     })
 }
 
-/// Lets these users create and read grants and approvals in the namespace (nothing more).
-async fn tenants(f: &Fixture, users: &[&str]) {
-    let subjects: Vec<_> = users.iter().map(|u| user_subject(u)).collect();
-    grant_role(
-        &f.client,
-        &f.ns,
-        "tenants",
-        &subjects,
-        &[rule(
-            GROUP,
-            &["delegationgrants", "delegationapprovals"],
-            &[
-                "create", "get", "list", "watch", "update", "patch", "delete",
-            ],
-            &[],
-        )],
-    )
-    .await;
-}
-
-async fn create_as(
-    client: &Client,
-    ns: &str,
-    doc: serde_json::Value,
-) -> Result<DynamicObject, kube::Error> {
-    let obj: DynamicObject = serde_json::from_value(doc).unwrap();
-    let kind = obj.types.as_ref().unwrap().kind.clone();
-    dynamic_api(client, ns, &kind)
-        .create(&PostParams::default(), &obj)
-        .await
-}
-
-fn condition(grant: &DelegationGrant) -> (String, String) {
-    let c = grant.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].clone();
-    (c.reason, c.message)
-}
-
 #[tokio::test]
 async fn a_user_delegates_for_herself_and_the_token_says_who_asked() {
     let f = Fixture::start("self", &[]).await;
     f.apply(AGENTS).await;
-    tenants(&f, &["alice@example.com"]).await;
+    f.tenants(&["alice@example.com"]).await;
     let alice = client_as("alice@example.com", &[]).await;
     create_as(
         &alice,
@@ -162,7 +118,7 @@ async fn a_user_delegates_for_herself_and_the_token_says_who_asked() {
 async fn a_delegate_permission_lets_bob_speak_for_alice_until_it_is_removed() {
     let f = Fixture::start("delegate", &["--authority-recheck-period", "2s"]).await;
     f.apply(AGENTS).await;
-    tenants(&f, &["bob@example.com"]).await;
+    f.tenants(&["bob@example.com"]).await;
     let bob = client_as("bob@example.com", &[]).await;
 
     let refused = create_as(
@@ -254,7 +210,8 @@ async fn only_the_parent_actors_workload_may_extend_a_chain() {
     let f = Fixture::start("hop", &[]).await;
     f.apply(AGENTS).await;
     let workload = format!("system:serviceaccount:{}:orchestrator-sa", f.ns);
-    tenants(&f, &["alice@example.com", "mallory@example.com", &workload]).await;
+    f.tenants(&["alice@example.com", "mallory@example.com", &workload])
+        .await;
     let alice = client_as("alice@example.com", &[]).await;
     create_as(
         &alice,
@@ -362,7 +319,8 @@ async fn an_editor_impersonating_the_workload_may_not_extend_its_chain() {
     let editor_user = format!("system:serviceaccount:{}:editor", f.ns);
     make_editor(&f.client, &f.ns, &service_account_subject(&f.ns, "editor")).await;
     // Editors and the workload may create grants (as the chart's roles aggregated into edit allow).
-    tenants(&f, &["alice@example.com", &workload, &editor_user]).await;
+    f.tenants(&["alice@example.com", &workload, &editor_user])
+        .await;
     let alice = client_as("alice@example.com", &[]).await;
     create_as(
         &alice,
@@ -432,7 +390,7 @@ async fn an_editor_impersonating_a_service_account_may_not_lend_its_authority() 
     let robot = format!("system:serviceaccount:{}:robot", f.ns);
     ensure_service_account(&f.client, &f.ns, "editor").await;
     make_editor(&f.client, &f.ns, &service_account_subject(&f.ns, "editor")).await;
-    tenants(&f, &[&robot]).await;
+    f.tenants(&[&robot]).await;
     let own_grant = || {
         json!({
             "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
@@ -532,7 +490,7 @@ async fn a_re_created_parent_does_not_adopt_old_hops() {
 async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_requester() {
     let f = Fixture::start("approval", &[]).await;
     f.apply(AGENTS).await;
-    tenants(&f, &["alice@example.com", "carol@example.com"]).await;
+    f.tenants(&["alice@example.com", "carol@example.com"]).await;
     let alice = client_as("alice@example.com", &[]).await;
     let carol = client_as("carol@example.com", &[]).await;
     create_as(&alice, &f.ns, payment_grant("pay"))
@@ -582,15 +540,7 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
     cli::decide(alice.clone(), &f.ns, "pay", Decision::Approve, None, None)
         .await
         .unwrap();
-    let still = wait_for(
-        "the self-approval reported",
-        Duration::from_secs(10),
-        || async {
-            let g = f.grants().get("pay").await.ok()?;
-            condition(&g).1.contains("own requester").then_some(g)
-        },
-    )
-    .await;
+    let still = f.wait_message("pay", "own requester").await;
     assert_eq!(condition(&still).0, "ApprovalPending");
 
     // Carol reviews the grant as it is now and approves exactly that generation.
@@ -679,7 +629,7 @@ async fn a_grant_needing_approval_waits_for_an_allowed_approver_other_than_its_r
 async fn requiring_approval_later_or_rejecting_an_approved_grant_takes_effect_at_once() {
     let f = Fixture::start("approval-later", &[]).await;
     f.apply(AGENTS).await;
-    tenants(&f, &["alice@example.com", "carol@example.com"]).await;
+    f.tenants(&["alice@example.com", "carol@example.com"]).await;
     let alice = client_as("alice@example.com", &[]).await;
     create_as(
         &alice,

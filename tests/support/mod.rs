@@ -696,6 +696,22 @@ pub async fn create_document(
         .await
 }
 
+/// Creates the object `doc` (JSON with apiVersion and kind) as `client` in `namespace`.
+pub async fn create_as(
+    client: &Client,
+    namespace: &str,
+    doc: serde_json::Value,
+) -> Result<DynamicObject, kube::Error> {
+    let doc: DynamicObject = serde_json::from_value(doc).expect("a Kubernetes object");
+    create_document(client, namespace, &doc).await
+}
+
+/// `(reason, message)` of a grant's first condition (its `Ready`); panics when it has none.
+pub fn condition(grant: &DelegationGrant) -> (String, String) {
+    let c = grant.status.as_ref().unwrap().conditions.as_ref().unwrap()[0].clone();
+    (c.reason, c.message)
+}
+
 /// The apiserver's message for a rejected request, or a panic if it was accepted.
 pub fn rejection_message<T: std::fmt::Debug>(result: Result<T, kube::Error>) -> String {
     match result {
@@ -1102,6 +1118,27 @@ impl Fixture {
         }
     }
 
+    /// Lets these users create, read, edit and delete grants and approvals in the namespace (what the
+    /// chart's roles aggregated into the built-in `edit` allow), and nothing more: Role `tenants`.
+    pub async fn tenants(&self, users: &[&str]) {
+        let subjects: Vec<_> = users.iter().map(|u| user_subject(u)).collect();
+        grant_role(
+            &self.client,
+            &self.ns,
+            "tenants",
+            &subjects,
+            &[rule(
+                "delegation.nhi.dev",
+                &["delegationgrants", "delegationapprovals"],
+                &[
+                    "create", "get", "list", "watch", "update", "patch", "delete",
+                ],
+                &[],
+            )],
+        )
+        .await;
+    }
+
     pub fn grants(&self) -> Api<DelegationGrant> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
@@ -1166,6 +1203,20 @@ impl Fixture {
                 .clone();
             let current = grant.status.as_ref()?.observed_generation == grant.metadata.generation;
             (current && cond.status == status && reason.is_none_or(|r| cond.reason == r))
+                .then_some(grant)
+        })
+        .await
+    }
+
+    /// Waits until the grant's condition message says `words`; returns the grant.
+    pub async fn wait_message(&self, name: &str, words: &str) -> DelegationGrant {
+        let what = format!("grant {name}'s condition to say {words:?}");
+        wait_for(&what, Duration::from_secs(30), || async {
+            let grant = self.grants().get(name).await.ok()?;
+            let conditions = grant.status.as_ref()?.conditions.as_ref()?;
+            conditions
+                .first()
+                .is_some_and(|c| c.message.contains(words))
                 .then_some(grant)
         })
         .await
