@@ -79,6 +79,18 @@ spec:
 """
 
 
+# Tokens are issued only for audiences an AudiencePolicy declares: the bench's, for every namespace.
+AUDIENCE_POLICY = """apiVersion: delegation.nhi.dev/v1alpha1
+kind: AudiencePolicy
+metadata: {name: delegation-bench-tickets}
+spec:
+  audience: https://tickets.example.com
+  namespaces: ["*"]
+  allowedScopes: [tickets:read]
+  maxTokenTTL: 15m
+"""
+
+
 class Api:
     """A direct HTTPS client for the local control plane (its admin certificate), so that single-grant
     latency is measured without a kubectl process start on either side."""
@@ -294,7 +306,7 @@ def trimmed_rss_mib(pid):
 def install_admission_policies(kubectl, binary, ns):
     """Grants need a requester stamped by the admission policies, and the operator trusts a stamp only
     on objects created 10 s after the stamping policy and its binding: install, wait until a dry run
-    comes back stamped, then wait out the settle time."""
+    comes back stamped, then wait out the settle time. Then declare the bench's audience."""
     sh(*kubectl, "apply", "--server-side", "--force-conflicts", "--field-manager", "delegation-operator-bench",
        "-f", "-", stdin=sh(binary, "admission-policies"))
     probe = json.dumps({
@@ -314,6 +326,7 @@ def install_admission_policies(kubectl, binary, ns):
                for kind in ("mutatingadmissionpolicy", "mutatingadmissionpolicybinding")]
     settled = max(calendar.timegm(time.strptime(t, "%Y-%m-%dT%H:%M:%SZ")) for t in created) + 11
     time.sleep(max(0.0, settled - time.time()))
+    sh(*kubectl, "apply", "-f", "-", stdin=AUDIENCE_POLICY)
 
 
 def bare_grant_writes(api, ns, name):
