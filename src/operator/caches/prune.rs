@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use crate::{api::DelegationGrant, operator::FINALIZER};
 
-/// The most finalizers a grant keeps in the cache as they are, as many as the admission policy
-/// `delegation-operator-metadata-bounds` lets a grant carry.
+/// The most finalizers besides the operator's own that a grant keeps in the cache as they are, as
+/// many as the admission policy `delegation-operator-metadata-bounds` lets a grant carry.
 pub const KEPT_FINALIZERS: usize = 8;
 
 /// Stands in the cache for the finalizers of a grant that had more than [`KEPT_FINALIZERS`]. Not a
@@ -46,10 +46,10 @@ pub fn grant_finalizers(grant: &mut DelegationGrant) {
     let finalizers = grant.metadata.finalizers.take();
     unread_metadata(&mut grant.metadata);
     grant.metadata.finalizers = finalizers.map(|list| {
-        if list.len() <= KEPT_FINALIZERS {
+        let ours = list.iter().any(|f| f == FINALIZER);
+        if list.len() <= KEPT_FINALIZERS + usize::from(ours) {
             return list;
         }
-        let ours = list.iter().any(|f| f == FINALIZER);
         let mut kept: Vec<String> = ours.then(|| FINALIZER.to_owned()).into_iter().collect();
         kept.push(FINALIZERS_NOT_CACHED.to_owned());
         kept
@@ -153,7 +153,7 @@ mod tests {
 
     #[test]
     fn a_grants_finalizers_within_the_admission_bound_are_kept_as_they_are() {
-        let mut grant = hostile_grant(KEPT_FINALIZERS - 1);
+        let mut grant = hostile_grant(KEPT_FINALIZERS);
         let list = grant.metadata.finalizers.clone();
         grant_finalizers(&mut grant);
         assert_eq!(grant.metadata.finalizers, list);
