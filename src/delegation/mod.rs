@@ -8,6 +8,7 @@
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 //! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
+//! - [`limits`]: which grants of a namespace beyond `--max-grants-per-namespace` are refused.
 //! - [`record`]: what the operator itself minted and decided for a grant (a hop rests on its parent's).
 
 pub mod authority;
@@ -17,6 +18,7 @@ pub mod claims;
 pub mod conditions;
 pub mod decision;
 pub mod explain;
+pub mod limits;
 pub mod record;
 pub mod timing;
 

@@ -176,6 +176,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
             wake_grant.clone(),
             wake_agent.clone(),
             sweep.clone(),
+            settings.max_grants_per_namespace,
         ),
     );
     let (agents_store, agent_events, agents_ready) = reflect(

@@ -152,13 +152,16 @@ async fn apply(
     planned: &mut Option<Planned>,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
-    let resolved = resolve(
-        grant,
-        &namespace,
-        &ctx.namespace_view(&namespace),
-        &ctx.settings.policy,
-        now,
-    );
+    // Beyond its namespace's limit a grant is refused before anything is resolved or asked.
+    let resolved = ctx.namespace_limit(grant).and_then(|()| {
+        resolve(
+            grant,
+            &namespace,
+            &ctx.namespace_view(&namespace),
+            &ctx.settings.policy,
+            now,
+        )
+    });
     let mut authority = match &resolved {
         Ok(_) => Some(authority::evaluate(grant, ctx, now, false).await?),
         Err(_) => None,
