@@ -78,7 +78,7 @@ mod tests {
 
     #[test]
     fn grants_rank_by_creation_then_token_holders_then_name() {
-        let mut ranked = vec![
+        let mut ranked = [
             at(20, false, "a-newcomer"),
             at(10, false, "z"),
             at(10, true, "y"),
