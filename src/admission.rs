@@ -53,7 +53,7 @@ mod tests {
     #[test]
     fn every_document_is_a_known_admission_kind_in_v1() {
         let docs = documents();
-        assert!(docs.len() >= 8, "expected four policies and their bindings");
+        assert!(docs.len() >= 12, "expected six policies and their bindings");
         for doc in &docs {
             assert_eq!(
                 doc["apiVersion"], "admissionregistration.k8s.io/v1",
@@ -156,6 +156,38 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn the_metadata_bounds_cover_every_tenant_kind_and_match_what_the_cache_keeps() {
+        let policy = policies()
+            .into_iter()
+            .find(|p| name(p) == "delegation-operator-metadata-bounds")
+            .expect("the metadata bounds policy");
+        assert_eq!(kind(&policy), "ValidatingAdmissionPolicy");
+        let rules = &policy["spec"]["matchConstraints"]["resourceRules"];
+        assert_eq!(
+            rules[0]["resources"],
+            serde_json::json!(["delegationgrants", "agentidentities", "delegationapprovals"])
+        );
+        assert_eq!(
+            rules[0]["operations"],
+            serde_json::json!(["CREATE", "UPDATE"])
+        );
+        let spec = policy["spec"].to_string();
+        // The operator's own finalizer never counts: it adds it to grants created without the policy.
+        assert!(spec.contains(crate::operator::FINALIZER), "{spec}");
+        let kept = crate::operator::caches::prune::KEPT_FINALIZERS;
+        assert!(
+            spec.contains(&format!("variables.finalizers <= {kept} ||")),
+            "the cache keeps the finalizers the policy allows: {spec}"
+        );
+        // Every bound may be kept, never grown, by an update (objects from before the policy).
+        for validation in policy["spec"]["validations"].as_array().unwrap() {
+            let expr = validation["expression"].as_str().unwrap();
+            assert!(expr.contains("|| variables."), "{expr}");
+            assert!(validation["messageExpression"].is_string(), "{validation}");
         }
     }
 

@@ -133,6 +133,11 @@ struct RunArgs {
     /// (DeniedGrantLifetimeEnded) and must be re-created (unset: no limit beyond AudiencePolicies').
     #[arg(long, value_parser = parse_duration)]
     max_grant_lifetime: Option<std::time::Duration>,
+    /// How many grants of one namespace get tokens; the oldest (by creationTimestamp) do, and the
+    /// others are refused (DeniedNamespaceGrantLimit) until older ones are deleted (unset: no limit;
+    /// a ResourceQuota on count/delegationgrants.delegation.nhi.dev refuses them at creation instead).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    max_grants_per_namespace: Option<u64>,
     /// How often a Ready grant's authority (its requester's RBAC, its approver's) is checked again
     /// between issuances; every issuance and rotation checks it too.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
@@ -325,6 +330,9 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             max_grant_lifetime: args.max_grant_lifetime,
         },
         concurrency: args.concurrency,
+        max_grants_per_namespace: args
+            .max_grants_per_namespace
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         authority_recheck_period: args.authority_recheck_period,
         leader_election,
     };

@@ -114,6 +114,9 @@ pub enum Reason {
     DeniedNotAuthorized,
     /// The ServiceAccount that asked for the grant was deleted, or re-created with another uid.
     DeniedRequesterGone,
+    /// The namespace holds more grants than the operator's `--max-grants-per-namespace`, and this one
+    /// is not among the oldest.
+    DeniedNamespaceGrantLimit,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -153,6 +156,7 @@ impl Reason {
             Reason::DeniedRequesterUnverified => "DeniedRequesterUnverified",
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
             Reason::DeniedRequesterGone => "DeniedRequesterGone",
+            Reason::DeniedNamespaceGrantLimit => "DeniedNamespaceGrantLimit",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",

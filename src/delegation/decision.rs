@@ -3,8 +3,9 @@
 //! shell (`operator::grants`) gathers the [`Facts`], calls [`decide`], and carries the [`Verdict`] out.
 //!
 //! The rules, in the order they apply:
-//! 1. A grant whose chain does not resolve is refused with the resolution's reason (a parent that is
-//!    only being updated makes it wait instead).
+//! 1. A grant whose chain does not resolve, or that is beyond its namespace's grant limit
+//!    ([`super::limits`]), is refused with that reason (a parent that is only being updated makes it
+//!    wait instead).
 //! 2. A grant whose authority the apiserver did not confirm is refused with that reason.
 //! 3. A Secret of the grant's name that is not ours is never taken over: refused (`SecretConflict`).
 //! 4. Otherwise the current token is kept while it still says exactly what the grant allows now (same

@@ -27,7 +27,7 @@ use kube::{
 use super::{
     Context, Error, MANAGED_BY, MANAGED_BY_LABEL, Readiness, Result, Settings, agents,
     caches::{
-        context, index, interner, secret_cache, stamps,
+        context, index, interner, prune, secret_cache, stamps,
         watches::{agent_fan_out, grant_fan_out, policy_fan_out, reflect, watch_into},
     },
     error,
@@ -167,12 +167,12 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let (grants_store, grant_events, grants_ready) = reflect(
         grants_api,
         watch.clone(),
-        // Nothing reads a grant's labels or annotations; grants by one requester share its identity.
+        // Of a grant's metadata only the operator's finalizer is read; grants by one requester share
+        // its identity.
         {
             let mut requesters = interner::Interner::default();
             move |grant: &mut DelegationGrant| {
-                grant.metadata.labels = None;
-                grant.metadata.annotations = None;
+                prune::grant_finalizers(grant);
                 if let Some(requester) = grant.spec.requester.as_mut() {
                     requesters.share(requester);
                 }
@@ -183,19 +183,20 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
             wake_grant.clone(),
             wake_agent.clone(),
             sweep.clone(),
+            settings.max_grants_per_namespace,
         ),
     );
     let (agents_store, agent_events, agents_ready) = reflect(
         agents_api,
         watch.clone(),
-        |_| {},
+        |agent: &mut AgentIdentity| prune::unread_metadata(&mut agent.metadata),
         agent_fan_out(index.clone(), wake_grant.clone(), authority.clone()),
     );
     // Cluster-scoped, whatever namespace is watched: the ceilings per API.
     let (audience_policies, audience_policy_events, audience_policies_ready) = reflect(
         Api::<AudiencePolicy>::all(client.clone()),
         watch.clone(),
-        |_| {},
+        |policy: &mut AudiencePolicy| prune::unread_metadata(&mut policy.metadata),
         policy_fan_out(
             grants_store.clone(),
             agents_store.clone(),
@@ -211,7 +212,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let (approvals, approval_events, approvals_ready) = reflect(
         approvals_api,
         watch.clone(),
-        |_| {},
+        |approval: &mut DelegationApproval| prune::unread_metadata(&mut approval.metadata),
         move |event| {
             if let watcher::Event::Apply(a) | watcher::Event::Delete(a) = event {
                 forget_checked
@@ -264,12 +265,12 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let secret_token_ids = Arc::new(context::SecretTokenIds::default());
     let token_ids = secret_token_ids.clone();
     let prune_secret = move |secret: &mut PartialObjectMeta<Secret>| {
-        secret.metadata.labels = None;
         let token_id = secret
             .metadata
             .annotations
             .take()
             .and_then(|mut a| a.remove(token_secret::TOKEN_ID_ANNOTATION));
+        prune::secret_owner(&mut secret.metadata);
         token_ids.record(
             secret.metadata.namespace.as_deref().unwrap_or_default(),
             secret.metadata.name.as_deref().unwrap_or_default(),

@@ -27,7 +27,7 @@ use crate::operator::{
 use crate::{
     api::{AgentIdentity, AudiencePolicy, DelegationApproval, DelegationGrant},
     delegation::{
-        Lookup, Policy,
+        Lookup, Policy, Refusal, limits,
         record::{HeldToken, TokenRecord},
     },
     signing::Algorithm,
@@ -49,6 +49,8 @@ pub struct Settings {
     pub authority_recheck_period: Duration,
     /// How many grants are reconciled at once.
     pub concurrency: u16,
+    /// How many grants of one namespace get tokens (`--max-grants-per-namespace`); `None`: all.
+    pub max_grants_per_namespace: Option<usize>,
     /// Lease-based leader election; `None` runs without (one replica only).
     pub leader_election: Option<LeaderElectionSettings>,
 }
@@ -355,6 +357,23 @@ impl Context {
             });
         if changed {
             self.wake_children(grant);
+        }
+    }
+
+    /// Refuses the grant when it ranks beyond `--max-grants-per-namespace` in its namespace
+    /// ([`limits`]).
+    pub fn namespace_limit(&self, grant: &DelegationGrant) -> Result<(), Refusal> {
+        let Some(limit) = self.settings.max_grants_per_namespace else {
+            return Ok(());
+        };
+        let namespace = grant.namespace().unwrap_or_default();
+        match self
+            .index
+            .namespace_count(&namespace, &grant.name_any(), limit)
+        {
+            Some(count) => limits::within_namespace_limit(&namespace, limit, count),
+            // Not in the index: deleted since the reconcile began; nothing to refuse.
+            None => Ok(()),
         }
     }
 

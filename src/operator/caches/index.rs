@@ -1,5 +1,6 @@
-//! Who depends on whom, kept beside the grants cache: grants by actor, grants by parent, and how many
-//! grants of each actor hold a valid token.
+//! Who depends on whom, kept beside the grants cache: grants by actor, grants by parent, how many
+//! grants of each actor hold a valid token, and each namespace's grants in order of seniority (for
+//! `--max-grants-per-namespace`).
 //!
 //! Every watch event updates the index in the same stream that fills the grants cache, so a lookup
 //! costs what it returns, never a scan of every grant (per-event work must not grow with the number of
@@ -13,7 +14,13 @@ use std::{
 use kube::{ResourceExt, runtime::watcher};
 
 use crate::operator::{caches::interner::Interner, grants::is_ready};
-use crate::{api::DelegationGrant, delegation::chain::MAX_CHAIN_LENGTH};
+use crate::{
+    api::DelegationGrant,
+    delegation::{
+        chain::MAX_CHAIN_LENGTH,
+        limits::{NamespaceCount, Seniority},
+    },
+};
 
 /// `(namespace, name)` of an object.
 pub type Key = (String, String);
@@ -25,12 +32,14 @@ type Name = Arc<str>;
 /// `(namespace, name)` as the index keeps it.
 type SharedKey = (Name, Name);
 
-/// What the index keeps of one grant: the references that never change, and whether it is Ready.
+/// What the index keeps of one grant: the references that never change, whether it is Ready, and
+/// its rank in its namespace.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     actor: Name,
     parent: Option<Name>,
     ready: bool,
+    seniority: Seniority,
 }
 
 #[derive(Default)]
@@ -41,6 +50,7 @@ struct State {
     by_actor: HashMap<SharedKey, BTreeSet<Name>>,
     by_parent: HashMap<SharedKey, BTreeSet<Name>>,
     ready_by_actor: HashMap<SharedKey, usize>,
+    by_namespace: HashMap<Name, BTreeSet<Seniority>>,
     names: Interner<str>,
 }
 
@@ -59,14 +69,17 @@ impl State {
     }
 
     fn entry_of(&mut self, grant: &DelegationGrant) -> Entry {
+        let ready = is_ready(grant);
+        let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
         Entry {
+            seniority: Seniority::new(created, ready, self.name(&grant.name_any())),
             actor: self.name(&grant.spec.actor_ref.name),
             parent: grant
                 .spec
                 .parent_grant_ref
                 .as_ref()
                 .map(|p| self.name(&p.name)),
-            ready: is_ready(grant),
+            ready,
         }
     }
 
@@ -85,9 +98,13 @@ impl State {
         if entry.ready {
             *self
                 .ready_by_actor
-                .entry((ns, entry.actor.clone()))
+                .entry((ns.clone(), entry.actor.clone()))
                 .or_default() += 1;
         }
+        self.by_namespace
+            .entry(ns)
+            .or_default()
+            .insert(entry.seniority.clone());
         self.grants.insert(key, entry);
     }
 
@@ -98,6 +115,12 @@ impl State {
         remove_member(&mut self.by_actor, &actor_key, name);
         if let Some(parent) = &entry.parent {
             remove_member(&mut self.by_parent, &(ns.clone(), parent.clone()), name);
+        }
+        if let Some(ranked) = self.by_namespace.get_mut(ns) {
+            ranked.remove(&entry.seniority);
+            if ranked.is_empty() {
+                self.by_namespace.remove(ns);
+            }
         }
         if entry.ready
             && let Some(count) = self.ready_by_actor.get_mut(&actor_key)
@@ -224,6 +247,30 @@ impl GrantIndex {
                 .copied()
                 .unwrap_or(0)
         })
+    }
+
+    /// How the grant stands in its namespace: the grants ranked before it, counted up to `limit`, and
+    /// all of them. `None` for a grant the index does not hold (deleted meanwhile).
+    pub fn namespace_count(
+        &self,
+        namespace: &str,
+        name: &str,
+        limit: usize,
+    ) -> Option<NamespaceCount> {
+        let state = self.state.lock().ok()?;
+        let entry = state.grants.get(&(Arc::from(namespace), Arc::from(name)))?;
+        let ranked = state.by_namespace.get(namespace)?;
+        Some(NamespaceCount {
+            ahead: ranked.range(..&entry.seniority).take(limit).count(),
+            total: ranked.len(),
+        })
+    }
+
+    /// The grant ranked `rank` (from 0) in its namespace, if there are that many.
+    pub fn ranked(&self, namespace: &str, rank: usize) -> Option<String> {
+        let state = self.state.lock().ok()?;
+        let ranked = state.by_namespace.get(namespace)?;
+        ranked.iter().nth(rank).map(|s| s.name.to_string())
     }
 
     /// Grants with this agent anywhere in their chain: those it acts for and everything below them.
@@ -387,6 +434,43 @@ mod tests {
             &root_key.0,
             &state.grants.keys().find(|k| &*k.1 == "two").unwrap().0
         ));
+    }
+
+    fn created_at(mut grant: DelegationGrant, second: i64) -> DelegationGrant {
+        let at = k8s_openapi::jiff::Timestamp::from_second(second).unwrap();
+        grant.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+        grant
+    }
+
+    #[test]
+    fn counts_the_grants_ranked_ahead_in_the_namespace_up_to_the_limit() {
+        let index = GrantIndex::default();
+        for (i, name) in ["d", "c", "b", "a"].into_iter().enumerate() {
+            let ready = i < 2;
+            index.apply(&watcher::Event::Apply(created_at(
+                grant(name, "x", None, ready),
+                i as i64,
+            )));
+        }
+        let count = |name| index.namespace_count("ns", name, 2).unwrap();
+        assert_eq!(count("d"), NamespaceCount { ahead: 0, total: 4 });
+        assert_eq!(count("b"), NamespaceCount { ahead: 2, total: 4 });
+        assert_eq!(count("a").ahead, 2, "counted no further than the limit");
+        assert_eq!(index.ranked("ns", 2).as_deref(), Some("b"));
+        // A burst created in the same second as "c" (which holds a token) ranks after it.
+        index.apply(&watcher::Event::Apply(created_at(
+            grant("a0", "x", None, false),
+            1,
+        )));
+        assert_eq!(count("c").ahead, 1);
+        index.apply(&watcher::Event::Delete(created_at(
+            grant("d", "x", None, true),
+            0,
+        )));
+        assert_eq!(count("c"), NamespaceCount { ahead: 0, total: 4 });
+        assert_eq!(index.ranked("ns", 1).as_deref(), Some("a0"), "next in line");
+        assert_eq!(index.namespace_count("other", "c", 2), None);
     }
 
     #[test]

@@ -106,12 +106,15 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 type Wake<K> = futures::channel::mpsc::UnboundedSender<ObjectRef<K>>;
 
 /// After a grant event: index it, wake its children (they read its status) and, when its readiness
-/// changed, its agent (which counts Ready grants).
+/// changed, its agent (which counts Ready grants). With a per-namespace grant limit, a deletion wakes
+/// the grant that now ranks last within it (it was refused for the limit, and no event of its own
+/// brings it back).
 pub fn grant_fan_out(
     index: Arc<index::GrantIndex>,
     wake_grant: Wake<DelegationGrant>,
     wake_agent: Wake<AgentIdentity>,
     sweep: futures::channel::mpsc::UnboundedSender<orphans::Sweep>,
+    max_grants_per_namespace: Option<usize>,
 ) -> impl FnMut(&watcher::Event<DelegationGrant>) + Send + 'static {
     move |event| {
         let touched = index.apply(event);
@@ -123,6 +126,11 @@ pub fn grant_fan_out(
                 let ns = grant.namespace().unwrap_or_default();
                 for child in index.children(&ns, &grant.name_any()) {
                     let _ = wake_grant.unbounded_send(ObjectRef::new(&child).within(&ns));
+                }
+                if let (watcher::Event::Delete(_), Some(limit)) = (event, max_grants_per_namespace)
+                    && let Some(admitted) = index.ranked(&ns, limit.saturating_sub(1))
+                {
+                    let _ = wake_grant.unbounded_send(ObjectRef::new(&admitted).within(&ns));
                 }
                 // A grant gone without its finalizer (forced off) leaves its Secret behind.
                 if matches!(event, watcher::Event::Delete(_)) {

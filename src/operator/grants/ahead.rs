@@ -11,7 +11,7 @@ use kube::{Api, ResourceExt};
 use super::{authority, jitter};
 use crate::operator::{
     FINALIZER,
-    caches::context::Context,
+    caches::{context::Context, prune},
     error::{Error, Result},
 };
 use crate::{
@@ -36,8 +36,17 @@ pub(super) async fn add_finalizer_and_ask(
         api::{Patch, PatchParams},
         runtime::finalizer::Error as F,
     };
+    // A list the cache reduced is written from the live grant, or the others' finalizers would go.
+    let grant = if prune::finalizers_pruned(&grant) {
+        let live = api.get(&grant.name_any()).await;
+        Arc::new(live.map_err(|e| Error::Finalizer(Box::new(F::AddFinalizer(e))))?)
+    } else {
+        grant
+    };
     let mut finalizers = grant.finalizers().to_vec();
-    finalizers.push(FINALIZER.to_owned());
+    if !finalizers.iter().any(|f| f == FINALIZER) {
+        finalizers.push(FINALIZER.to_owned());
+    }
     // At the version we saw: a concurrent writer makes the patch conflict instead of losing a finalizer.
     let patch = serde_json::json!({
         "metadata": { "finalizers": finalizers, "resourceVersion": grant.resource_version() }
@@ -66,6 +75,8 @@ pub(super) async fn ask_ahead(
     ctx: &Context,
     now: Timestamp,
 ) -> Option<Planned> {
+    // A grant beyond its namespace's limit is refused: nothing to ask, no status-list entry to take.
+    ctx.namespace_limit(grant).ok()?;
     let name = grant.name_any();
     let (asked, planned) = futures::join!(
         authority::evaluate(grant, ctx, now, true),

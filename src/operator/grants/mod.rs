@@ -152,13 +152,16 @@ async fn apply(
     planned: &mut Option<Planned>,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
-    let resolved = resolve(
-        grant,
-        &namespace,
-        &ctx.namespace_view(&namespace),
-        &ctx.settings.policy,
-        now,
-    );
+    // Beyond its namespace's limit a grant is refused before anything is resolved or asked.
+    let resolved = ctx.namespace_limit(grant).and_then(|()| {
+        resolve(
+            grant,
+            &namespace,
+            &ctx.namespace_view(&namespace),
+            &ctx.settings.policy,
+            now,
+        )
+    });
     if let Ok(resolution) = &resolved {
         vouch_by_current_token(grant, ctx, &resolved, resolution, now).await?;
     }

@@ -16,7 +16,7 @@ use super::{
 };
 use crate::operator::{
     FINALIZER,
-    caches::context::Context,
+    caches::{context::Context, prune},
     error::{Error, Result},
     reporting::audit::AuditAction,
 };
@@ -85,6 +85,17 @@ pub(super) async fn remove_finalizer(
         api::{Patch, PatchParams},
         runtime::finalizer::Error as F,
     };
+    // Where our finalizer stands in a list the cache reduced, only the live grant says.
+    let live = if prune::finalizers_pruned(grant) {
+        let live = api.get_opt(&grant.name_any()).await;
+        match live.map_err(|e| Error::Finalizer(Box::new(F::RemoveFinalizer(e))))? {
+            Some(live) => Some(live),
+            None => return Ok(()),
+        }
+    } else {
+        None
+    };
+    let grant = live.as_ref().unwrap_or(grant);
     let Some(index) = grant.finalizers().iter().position(|f| f == FINALIZER) else {
         return Ok(());
     };
