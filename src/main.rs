@@ -33,7 +33,7 @@ enum Command {
     /// (pipe into `kubectl apply --server-side -f -`, after the CRDs).
     AdmissionPolicies,
     /// Run the operator: reconcile DelegationGrants and AgentIdentities into tokens.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Approve the current generation of a grant whose agent requires approval (you need verb
     /// `approve` on that grant, and may not approve your own).
     Approve(DecisionArgs),
@@ -206,7 +206,7 @@ fn main() -> ExitCode {
             print!("{}", delegation_operator::admission::POLICIES_YAML);
             ExitCode::SUCCESS
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
         Command::Token(TokenCommand::Inspect(args)) => cli::inspect::run(args),

@@ -160,7 +160,7 @@ impl Https {
 
     /// One request with a junk Bearer token: `n` even to `/introspect`, odd to `/metrics`.
     async fn junk_request(&self, n: usize, token: &str) -> Answer {
-        let builder = if n % 2 == 0 {
+        let builder = if n.is_multiple_of(2) {
             http::Request::post("/introspect")
                 .header(
                     http::header::CONTENT_TYPE,
