@@ -147,7 +147,7 @@ impl Metrics {
         );
         registry.register(
             "introspection_requests",
-            "RFC 7662 introspection requests, by result (active, inactive, unauthenticated, error)",
+            "RFC 7662 introspection requests, by result (active, inactive, unauthenticated, bad_request, rate_limited, error)",
             introspections.clone(),
         );
         registry.register(
