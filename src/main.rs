@@ -33,7 +33,7 @@ enum Command {
     /// (pipe into `kubectl apply --server-side -f -`, after the CRDs).
     AdmissionPolicies,
     /// Run the operator: reconcile DelegationGrants and AgentIdentities into tokens.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Approve the current generation of a grant whose agent requires approval (you need verb
     /// `approve` on that grant, and may not approve your own).
     Approve(DecisionArgs),
@@ -177,6 +177,26 @@ struct RunArgs {
     /// and the operator's Service names.
     #[arg(long = "tls-dns-name")]
     tls_dns_names: Vec<String>,
+    /// Per client address: requests to /introspect and /metrics that need an apiserver review
+    /// (TokenReview, SubjectAccessReview) a second; a caller the apiserver accepts is not counted.
+    /// Over it (and --caller-burst), 429 with Retry-After.
+    #[arg(long, default_value_t = 2.0)]
+    caller_rate: f64,
+    /// How many such requests one address may make at once before --caller-rate applies.
+    #[arg(long, default_value_t = 20)]
+    caller_burst: u32,
+    /// Apiserver reviews for endpoint callers in flight at once (on a connection pool of their own).
+    #[arg(long, default_value_t = 4)]
+    review_concurrency: u16,
+    /// Apiserver reviews for endpoint callers a second, over all callers.
+    #[arg(long, default_value_t = 20.0)]
+    review_rate: f64,
+    /// How long an accepted caller (authenticated, authorised) is remembered.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    review_cache_ttl: std::time::Duration,
+    /// How long a refused caller token or access (not authenticated, not authorised) is remembered.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    review_negative_cache_ttl: std::time::Duration,
     /// Log format on stderr (audit records always go to stdout as JSON lines).
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -191,7 +211,7 @@ fn main() -> ExitCode {
             print!("{}", delegation_operator::admission::POLICIES_YAML);
             ExitCode::SUCCESS
         }
-        Command::Run(args) => run(args),
+        Command::Run(args) => run(*args),
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
         Command::Token(TokenCommand::Inspect(args)) => cli::inspect::run(args),
@@ -311,8 +331,13 @@ fn run(args: RunArgs) -> ExitCode {
 }
 
 async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
-    let client = client(args.kubeconfig.as_deref()).await?;
+    let config = config(args.kubeconfig.as_deref()).await?;
+    let client = kube::Client::try_from(config.clone())?;
+    // Reviews made for endpoint callers get a client (and connection pool) of their own: however
+    // many there are, the Lease renewals and revocations of `client` never queue behind them.
+    let review_client = kube::Client::try_from(config)?;
     let leader_election = leader_election(&args)?;
+    let reviews = review_settings(&args)?;
     // One spelling everywhere: the tokens' `iss` and discovery must agree byte for byte.
     let issuer = args.issuer.trim_end_matches('/').to_owned();
     if let Some(problem) = endpoints::issuer_problem(&issuer) {
@@ -340,7 +365,8 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     let readiness = std::sync::Arc::new(operator::Readiness::default());
     let serve = endpoints::start(
         client.clone(),
-        endpoint_settings(&args, &issuer, settings.algorithm),
+        review_client,
+        endpoint_settings(&args, &issuer, settings.algorithm, reviews),
         readiness.clone(),
     )
     .await?;
@@ -356,6 +382,7 @@ fn endpoint_settings(
     args: &RunArgs,
     issuer: &str,
     algorithm: Algorithm,
+    reviews: endpoints::reviews::ReviewSettings,
 ) -> endpoints::EndpointSettings {
     let ns = &args.operator_namespace;
     let dns_names = if args.tls_dns_names.is_empty() {
@@ -392,7 +419,31 @@ fn endpoint_settings(
             dns_names,
         },
         algorithm,
+        reviews,
     }
+}
+
+fn review_settings(
+    args: &RunArgs,
+) -> Result<endpoints::reviews::ReviewSettings, Box<dyn std::error::Error>> {
+    for (flag, rate) in [
+        ("--caller-rate", args.caller_rate),
+        ("--review-rate", args.review_rate),
+    ] {
+        if !(rate.is_finite() && rate > 0.0) {
+            return Err(format!("{flag} must be a positive number (got {rate})").into());
+        }
+    }
+    if args.review_concurrency == 0 || args.caller_burst == 0 {
+        return Err("--review-concurrency and --caller-burst must be at least 1".into());
+    }
+    Ok(endpoints::reviews::ReviewSettings {
+        per_source: endpoints::limits::Rate::new(args.caller_rate, args.caller_burst),
+        concurrency: args.review_concurrency.into(),
+        per_second: args.review_rate,
+        cache_ttl: args.review_cache_ttl,
+        negative_cache_ttl: args.review_negative_cache_ttl,
+    })
 }
 
 /// The leader election settings, checked: each timing must be below the one before, or the leader

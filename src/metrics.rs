@@ -59,6 +59,10 @@ pub struct Metrics {
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ControllerLabels, Counter>,
     pub introspections: Family<ResultLabels, Counter>,
+    pub caller_reviews: Family<ReviewLabels, Counter>,
+    pub caller_review_cache_hits: Family<ReviewLabels, Counter>,
+    pub rate_limited: Family<PathLabels, Counter>,
+    pub review_budget_waits: Family<OutcomeLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
     pub events_dropped: Counter,
     grants: Arc<RwLock<Option<Store<DelegationGrant>>>>,
@@ -67,6 +71,25 @@ pub struct Metrics {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
+}
+
+/// An apiserver review made for an endpoint caller: `TokenReview` or `SubjectAccessReview`, and its
+/// answer (`accepted`, `refused`, `error`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReviewLabels {
+    pub review: String,
+    pub answer: String,
+}
+
+/// An endpoint path (`/introspect`, `/metrics`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PathLabels {
+    pub path: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
 }
 
 /// The process's metrics, created on first use.
@@ -88,6 +111,10 @@ impl Metrics {
         );
         let reconcile_errors = Family::<ControllerLabels, Counter>::default();
         let introspections = Family::<ResultLabels, Counter>::default();
+        let caller_reviews = Family::<ReviewLabels, Counter>::default();
+        let caller_review_cache_hits = Family::<ReviewLabels, Counter>::default();
+        let rate_limited = Family::<PathLabels, Counter>::default();
+        let review_budget_waits = Family::<OutcomeLabels, Counter>::default();
         let leader = Gauge::<i64, AtomicI64>::default();
         let events_dropped = Counter::default();
         // Counter names get `_total` on encoding.
@@ -120,8 +147,28 @@ impl Metrics {
         );
         registry.register(
             "introspection_requests",
-            "RFC 7662 introspection requests, by result (active, inactive, unauthenticated, error)",
+            "RFC 7662 introspection requests, by result (active, inactive, unauthenticated, bad_request, rate_limited, error)",
             introspections.clone(),
+        );
+        registry.register(
+            "caller_reviews",
+            "TokenReviews and SubjectAccessReviews sent to the apiserver for callers of /introspect and /metrics, by review and answer (accepted, refused, error)",
+            caller_reviews.clone(),
+        );
+        registry.register(
+            "caller_review_cache_hits",
+            "Caller reviews answered from the cache instead of the apiserver, by review and answer",
+            caller_review_cache_hits.clone(),
+        );
+        registry.register(
+            "rate_limited_requests",
+            "Requests answered 429: their client address was over its budget of requests needing an apiserver review",
+            rate_limited.clone(),
+        );
+        registry.register(
+            "review_budget_waits",
+            "Caller reviews that waited for the review budget (--review-concurrency, --review-rate), by outcome: waited, or gave_up (answered 503)",
+            review_budget_waits.clone(),
         );
         registry.register(
             "leader",
@@ -144,6 +191,10 @@ impl Metrics {
             reconcile_duration,
             reconcile_errors,
             introspections,
+            caller_reviews,
+            caller_review_cache_hits,
+            rate_limited,
+            review_budget_waits,
             leader,
             events_dropped,
             grants,
@@ -163,6 +214,25 @@ impl Metrics {
         family
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one caller review (made, or answered from the cache) in `family`.
+    pub fn count_review(family: &Family<ReviewLabels, Counter>, review: &str, answer: &str) {
+        family
+            .get_or_create(&ReviewLabels {
+                review: review.to_owned(),
+                answer: answer.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one request to `path` refused with 429.
+    pub fn count_rate_limited(&self, path: &str) {
+        self.rate_limited
+            .get_or_create(&PathLabels {
+                path: path.to_owned(),
             })
             .inc();
     }

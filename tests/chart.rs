@@ -473,9 +473,18 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
     ] {
         assert!(found.contains(&kind.to_owned()), "{kind} missing");
     }
-    for kind in ["ServiceMonitor", "NetworkPolicy", "Certificate"] {
+    for kind in ["ServiceMonitor", "Certificate"] {
         assert!(!found.contains(&kind.to_owned()), "{kind} is opt-in");
     }
+    // The NetworkPolicy is on by default: ingress to the HTTPS port from anyone (verifiers,
+    // resource servers, Prometheus), no other port; egress open (the apiserver's address varies).
+    let policy = find(&docs, "NetworkPolicy", "rel-delegation-operator");
+    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+    assert_eq!(
+        policy["spec"]["ingress"],
+        json!([{"ports": [{"port": "https", "protocol": "TCP"}]}])
+    );
+    assert_eq!(policy["spec"]["egress"], json!([{}]));
 
     let deployment = find(&docs, "Deployment", "rel-delegation-operator");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -551,6 +560,12 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
         "--leader-election-lease-duration=15s",
         "--leader-election-renew-deadline=10s",
         "--leader-election-retry-period=2s",
+        "--caller-rate=2",
+        "--caller-burst=20",
+        "--review-concurrency=4",
+        "--review-rate=20",
+        "--review-cache-ttl=10s",
+        "--review-negative-cache-ttl=5s",
         "--log-format=json",
     ] {
         assert!(args.contains(&expected), "{expected} not in {args:?}");

@@ -22,19 +22,19 @@
 //! token of an audience the caller may introspect — unknown, expired, tampered, revoked, suspended,
 //! another audience — is the same `{"active": false}`.
 
-use std::{collections::BTreeSet, sync::Mutex};
+use std::{collections::BTreeSet, net::IpAddr, sync::Mutex, time::Duration};
 
 use k8s_openapi::api::{
-    authentication::v1::{TokenReview, TokenReviewSpec, UserInfo},
+    authentication::v1::UserInfo,
     authorization::v1::{
         NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
     },
 };
-use kube::{Api, Client, api::PostParams};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::published::Published;
+use super::reviews::{Charge, Refusal, Reviews};
 use crate::{api::GROUP, metrics::ResultLabels, verification};
 
 /// The verb and resource a caller needs, per audience.
@@ -62,25 +62,39 @@ pub enum Outcome {
     Answer(Value),
     /// 503: the apiserver could not be asked; try again.
     Unavailable,
+    /// 429: the client's address is over its budget of requests needing a review; try again after
+    /// this long.
+    RateLimited(Duration),
 }
 
 pub fn inactive() -> Value {
     json!({"active": false})
 }
 
-/// Answers one request from the published JWKS and status lists.
+/// Answers one request from the published JWKS and status lists; `address` is the client's.
 pub async fn introspect(
-    client: &Client,
+    reviews: &Reviews,
+    address: Option<IpAddr>,
     issuer: &str,
     caller_token: Option<&str>,
     request: Option<&Request>,
     published: &Published,
 ) -> Outcome {
-    let outcome = answer(client, issuer, caller_token, request, published).await;
+    let mut charge = Charge::new(address);
+    let outcome = answer(
+        reviews,
+        &mut charge,
+        issuer,
+        caller_token,
+        request,
+        published,
+    )
+    .await;
     let result = match &outcome {
         Outcome::Unauthenticated => "unauthenticated",
         Outcome::BadRequest => "bad_request",
         Outcome::Unavailable => "error",
+        Outcome::RateLimited(_) => "rate_limited",
         Outcome::Answer(body) if body["active"] == true => "active",
         Outcome::Answer(_) => "inactive",
     };
@@ -94,7 +108,8 @@ pub async fn introspect(
 }
 
 async fn answer(
-    client: &Client,
+    reviews: &Reviews,
+    charge: &mut Charge,
     issuer: &str,
     caller_token: Option<&str>,
     request: Option<&Request>,
@@ -104,13 +119,13 @@ async fn answer(
     let Some(caller_token) = caller_token.filter(|t| t.len() <= MAX_TOKEN_BYTES) else {
         return Outcome::Unauthenticated;
     };
-    let caller = match authenticate(client, Some(issuer), caller_token).await {
+    let caller = match reviews
+        .authenticate(charge, Some(issuer), caller_token)
+        .await
+    {
         Ok(Some(user)) => user,
         Ok(None) => return Outcome::Unauthenticated,
-        Err(e) => {
-            tracing::warn!(error = %e, "introspection: TokenReview failed");
-            return Outcome::Unavailable;
-        }
+        Err(refusal) => return refusal.into(),
     };
     let Some(request) = request else {
         return Outcome::BadRequest;
@@ -124,14 +139,13 @@ async fn answer(
     };
     // Authorised before the token is verified, whatever it holds: a caller without rights cannot
     // tell a genuine token from a forgery by how long the answer takes.
-    let allowed = match may_introspect(client, &caller, &audience).await {
+    let allowed = match may_introspect(reviews, charge, &caller, &audience).await {
         Ok(allowed) => allowed,
-        Err(e) => {
-            tracing::warn!(error = %e, "introspection: SubjectAccessReview failed");
-            return Outcome::Unavailable;
-        }
+        Err(refusal) => return refusal.into(),
     };
-    if !allowed {
+    if allowed {
+        reviews.accepted(charge);
+    } else {
         hint_refused(&caller, &audience);
     }
     let Some(jwks) = published.jwks() else {
@@ -149,20 +163,32 @@ async fn answer(
     }
 }
 
+impl From<Refusal> for Outcome {
+    fn from(refusal: Refusal) -> Self {
+        match refusal {
+            Refusal::RateLimited(wait) => Outcome::RateLimited(wait),
+            Refusal::Unavailable => Outcome::Unavailable,
+        }
+    }
+}
+
 /// Whether the bearer of `caller_token` may read `/metrics`: authenticated by the apiserver for its
 /// own audience (a plain ServiceAccount token, as Prometheus sends) and allowed `get` on the
-/// non-resource URL `/metrics`. `Err` when the apiserver could not be asked.
-pub async fn may_read_metrics(client: &Client, caller_token: Option<&str>) -> Result<bool, ()> {
+/// non-resource URL `/metrics`.
+pub async fn may_read_metrics(
+    reviews: &Reviews,
+    address: Option<IpAddr>,
+    caller_token: Option<&str>,
+) -> Result<bool, Refusal> {
     let Some(caller_token) = caller_token.filter(|t| t.len() <= MAX_TOKEN_BYTES) else {
         return Ok(false);
     };
-    let caller = match authenticate(client, None, caller_token).await {
-        Ok(Some(user)) => user,
-        Ok(None) => return Ok(false),
-        Err(e) => {
-            tracing::warn!(error = %e, "metrics: TokenReview failed");
-            return Err(());
-        }
+    let mut charge = Charge::new(address);
+    let Some(caller) = reviews
+        .authenticate(&mut charge, None, caller_token)
+        .await?
+    else {
+        return Ok(false);
     };
     let review = access_review(
         &caller,
@@ -172,9 +198,11 @@ pub async fn may_read_metrics(client: &Client, caller_token: Option<&str>) -> Re
             verb: Some("get".into()),
         }),
     );
-    allowed(client, review).await.map_err(|e| {
-        tracing::warn!(error = %e, "metrics: SubjectAccessReview failed");
-    })
+    let allowed = reviews.allowed(&mut charge, review).await?;
+    if allowed {
+        reviews.accepted(&mut charge);
+    }
+    Ok(allowed)
 }
 
 /// The RFC 7662 fields of an active token: its verified claims (`iss`, `sub`, `aud`, `exp`, `iat`,
@@ -187,37 +215,6 @@ pub fn active_response(claims: Value) -> Value {
     body.insert("active".into(), true.into());
     body.insert("token_type".into(), "Bearer".into());
     Value::Object(body)
-}
-
-/// Who the caller is, if the apiserver accepts its token — for `audience` when given (and then only
-/// if the review confirms that audience: an authenticator that ignores audiences answers with none,
-/// which must not count), else for the apiserver's own.
-async fn authenticate(
-    client: &Client,
-    audience: Option<&str>,
-    caller_token: &str,
-) -> kube::Result<Option<UserInfo>> {
-    let review = TokenReview {
-        spec: TokenReviewSpec {
-            token: caller_token.to_owned(),
-            audiences: audience.map(|a| vec![a.to_owned()]),
-        },
-        ..Default::default()
-    };
-    let reviewed = Api::<TokenReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(reviewed
-        .status
-        .filter(|s| s.authenticated == Some(true))
-        .filter(|s| {
-            audience.is_none_or(|wanted| {
-                s.audiences
-                    .as_ref()
-                    .is_some_and(|a| a.iter().any(|a| a == wanted))
-            })
-        })
-        .and_then(|s| s.user))
 }
 
 /// Callers already told about in the log (see [`hint_refused`]), by username; forgotten all at once
@@ -262,7 +259,12 @@ fn first_refusal(user: &str) -> bool {
 
 /// Whether the caller may introspect tokens for `audience`. The review names no namespace: an
 /// audience is not in one, so only a ClusterRoleBinding can grant it (see [`hint_refused`]).
-async fn may_introspect(client: &Client, caller: &UserInfo, audience: &str) -> kube::Result<bool> {
+async fn may_introspect(
+    reviews: &Reviews,
+    charge: &mut Charge,
+    caller: &UserInfo,
+    audience: &str,
+) -> Result<bool, Refusal> {
     let review = access_review(
         caller,
         Some(ResourceAttributes {
@@ -274,7 +276,7 @@ async fn may_introspect(client: &Client, caller: &UserInfo, audience: &str) -> k
         }),
         None,
     );
-    allowed(client, review).await
+    reviews.allowed(charge, review).await
 }
 
 fn access_review(
@@ -293,13 +295,6 @@ fn access_review(
         },
         ..Default::default()
     }
-}
-
-async fn allowed(client: &Client, review: SubjectAccessReview) -> kube::Result<bool> {
-    let reviewed = Api::<SubjectAccessReview>::all(client.clone())
-        .create(&PostParams::default(), &review)
-        .await?;
-    Ok(reviewed.status.is_some_and(|s| s.allowed))
 }
 
 #[cfg(test)]

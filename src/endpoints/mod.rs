@@ -8,16 +8,25 @@
 //! - `/introspect` — RFC 7662 (see [`introspect`]).
 //!
 //! At the root: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
+//!
+//! `/introspect` and `/metrics` ask the apiserver about their callers; [`reviews`] keeps a flood of
+//! them from becoming apiserver load or delaying the operator's own writes.
 
 pub mod introspect;
+pub mod limits;
 pub mod published;
+pub mod reviews;
 pub mod tls;
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
 
 use axum::{
-    Form, Json, Router,
-    extract::{Path, State},
+    Extension, Form, Json, Router,
+    extract::{ConnectInfo, Path, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -31,10 +40,12 @@ use kube::Client;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
+use tower::Layer;
 
 use crate::operator::{Error, Readiness, Result};
 use crate::signing::Algorithm;
 use published::Published;
+use reviews::{Refusal, ReviewSettings, Reviews};
 use tls::{ServingCert, TlsSettings};
 
 /// Where and how to serve.
@@ -47,6 +58,8 @@ pub struct EndpointSettings {
     pub tls: TlsSettings,
     /// The algorithm the operator's keys are generated with (`--algorithm`); discovery advertises it.
     pub algorithm: Algorithm,
+    /// The limits on apiserver reviews made for callers.
+    pub reviews: ReviewSettings,
 }
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -69,7 +82,7 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
 const MAX_BODY_BYTES: usize = 64 * 1024;
 
 struct AppState {
-    client: Client,
+    reviews: Reviews,
     issuer: String,
     algorithm: Algorithm,
     published: Arc<Published>,
@@ -78,9 +91,11 @@ struct AppState {
 }
 
 /// Binds the listener and loads the serving certificate (failing at once if either is impossible),
-/// then serves until the process stops.
+/// then serves until the process stops. `review_client` makes the apiserver reviews of callers: give
+/// it a `Client` of its own, so that they never share a connection pool with the operator's writes.
 pub async fn start(
     client: Client,
+    review_client: Client,
     settings: EndpointSettings,
     readiness: Arc<Readiness>,
 ) -> Result<impl Future<Output = ()>> {
@@ -94,7 +109,7 @@ pub async fn start(
     })?;
     let published = Arc::new(Published::default());
     let state = Arc::new(AppState {
-        client: client.clone(),
+        reviews: Reviews::new(review_client, settings.reviews.clone()),
         issuer: settings.issuer.trim_end_matches('/').to_owned(),
         algorithm: settings.algorithm,
         published: published.clone(),
@@ -189,7 +204,7 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let (stream, _) = match listener.accept().await {
+        let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, "accepting a connection failed");
@@ -205,7 +220,8 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
             else {
                 return;
             };
-            let service = TowerToHyperService::new(router);
+            // Handlers see the client's address (the per-source limits are keyed by it).
+            let service = TowerToHyperService::new(Extension(ConnectInfo(peer)).layer(router));
             let mut builder = auto::Builder::new(TokioExecutor::new());
             // hyper enforces the header timeout only with a timer.
             builder
@@ -316,13 +332,15 @@ async fn status_list(
 
 async fn introspection(
     State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     form: Result<Form<introspect::Request>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let caller_token = bearer_token(&headers);
     let request = form.ok().map(|Form(request)| request);
     let mut response = match introspect::introspect(
-        &state.client,
+        &state.reviews,
+        client_address(peer),
         &state.issuer,
         caller_token,
         request.as_ref(),
@@ -345,6 +363,9 @@ async fn introspection(
         introspect::Outcome::Unavailable => {
             (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response()
         }
+        introspect::Outcome::RateLimited(wait) => {
+            return too_many_requests(INTROSPECTION_PATH, wait);
+        }
         introspect::Outcome::Answer(body) => Json(body).into_response(),
     };
     set(&mut response, header::CACHE_CONTROL, "no-store");
@@ -361,6 +382,25 @@ fn bearer_token(headers: &HeaderMap) -> Option<&str> {
         .filter(|t| !t.is_empty())
 }
 
+fn client_address(peer: Option<Extension<ConnectInfo<SocketAddr>>>) -> Option<IpAddr> {
+    peer.map(|Extension(ConnectInfo(address))| address.ip())
+}
+
+/// 429 with `Retry-After` in whole seconds (at least 1), counted.
+fn too_many_requests(path: &str, wait: Duration) -> Response {
+    crate::metrics::metrics().count_rate_limited(path);
+    let seconds = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    let mut response = (
+        StatusCode::TOO_MANY_REQUESTS,
+        "too many unauthenticated or unauthorised requests from your address; try again later",
+    )
+        .into_response();
+    if let Ok(value) = HeaderValue::from_str(&seconds.max(1).to_string()) {
+        response.headers_mut().insert(header::RETRY_AFTER, value);
+    }
+    response
+}
+
 fn unauthenticated(what_to_do: &'static str) -> Response {
     let mut response = (
         StatusCode::UNAUTHORIZED,
@@ -374,15 +414,23 @@ fn unauthenticated(what_to_do: &'static str) -> Response {
 /// `/metrics` names every grant: only callers the apiserver authenticates, and authorizes for `get`
 /// on the non-resource URL `/metrics`, may read it (as kube-rbac-proxy and controller-runtime's secure
 /// metrics do) — e.g. Prometheus with its ServiceAccount token.
-async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
-    match introspect::may_read_metrics(&state.client, bearer_token(&headers)).await {
+async fn metrics(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
+) -> Response {
+    let address = client_address(peer);
+    match introspect::may_read_metrics(&state.reviews, address, bearer_token(&headers)).await {
         Ok(true) => {}
         Ok(false) => {
             return unauthenticated(
                 "send a Bearer token of an identity allowed `get` on the non-resource URL /metrics",
             );
         }
-        Err(()) => return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response(),
+        Err(Refusal::RateLimited(wait)) => return too_many_requests("/metrics", wait),
+        Err(Refusal::Unavailable) => {
+            return (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+        }
     }
     match crate::metrics::metrics().encode() {
         Ok(text) => {
