@@ -114,6 +114,9 @@ pub enum Reason {
     DeniedNotAuthorized,
     /// The ServiceAccount that asked for the grant was deleted, or re-created with another uid.
     DeniedRequesterGone,
+    /// The grant's namespace holds all the status-list entries its budget allows (its tokens'
+    /// entries free up as they expire; the grant is tried again then).
+    DeniedStatusListBudget,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -153,6 +156,7 @@ impl Reason {
             Reason::DeniedRequesterUnverified => "DeniedRequesterUnverified",
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
             Reason::DeniedRequesterGone => "DeniedRequesterGone",
+            Reason::DeniedStatusListBudget => "DeniedStatusListBudget",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",
