@@ -107,17 +107,7 @@ impl Https {
 
     /// Trusts exactly the CA in the serving certificate Secret, as a client in the cluster would.
     async fn trust_ca_of(&self, fixture: &Fixture) {
-        let secrets: Api<Secret> =
-            Api::namespaced(fixture.client.clone(), &fixture.operator_namespace());
-        let secret = wait_for(
-            "the serving certificate Secret",
-            Duration::from_secs(30),
-            || {
-                let secrets = secrets.clone();
-                async move { secrets.get_opt("delegation-operator-tls").await.ok()? }
-            },
-        )
-        .await;
+        let secret = fixture.serving_certificate().await;
         assert_eq!(secret.type_.as_deref(), Some("kubernetes.io/tls"));
         std::fs::write(&self.ca.0, &secret.data.unwrap()["ca.crt"].0).unwrap();
     }

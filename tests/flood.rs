@@ -17,7 +17,6 @@ use std::{
 use futures::StreamExt;
 use k8s_openapi::api::{
     coordination::v1::Lease,
-    core::v1::Secret,
     rbac::v1::{ClusterRoleBinding, PolicyRule, RoleRef},
 };
 use kube::{
@@ -52,16 +51,7 @@ struct Answer {
 
 impl Https {
     async fn connect(f: &Fixture, port: u16) -> Self {
-        let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
-        let secret = wait_for(
-            "the serving certificate Secret",
-            Duration::from_secs(30),
-            || {
-                let secrets = secrets.clone();
-                async move { secrets.get_opt("delegation-operator-tls").await.ok()? }
-            },
-        )
-        .await;
+        let secret = f.serving_certificate().await;
         let ca = CertificateDer::from_pem_slice(&secret.data.unwrap()["ca.crt"].0).unwrap();
         let mut config = kube::Config::new(format!("https://127.0.0.1:{port}").parse().unwrap());
         config.root_cert = Some(vec![ca.to_vec()]);

@@ -1150,6 +1150,24 @@ impl Fixture {
         .await;
     }
 
+    /// The operator's serving certificate Secret (`delegation-operator-tls`), once it holds `ca.crt`.
+    pub async fn serving_certificate(&self) -> Secret {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), &self.operator_namespace());
+        wait_for(
+            "Secret delegation-operator-tls with ca.crt",
+            Duration::from_secs(60),
+            || async {
+                let secret = secrets.get_opt("delegation-operator-tls").await.ok()??;
+                secret
+                    .data
+                    .as_ref()?
+                    .contains_key("ca.crt")
+                    .then_some(secret)
+            },
+        )
+        .await
+    }
+
     pub fn grants(&self) -> Api<DelegationGrant> {
         Api::namespaced(self.client.clone(), &self.ns)
     }

@@ -15,7 +15,6 @@ use std::{
 };
 
 use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
-use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
@@ -79,17 +78,8 @@ impl Trust {
     /// Reads `ca.crt` of Secret `delegation-operator-tls` in the operator namespace (waiting until the
     /// operator has generated it).
     pub async fn from_operator(f: &Fixture) -> Self {
-        let secrets: Api<Secret> = Api::namespaced(f.client.clone(), &f.operator_namespace());
-        let ca_pem = wait_for(
-            "Secret delegation-operator-tls with ca.crt",
-            Duration::from_secs(60),
-            || async {
-                let s = secrets.get_opt("delegation-operator-tls").await.ok()??;
-                let ca = s.data?.get("ca.crt")?.0.clone();
-                String::from_utf8(ca).ok()
-            },
-        )
-        .await;
+        let secret = f.serving_certificate().await;
+        let ca_pem = String::from_utf8(secret.data.unwrap()["ca.crt"].0.clone()).unwrap();
         assert!(ca_pem.contains("BEGIN CERTIFICATE"), "ca.crt is a PEM");
         let ca_path = std::env::temp_dir().join(format!("{}-ca.crt", f.ns));
         std::fs::write(&ca_path, &ca_pem).unwrap();
