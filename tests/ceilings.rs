@@ -479,3 +479,84 @@ async fn a_grant_ends_at_its_creation_plus_the_policys_max_grant_lifetime() {
     })
     .await;
 }
+
+/// The payments team bounds how many grants for its API one namespace may hold tokens for
+/// (`maxGrantsPerNamespace`): beyond it a grant is refused (`DeniedAudienceGrantLimit`, an Event, no
+/// token) while the first ones keep their tokens; raising the limit lets the waiting grant in, and so
+/// does deleting an older grant.
+#[tokio::test]
+async fn an_apis_policy_bounds_its_grants_per_namespace() {
+    let f = undeclared_fixture("ceil-count").await;
+    f.apply(GREEDY_AGENT).await;
+    let mut limited = payments_policy(&f);
+    limited["spec"]["maxGrantsPerNamespace"] = json!(2);
+    declare(&f, limited.clone()).await;
+    let mallory = editor(&f).await;
+    let mut tokens = Vec::new();
+    for name in ["p1", "p2"] {
+        self_grant(
+            &mallory,
+            &f,
+            name,
+            &["payments:read"],
+            PAYMENTS,
+            "10m",
+            &["viewer"],
+        )
+        .await;
+        f.wait_ready(name, "True", None).await;
+        tokens.push(f.token_in(&format!("{name}-token")).await.expect("a token"));
+    }
+    self_grant(
+        &mallory,
+        &f,
+        "p3",
+        &["payments:read"],
+        PAYMENTS,
+        "10m",
+        &["viewer"],
+    )
+    .await;
+    assert_refused_without_token(
+        &f,
+        "p3",
+        "DeniedAudienceGrantLimit",
+        &[
+            &f.ns,
+            PAYMENTS,
+            "3 DelegationGrants",
+            "oldest 2",
+            "maxGrantsPerNamespace",
+        ],
+    )
+    .await;
+    for (name, token) in ["p1", "p2"].into_iter().zip(&tokens) {
+        f.wait_ready(name, "True", None).await;
+        assert_eq!(
+            f.token_in(&format!("{name}-token")).await.as_ref(),
+            Some(token),
+            "{name} keeps its token"
+        );
+    }
+
+    // Raised: the waiting grant gets its token.
+    limited["spec"]["maxGrantsPerNamespace"] = json!(3);
+    declare(&f, limited).await;
+    f.wait_ready("p3", "True", None).await;
+
+    // Full again; deleting the oldest lets the next one in.
+    self_grant(
+        &mallory,
+        &f,
+        "p4",
+        &["payments:read"],
+        PAYMENTS,
+        "10m",
+        &["viewer"],
+    )
+    .await;
+    f.wait_ready("p4", "False", Some("DeniedAudienceGrantLimit"))
+        .await;
+    f.delete_grant("p1").await;
+    f.wait_ready("p4", "True", None).await;
+}

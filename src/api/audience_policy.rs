@@ -99,6 +99,15 @@ pub struct AudiencePolicySpec {
     /// applies).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub require_approval: Option<ApprovalRequirement>,
+
+    /// How many grants for this audience one namespace may hold tokens for: the oldest (by
+    /// creationTimestamp) do, every other is refused (DeniedAudienceGrantLimit) until an older one is
+    /// deleted. Of several policies listing a namespace, the largest limit applies, and one without
+    /// this field lifts it. Absent: no limit per audience (the operator's --max-grants-per-namespace
+    /// still applies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_grants_per_namespace: Option<u32>,
 }
 
 impl AudiencePolicySpec {

@@ -49,6 +49,7 @@ pub(crate) fn policy(
             max_token_ttl: Duration::from("15m"),
             max_grant_lifetime: None,
             require_approval: None,
+            max_grants_per_namespace: None,
         },
     }
 }

@@ -117,6 +117,9 @@ pub enum Reason {
     /// The namespace holds more grants than the operator's `--max-grants-per-namespace`, and this one
     /// is not among the oldest.
     DeniedNamespaceGrantLimit,
+    /// The namespace holds more grants for the audience than its AudiencePolicies'
+    /// `maxGrantsPerNamespace`, and this one is not among the oldest.
+    DeniedAudienceGrantLimit,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -157,6 +160,7 @@ impl Reason {
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
             Reason::DeniedRequesterGone => "DeniedRequesterGone",
             Reason::DeniedNamespaceGrantLimit => "DeniedNamespaceGrantLimit",
+            Reason::DeniedAudienceGrantLimit => "DeniedAudienceGrantLimit",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",

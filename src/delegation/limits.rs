@@ -1,9 +1,11 @@
-//! The per-namespace grant limit (`--max-grants-per-namespace`): when a namespace holds more grants
-//! than the limit, which of them may hold tokens.
+//! The grant limits: when a namespace holds more grants than the operator's
+//! `--max-grants-per-namespace`, or more grants for one audience than its AudiencePolicies'
+//! `maxGrantsPerNamespace`, which of them may hold tokens.
 //!
 //! A namespace's grants are ranked by [`Seniority`]: by creationTimestamp, then — within one second,
 //! the timestamp's resolution — those holding a token before those without, then by name. The first
-//! `limit` are within the limit; every other is refused (`DeniedNamespaceGrantLimit`). A grant created
+//! `limit` are within the limit; every other is refused (`DeniedNamespaceGrantLimit`, or
+//! `DeniedAudienceGrantLimit` among the grants for one audience). A grant created
 //! later ranks after every grant created in an earlier second, and after every grant holding a token
 //! in its own second: a burst of new grants never displaces a grant that holds a token, so it revokes
 //! nothing. Deleting a grant lets the first one beyond the limit in.
@@ -13,6 +15,7 @@ use std::sync::Arc;
 use k8s_openapi::jiff::Timestamp;
 
 use super::{Reason, Refusal};
+use crate::api::AudiencePolicy;
 
 /// Where a grant ranks among its namespace's grants; the fields compare in this order.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -64,6 +67,47 @@ pub fn within_namespace_limit(
     ))
 }
 
+/// The per-namespace grant limit of an audience in `namespace`: the largest `maxGrantsPerNamespace`
+/// of its AudiencePolicies listing the namespace. Policies add up like RBAC rules, so one listing the
+/// namespace without a limit lifts it (`None`), as does a namespace no policy lists (its grants are
+/// refused as undeclared anyway). `policies` may hold other audiences' policies: they are ignored.
+pub fn audience_limit(
+    audience: &str,
+    namespace: &str,
+    policies: &[Arc<AudiencePolicy>],
+) -> Option<usize> {
+    let mut limits = policies
+        .iter()
+        .filter(|p| p.spec.audience == audience && p.spec.covers_namespace(namespace))
+        .map(|p| p.spec.max_grants_per_namespace);
+    let first = limits.next()??;
+    limits
+        .try_fold(first, |most, limit| Some(most.max(limit?)))
+        .map(|most| usize::try_from(most).unwrap_or(usize::MAX))
+}
+
+/// Refuses a grant that ranks beyond the limit of its audience in its namespace (see the module doc).
+pub fn within_audience_limit(
+    namespace: &str,
+    audience: &str,
+    limit: usize,
+    count: NamespaceCount,
+) -> Result<(), Refusal> {
+    if count.ahead < limit {
+        return Ok(());
+    }
+    Err(Refusal::new(
+        Reason::DeniedAudienceGrantLimit,
+        format!(
+            "namespace {namespace} has {} DelegationGrants for audience {audience:?} and its \
+             AudiencePolicies allow tokens to the oldest {limit} of them (maxGrantsPerNamespace); \
+             this one is not among them: delete grants for the audience that are no longer needed, \
+             or ask the policy's owners to raise the limit",
+            count.total
+        ),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -94,6 +138,78 @@ mod tests {
     fn a_newcomer_in_the_same_second_never_ranks_before_a_token_holder() {
         // "a" sorts first by name, but "z" already holds a token.
         assert!(at(10, true, "z") < at(10, false, "a"));
+    }
+
+    fn policy(
+        name: &str,
+        audience: &str,
+        namespaces: &[&str],
+        limit: Option<u32>,
+    ) -> Arc<AudiencePolicy> {
+        let mut policy =
+            crate::delegation::ceilings::tests::policy(name, audience, namespaces, &["read"]);
+        policy.spec.max_grants_per_namespace = limit;
+        Arc::new(policy)
+    }
+
+    const API: &str = "https://api.example.com";
+
+    #[test]
+    fn the_largest_limit_of_the_policies_listing_the_namespace_applies() {
+        let policies = [
+            policy("small", API, &["team"], Some(3)),
+            policy("large", API, &["*"], Some(10)),
+            policy("other-namespace", API, &["elsewhere"], None),
+            policy(
+                "other-audience",
+                "https://other.example.com",
+                &["team"],
+                Some(1),
+            ),
+        ];
+        assert_eq!(audience_limit(API, "team", &policies), Some(10));
+        assert_eq!(audience_limit(API, "elsewhere", &policies), None);
+        assert_eq!(audience_limit(API, "third", &policies), Some(10));
+        assert_eq!(
+            audience_limit("https://other.example.com", "team", &policies),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn a_policy_without_a_limit_lifts_it_and_an_undeclared_audience_has_none() {
+        let policies = [
+            policy("limited", API, &["team"], Some(3)),
+            policy("unlimited", API, &["team"], None),
+        ];
+        assert_eq!(audience_limit(API, "team", &policies), None);
+        assert_eq!(
+            audience_limit("https://undeclared.example", "team", &policies),
+            None
+        );
+        assert_eq!(audience_limit(API, "team", &[]), None);
+    }
+
+    #[test]
+    fn beyond_the_audience_limit_the_refusal_names_audience_limit_and_count() {
+        let count = |ahead| NamespaceCount { ahead, total: 5 };
+        assert_eq!(within_audience_limit("team", API, 2, count(1)), Ok(()));
+        let refusal = within_audience_limit("team", API, 2, count(2)).unwrap_err();
+        assert_eq!(refusal.reason, Reason::DeniedAudienceGrantLimit);
+        assert!(refusal.reason.is_denial());
+        for part in [
+            "namespace team",
+            "5 DelegationGrants",
+            API,
+            "oldest 2",
+            "maxGrantsPerNamespace",
+        ] {
+            assert!(
+                refusal.message.contains(part),
+                "{part}: {}",
+                refusal.message
+            );
+        }
     }
 
     #[test]

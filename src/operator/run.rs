@@ -19,7 +19,7 @@ use kube::{
     runtime::{
         controller::{self, Controller},
         events::Reporter,
-        reflector::ObjectRef,
+        reflector::{self, ObjectRef},
         watcher,
     },
 };
@@ -37,6 +37,7 @@ use super::{
     reporting::events,
 };
 use crate::api::{AgentIdentity, AudiencePolicy, DelegationApproval, DelegationGrant};
+use crate::delegation::limits;
 
 /// Runs both controllers and key rotation until a termination signal; `readiness` follows whether
 /// this replica leads and has its caches.
@@ -164,6 +165,10 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     let (sweep, orphan_keys) = futures::channel::mpsc::unbounded();
     let (wake_grant, grant_wakes) = futures::channel::mpsc::unbounded();
     let (wake_agent, agent_wakes) = futures::channel::mpsc::unbounded();
+    // The AudiencePolicies' store exists only after the grants' (its fan-out wakes grants); the
+    // grants' fan-out reads the per-audience limits from it once it does.
+    let policies_for_limits: Arc<std::sync::OnceLock<reflector::Store<AudiencePolicy>>> =
+        Arc::default();
     let (grants_store, grant_events, grants_ready) = reflect(
         grants_api,
         watch.clone(),
@@ -184,6 +189,13 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
             wake_agent.clone(),
             sweep.clone(),
             settings.max_grants_per_namespace,
+            {
+                let policies = policies_for_limits.clone();
+                move |audience, namespace| {
+                    let policies = policies.get()?.state();
+                    limits::audience_limit(audience, namespace, &policies)
+                }
+            },
         ),
     );
     let (agents_store, agent_events, agents_ready) = reflect(
@@ -205,6 +217,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
             authority.clone(),
         ),
     );
+    let _ = policies_for_limits.set(audience_policies.clone());
     let approvals_api: Api<DelegationApproval> = scoped_api(&client, &settings);
     // A new approval or rejection must count at once, not when a remembered check expires.
     let forget_checked = authority.clone();

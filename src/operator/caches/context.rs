@@ -360,21 +360,29 @@ impl Context {
         }
     }
 
-    /// Refuses the grant when it ranks beyond `--max-grants-per-namespace` in its namespace
-    /// ([`limits`]).
-    pub fn namespace_limit(&self, grant: &DelegationGrant) -> Result<(), Refusal> {
-        let Some(limit) = self.settings.max_grants_per_namespace else {
-            return Ok(());
-        };
+    /// Refuses the grant when it ranks beyond `--max-grants-per-namespace` in its namespace, or beyond
+    /// its audience's `maxGrantsPerNamespace` ([`limits`]).
+    pub fn grant_limits(&self, grant: &DelegationGrant) -> Result<(), Refusal> {
         let namespace = grant.namespace().unwrap_or_default();
-        match self
-            .index
-            .namespace_count(&namespace, &grant.name_any(), limit)
+        let name = grant.name_any();
+        // Not in the index: deleted since the reconcile began; nothing to refuse.
+        if let Some(limit) = self.settings.max_grants_per_namespace
+            && let Some(count) = self.index.namespace_count(&namespace, &name, limit)
         {
-            Some(count) => limits::within_namespace_limit(&namespace, limit, count),
-            // Not in the index: deleted since the reconcile began; nothing to refuse.
-            None => Ok(()),
+            limits::within_namespace_limit(&namespace, limit, count)?;
         }
+        let audience = &grant.spec.audience;
+        if let Some(limit) = self.audience_limit(audience, &namespace)
+            && let Some(count) = self.index.audience_count(&namespace, &name, limit)
+        {
+            limits::within_audience_limit(&namespace, audience, limit, count)?;
+        }
+        Ok(())
+    }
+
+    /// The AudiencePolicies' per-namespace grant limit for `audience` in `namespace`, if any.
+    pub fn audience_limit(&self, audience: &str, namespace: &str) -> Option<usize> {
+        limits::audience_limit(audience, namespace, &self.audience_policies_for(audience))
     }
 
     /// Records that the grant was refused and holds no token.

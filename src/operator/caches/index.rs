@@ -1,6 +1,7 @@
 //! Who depends on whom, kept beside the grants cache: grants by actor, grants by parent, how many
-//! grants of each actor hold a valid token, and each namespace's grants in order of seniority (for
-//! `--max-grants-per-namespace`).
+//! grants of each actor hold a valid token, and each namespace's grants in order of seniority, all
+//! together (for `--max-grants-per-namespace`) and per audience (for the AudiencePolicies'
+//! `maxGrantsPerNamespace`).
 //!
 //! Every watch event updates the index in the same stream that fills the grants cache, so a lookup
 //! costs what it returns, never a scan of every grant (per-event work must not grow with the number of
@@ -37,6 +38,7 @@ type SharedKey = (Name, Name);
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     actor: Name,
+    audience: Name,
     parent: Option<Name>,
     ready: bool,
     seniority: Seniority,
@@ -51,6 +53,8 @@ struct State {
     by_parent: HashMap<SharedKey, BTreeSet<Name>>,
     ready_by_actor: HashMap<SharedKey, usize>,
     by_namespace: HashMap<Name, BTreeSet<Seniority>>,
+    /// `(namespace, audience)` -> its grants by rank, for the AudiencePolicies' per-namespace limit.
+    by_audience: HashMap<SharedKey, BTreeSet<Seniority>>,
     names: Interner<str>,
 }
 
@@ -74,6 +78,7 @@ impl State {
         Entry {
             seniority: Seniority::new(created, ready, self.name(&grant.name_any())),
             actor: self.name(&grant.spec.actor_ref.name),
+            audience: self.name(&grant.spec.audience),
             parent: grant
                 .spec
                 .parent_grant_ref
@@ -101,6 +106,10 @@ impl State {
                 .entry((ns.clone(), entry.actor.clone()))
                 .or_default() += 1;
         }
+        self.by_audience
+            .entry((ns.clone(), entry.audience.clone()))
+            .or_default()
+            .insert(entry.seniority.clone());
         self.by_namespace
             .entry(ns)
             .or_default()
@@ -120,6 +129,13 @@ impl State {
             ranked.remove(&entry.seniority);
             if ranked.is_empty() {
                 self.by_namespace.remove(ns);
+            }
+        }
+        let audience_key = (ns.clone(), entry.audience.clone());
+        if let Some(ranked) = self.by_audience.get_mut(&audience_key) {
+            ranked.remove(&entry.seniority);
+            if ranked.is_empty() {
+                self.by_audience.remove(&audience_key);
             }
         }
         if entry.ready
@@ -266,10 +282,43 @@ impl GrantIndex {
         })
     }
 
+    /// How the grant stands among its namespace's grants for its audience, as
+    /// [`namespace_count`](Self::namespace_count) does among all of them.
+    pub fn audience_count(
+        &self,
+        namespace: &str,
+        name: &str,
+        limit: usize,
+    ) -> Option<NamespaceCount> {
+        let state = self.state.lock().ok()?;
+        let entry = state.grants.get(&(Arc::from(namespace), Arc::from(name)))?;
+        let ranked = state
+            .by_audience
+            .get(&(Arc::from(namespace), entry.audience.clone()))?;
+        Some(NamespaceCount {
+            ahead: ranked.range(..&entry.seniority).take(limit).count(),
+            total: ranked.len(),
+        })
+    }
+
     /// The grant ranked `rank` (from 0) in its namespace, if there are that many.
     pub fn ranked(&self, namespace: &str, rank: usize) -> Option<String> {
         let state = self.state.lock().ok()?;
         let ranked = state.by_namespace.get(namespace)?;
+        ranked.iter().nth(rank).map(|s| s.name.to_string())
+    }
+
+    /// The grant ranked `rank` (from 0) among its namespace's grants for `audience`.
+    pub fn ranked_for_audience(
+        &self,
+        namespace: &str,
+        audience: &str,
+        rank: usize,
+    ) -> Option<String> {
+        let state = self.state.lock().ok()?;
+        let ranked = state
+            .by_audience
+            .get(&(Arc::from(namespace), Arc::from(audience)))?;
         ranked.iter().nth(rank).map(|s| s.name.to_string())
     }
 
@@ -471,6 +520,54 @@ mod tests {
         assert_eq!(count("c"), NamespaceCount { ahead: 0, total: 4 });
         assert_eq!(index.ranked("ns", 1).as_deref(), Some("a0"), "next in line");
         assert_eq!(index.namespace_count("other", "c", 2), None);
+    }
+
+    fn for_audience(mut grant: DelegationGrant, audience: &str) -> DelegationGrant {
+        grant.spec.audience = audience.into();
+        grant
+    }
+
+    #[test]
+    fn ranks_each_audience_apart_and_follows_a_changed_audience() {
+        let index = GrantIndex::default();
+        for (i, (name, audience)) in [
+            ("p1", "https://p"),
+            ("q1", "https://q"),
+            ("p2", "https://p"),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let g = created_at(grant(name, "x", None, false), i as i64);
+            index.apply(&watcher::Event::Apply(for_audience(g, audience)));
+        }
+        let count = |name| index.audience_count("ns", name, 5).unwrap();
+        assert_eq!(count("p2"), NamespaceCount { ahead: 1, total: 2 });
+        assert_eq!(count("q1"), NamespaceCount { ahead: 0, total: 1 });
+        assert_eq!(
+            index.ranked_for_audience("ns", "https://p", 1).as_deref(),
+            Some("p2")
+        );
+        // An edit to another audience moves the grant between the rankings.
+        let moved = for_audience(created_at(grant("p1", "x", None, false), 0), "https://q");
+        index.apply(&watcher::Event::Apply(moved.clone()));
+        assert_eq!(count("p2"), NamespaceCount { ahead: 0, total: 1 });
+        assert_eq!(count("q1"), NamespaceCount { ahead: 1, total: 2 });
+        index.apply(&watcher::Event::Delete(moved));
+        index.apply(&watcher::Event::Delete(for_audience(
+            created_at(grant("q1", "x", None, false), 1),
+            "https://q",
+        )));
+        assert_eq!(index.ranked_for_audience("ns", "https://q", 0), None);
+        assert!(
+            !index
+                .state
+                .lock()
+                .unwrap()
+                .by_audience
+                .contains_key(&(Arc::from("ns"), Arc::from("https://q"))),
+            "an empty ranking is dropped"
+        );
     }
 
     #[test]

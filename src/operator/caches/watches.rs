@@ -106,15 +106,16 @@ const LAST_APPLIED_ANNOTATION: &str = "kubectl.kubernetes.io/last-applied-config
 type Wake<K> = futures::channel::mpsc::UnboundedSender<ObjectRef<K>>;
 
 /// After a grant event: index it, wake its children (they read its status) and, when its readiness
-/// changed, its agent (which counts Ready grants). With a per-namespace grant limit, a deletion wakes
-/// the grant that now ranks last within it (it was refused for the limit, and no event of its own
-/// brings it back).
+/// changed, its agent (which counts Ready grants). With a grant limit (per namespace, or per audience
+/// in a namespace: `audience_limit`), a deletion wakes the grant that now ranks last within it (it
+/// was refused for the limit, and no event of its own brings it back).
 pub fn grant_fan_out(
     index: Arc<index::GrantIndex>,
     wake_grant: Wake<DelegationGrant>,
     wake_agent: Wake<AgentIdentity>,
     sweep: futures::channel::mpsc::UnboundedSender<orphans::Sweep>,
     max_grants_per_namespace: Option<usize>,
+    audience_limit: impl Fn(&str, &str) -> Option<usize> + Send + 'static,
 ) -> impl FnMut(&watcher::Event<DelegationGrant>) + Send + 'static {
     move |event| {
         let touched = index.apply(event);
@@ -129,6 +130,16 @@ pub fn grant_fan_out(
                 }
                 if let (watcher::Event::Delete(_), Some(limit)) = (event, max_grants_per_namespace)
                     && let Some(admitted) = index.ranked(&ns, limit.saturating_sub(1))
+                {
+                    let _ = wake_grant.unbounded_send(ObjectRef::new(&admitted).within(&ns));
+                }
+                if let watcher::Event::Delete(_) = event
+                    && let Some(limit) = audience_limit(&grant.spec.audience, &ns)
+                    && let Some(admitted) = index.ranked_for_audience(
+                        &ns,
+                        &grant.spec.audience,
+                        limit.saturating_sub(1),
+                    )
                 {
                     let _ = wake_grant.unbounded_send(ObjectRef::new(&admitted).within(&ns));
                 }

@@ -75,8 +75,8 @@ pub(super) async fn ask_ahead(
     ctx: &Context,
     now: Timestamp,
 ) -> Option<Planned> {
-    // A grant beyond its namespace's limit is refused: nothing to ask, no status-list entry to take.
-    ctx.namespace_limit(grant).ok()?;
+    // A grant beyond a grant limit is refused: nothing to ask, no status-list entry to take.
+    ctx.grant_limits(grant).ok()?;
     let name = grant.name_any();
     let (asked, planned) = futures::join!(
         authority::evaluate(grant, ctx, now, true),

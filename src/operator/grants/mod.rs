@@ -152,8 +152,8 @@ async fn apply(
     planned: &mut Option<Planned>,
 ) -> Result<Action> {
     let namespace = grant.namespace().unwrap_or_default();
-    // Beyond its namespace's limit a grant is refused before anything is resolved or asked.
-    let resolved = ctx.namespace_limit(grant).and_then(|()| {
+    // Beyond a grant limit a grant is refused before anything is resolved or asked.
+    let resolved = ctx.grant_limits(grant).and_then(|()| {
         resolve(
             grant,
             &namespace,
