@@ -453,9 +453,12 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     // Never leading: ready once the certificate and the published JWKS are loaded.
     let readiness = std::sync::Arc::new(operator::Readiness::default());
-    endpoints::start(client, review_client, settings, readiness)
-        .await?
-        .await;
+    let serving = endpoints::start(client, review_client, settings, readiness).await?;
+    // It holds no state: on SIGTERM it simply stops (exit 0), as the kubelet expects.
+    tokio::select! {
+        _ = serving => {}
+        _ = operator::shutdown_signal() => tracing::info!("stopping on a termination signal"),
+    }
     Ok(())
 }
 
