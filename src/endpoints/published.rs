@@ -90,14 +90,7 @@ impl Published {
     }
 
     fn apply_published_jwks(&self, cm: &ConfigMap) {
-        let document = cm.data.as_ref().and_then(|data| data.get(JWKS_DATA_KEY));
-        match document
-            .ok_or_else(|| format!("no {JWKS_DATA_KEY} key").into())
-            .and_then(|text| {
-                let jwks: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-                public_key_set(&jwks)?;
-                Ok::<_, String>(jwks)
-            }) {
+        match public_jwks_of(cm) {
             Ok(jwks) => self.set_jwks(jwks),
             // A broken or planted edit: keep serving the last good keys until the leader restores it.
             Err(problem) => tracing::warn!(
@@ -113,6 +106,18 @@ impl Published {
             docs.jwks = Some(jwks);
         }
     }
+}
+
+/// The key set of the published JWKS ConfigMap, if it is a public key set.
+fn public_jwks_of(cm: &ConfigMap) -> std::result::Result<Value, String> {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|data| data.get(JWKS_DATA_KEY))
+        .ok_or_else(|| format!("no {JWKS_DATA_KEY} key"))?;
+    let jwks: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    public_key_set(&jwks)?;
+    Ok(jwks)
 }
 
 /// Checks that `jwks` is a key set the operator could have published: a `keys` array of public
