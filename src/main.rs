@@ -34,6 +34,10 @@ enum Command {
     AdmissionPolicies,
     /// Run the operator: reconcile DelegationGrants and AgentIdentities into tokens.
     Run(Box<RunArgs>),
+    /// Run the verification server alone: discovery, JWKS, status lists and introspection, from the
+    /// ConfigMaps the operator publishes and a certificate on disk. It reads no Secret and writes
+    /// nothing (run the operator with --verification-endpoints=false beside it).
+    Serve(Box<ServeArgs>),
     /// Approve the current generation of a grant whose agent requires approval (you need verb
     /// `approve` on that grant, and may not approve your own).
     Approve(DecisionArgs),
@@ -165,6 +169,10 @@ struct RunArgs {
     /// /healthz, /readyz.
     #[arg(long, default_value = "0.0.0.0:8443")]
     https_address: std::net::SocketAddr,
+    /// Serve discovery, JWKS, status lists and introspection too. With false, --https-address serves
+    /// only /metrics, /healthz and /readyz, and `delegation-operator serve` serves the rest.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    verification_endpoints: bool,
     /// The `kubernetes.io/tls` Secret (in the operator namespace) with the serving certificate, e.g.
     /// written by cert-manager; a new version is picked up without a restart.
     #[arg(long, default_value = "delegation-operator-tls")]
@@ -177,6 +185,16 @@ struct RunArgs {
     /// and the operator's Service names.
     #[arg(long = "tls-dns-name")]
     tls_dns_names: Vec<String>,
+    #[command(flatten)]
+    callers: CallerLimitArgs,
+    /// Log format on stderr (audit records always go to stdout as JSON lines).
+    #[arg(long, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+}
+
+/// Limits on the apiserver reviews that callers of /introspect and /metrics cause.
+#[derive(Args)]
+struct CallerLimitArgs {
     /// Per client address: requests to /introspect and /metrics that need an apiserver review
     /// (TokenReview, SubjectAccessReview) a second; a caller the apiserver accepts is not counted.
     /// Over it (and --caller-burst), 429 with Retry-After.
@@ -197,7 +215,39 @@ struct RunArgs {
     /// How long a refused caller token or access (not authenticated, not authorised) is remembered.
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
     review_negative_cache_ttl: std::time::Duration,
-    /// Log format on stderr (audit records always go to stdout as JSON lines).
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Kubeconfig file to use; without it, the usual discovery ($KUBECONFIG, ~/.kube/config, in-cluster).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The operator's namespace: the published JWKS and status lists (ConfigMaps) are read there.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "delegation-system")]
+    operator_namespace: String,
+    /// The operator's --issuer: the endpoints live under it and discovery names it.
+    #[arg(
+        long,
+        default_value = "https://delegation-operator.delegation-system.svc"
+    )]
+    issuer: String,
+    /// The operator's --algorithm (discovery advertises it).
+    #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+    algorithm: String,
+    /// Where the endpoints listen: discovery, JWKS, status lists, introspection, /metrics, /healthz,
+    /// /readyz.
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    https_address: std::net::SocketAddr,
+    /// The serving certificate (PEM chain), e.g. `tls.crt` of the TLS Secret mounted into the Pod;
+    /// read again when it changes.
+    #[arg(long)]
+    tls_cert_file: std::path::PathBuf,
+    /// Its private key (PEM), e.g. the mounted `tls.key`.
+    #[arg(long)]
+    tls_key_file: std::path::PathBuf,
+    #[command(flatten)]
+    callers: CallerLimitArgs,
+    /// Log format on stderr.
     #[arg(long, default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
 }
@@ -211,7 +261,14 @@ fn main() -> ExitCode {
             print!("{}", delegation_operator::admission::POLICIES_YAML);
             ExitCode::SUCCESS
         }
-        Command::Run(args) => run(*args),
+        Command::Run(args) => {
+            init_logging(&args.log_format);
+            block_on(run_operator(*args))
+        }
+        Command::Serve(args) => {
+            init_logging(&args.log_format);
+            block_on(serve(*args))
+        }
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
         Command::Token(TokenCommand::Inspect(args)) => cli::inspect::run(args),
@@ -311,8 +368,8 @@ async fn config(
     })
 }
 
-fn run(args: RunArgs) -> ExitCode {
-    init_logging(&args.log_format);
+/// Runs a long-lived command to its end; its error is logged and printed.
+fn block_on(command: impl Future<Output = Result<(), Box<dyn std::error::Error>>>) -> ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
@@ -320,7 +377,7 @@ fn run(args: RunArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run_operator(args)) {
+    match runtime.block_on(command) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
@@ -337,12 +394,8 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     // many there are, the Lease renewals and revocations of `client` never queue behind them.
     let review_client = kube::Client::try_from(config)?;
     let leader_election = leader_election(&args)?;
-    let reviews = review_settings(&args)?;
-    // One spelling everywhere: the tokens' `iss` and discovery must agree byte for byte.
-    let issuer = args.issuer.trim_end_matches('/').to_owned();
-    if let Some(problem) = endpoints::issuer_problem(&issuer) {
-        return Err(format!("--issuer {issuer:?} cannot be an issuer URL: {problem}").into());
-    }
+    let reviews = review_settings(&args.callers)?;
+    let issuer = checked_issuer(&args.issuer)?;
     let settings = Settings {
         operator_namespace: args.operator_namespace.clone(),
         watch_namespace: args.namespace.clone(),
@@ -370,12 +423,54 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
         readiness.clone(),
     )
     .await?;
-    // Every replica serves verification; the operator itself writes only while leading.
+    // Every replica serves its endpoints; the operator itself writes only while leading.
     tokio::select! {
         outcome = operator::run(client, settings, readiness) => outcome?,
         _ = serve => {}
     }
     Ok(())
+}
+
+/// The verification server: the endpoints alone, under an identity that reads two ConfigMaps and
+/// asks the apiserver about callers, and nothing else.
+async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
+    let config = config(args.kubeconfig.as_deref()).await?;
+    let client = kube::Client::try_from(config.clone())?;
+    let review_client = kube::Client::try_from(config)?;
+    let reviews = review_settings(&args.callers)?;
+    let issuer = checked_issuer(&args.issuer)?;
+    let settings = endpoints::EndpointSettings {
+        address: args.https_address,
+        issuer,
+        operator_namespace: args.operator_namespace,
+        tls: endpoints::tls::TlsSource::Files(endpoints::tls::CertFiles {
+            cert: args.tls_cert_file,
+            key: args.tls_key_file,
+        }),
+        verification: Some(endpoints::published::JwksSource::PublishedConfigMap),
+        algorithm: args.algorithm.parse::<Algorithm>()?,
+        reviews,
+    };
+    // Never leading: ready once the certificate and the published JWKS are loaded.
+    let readiness = std::sync::Arc::new(operator::Readiness::default());
+    let serving = endpoints::start(client, review_client, settings, readiness).await?;
+    // It holds no state: on SIGTERM it simply stops (exit 0), as the kubelet expects.
+    tokio::select! {
+        _ = serving => {}
+        _ = operator::shutdown_signal() => tracing::info!("stopping on a termination signal"),
+    }
+    Ok(())
+}
+
+/// The issuer in one spelling everywhere: the tokens' `iss` and discovery must agree byte for byte.
+fn checked_issuer(issuer: &str) -> Result<String, Box<dyn std::error::Error>> {
+    let issuer = issuer.trim_end_matches('/').to_owned();
+    match endpoints::issuer_problem(&issuer) {
+        Some(problem) => {
+            Err(format!("--issuer {issuer:?} cannot be an issuer URL: {problem}").into())
+        }
+        None => Ok(issuer),
+    }
 }
 
 fn endpoint_settings(
@@ -412,19 +507,22 @@ fn endpoint_settings(
         address: args.https_address,
         issuer: issuer.to_owned(),
         operator_namespace: ns.clone(),
-        tls: endpoints::tls::TlsSettings {
+        tls: endpoints::tls::TlsSource::Secret(endpoints::tls::TlsSettings {
             namespace: ns.clone(),
             secret_name: args.tls_secret.clone(),
             self_signed: args.tls_self_signed,
             dns_names,
-        },
+        }),
+        verification: args
+            .verification_endpoints
+            .then_some(endpoints::published::JwksSource::SigningKeys),
         algorithm,
         reviews,
     }
 }
 
 fn review_settings(
-    args: &RunArgs,
+    args: &CallerLimitArgs,
 ) -> Result<endpoints::reviews::ReviewSettings, Box<dyn std::error::Error>> {
     for (flag, rate) in [
         ("--caller-rate", args.caller_rate),

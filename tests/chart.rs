@@ -7,9 +7,8 @@
 mod support;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Command, Stdio},
-    sync::OnceLock,
     time::Duration,
 };
 
@@ -24,93 +23,18 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
-use serde::Deserialize;
 use serde_json::{Value, json};
-use support::*;
+use support::{helm::*, *};
 
-const CHART: &str = "charts/delegation-operator";
 const AUDIENCE: &str = "https://tickets.example.com";
-
-// ---- helm --------------------------------------------------------------------------------------
-
-/// The helm binary: `HELM_BIN`, else the one hack/helm.sh builds (or reuses) for the pinned version.
-fn helm_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| built_helm("HELM_BIN", &[])).clone()
-}
-
-/// Helm 3 (`HELM3_BIN`, else `hack/helm.sh --helm3`): the chart supports both majors.
-fn helm3_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| built_helm("HELM3_BIN", &["--helm3"]))
-        .clone()
-}
-
-fn built_helm(env: &str, args: &[&str]) -> PathBuf {
-    if let Some(p) = std::env::var_os(env) {
-        return PathBuf::from(p);
-    }
-    let out = Command::new(repo_root().join("hack/helm.sh"))
-        .args(args)
-        .stderr(Stdio::inherit())
-        .output()
-        .expect("run hack/helm.sh");
-    assert!(out.status.success(), "hack/helm.sh {args:?} failed");
-    PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
-}
-
-/// Runs helm with its state in a private directory (never the user's ~/.config/helm).
-fn helm(args: &[&str]) -> std::process::Output {
-    helm_binary(&helm_path(), args)
-}
-
-fn helm_binary(binary: &Path, args: &[&str]) -> std::process::Output {
-    let home = std::env::temp_dir().join("delegation-operator-tests-helm");
-    Command::new(binary)
-        .args(args)
-        .current_dir(repo_root())
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_DATA_HOME", home.join("data"))
-        .output()
-        .expect("run helm")
-}
-
-/// helm against the test control plane; panics with its output when it fails.
-fn helm_cluster(args: &[&str]) -> String {
-    let kubeconfig = kubeconfig_path();
-    let mut all = args.to_vec();
-    all.extend(["--kubeconfig", kubeconfig.to_str().unwrap()]);
-    let out = helm(&all);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "helm {args:?} failed:\n{text}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
 
 /// `helm template` of the chart with extra arguments: its documents, or helm's error.
 fn try_render(args: &[&str]) -> Result<Vec<Value>, String> {
-    let mut all = vec!["template", "rel", CHART, "--namespace", "ops"];
-    all.extend(args);
-    let out = helm(&all);
-    if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
-    }
-    Ok(documents(&String::from_utf8(out.stdout).unwrap()))
+    template("rel", "ops", args)
 }
 
 fn render(args: &[&str]) -> Vec<Value> {
     try_render(args).unwrap_or_else(|e| panic!("helm template {args:?} failed: {e}"))
-}
-
-fn documents(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| serde_json::to_value(serde_yaml::Value::deserialize(doc).unwrap()).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 fn find<'a>(docs: &'a [Value], kind: &str, name: &str) -> &'a Value {
@@ -453,7 +377,7 @@ fn the_finalizer_policy_is_bound_only_to_the_watched_namespace_when_there_is_one
 }
 
 #[test]
-fn default_render_is_two_restricted_replicas_behind_an_https_service() {
+fn default_render_is_a_controller_and_a_verification_server_behind_an_https_service() {
     let docs = render(&[]);
     let mut found = kinds(&docs);
     found.sort();
@@ -476,15 +400,22 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
     for kind in ["ServiceMonitor", "Certificate"] {
         assert!(!found.contains(&kind.to_owned()), "{kind} is opt-in");
     }
-    // The NetworkPolicy is on by default: ingress to the HTTPS port from anyone (verifiers,
-    // resource servers, Prometheus), no other port; egress open (the apiserver's address varies).
-    let policy = find(&docs, "NetworkPolicy", "rel-delegation-operator");
-    assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
-    assert_eq!(
-        policy["spec"]["ingress"],
-        json!([{"ports": [{"port": "https", "protocol": "TCP"}]}])
-    );
-    assert_eq!(policy["spec"]["egress"], json!([{}]));
+    // The NetworkPolicies are on by default: the verification server takes ingress on its HTTPS
+    // port from anyone (verifiers, resource servers, Prometheus), the controller only on its metrics
+    // port, no other port; egress open (the apiserver's address varies).
+    for (name, port) in [
+        ("rel-delegation-operator", "metrics"),
+        ("rel-delegation-operator-verifier", "https"),
+    ] {
+        let policy = find(&docs, "NetworkPolicy", name);
+        assert_eq!(policy["spec"]["policyTypes"], json!(["Ingress", "Egress"]));
+        assert_eq!(
+            policy["spec"]["ingress"],
+            json!([{"ports": [{"port": port, "protocol": "TCP"}]}]),
+            "{name}"
+        );
+        assert_eq!(policy["spec"]["egress"], json!([{}]));
+    }
 
     let deployment = find(&docs, "Deployment", "rel-delegation-operator");
     let pod = &deployment["spec"]["template"]["spec"];
@@ -517,15 +448,15 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
             );
         }
     }
-    // Probes on the operator's HTTPS endpoints.
+    // The controller exposes one port, for probes and /metrics: no verification endpoint.
     assert_eq!(
         c["ports"],
-        json!([{"name": "https", "containerPort": 8443, "protocol": "TCP"}])
+        json!([{"name": "metrics", "containerPort": 8443, "protocol": "TCP"}])
     );
     for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
         assert_eq!(
             c[probe]["httpGet"],
-            json!({"path": path, "port": "https", "scheme": "HTTPS"}),
+            json!({"path": path, "port": "metrics", "scheme": "HTTPS"}),
             "{probe}"
         );
     }
@@ -553,6 +484,7 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
         "--operator-namespace=$(POD_NAMESPACE)",
         "--issuer=https://rel-delegation-operator.ops.svc",
         "--https-address=0.0.0.0:8443",
+        "--verification-endpoints=false",
         "--tls-secret=delegation-operator-tls",
         "--tls-self-signed=true",
         "--tls-dns-name=rel-delegation-operator.ops.svc",
@@ -584,6 +516,8 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
         t["labelSelector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
     }));
 
+    // The Service of the HTTPS endpoints selects the verification server, never the controller.
+    let verifier = find(&docs, "Deployment", "rel-delegation-operator-verifier");
     let service = find(&docs, "Service", "rel-delegation-operator");
     assert_eq!(
         service["spec"]["ports"],
@@ -591,10 +525,203 @@ fn default_render_is_two_restricted_replicas_behind_an_https_service() {
     );
     assert_eq!(
         service["spec"]["selector"],
-        deployment["spec"]["selector"]["matchLabels"]
+        verifier["spec"]["selector"]["matchLabels"]
     );
-    let pdb = find(&docs, "PodDisruptionBudget", "rel-delegation-operator");
-    assert_eq!(pdb["spec"]["minAvailable"], 1);
+    assert!(!selects(
+        &service["spec"]["selector"],
+        &deployment["spec"]["template"]["metadata"]["labels"]
+    ));
+    // Neither Deployment's selector (nor its PodDisruptionBudget's) matches the other's Pods.
+    for (own, other) in [(deployment, verifier), (verifier, deployment)] {
+        let labels = &other["spec"]["template"]["metadata"]["labels"];
+        assert!(!selects(&own["spec"]["selector"]["matchLabels"], labels));
+    }
+    for (pdb, own) in [
+        ("rel-delegation-operator", deployment),
+        ("rel-delegation-operator-verifier", verifier),
+    ] {
+        let pdb = find(&docs, "PodDisruptionBudget", pdb);
+        assert_eq!(pdb["spec"]["minAvailable"], 1);
+        assert_eq!(
+            pdb["spec"]["selector"]["matchLabels"],
+            own["spec"]["selector"]["matchLabels"]
+        );
+    }
+    // No Service for the controller unless a ServiceMonitor needs one.
+    assert_eq!(docs.iter().filter(|d| d["kind"] == "Service").count(), 1);
+}
+
+/// Whether a label selector (`matchLabels`) selects an object with these labels.
+fn selects(selector: &Value, labels: &Value) -> bool {
+    selector
+        .as_object()
+        .unwrap()
+        .iter()
+        .all(|(k, v)| &labels[k] == v)
+}
+
+#[test]
+fn the_verification_server_is_restricted_and_reads_its_certificate_from_a_mounted_secret() {
+    let docs = render(&[]);
+    let verifier = find(&docs, "Deployment", "rel-delegation-operator-verifier");
+    assert_eq!(verifier["spec"]["replicas"], 2);
+    let pod = &verifier["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"],
+        "rel-delegation-operator-verifier"
+    );
+    assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+    assert_eq!(
+        pod["securityContext"]["seccompProfile"]["type"],
+        "RuntimeDefault"
+    );
+    for field in ["hostNetwork", "hostPID", "hostIPC"] {
+        assert!(pod[field].is_null(), "{field} set");
+    }
+    // Its one volume: the TLS Secret's certificate and key (the kubelet mounts it; the
+    // ServiceAccount has no right on Secrets), readable by its group only.
+    assert_eq!(
+        pod["volumes"],
+        json!([{"name": "tls", "secret": {"secretName": "delegation-operator-tls",
+            "items": [{"key": "tls.crt", "path": "tls.crt"}, {"key": "tls.key", "path": "tls.key"}],
+            "defaultMode": 288}}])
+    );
+    assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+    let containers = pod["containers"].as_array().unwrap();
+    assert_eq!(containers.len(), 1);
+    let c = &containers[0];
+    assert_eq!(
+        c["volumeMounts"],
+        json!([{"name": "tls", "mountPath": "/etc/delegation-operator/tls", "readOnly": true}])
+    );
+    let sc = &c["securityContext"];
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(
+        c["ports"],
+        json!([{"name": "https", "containerPort": 8443, "protocol": "TCP"}])
+    );
+    for (probe, path) in [("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")] {
+        assert_eq!(
+            c[probe]["httpGet"],
+            json!({"path": path, "port": "https", "scheme": "HTTPS"}),
+            "{probe}"
+        );
+    }
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for expected in [
+        "serve",
+        "--operator-namespace=$(POD_NAMESPACE)",
+        "--issuer=https://rel-delegation-operator.ops.svc",
+        "--algorithm=ES256",
+        "--https-address=0.0.0.0:8443",
+        "--tls-cert-file=/etc/delegation-operator/tls/tls.crt",
+        "--tls-key-file=/etc/delegation-operator/tls/tls.key",
+        "--caller-rate=2",
+        "--review-negative-cache-ttl=5s",
+        "--log-format=json",
+    ] {
+        assert!(args.contains(&expected), "{expected} not in {args:?}");
+    }
+    assert_eq!(args[0], "serve");
+    // The controller's discovery and the server's agree: the same issuer and algorithm.
+    let controller = find(&docs, "Deployment", "rel-delegation-operator");
+    let controller_args = controller["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_array()
+        .unwrap();
+    for shared in ["--issuer=", "--algorithm="] {
+        let of = |list: &[&str]| {
+            list.iter()
+                .find(|a| a.starts_with(shared))
+                .map(|a| a.to_string())
+        };
+        let controller_list: Vec<&str> = controller_args
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        assert_eq!(of(&args), of(&controller_list), "{shared}");
+    }
+}
+
+/// Everything the chart binds to the verification server's ServiceAccount: no Secret, no write, no
+/// ConfigMap but the two it serves (by name, in the release namespace), and the two reviews it asks
+/// about its callers. This is exactly what `tests/verification_server.rs` runs it under.
+#[test]
+fn the_verification_servers_rbac_reads_no_secret_and_writes_nothing() {
+    for args in [&[][..], &["--set", "watchNamespace=team-a"]] {
+        let docs = render(args);
+        let bound = rules_bound_to(&docs, "ops", "rel-delegation-operator-verifier");
+        let mut seen: Vec<(String, Rule)> = bound.clone();
+        seen.sort();
+        assert_eq!(
+            seen,
+            vec![
+                (
+                    "".into(),
+                    (
+                        vec!["authentication.k8s.io".into()],
+                        vec!["tokenreviews".into()],
+                        vec!["create".into()],
+                        vec![]
+                    )
+                ),
+                (
+                    "".into(),
+                    (
+                        vec!["authorization.k8s.io".into()],
+                        vec!["subjectaccessreviews".into()],
+                        vec!["create".into()],
+                        vec![]
+                    )
+                ),
+                (
+                    "ops".into(),
+                    (
+                        vec!["".into()],
+                        vec!["configmaps".into()],
+                        vec!["list".into(), "watch".into()],
+                        vec![
+                            "delegation-operator-jwks".into(),
+                            "delegation-operator-status-lists".into()
+                        ]
+                    )
+                ),
+            ],
+            "{args:?}"
+        );
+        for (_, (_, resources, _, _)) in &bound {
+            assert!(!resources.iter().any(|r| r == "secrets"));
+        }
+    }
+}
+
+/// The rules of every Role and ClusterRole bound to ServiceAccount `namespace`/`name` in `docs`, with
+/// the namespace each applies in ("" for cluster-wide).
+fn rules_bound_to(docs: &[Value], namespace: &str, name: &str) -> Vec<(String, Rule)> {
+    let mut bound = Vec::new();
+    for binding in docs
+        .iter()
+        .filter(|d| d["kind"] == "RoleBinding" || d["kind"] == "ClusterRoleBinding")
+    {
+        let names_account = binding["subjects"].as_array().unwrap().iter().any(|s| {
+            s["kind"] == "ServiceAccount" && s["name"] == name && s["namespace"] == namespace
+        });
+        if !names_account {
+            continue;
+        }
+        let applies_in = binding["metadata"]["namespace"].as_str().unwrap_or("");
+        let role_kind = binding["roleRef"]["kind"].as_str().unwrap();
+        let role_name = binding["roleRef"]["name"].as_str().unwrap();
+        let role = find(docs, role_kind, role_name);
+        bound.extend(rules(role).into_iter().map(|r| (applies_in.to_owned(), r)));
+    }
+    bound
 }
 
 #[test]
@@ -806,6 +933,8 @@ fn optional_parts_render_when_enabled() {
         "--set",
         "networkPolicy.enabled=true",
         "--set",
+        "networkPolicy.metricsFrom[0].podSelector.matchLabels.app=prometheus",
+        "--set",
         "issuer=https://tokens.example.com",
     ]);
     let cert = find(&docs, "Certificate", "rel-delegation-operator");
@@ -822,14 +951,47 @@ fn optional_parts_render_when_enabled() {
     assert!(args.contains(&json!("--tls-self-signed=false")));
     assert!(args.contains(&json!("--issuer=https://tokens.example.com")));
     assert!(args.contains(&json!("--tls-dns-name=tokens.example.com")));
+    // Both processes' /metrics: the controller's through its metrics Service, the verification
+    // server's through the endpoints' Service.
     let monitor = find(&docs, "ServiceMonitor", "rel-delegation-operator");
-    assert_eq!(monitor["spec"]["endpoints"][0]["path"], "/metrics");
-    assert_eq!(monitor["spec"]["endpoints"][0]["scheme"], "https");
-    // /metrics is authenticated: Prometheus sends its token and needs the reader role.
+    let endpoints = monitor["spec"]["endpoints"].as_array().unwrap();
+    let ports: Vec<&str> = endpoints
+        .iter()
+        .map(|e| e["port"].as_str().unwrap())
+        .collect();
+    assert_eq!(ports, ["metrics", "https"]);
+    for endpoint in endpoints {
+        assert_eq!(endpoint["path"], "/metrics");
+        assert_eq!(endpoint["scheme"], "https");
+        // /metrics is authenticated: Prometheus sends its token and needs the reader role.
+        assert_eq!(
+            endpoint["bearerTokenFile"],
+            "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        );
+    }
+    let metrics = find(&docs, "Service", "rel-delegation-operator-metrics");
     assert_eq!(
-        monitor["spec"]["endpoints"][0]["bearerTokenFile"],
-        "/var/run/secrets/kubernetes.io/serviceaccount/token"
+        metrics["spec"]["selector"],
+        deployment["spec"]["selector"]["matchLabels"]
     );
+    assert_eq!(
+        metrics["spec"]["ports"],
+        json!([{"name": "metrics", "port": 8443, "targetPort": "metrics", "protocol": "TCP"}])
+    );
+    let selector = &monitor["spec"]["selector"];
+    for service in [metrics, find(&docs, "Service", "rel-delegation-operator")] {
+        let labels = &service["metadata"]["labels"];
+        assert!(selects(&selector["matchLabels"], labels), "{service}");
+        let component = &selector["matchExpressions"][0];
+        assert_eq!(component["key"], "app.kubernetes.io/component");
+        assert!(
+            component["values"]
+                .as_array()
+                .unwrap()
+                .contains(&labels["app.kubernetes.io/component"]),
+            "{service}"
+        );
+    }
     let reader = find(
         &docs,
         "ClusterRole",
@@ -839,8 +1001,15 @@ fn optional_parts_render_when_enabled() {
         reader["rules"],
         json!([{"nonResourceURLs": ["/metrics"], "verbs": ["get"]}])
     );
-    let policy = find(&docs, "NetworkPolicy", "rel-delegation-operator");
+    let policy = find(&docs, "NetworkPolicy", "rel-delegation-operator-verifier");
     assert_eq!(policy["spec"]["ingress"][0]["ports"][0]["port"], "https");
+    assert!(policy["spec"]["ingress"][0]["from"].is_null());
+    let controller = find(&docs, "NetworkPolicy", "rel-delegation-operator");
+    assert_eq!(
+        controller["spec"]["ingress"],
+        json!([{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                "from": [{"podSelector": {"matchLabels": {"app": "prometheus"}}}]}])
+    );
 }
 
 #[test]
@@ -862,6 +1031,15 @@ fn schema_refuses_unknown_keys_and_wrong_types() {
             &["--set", "resources.requests.gpu=1"],
             "additional properties 'gpu' not allowed",
         ),
+        (
+            &["--set", "verifier.replica=3"],
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            &["--set", "verifier.resources.limits.gpu=1"],
+            "additional properties 'gpu' not allowed",
+        ),
+        (&["--set", "verifier.replicas=0"], "verifier/replicas"),
         (&["--set", "replicas=two"], "got string, want integer"),
         (&["--set", "crds.enabled=yes"], "got string, want boolean"),
         (&["--set", "logFormat=xml"], "logFormat"),
@@ -895,6 +1073,8 @@ struct ChartOperator {
     child: std::process::Child,
     log: PathBuf,
     kubeconfig: PathBuf,
+    /// Directories standing in for mounted volumes, removed with it.
+    mounted: Vec<PathBuf>,
 }
 
 impl ChartOperator {
@@ -917,6 +1097,7 @@ impl ChartOperator {
             child,
             log,
             kubeconfig,
+            mounted: Vec::new(),
         }
     }
 
@@ -956,6 +1137,9 @@ impl Drop for ChartOperator {
         let _ = self.child.kill();
         let _ = self.child.wait();
         let _ = std::fs::remove_file(&self.kubeconfig);
+        for dir in &self.mounted {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
 
@@ -981,10 +1165,10 @@ impl Drop for ReleaseGuard {
     }
 }
 
-/// The flags `delegation-operator run` knows.
-fn known_run_flags() -> Vec<String> {
+/// The flags `delegation-operator <subcommand>` knows.
+fn known_flags(subcommand: &str) -> Vec<String> {
     let out = Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
-        .args(["run", "--help"])
+        .args([subcommand, "--help"])
         .output()
         .unwrap();
     let help = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -1028,17 +1212,60 @@ fn container_args(deployment: &Deployment, pod_name: &str) -> Vec<String> {
         .collect()
 }
 
-/// The chart's arguments, each checked to be a flag the binary under test knows.
+/// The chart's arguments, each checked to be a flag the binary under test knows for the subcommand
+/// they start with.
 fn runnable(args: Vec<String>) -> Vec<String> {
-    let known = known_run_flags();
+    let subcommand = args.first().expect("a subcommand").clone();
+    let known = known_flags(&subcommand);
     for arg in &args {
         let flag = arg.split('=').next().unwrap();
         assert!(
             !flag.starts_with("--") || known.iter().any(|k| k == flag),
-            "the chart passes {arg}, which `delegation-operator run` does not know"
+            "the chart passes {arg}, which `delegation-operator {subcommand}` does not know"
         );
     }
     args
+}
+
+/// What the kubelet does for the Deployment's Secret volumes: each mounted Secret's items written
+/// into a directory of their own, which then stands in for the mount path in the arguments.
+async fn mount_secret_volumes(
+    client: &Client,
+    deployment: &Deployment,
+    args: Vec<String>,
+) -> (Vec<String>, Vec<PathBuf>) {
+    let namespace = deployment.namespace().unwrap();
+    let pod = deployment.spec.template.spec.as_ref().unwrap();
+    let mut args = args;
+    let mut dirs = Vec::new();
+    for mount in pod.containers[0].volume_mounts.iter().flatten() {
+        let volume = pod
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == mount.name)
+            .unwrap_or_else(|| panic!("no volume {}", mount.name));
+        let source = volume.secret.as_ref().expect("only Secret volumes");
+        let secret_name = source.secret_name.as_deref().unwrap();
+        let secret = Api::<Secret>::namespaced(client.clone(), &namespace)
+            .get(secret_name)
+            .await
+            .unwrap_or_else(|e| panic!("Secret {secret_name} to mount: {e}"));
+        let data = secret.data.unwrap_or_default();
+        let dir =
+            std::env::temp_dir().join(format!("chart-mount-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for item in source.items.iter().flatten() {
+            std::fs::write(dir.join(&item.path), &data[&item.key].0).unwrap();
+        }
+        let path = dir.to_str().unwrap().to_owned();
+        args = args
+            .into_iter()
+            .map(|a| a.replace(&mount.mount_path, &path))
+            .collect();
+        dirs.push(dir);
+    }
+    (args, dirs)
 }
 
 /// Puts Helm's ownership metadata on the chart's cluster-scoped objects that already exist (the test
@@ -1288,6 +1515,21 @@ async fn https_get(client: &Client, namespace: &str, port: u16, path: &str) -> (
     (code.to_owned(), body.to_owned())
 }
 
+/// Waits until each of `paths` answers 200 over HTTPS on `port`.
+async fn wait_answers(client: &Client, namespace: &str, port: u16, paths: &[&str]) {
+    for path in paths {
+        wait_for(
+            &format!("{path} on port {port} answers 200"),
+            Duration::from_secs(60),
+            || async {
+                let answer = https_get(client, namespace, port, path).await;
+                (answer.0 == "200").then_some(())
+            },
+        )
+        .await;
+    }
+}
+
 /// Starts the operator as the installed chart's Deployment runs it, with a fresh token of the chart's
 /// ServiceAccount; returns it and the arguments it got.
 async fn start_as_deployed(
@@ -1315,6 +1557,33 @@ async fn start_as_deployed(
     let kubeconfig = service_account_kubeconfig(client, release_ns, fullname).await;
     let operator = ChartOperator::start(&args, kubeconfig, pod, release_ns);
     (operator, args)
+}
+
+/// Starts the verification server as the installed chart's Deployment runs it: its Secret volume
+/// mounted, with a fresh token of its own ServiceAccount; returns it and the arguments it got.
+async fn start_verifier_as_deployed(
+    client: &Client,
+    release_ns: &str,
+    name: &str,
+    pod: &str,
+    https_port: u16,
+) -> (ChartOperator, Vec<String>) {
+    let deployment = Api::<Deployment>::namespaced(client.clone(), release_ns)
+        .get(name)
+        .await
+        .unwrap();
+    let args = runnable(container_args(&deployment, pod));
+    assert_eq!(args.first().map(String::as_str), Some("serve"));
+    let (mut args, mounted) = mount_secret_volumes(client, &deployment, args).await;
+    args.push(format!("--https-address=127.0.0.1:{https_port}"));
+    let account = service_account_subject(release_ns, name);
+    for (namespace, rule) in operator_rbac(client, release_ns, name, &args).await {
+        wait_allowed(client, &namespace, &account, &rule).await;
+    }
+    let kubeconfig = service_account_kubeconfig(client, release_ns, name).await;
+    let mut server = ChartOperator::start(&args, kubeconfig, pod, release_ns);
+    server.mounted = mounted;
+    (server, args)
 }
 
 #[tokio::test]
@@ -1482,34 +1751,67 @@ async fn installed_chart_runs_the_grant_lifecycle_under_its_own_service_account(
             .then_some(())
     })
     .await;
-    {
-        // The probes' endpoints, served with the certificate the operator generated.
-        for path in ["/healthz", "/readyz"] {
-            let (code, _) = wait_for(
-                &format!("{path} answers 200"),
-                Duration::from_secs(30),
-                || async {
-                    let answer = https_get(&client, &release_ns, https_port, path).await;
-                    (answer.0 == "200").then_some(answer)
-                },
-            )
-            .await;
-            assert_eq!(code, "200");
-        }
-        let (code, body) = https_get(
-            &client,
-            &release_ns,
-            https_port,
-            "/.well-known/openid-configuration",
-        )
-        .await;
-        assert_eq!(code, "200", "{body}");
-        let doc: Value = serde_json::from_str(&body).unwrap();
-        assert_eq!(
-            doc["issuer"],
-            format!("https://{fullname}.{release_ns}.svc")
-        );
-    }
+    // The controller serves its probes (with the certificate it generated) and nothing a verifier
+    // would ask for.
+    wait_answers(&client, &release_ns, https_port, &["/healthz", "/readyz"]).await;
+    let (code, _) = https_get(&client, &release_ns, https_port, "/.well-known/jwks.json").await;
+    assert_eq!(
+        code, "404",
+        "the controller serves no verification endpoint"
+    );
+
+    // The verification server, as its Deployment runs it, under its own ServiceAccount: the same
+    // issuer, and a JWKS the grant's token verifies with.
+    let verifier_name = format!("{fullname}-verifier");
+    let verifier_port = free_port();
+    let (verifier, verifier_args) = start_verifier_as_deployed(
+        &client,
+        &release_ns,
+        &verifier_name,
+        &format!("{verifier_name}-0"),
+        verifier_port,
+    )
+    .await;
+    wait_answers(
+        &client,
+        &release_ns,
+        verifier_port,
+        &["/healthz", "/readyz"],
+    )
+    .await;
+    let (code, body) = https_get(
+        &client,
+        &release_ns,
+        verifier_port,
+        "/.well-known/openid-configuration",
+    )
+    .await;
+    assert_eq!(code, "200", "{body}");
+    let doc: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        doc["issuer"],
+        format!("https://{fullname}.{release_ns}.svc")
+    );
+    let (code, body) = https_get(
+        &client,
+        &release_ns,
+        verifier_port,
+        "/.well-known/jwks.json",
+    )
+    .await;
+    assert_eq!(code, "200", "{body}");
+    let served: Value = serde_json::from_str(&body).unwrap();
+    delegation_operator::signing::verify(&token, &served, AUDIENCE, 0)
+        .expect("the token verifies against the JWKS the verification server serves");
+    // It ran on exactly the chart's rights (its log would say what was forbidden).
+    let verifier_rules = operator_rbac(&client, &release_ns, &verifier_name, &verifier_args).await;
+    assert!(
+        !verifier_rules
+            .iter()
+            .any(|(_, r)| r.resources.iter().flatten().any(|x| x == "secrets")),
+        "{verifier_rules:?}"
+    );
+    verifier.terminate();
 
     // Suspend: the token is revoked and its Secret deleted.
     let suspended = token_in(&secrets, "lifecycle-token")

@@ -1,6 +1,13 @@
 //! The operator's HTTPS listener: what resource servers and the Kubernetes apiserver use to verify
 //! tokens, and what Prometheus and the kubelet probe. One listener, TLS only, on every replica.
 //!
+//! It runs in one of three shapes ([`EndpointSettings::verification`]): inside `run`, serving
+//! everything (one process, for development and small installs); inside `run
+//! --verification-endpoints=false`, serving only probes and metrics (the controller of the chart,
+//! which holds the signing keys and Secret rights and so serves nothing else to the network); and as
+//! `delegation-operator serve`, the verification server, which serves everything from ConfigMaps and
+//! mounted files under an identity that may read no Secret.
+//!
 //! Paths below the issuer URL's own path (so the issuer and every URL in discovery agree):
 //! - `/.well-known/openid-configuration` — discovery (OIDC Discovery 1.0 / RFC 8414 fields);
 //! - `/.well-known/jwks.json` — the public keys (`application/jwk-set+json`, cached 15 s at most);
@@ -44,9 +51,9 @@ use tower::Layer;
 
 use crate::operator::{Error, Readiness, Result};
 use crate::signing::Algorithm;
-use published::Published;
+use published::{JwksSource, Published};
 use reviews::{Refusal, ReviewSettings, Reviews};
-use tls::{ServingCert, TlsSettings};
+use tls::{ServingCert, TlsSource};
 
 /// Where and how to serve.
 #[derive(Clone, Debug)]
@@ -55,7 +62,10 @@ pub struct EndpointSettings {
     /// The `iss` of every token; the endpoints live under it.
     pub issuer: String,
     pub operator_namespace: String,
-    pub tls: TlsSettings,
+    pub tls: TlsSource,
+    /// Serve discovery, JWKS, status lists and introspection, with the JWKS from this source; `None`
+    /// serves only `/metrics`, `/healthz` and `/readyz`.
+    pub verification: Option<JwksSource>,
     /// The algorithm the operator's keys are generated with (`--algorithm`); discovery advertises it.
     pub algorithm: Algorithm,
     /// The limits on apiserver reviews made for callers.
@@ -88,6 +98,8 @@ struct AppState {
     published: Arc<Published>,
     cert: Arc<ServingCert>,
     readiness: Arc<Readiness>,
+    /// Whether the verification routes are served (and so the JWKS must be loaded to be ready).
+    verifies: bool,
 }
 
 /// Binds the listener and loads the serving certificate (failing at once if either is impossible),
@@ -101,6 +113,7 @@ pub async fn start(
 ) -> Result<impl Future<Output = ()>> {
     let cert = Arc::new(ServingCert::default());
     tls::load(&client, &settings.tls, &cert).await?;
+    let client_for_tls = client.clone();
     let listener = TcpListener::bind(settings.address).await.map_err(|e| {
         Error::InvalidState(format!(
             "could not listen on {} (--https-address): {e}",
@@ -115,23 +128,58 @@ pub async fn start(
         published: published.clone(),
         cert: cert.clone(),
         readiness,
+        verifies: settings.verification.is_some(),
     });
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
     let router = router(state, &settings.issuer);
     // The bound address: with port 0 the system picked one, and whoever started us needs to know it.
     let bound = listener.local_addr().unwrap_or(settings.address);
-    tracing::info!(address = %bound, issuer = %settings.issuer, "serving discovery, JWKS, status lists, introspection and metrics over HTTPS");
+    let serving = if settings.verification.is_some() {
+        "serving discovery, JWKS, status lists, introspection and metrics over HTTPS"
+    } else {
+        "serving only probes and metrics over HTTPS (the verification endpoints run apart)"
+    };
+    tracing::info!(address = %bound, issuer = %settings.issuer, "{serving}");
+    let documents = async move {
+        if let Some(source) = settings.verification {
+            published::watch(
+                client.clone(),
+                settings.operator_namespace,
+                source,
+                published,
+            )
+            .await;
+        }
+    };
     Ok(async move {
         tokio::join!(
-            tls::watch(client.clone(), settings.tls.clone(), cert),
-            published::watch(client, settings.operator_namespace.clone(), published),
+            tls::watch(client_for_tls, settings.tls, cert),
+            documents,
             accept(listener, acceptor, router),
         );
     })
 }
 
-/// The routes; verification routes under the issuer URL's path, probes and metrics at the root.
+/// The routes: probes and metrics at the root and, when this listener verifies, the verification
+/// routes under the issuer URL's path.
 fn router(state: Arc<AppState>, issuer: &str) -> Router {
+    let root = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    let routes = if state.verifies {
+        with_verification(root, issuer)
+    } else {
+        root
+    };
+    routes
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn(within_request_timeout))
+        .with_state(state)
+}
+
+/// Adds discovery, JWKS, status lists and introspection under the issuer URL's path.
+fn with_verification(root: Router<Arc<AppState>>, issuer: &str) -> Router<Arc<AppState>> {
     let verification = Router::new()
         .route(DISCOVERY_PATH, get(discovery))
         .route(JWKS_PATH, get(jwks))
@@ -141,19 +189,11 @@ fn router(state: Arc<AppState>, issuer: &str) -> Router {
         )
         .route(INTROSPECTION_PATH, post(introspection));
     let base = issuer_path(issuer);
-    let root = Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz));
-    let routes = if base.is_empty() {
+    if base.is_empty() {
         root.merge(verification)
     } else {
         root.nest(&base, verification)
-    };
-    routes
-        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .layer(axum::middleware::from_fn(within_request_timeout))
-        .with_state(state)
+    }
 }
 
 /// Answers 503 when a request takes longer than [`REQUEST_TIMEOUT`].
@@ -446,12 +486,12 @@ async fn metrics(
     }
 }
 
-/// Ready when this replica can answer verifiers (certificate and published JWKS loaded) and, if it
-/// leads, its caches are listed.
+/// Ready when this replica can answer verifiers (certificate and, where it verifies, the published
+/// JWKS loaded) and, if it leads, its caches are listed.
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let problems: Vec<&str> = [
         (!state.cert.is_loaded()).then_some("no serving certificate"),
-        (!state.published.is_loaded()).then_some("the JWKS is not published yet"),
+        (state.verifies && !state.published.is_loaded()).then_some("the JWKS is not published yet"),
         (!state.readiness.controllers_ready()).then_some("the caches are still listing"),
     ]
     .into_iter()

@@ -1,8 +1,14 @@
-//! What the verification endpoints serve, kept here from watches of the operator namespace: the JWKS,
-//! derived from the signing keys Secret itself (not from the published ConfigMap, which anyone with
-//! ConfigMap rights there could edit until the leader restores it), and the Status List Tokens the
-//! leader publishes in a ConfigMap (signed: a forged list does not verify). Every replica — leader or
-//! standby — serves the same documents; the leader alone writes them.
+//! What the verification endpoints serve, kept here from watches of the operator namespace: the JWKS
+//! and the Status List Tokens the leader publishes in a ConfigMap (signed: a forged list does not
+//! verify). Every replica — leader or standby — serves the same documents; the leader alone writes
+//! them.
+//!
+//! Where the JWKS comes from depends on who serves it ([`JwksSource`]). The controller, which may
+//! read the signing keys Secret anyway, derives it from that Secret, so that an edit of the published
+//! ConfigMap (undone by the leader a moment later) never reaches its verifiers. The verification
+//! server (`delegation-operator serve`) must never hold a private key: it serves the JWKS ConfigMap,
+//! the very document in-cluster verifiers read, after checking that it holds public keys only, each
+//! named by its RFC 7638 thumbprint.
 
 use std::{
     collections::BTreeMap,
@@ -18,9 +24,18 @@ use kube::{
 use serde_json::Value;
 
 use crate::operator::{
-    publishing::keys::{KEYS_SECRET_NAME, jwks_of_secret},
+    publishing::keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY, KEYS_SECRET_NAME, jwks_of_secret},
     publishing::status_lists,
 };
+
+/// Where the served JWKS comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JwksSource {
+    /// The public half of the signing keys Secret (it holds the private keys).
+    SigningKeys,
+    /// The JWKS ConfigMap the leader publishes (public keys only).
+    PublishedConfigMap,
+}
 
 #[derive(Debug, Default)]
 struct Documents {
@@ -64,11 +79,7 @@ impl Published {
 
     fn apply_keys(&self, secret: &Secret) {
         match jwks_of_secret(secret) {
-            Ok(jwks) => {
-                if let Ok(mut docs) = self.0.write() {
-                    docs.jwks = Some(jwks);
-                }
-            }
+            Ok(jwks) => self.set_jwks(jwks),
             // A broken edit: keep serving the last good keys until the leader restores the Secret.
             Err(problem) => tracing::warn!(
                 secret = KEYS_SECRET_NAME,
@@ -77,40 +88,183 @@ impl Published {
             ),
         }
     }
+
+    fn apply_published_jwks(&self, cm: &ConfigMap) {
+        match public_jwks_of(cm) {
+            Ok(jwks) => self.set_jwks(jwks),
+            // A broken or planted edit: keep serving the last good keys until the leader restores it.
+            Err(problem) => tracing::warn!(
+                configmap = JWKS_CONFIGMAP_NAME,
+                %problem,
+                "the published JWKS is not a public key set; serving the previous JWKS"
+            ),
+        }
+    }
+
+    fn set_jwks(&self, jwks: Value) {
+        if let Ok(mut docs) = self.0.write() {
+            docs.jwks = Some(jwks);
+        }
+    }
 }
 
-/// Keeps `published` in step with the keys Secret and the status-list ConfigMap for as long as it runs.
-pub async fn watch(client: Client, namespace: String, published: Arc<Published>) {
+/// The key set of the published JWKS ConfigMap, if it is a public key set.
+fn public_jwks_of(cm: &ConfigMap) -> std::result::Result<Value, String> {
+    let text = cm
+        .data
+        .as_ref()
+        .and_then(|data| data.get(JWKS_DATA_KEY))
+        .ok_or_else(|| format!("no {JWKS_DATA_KEY} key"))?;
+    let jwks: Value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    public_key_set(&jwks)?;
+    Ok(jwks)
+}
+
+/// Checks that `jwks` is a key set the operator could have published: a `keys` array of public
+/// keys, each named (`kid`) by its own RFC 7638 thumbprint and with an algorithm we sign with, and
+/// no private member anywhere. Reasons never quote key material.
+pub fn public_key_set(jwks: &Value) -> std::result::Result<(), String> {
+    let keys = jwks["keys"].as_array().ok_or("it has no \"keys\" array")?;
+    for key in keys {
+        let object = key.as_object().ok_or("a key is not a JSON object")?;
+        // EC and OKP private keys carry `d`; any other private member has no place here either.
+        if ["d", "p", "q", "dp", "dq", "qi", "k"]
+            .iter()
+            .any(|m| object.contains_key(*m))
+        {
+            return Err("a key carries private key material".into());
+        }
+        key["alg"]
+            .as_str()
+            .and_then(|alg| alg.parse::<crate::signing::Algorithm>().ok())
+            .ok_or("a key has no algorithm the operator signs with")?;
+        let thumbprint = crate::signing::thumbprint(key).map_err(|e| e.to_string())?;
+        if key["kid"].as_str() != Some(thumbprint.as_str()) {
+            return Err("a key's kid is not its RFC 7638 thumbprint".into());
+        }
+    }
+    Ok(())
+}
+
+/// Keeps `published` in step with the status-list ConfigMap and the JWKS of `source` for as long as
+/// it runs. Each watch names its one object, so RBAC can name it too (`resourceNames`).
+pub async fn watch(
+    client: Client,
+    namespace: String,
+    source: JwksSource,
+    published: Arc<Published>,
+) {
     let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
-    let secrets: Api<Secret> = Api::namespaced(client, &namespace);
-    let lists = watcher(
-        configmaps,
-        watcher::Config::default()
-            .fields(&format!("metadata.name={}", status_lists::CONFIGMAP_NAME)),
+    let lists = watch_one(configmaps.clone(), status_lists::CONFIGMAP_NAME, |cm| {
+        published.apply_lists(&cm)
+    });
+    match source {
+        JwksSource::SigningKeys => {
+            let secrets: Api<Secret> = Api::namespaced(client, &namespace);
+            let keys = watch_one(secrets, KEYS_SECRET_NAME, |secret| {
+                published.apply_keys(&secret)
+            });
+            futures::future::join(lists, keys).await;
+        }
+        JwksSource::PublishedConfigMap => {
+            let jwks = watch_one(configmaps, JWKS_CONFIGMAP_NAME, |cm| {
+                published.apply_published_jwks(&cm)
+            });
+            futures::future::join(lists, jwks).await;
+        }
+    }
+}
+
+/// Hands every version of the object `name` to `apply`, retrying a failed watch with backoff.
+async fn watch_one<K>(api: Api<K>, name: &str, apply: impl Fn(K))
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    watcher(
+        api,
+        watcher::Config::default().fields(&format!("metadata.name={name}")),
     )
     .default_backoff()
     .applied_objects()
-    .for_each(|cm| {
-        match cm {
-            Ok(cm) => published.apply_lists(&cm),
-            Err(e) => {
-                tracing::warn!(error = %e, "watch of the published status lists failed; retrying")
-            }
+    .for_each(|object| {
+        match object {
+            Ok(object) => apply(object),
+            Err(e) => tracing::warn!(error = %e, object = name, "watch failed; retrying"),
         }
         futures::future::ready(())
-    });
-    let keys = watcher(
-        secrets,
-        watcher::Config::default().fields(&format!("metadata.name={KEYS_SECRET_NAME}")),
-    )
-    .default_backoff()
-    .applied_objects()
-    .for_each(|secret| {
-        match secret {
-            Ok(secret) => published.apply_keys(&secret),
-            Err(e) => tracing::warn!(error = %e, "watch of the signing keys failed; retrying"),
+    })
+    .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::signing::{Algorithm, Keyring, SigningKey};
+    use serde_json::json;
+
+    fn published_jwks() -> Value {
+        let mut ring = Keyring::new(SigningKey::generate(Algorithm::ES256, 1).unwrap());
+        ring.rotate(Algorithm::EdDSA, 2).unwrap();
+        ring.jwks()
+    }
+
+    #[test]
+    fn the_operators_key_set_is_a_public_key_set() {
+        assert_eq!(public_key_set(&published_jwks()), Ok(()));
+        assert_eq!(public_key_set(&json!({"keys": []})), Ok(()));
+    }
+
+    /// The verification server never serves (so never holds) a private key, nor a key whose name
+    /// is not its own thumbprint, nor anything that is not a key set.
+    #[test]
+    fn private_renamed_or_malformed_keys_are_refused() {
+        let mut private = published_jwks();
+        private["keys"][0]["d"] = json!("c2VjcmV0");
+        assert!(public_key_set(&private).unwrap_err().contains("private"));
+        let mut renamed = published_jwks();
+        renamed["keys"][1]["kid"] = renamed["keys"][0]["kid"].clone();
+        assert!(public_key_set(&renamed).unwrap_err().contains("thumbprint"));
+        let mut unknown_alg = published_jwks();
+        unknown_alg["keys"][0]["alg"] = json!("none");
+        assert!(public_key_set(&unknown_alg).is_err());
+        for junk in [json!({}), json!({"keys": "x"}), json!({"keys": [1]})] {
+            assert!(public_key_set(&junk).is_err(), "{junk}");
         }
-        futures::future::ready(())
-    });
-    futures::future::join(lists, keys).await;
+    }
+
+    fn configmap(name: &str, data: &[(&str, String)]) -> ConfigMap {
+        ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                ..Default::default()
+            },
+            data: Some(
+                data.iter()
+                    .map(|(k, v)| (k.to_string(), v.clone()))
+                    .collect(),
+            ),
+            ..Default::default()
+        }
+    }
+
+    /// A planted edit of the ConfigMap is not served: the last good key set stays.
+    #[test]
+    fn a_bad_published_jwks_keeps_the_previous_one() {
+        let published = Published::default();
+        let good = published_jwks();
+        published.apply_published_jwks(&configmap(
+            JWKS_CONFIGMAP_NAME,
+            &[(JWKS_DATA_KEY, good.to_string())],
+        ));
+        assert_eq!(published.jwks(), Some(good.clone()));
+        let mut planted = good.clone();
+        planted["keys"][0]["d"] = json!("c2VjcmV0");
+        for data in [planted.to_string(), "not json".into()] {
+            published
+                .apply_published_jwks(&configmap(JWKS_CONFIGMAP_NAME, &[(JWKS_DATA_KEY, data)]));
+            assert_eq!(published.jwks(), Some(good.clone()));
+        }
+        published.apply_published_jwks(&configmap(JWKS_CONFIGMAP_NAME, &[]));
+        assert_eq!(published.jwks(), Some(good));
+    }
 }

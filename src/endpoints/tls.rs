@@ -4,8 +4,16 @@
 //! what clients trust) and a certificate for the service names and 127.0.0.1.
 //!
 //! A Secret the operator did not create is only ever read, never rewritten.
+//!
+//! The verification server (`delegation-operator serve`) reads no Secret at all: it takes the
+//! certificate from files (the Secret mounted into its Pod by the kubelet) and reloads them when they
+//! change, so its ServiceAccount needs no right on Secrets.
 
-use std::sync::{Arc, RwLock};
+use std::{
+    path::PathBuf,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use futures::StreamExt;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
@@ -36,6 +44,26 @@ pub struct TlsSettings {
     /// Names the generated certificate is valid for (127.0.0.1 is always added).
     pub dns_names: Vec<String>,
 }
+
+/// Where the serving certificate comes from.
+#[derive(Clone, Debug)]
+pub enum TlsSource {
+    /// A `kubernetes.io/tls` Secret read through the API (the controller, which may read it).
+    Secret(TlsSettings),
+    /// PEM files, e.g. that Secret mounted into the Pod (the verification server, which may not).
+    Files(CertFiles),
+}
+
+/// A PEM certificate chain and its private key, on disk.
+#[derive(Clone, Debug)]
+pub struct CertFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How often the certificate files are read again. The kubelet updates a mounted Secret within about
+/// a minute of a change, so a renewed certificate is served within that plus this.
+const FILE_RELOAD_PERIOD: Duration = Duration::from_secs(10);
 
 /// The certificate presented to clients: the latest good one from the Secret.
 #[derive(Debug, Default)]
@@ -71,9 +99,91 @@ pub fn server_config(cert: Arc<ServingCert>) -> Result<rustls::ServerConfig> {
     Ok(config)
 }
 
-/// Loads the certificate once (creating the Secret first in self-signed mode), then keeps `cert` in
-/// step with the Secret for as long as it runs. Fails when there is no usable certificate at start.
-pub async fn load(client: &Client, settings: &TlsSettings, cert: &ServingCert) -> Result<()> {
+/// Loads the certificate once from `source`. Fails when there is no usable certificate at start.
+pub async fn load(client: &Client, source: &TlsSource, cert: &ServingCert) -> Result<()> {
+    match source {
+        TlsSource::Secret(settings) => load_secret(client, settings, cert).await,
+        TlsSource::Files(files) => {
+            cert.replace(certified_key_of_files(files)?);
+            Ok(())
+        }
+    }
+}
+
+fn certified_key_of_files(files: &CertFiles) -> Result<Arc<CertifiedKey>> {
+    let (chain, key) = read_files(files)?;
+    certified_key_of_pem(&chain, &key).map_err(|problem| {
+        Error::InvalidState(format!(
+            "{} and {} hold no usable certificate: {problem}",
+            files.cert.display(),
+            files.key.display()
+        ))
+    })
+}
+
+/// Keeps `cert` in step with `source` for as long as it runs; a bad version keeps the previous one.
+pub async fn watch(client: Client, source: TlsSource, cert: Arc<ServingCert>) {
+    match source {
+        TlsSource::Secret(settings) => watch_secret(client, settings, cert).await,
+        TlsSource::Files(files) => watch_files(files, cert).await,
+    }
+}
+
+fn read_files(files: &CertFiles) -> Result<(Vec<u8>, Vec<u8>)> {
+    let read = |path: &PathBuf| {
+        std::fs::read(path).map_err(|e| {
+            Error::InvalidState(format!(
+                "could not read the serving certificate file {}: {e}",
+                path.display()
+            ))
+        })
+    };
+    Ok((read(&files.cert)?, read(&files.key)?))
+}
+
+/// Reads the files every [`FILE_RELOAD_PERIOD`] and swaps in a changed pair once it is usable. The
+/// kubelet replaces a mounted Secret's files together (a symlink swap), but a read can still fall
+/// between the two: a mismatched pair is skipped and read again next time.
+async fn watch_files(files: CertFiles, cert: Arc<ServingCert>) {
+    let mut served = read_files(&files).ok();
+    let mut reported = false;
+    loop {
+        tokio::time::sleep(FILE_RELOAD_PERIOD).await;
+        let current = match read_files(&files) {
+            Ok(current) => current,
+            Err(problem) => {
+                if !reported {
+                    tracing::warn!(%problem, "still serving the previous certificate");
+                    reported = true;
+                }
+                continue;
+            }
+        };
+        if served.as_ref() == Some(&current) {
+            continue;
+        }
+        match certified_key_of_pem(&current.0, &current.1) {
+            Ok(key) => {
+                cert.replace(key);
+                served = Some(current);
+                reported = false;
+                tracing::info!(file = %files.cert.display(), "serving the renewed certificate");
+            }
+            Err(problem) if !reported => {
+                tracing::warn!(
+                    file = %files.cert.display(),
+                    %problem,
+                    "the serving certificate files are unusable; still serving the previous certificate"
+                );
+                reported = true;
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+/// Loads the certificate once from the Secret, creating it first in self-signed mode.
+async fn load_secret(client: &Client, settings: &TlsSettings, cert: &ServingCert) -> Result<()> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &settings.namespace);
     let secret = match secrets.get_opt(&settings.secret_name).await? {
         Some(secret) => secret,
@@ -97,7 +207,7 @@ pub async fn load(client: &Client, settings: &TlsSettings, cert: &ServingCert) -
 }
 
 /// Swaps in every new good version of the Secret; a bad edit keeps the previous certificate.
-pub async fn watch(client: Client, settings: TlsSettings, cert: Arc<ServingCert>) {
+async fn watch_secret(client: Client, settings: TlsSettings, cert: Arc<ServingCert>) {
     let secrets: Api<Secret> = Api::namespaced(client, &settings.namespace);
     let config =
         watcher::Config::default().fields(&format!("metadata.name={}", settings.secret_name));
@@ -124,13 +234,21 @@ fn certified_key(secret: &Secret) -> std::result::Result<Arc<CertifiedKey>, Stri
     let data = secret.data.as_ref().ok_or("it has no data")?;
     let cert_pem = data.get(CERT_KEY).ok_or("it has no tls.crt")?;
     let key_pem = data.get(PRIVATE_KEY_KEY).ok_or("it has no tls.key")?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem.0)
+    certified_key_of_pem(&cert_pem.0, &key_pem.0)
+}
+
+/// The certificate chain and key of PEM `tls.crt` and `tls.key` contents.
+fn certified_key_of_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> std::result::Result<Arc<CertifiedKey>, String> {
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<std::result::Result<Vec<_>, _>>()
         .map_err(|_| "tls.crt is not PEM")?;
     if chain.is_empty() {
         return Err("tls.crt holds no certificate".into());
     }
-    let key = PrivateKeyDer::from_pem_slice(&key_pem.0).map_err(|_| "tls.key is not a PEM key")?;
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|_| "tls.key is not a PEM key")?;
     let signing_key = rustls::crypto::ring::sign::any_supported_type(&key)
         .map_err(|_| "tls.key is not a supported private key")?;
     let certified = CertifiedKey::new(chain, signing_key);
@@ -239,6 +357,35 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    /// The verification server's certificate comes from files (the mounted Secret): a matching pair
+    /// loads, a mismatched or missing one is refused with the file named.
+    #[test]
+    fn certificate_files_load_and_bad_ones_are_refused() {
+        let dir = std::env::temp_dir().join(format!("tls-files-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (a, b) = (
+            generate(&["a".into()]).unwrap(),
+            generate(&["b".into()]).unwrap(),
+        );
+        let files = CertFiles {
+            cert: dir.join("tls.crt"),
+            key: dir.join("tls.key"),
+        };
+        std::fs::write(&files.cert, &a.cert_pem).unwrap();
+        std::fs::write(&files.key, &a.key_pem).unwrap();
+        assert!(certified_key_of_files(&files).is_ok());
+        std::fs::write(&files.key, &b.key_pem).unwrap();
+        let err = certified_key_of_files(&files).unwrap_err().to_string();
+        assert!(
+            err.contains("does not match") && err.contains("tls.crt"),
+            "{err}"
+        );
+        std::fs::remove_file(&files.key).unwrap();
+        let err = certified_key_of_files(&files).unwrap_err().to_string();
+        assert!(err.contains("tls.key"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

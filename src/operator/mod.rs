@@ -34,7 +34,7 @@ use k8s_openapi::jiff::Timestamp;
 pub use caches::context::{Context, LeaderElectionSettings, Settings};
 pub use error::{Error, Result};
 pub use readiness::Readiness;
-pub use run::{LEASE_NAME, check_prerequisites, run};
+pub use run::{LEASE_NAME, check_prerequisites, run, shutdown_signal};
 
 /// The one field manager of every write.
 pub const FIELD_MANAGER: &str = "delegation-operator";

@@ -101,7 +101,8 @@ fn lease_outcome(outcome: Option<Result<()>>) -> Result<()> {
     })
 }
 
-async fn shutdown_signal() {
+/// Returns on SIGTERM (the kubelet stopping the Pod) or Ctrl-C.
+pub async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

@@ -26,6 +26,52 @@ app.kubernetes.io/name: {{ include "delegation-operator.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end -}}
 
+{{/* Labels that select the verification server's Pods: a name of their own, so that no selector of
+     the controller's (the Deployment's is immutable) ever matches them. */}}
+{{- define "delegation-operator.verifierSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "delegation-operator.name" . }}-verifier
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{/* Labels on every object of the verification server. */}}
+{{- define "delegation-operator.verifierLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "delegation-operator.verifierSelectorLabels" . }}
+app.kubernetes.io/component: verifier
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* The verification server's name (Deployment, ServiceAccount, its roles). */}}
+{{- define "delegation-operator.verifierName" -}}
+{{- printf "%s-verifier" (include "delegation-operator.fullname" . | trunc 54 | trimSuffix "-") -}}
+{{- end -}}
+
+{{/* Where the verification server finds the mounted serving certificate. */}}
+{{- define "delegation-operator.tlsMountPath" -}}
+/etc/delegation-operator/tls
+{{- end -}}
+
+{{/* Arguments both processes take: the limits on apiserver reviews their callers cause. */}}
+{{- define "delegation-operator.callerLimitArgs" -}}
+- --caller-rate={{ .Values.callerLimits.rate }}
+- --caller-burst={{ .Values.callerLimits.burst }}
+- --review-concurrency={{ .Values.callerLimits.reviewConcurrency }}
+- --review-rate={{ .Values.callerLimits.reviewRate }}
+- --review-cache-ttl={{ .Values.callerLimits.cacheTTL }}
+- --review-negative-cache-ttl={{ .Values.callerLimits.negativeCacheTTL }}
+{{- end -}}
+
+{{/* Egress of both NetworkPolicies: the value, else all (the apiserver's address differs per
+     cluster). */}}
+{{- define "delegation-operator.egress" -}}
+{{- with .Values.networkPolicy.egress -}}
+{{- toYaml . }}
+{{- else -}}
+- {}
+{{- end -}}
+{{- end -}}
+
 {{/* The issuer URL: the value, or the chart's Service. */}}
 {{- define "delegation-operator.issuer" -}}
 {{- .Values.issuer | default (printf "https://%s.%s.svc" (include "delegation-operator.fullname" .) .Release.Namespace) -}}
