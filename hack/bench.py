@@ -1,16 +1,22 @@
 #!/usr/bin/env python3
 """Benchmarks of the operator against the local control plane (`make bench`).
 
-Measures, with the release build:
+Measures, with the release build and the operator's flags and environment as the chart renders them
+with its default values (`chart_flags`: --concurrency, leader election, TTL limits, ...):
   - create -> Ready for one grant, through a direct HTTPS client (POST with a watch already open), and the
     same with `kubectl apply` + `kubectl wait` as a user would;
   - apply -> all Ready for 200 grants applied at once;
-  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants, and (with
-    BENCH_GRANTS=N) a fresh operator's holding exactly N, POSTed at once;
+  - the operator's resident memory (VmRSS, and its peak VmHWM) holding 1,000 Ready grants;
   - with BENCH_GRANTS=N (e.g. 10000), N more grants POSTed at once on 8 connections until all are Ready,
     against a bare client making the same writes per grant (POST grant, PATCH finalizer, POST Secret,
-    PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds.
-
+    PATCH status) on 8 connections in the same run: the ratio is the figure, not the seconds. On by
+    default up to 20,000 grants (BENCH_COMPARE=1 forces it, 0 skips it);
+  - with BENCH_GRANTS=N, the memory goal's figures at exactly N Ready grants (`holding`): a fresh
+    operator in a namespace of its own, N grants of 12-hour tokens POSTed at once, its RSS and KiB per
+    grant once all are Ready and it is idle, the writes over 20 s at rest, then a kill -9 and a new
+    process: seconds to leading and to idle again, tokens re-minted (goal 0), RSS and peak after the
+    restart, writes at rest again; and the heap bytes per grant of each cache (`cache_heap_per_grant`,
+    benches/cache_footprint.rs). BENCH_ONLY=holding runs only this part.
   - writes while nothing is due: the apiserver's count of write requests (all clients; only the
     operator runs) over 20 s with 1,000 Ready grants, beside its Lease renewals;
   - one grant create -> Ready against a bare client's four writes one after another, in turns (the
@@ -33,7 +39,8 @@ Memory diagnostics: BENCH_OPERATOR_BINARY=PATH runs that build instead of buildi
 (e.g. a saved copy, to compare two builds side by side on one control plane); BENCH_MALLOC_TRIM=1 also
 reports the RSS after glibc's `malloc_trim(0)` (needs gdb), which tells live heap from memory the
 allocator merely keeps; MALLOC_* variables set in the environment reach the operator and are printed
-with the figures.
+with the figures. BENCH_CLEANUP=0 leaves what the run created (for a control plane thrown away next:
+cleaning up 100,000 grants takes long).
 """
 
 import calendar
@@ -272,11 +279,17 @@ def apiserver_requests(api):
     return counts
 
 
+# Reviews are POSTed but store nothing: the authority re-checks of Ready grants (every
+# --authority-recheck-period) ask SubjectAccessReviews at rest.
+REVIEWS = ("subjectaccessreviews", "selfsubjectaccessreviews", "localsubjectaccessreviews", "tokenreviews")
+
+
 def apiserver_writes(api):
-    """The apiserver's count of write requests so far, as (lease writes, all other writes)."""
+    """The apiserver's count of write requests so far, as (lease writes, all other writes); reviews
+    are not writes."""
     leases = other = 0
     for key, value in apiserver_requests(api).items():
-        if key.split(" ")[0] not in WRITE_VERBS:
+        if key.split(" ")[0] not in WRITE_VERBS or key.split(" ")[1] in REVIEWS:
             continue
         if key.endswith(" leases"):
             leases += value
@@ -372,8 +385,7 @@ def release_grants(state_dir, ns, connections=8):
     from concurrent.futures import ThreadPoolExecutor
 
     path = f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants"
-    names = [g["metadata"]["name"] for g in Api(state_dir).request("GET", path)["items"]
-             if g["metadata"].get("finalizers")]
+    names = [g["metadata"]["name"] for g in list_grants(Api(state_dir), ns)[0] if g["metadata"].get("finalizers")]
 
     def worker(chunk):
         api = Api(state_dir)
@@ -395,7 +407,8 @@ def percentiles(latencies):
             "max_s": round(latencies[-1], 3)}
 
 
-def post_grants(state_dir, ns, prefix, count, connections=8, token_ttl="10m"):
+def post_grants(state_dir, ns, prefix, count, connections=8, token_ttl="10m", actor="bench-agent",
+                audience="https://tickets.example.com"):
     """POSTs `count` grants on `connections` connections (how a bulk apply reaches the apiserver)."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -407,8 +420,8 @@ def post_grants(state_dir, ns, prefix, count, connections=8, token_ttl="10m"):
                 "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
                 "metadata": {"name": f"{prefix}-{i:05d}"},
                 "spec": {"principal": {"kind": "User", "name": "alice@example.com"},
-                         "actorRef": {"name": "bench-agent"}, "scopes": ["tickets:read"],
-                         "audience": "https://tickets.example.com", "tokenTTL": token_ttl}})
+                         "actorRef": {"name": actor}, "scopes": ["tickets:read"],
+                         "audience": audience, "tokenTTL": token_ttl}})
 
     with ThreadPoolExecutor(connections) as pool:
         list(pool.map(worker, [range(k, count, connections) for k in range(connections)]))
@@ -428,25 +441,152 @@ def wait_leading(log_path, since, timeout=600):
     raise TimeoutError("the restarted operator did not start leading")
 
 
-def rss_holding(binary, kubeconfig, kubectl, state_dir, ns, count):
-    """The RSS (MiB) of a fresh operator watching only `ns` once `count` grants POSTed there at once
-    are all Ready."""
+# The holding phase's grants renew after hours, so that "at rest" means at rest: with 10-minute
+# tokens, 100,000 grants made Ready over many minutes are renewing somewhere all the time.
+HOLDING = """apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: holding-agent}
+spec:
+  owner: {kind: Group, name: bench}
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://holding.example.com]
+  maxTokenTTL: 24h
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AudiencePolicy
+metadata: {name: delegation-bench-holding}
+spec:
+  audience: https://holding.example.com
+  namespaces: ["*"]
+  allowedScopes: [tickets:read]
+  maxTokenTTL: 24h
+"""
+HOLDING_TTL = "12h"
+
+
+def chart_flags():
+    """The operator's flags as the chart renders them with its default values (templates/
+    deployment.yaml), less what only a cluster has: the listener's address and certificate."""
+    import yaml
+
+    with open(os.path.join(ROOT, "charts/delegation-operator/values.yaml")) as f:
+        values = yaml.safe_load(f)
+    election, ttl, signing = values["leaderElection"], values["tokenTTL"], values["signing"]
+    flags = [
+        f"--leader-election={str(election['enabled']).lower()}",
+        f"--leader-election-lease-duration={election['leaseDuration']}",
+        f"--leader-election-renew-deadline={election['renewDeadline']}",
+        f"--leader-election-retry-period={election['retryPeriod']}",
+        f"--min-token-ttl={ttl['min']}", f"--max-token-ttl={ttl['max']}",
+        f"--algorithm={signing['algorithm']}", f"--key-rotation-period={signing['keyRotationPeriod']}",
+        f"--authority-recheck-period={values['authorityRecheckPeriod']}",
+        f"--concurrency={values['concurrency']}",
+    ]
+    if values.get("maxGrantLifetime"):
+        flags.append(f"--max-grant-lifetime={values['maxGrantLifetime']}")
+    if values.get("maxGrantsPerNamespace"):
+        flags.append(f"--max-grants-per-namespace={values['maxGrantsPerNamespace']}")
+    return flags
+
+
+def operator_command(binary, kubeconfig, ns, op_ns):
+    return [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", op_ns,
+            *chart_flags(), "--https-address", "127.0.0.1:0", "--tls-self-signed=true"]
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time the process has used."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wait_idle(api, pid, timeout=1800, window=12.0, busy=0.05):
+    """Waits until the operator is idle: over `window` seconds (longer than the 10 s an agent's
+    `activeGrants` write may wait), under `busy` of a core and no write but Lease renewals (the
+    apiserver's count, every client's: only the operator runs). Returns the monotonic time the first
+    idle window began."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        began, cpu0, (_, writes0) = time.monotonic(), cpu_seconds(pid), apiserver_writes(api)
+        time.sleep(window)
+        cpu1, (_, writes1) = cpu_seconds(pid), apiserver_writes(api)
+        if (cpu1 - cpu0) / window < busy and writes1 == writes0:
+            return began
+    raise TimeoutError("the operator did not become idle")
+
+
+def cache_footprint(count):
+    """Heap bytes per grant of each cache, filled with `count` grants as the operator keeps them
+    (benches/cache_footprint.rs: an instrumented allocator, no cluster)."""
+    out = subprocess.run(["cargo", "bench", "--quiet", "--locked", "--bench", "cache_footprint"], cwd=ROOT,
+                         env={**os.environ, "FOOTPRINT_GRANTS": str(min(count, 100000))},
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)
+
+
+def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
+    """The goal's figures at `count` grants, with the chart's default flags, for a fresh operator
+    watching only `ns`: its RSS once `count` grants POSTed at once are all Ready, the writes while
+    nothing is due, then a kill -9 and a start: time to leading, time to idle, tokens re-minted, RSS."""
+    op_ns = f"{ns}-op"
     sh(*kubectl, "create", "namespace", ns)
-    sh(*kubectl, "create", "namespace", f"{ns}-op")
-    operator = subprocess.Popen(
-        [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", f"{ns}-op",
-         "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
+    sh(*kubectl, "create", "namespace", op_ns)
+    log = tempfile.NamedTemporaryFile(prefix="bench-holding-", suffix=".log", delete=False)
+    start = lambda: subprocess.Popen(operator_command(binary, kubeconfig, ns, op_ns),
+                                     stdout=subprocess.DEVNULL, stderr=log)
+    api = Api(state_dir)
+    out = {}
+    operator = start()
     try:
-        sh(*kubectl, "-n", ns, "apply", "-f", "-", stdin=AGENT)
-        post_grants(state_dir, ns, "mem", count)
-        wait_all_ready(state_dir, ns, count, 900)
-        time.sleep(2)
-        return round(rss_kib(operator.pid)[0] / 1024, 1)
+        wait_leading(log.name, 0)
+        sh(*kubectl, "-n", ns, "apply", "-f", "-", stdin=HOLDING)
+        t0 = time.monotonic()
+        post_grants(state_dir, ns, "mem", count, token_ttl=HOLDING_TTL, actor="holding-agent",
+                    audience="https://holding.example.com")
+        out["posted_s"] = round(time.monotonic() - t0, 1)
+        wait_all_ready(state_dir, ns, count, 7200)
+        out["all_ready_s"] = round(time.monotonic() - t0, 1)
+        wait_idle(api, operator.pid)
+        rss, hwm = rss_kib(operator.pid)
+        out["rss_mib"] = round(rss / 1024, 1)
+        out["kib_per_grant"] = round(rss / count, 2)
+        out["peak_rss_mib"] = round(hwm / 1024, 1)
+        if os.environ.get("BENCH_MALLOC_TRIM"):
+            out["rss_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
+        # Nothing is due for hours (12-hour tokens renew after about 8).
+        leases0, writes0 = apiserver_writes(api)
+        time.sleep(20)
+        leases1, writes1 = apiserver_writes(api)
+        out["writes_in_20s_at_rest"] = {"lease_renewals": leases1 - leases0, "other": writes1 - writes0}
+
+        before = token_ids(state_dir, ns)
+        operator.kill()
+        operator.wait()
+        t0 = time.monotonic()
+        since = os.path.getsize(log.name)
+        operator = start()
+        wait_leading(log.name, since, timeout=1800)
+        out["restart_to_leading_s"] = round(time.monotonic() - t0, 1)
+        out["restart_to_idle_s"] = round(wait_idle(api, operator.pid) - t0, 1)
+        looked = time.time()
+        after = token_ids(state_dir, ns)
+        out["restart_reminted_tokens"] = sum(
+            1 for name, (jti, renewal) in before.items()
+            if after.get(name, (jti,))[0] != jti and renewal > looked)
+        out["restart_renewals_due_meanwhile"] = sum(1 for _, (_, renewal) in before.items() if renewal <= looked)
+        rss, hwm = rss_kib(operator.pid)
+        out["rss_after_restart_mib"] = round(rss / 1024, 1)
+        out["peak_rss_during_restart_mib"] = round(hwm / 1024, 1)
+        leases0, writes0 = apiserver_writes(api)
+        time.sleep(20)
+        leases1, writes1 = apiserver_writes(api)
+        out["writes_in_20s_at_rest_after_restart"] = {"lease_renewals": leases1 - leases0,
+                                                      "other": writes1 - writes0}
+        return out
     finally:
         operator.terminate()
-        operator.wait(timeout=10)
+        operator.wait(timeout=30)
 
 
 def main():
@@ -472,11 +612,8 @@ def main():
     log = tempfile.NamedTemporaryFile(prefix="bench-operator-", suffix=".log", delete=False)
 
     def start_operator():
-        return subprocess.Popen(
-            [binary, "run", "--kubeconfig", kubeconfig, "--namespace", ns, "--operator-namespace", op_ns,
-             "--concurrency", "8", "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
-            stdout=subprocess.DEVNULL, stderr=log,
-        )
+        return subprocess.Popen(operator_command(binary, kubeconfig, ns, op_ns), stdout=subprocess.DEVNULL,
+                                stderr=log)
 
     operator = start_operator()
     state_dir = os.path.dirname(kubeconfig)
@@ -484,7 +621,14 @@ def main():
     mem_ns = f"{ns}-mem"
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    scale = int(os.environ.get("BENCH_GRANTS", "0"))
     try:
+        if os.environ.get("BENCH_ONLY") == "holding":
+            operator.terminate()
+            operator.wait(timeout=10)
+            results[f"holding_{scale}_grants"] = holding(binary, kubeconfig, kubectl, state_dir, mem_ns, scale)
+            results["cache_heap_per_grant"] = cache_footprint(scale)
+            return
         time.sleep(1)
         idle_rss, _ = rss_kib(operator.pid)
         results["rss_idle_mib"] = round(idle_rss / 1024, 1)
@@ -561,8 +705,8 @@ def main():
 
         # Scale, side by side in one run: BENCH_GRANTS more grants POSTed at once on 8 connections
         # until all are Ready, against a bare client making the same four writes per grant.
-        scale = int(os.environ.get("BENCH_GRANTS", "0"))
-        if scale:
+        compare = os.environ.get("BENCH_COMPARE", "1" if scale <= 20000 else "0") != "0"
+        if scale and compare:
             sh(*kubectl, "create", "namespace", bare_ns)
             bare = bare_writes(state_dir, bare_ns, scale)
             before = apiserver_requests(api)
@@ -628,30 +772,35 @@ def main():
             latencies = revocation_latencies(state_dir, ns, names)
             results[f"revocation_{len(names)}_deletes_at_100_per_s_during_renewals"] = percentiles(latencies)
 
-        # Memory holding exactly BENCH_GRANTS Ready grants (the goal's figure; the run above holds
-        # 1,000 more): a second operator, watching a namespace of its own, from idle to that many.
+        # The goal's figures at exactly BENCH_GRANTS Ready grants (the run above holds 1,000 more): a
+        # second operator, watching a namespace of its own, from idle to that many, then a kill -9.
         if scale:
             operator.terminate()
             operator.wait(timeout=10)
-            results[f"rss_holding_{scale}_grants_mib"] = rss_holding(
-                binary, kubeconfig, kubectl, state_dir, mem_ns, scale)
+            results[f"holding_{scale}_grants"] = holding(binary, kubeconfig, kubectl, state_dir, mem_ns, scale)
+            results["cache_heap_per_grant"] = cache_footprint(scale)
     finally:
         operator.terminate()
         operator.wait(timeout=10)
+        print(json.dumps(results, indent=2), flush=True)
         # Cleaned up last, so that no deletion runs in the apiserver's background while measuring.
         # This control plane has no namespace controller: a deleted namespace keeps what is in it, and
         # a later cluster-wide operator (`make run`) would find every grant. So the grants (their
-        # finalizers dropped first) and Secrets are deleted themselves.
-        namespaces = [ns, f"{ns}-one", bare_ns, op_ns, mem_ns, f"{mem_ns}-op"]
-        for namespace in namespaces:
-            try:
-                release_grants(state_dir, namespace)
-            except RuntimeError:
-                pass  # not created in this run
-            subprocess.run([*kubectl, "delete", "delegationgrants,secrets", "--all", "-n", namespace,
-                            "--wait=false"], capture_output=True)
-        subprocess.run([*kubectl, "delete", "namespace", *namespaces, "--wait=false"], capture_output=True)
-    print(json.dumps(results, indent=2))
+        # finalizers dropped first) and Secrets are deleted themselves. BENCH_CLEANUP=0 leaves them
+        # (for a control plane that is thrown away next: at 100,000 grants cleaning up takes long).
+        if os.environ.get("BENCH_CLEANUP") != "0":
+            clean_up(kubectl, state_dir, [ns, f"{ns}-one", bare_ns, op_ns, mem_ns, f"{mem_ns}-op"])
+
+
+def clean_up(kubectl, state_dir, namespaces):
+    for namespace in namespaces:
+        try:
+            release_grants(state_dir, namespace)
+        except RuntimeError:
+            pass  # not created in this run
+        subprocess.run([*kubectl, "delete", "delegationgrants,secrets", "--all", "-n", namespace,
+                        "--wait=false"], capture_output=True)
+    subprocess.run([*kubectl, "delete", "namespace", *namespaces, "--wait=false"], capture_output=True)
 
 
 if __name__ == "__main__":
