@@ -117,6 +117,9 @@ pub enum Reason {
     /// The namespace holds more grants than the operator's `--max-grants-per-namespace`, and this one
     /// is not among the oldest.
     DeniedNamespaceGrantLimit,
+    /// The grant's namespace holds all the status-list entries its budget allows (its tokens'
+    /// entries free up as they expire; the grant is tried again then).
+    DeniedStatusListBudget,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -157,6 +160,7 @@ impl Reason {
             Reason::DeniedNotAuthorized => "DeniedNotAuthorized",
             Reason::DeniedRequesterGone => "DeniedRequesterGone",
             Reason::DeniedNamespaceGrantLimit => "DeniedNamespaceGrantLimit",
+            Reason::DeniedStatusListBudget => "DeniedStatusListBudget",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",

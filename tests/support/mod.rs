@@ -989,6 +989,22 @@ impl Operator {
         operator_namespace: &str,
         extra_args: &[&str],
     ) -> Self {
+        Self::spawn(kubeconfig, Some(namespace), operator_namespace, extra_args)
+    }
+
+    /// [`Operator::start`] watching every namespace (for tests of what namespaces share).
+    pub fn start_watching_all(operator_namespace: &str, extra_args: &[&str]) -> Self {
+        Self::spawn(&kubeconfig_path(), None, operator_namespace, extra_args)
+    }
+
+    fn spawn(
+        kubeconfig: &Path,
+        watched: Option<&str>,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        let namespace = watched.unwrap_or(operator_namespace);
+        let watch_args = watched.map(|ns| ["--namespace", ns]);
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
@@ -998,12 +1014,8 @@ impl Operator {
             .arg("run")
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args([
-                "--namespace",
-                namespace,
-                "--operator-namespace",
-                operator_namespace,
-            ])
+            .args(watch_args.iter().flatten())
+            .args(["--operator-namespace", operator_namespace])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
             // Any free port and a generated certificate; tests of the endpoints pass their own.
             .args(["--https-address", "127.0.0.1:0", "--tls-self-signed=true"])
