@@ -98,6 +98,11 @@ async fn published_lists(client: &Client, operator_ns: &str) -> Vec<StatusList> 
         .collect()
 }
 
+/// The one operator of a test needs no lease; with the tests' short lease timings (3 s) a loaded
+/// machine can keep it from renewing in time, and it would stop, failing a test that is not about
+/// leader election.
+const NO_ELECTION: &[&str] = &["--leader-election=false"];
+
 /// A private control plane with the operator watching all of it (lists of 4 entries).
 struct Private {
     // Dropped in this order: the operator before its control plane.
@@ -113,7 +118,7 @@ async fn private_operator(purpose: &str, extra_args: &[&str]) -> Private {
     let client = cp.client().await;
     let operator_ns = "delegation-system".to_owned();
     create_namespace(&client, &operator_ns).await;
-    let args = [&["--status-list-size", "4"], extra_args].concat();
+    let args = [&["--status-list-size", "4"], NO_ELECTION, extra_args].concat();
     Private {
         operator: Operator::start_watching_all(&cp.kubeconfig, &operator_ns, &args),
         client,
@@ -238,7 +243,7 @@ async fn a_grant_refused_by_its_authority_takes_no_entry() {
     // Only this namespace: grants other tests left elsewhere must not publish lists here.
     let operator_ns = operator_namespace_for(&f.ns);
     create_namespace(&client, &operator_ns).await;
-    let operator = Operator::start(&f.ns, &operator_ns, &[]);
+    let operator = Operator::start(&f.ns, &operator_ns, NO_ELECTION);
     create_as(&client, &f.ns, PAYMENTS_AGENT.clone())
         .await
         .unwrap();
