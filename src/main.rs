@@ -8,8 +8,9 @@ use delegation_operator::{
     cli,
     delegation::Policy,
     endpoints,
-    operator::{self, Settings},
+    operator::{self, Settings, publishing::status_lists},
     signing::Algorithm,
+    status_list,
 };
 use kube::config::{KubeConfigOptions, Kubeconfig};
 
@@ -185,6 +186,20 @@ struct RunArgs {
     /// and the operator's Service names.
     #[arg(long = "tls-dns-name")]
     tls_dns_names: Vec<String>,
+    /// Status-list entries one namespace may hold: every token issued in it takes one until all the
+    /// tokens of its list have expired (about the token lifetime plus an hour). A namespace at its
+    /// budget has its grants refused (DeniedStatusListBudget) until entries free up; other
+    /// namespaces are not affected.
+    #[arg(long, default_value_t = status_list::budget::DEFAULT_ENTRIES_PER_NAMESPACE)]
+    status_list_budget_per_namespace: usize,
+    /// Safety limit on live status lists (memory, and the Secret and ConfigMap they are kept in);
+    /// lists open as demand needs them and retire when their tokens have expired.
+    #[arg(long, default_value_t = status_list::DEFAULT_MAX_LISTS)]
+    status_list_max_lists: usize,
+    /// Entries per status list. For tests (small lists make growth cheap to exercise); the default
+    /// suits production.
+    #[arg(long, default_value_t = status_list::DEFAULT_LIST_CAPACITY)]
+    status_list_size: usize,
     #[command(flatten)]
     callers: CallerLimitArgs,
     /// Log format on stderr (audit records always go to stdout as JSON lines).
@@ -413,6 +428,11 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX)),
         authority_recheck_period: args.authority_recheck_period,
         leader_election,
+        status_list_capacity: status_lists::Capacity {
+            list_size: args.status_list_size,
+            max_lists: args.status_list_max_lists,
+            budget_per_namespace: args.status_list_budget_per_namespace,
+        },
     };
     operator::check_prerequisites(&client, &settings).await?;
     let readiness = std::sync::Arc::new(operator::Readiness::default());

@@ -35,6 +35,11 @@ pub struct ControllerLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NamespaceLabels {
+    pub namespace: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct GrantLabels {
     namespace: String,
     name: String,
@@ -65,6 +70,12 @@ pub struct Metrics {
     pub review_budget_waits: Family<OutcomeLabels, Counter>,
     pub leader: Gauge<i64, AtomicI64>,
     pub events_dropped: Counter,
+    /// Status-list capacity (set by the leader at each allocation and maintenance).
+    pub status_lists: Gauge<i64, AtomicI64>,
+    pub status_list_entries_allocated: Gauge<i64, AtomicI64>,
+    pub status_list_entries_limit: Gauge<i64, AtomicI64>,
+    pub status_list_namespace_budget: Gauge<i64, AtomicI64>,
+    pub status_list_namespace_entries: Family<NamespaceLabels, Gauge<i64, AtomicI64>>,
     grants: Arc<RwLock<Option<Store<DelegationGrant>>>>,
 }
 
@@ -117,6 +128,12 @@ impl Metrics {
         let review_budget_waits = Family::<OutcomeLabels, Counter>::default();
         let leader = Gauge::<i64, AtomicI64>::default();
         let events_dropped = Counter::default();
+        let status_lists = Gauge::<i64, AtomicI64>::default();
+        let status_list_entries_allocated = Gauge::<i64, AtomicI64>::default();
+        let status_list_entries_limit = Gauge::<i64, AtomicI64>::default();
+        let status_list_namespace_budget = Gauge::<i64, AtomicI64>::default();
+        let status_list_namespace_entries =
+            Family::<NamespaceLabels, Gauge<i64, AtomicI64>>::default();
         // Counter names get `_total` on encoding.
         registry.register(
             "tokens_issued",
@@ -180,6 +197,31 @@ impl Metrics {
             "Kubernetes Events dropped unwritten: their writer's queue was full, or Normal Events were over their rate",
             events_dropped.clone(),
         );
+        registry.register(
+            "status_lists",
+            "Live Token Status Lists (each retires once all its tokens have expired)",
+            status_lists.clone(),
+        );
+        registry.register(
+            "status_list_entries_allocated",
+            "Status-list entries handed out in live lists (never handed out again)",
+            status_list_entries_allocated.clone(),
+        );
+        registry.register(
+            "status_list_entries_limit",
+            "Status-list entries the safety limit allows (--status-list-max-lists lists)",
+            status_list_entries_limit.clone(),
+        );
+        registry.register(
+            "status_list_namespace_budget",
+            "Status-list entries one namespace may hold (--status-list-budget-per-namespace)",
+            status_list_namespace_budget.clone(),
+        );
+        registry.register(
+            "status_list_namespace_entries",
+            "Status-list entries a namespace holds in lists that have not retired",
+            status_list_namespace_entries.clone(),
+        );
         let grants: Arc<RwLock<Option<Store<DelegationGrant>>>> = Arc::default();
         registry.register_collector(Box::new(GrantCollector(grants.clone())));
         Self {
@@ -197,7 +239,42 @@ impl Metrics {
             review_budget_waits,
             leader,
             events_dropped,
+            status_lists,
+            status_list_entries_allocated,
+            status_list_entries_limit,
+            status_list_namespace_budget,
+            status_list_namespace_entries,
             grants,
+        }
+    }
+
+    /// Sets the status-list capacity gauges.
+    pub fn report_status_lists(&self, usage: crate::status_list::Usage, budget: usize) {
+        self.status_lists.set(gauge(usage.lists));
+        self.status_list_entries_allocated
+            .set(gauge(usage.allocated));
+        self.status_list_entries_limit.set(gauge(usage.limit));
+        self.status_list_namespace_budget.set(gauge(budget));
+    }
+
+    /// Sets what one namespace holds (after an allocation: only its own series changed).
+    pub fn report_namespace_entries(&self, namespace: &str, held: usize) {
+        let labels = NamespaceLabels {
+            namespace: namespace.to_owned(),
+        };
+        self.status_list_namespace_entries
+            .get_or_create(&labels)
+            .set(gauge(held));
+    }
+
+    /// Replaces every namespace's series (after lists retired): one holding nothing has none.
+    pub fn replace_namespace_entries<'a>(
+        &self,
+        by_namespace: impl Iterator<Item = (&'a str, usize)>,
+    ) {
+        self.status_list_namespace_entries.clear();
+        for (namespace, held) in by_namespace {
+            self.report_namespace_entries(namespace, held);
         }
     }
 
@@ -256,6 +333,10 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry)?;
         Ok(out)
     }
+}
+
+fn gauge(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
 }
 
 /// Per-grant gauges, computed from the cache at each scrape.

@@ -47,15 +47,21 @@
 //! `exp` per slot (8 bytes per live token where a list needs 2 bits), reuse `(uri, idx)` pairs that
 //! verifiers may still hold in cached lists, and make verifiers' cached copies lie about a reused slot.
 //!
-//! **Bounded state.** A list exists only while `now < expires_by + grace` and `expires_by <= now +
-//! max_token_lifetime + bucket`, so at most `(max_token_lifetime + grace) / bucket + 2` buckets are
-//! live, each with `ceil(tokens in the bucket / capacity)` shards, and never more than `max_lists`
-//! lists: allocation fails closed ([`RegistryError::Full`]) rather than grow. A list holds `capacity / 4`
-//! bytes in memory; persisted, it is its base64 compressed `lst` (42 characters with no revocations,
-//! a few bytes per revocation, ≈ 9,000 for a default list full of random statuses) plus ~100 bytes.
-//! With the defaults (`list_capacity` 32,768, `max_lists` 64) the persisted state stays below
-//! 0.6 MB even then (measured: 576,013 bytes; a Secret holds 1 MiB); realistic loads persist in a
-//! few KB (`state_stays_small_for_realistic_loads`).
+//! **Capacity follows demand.** A list exists only while `now < expires_by + grace` and `expires_by
+//! <= now + max_token_lifetime + bucket`, so at most `(max_token_lifetime + grace) / bucket + 2`
+//! buckets are live, each with `ceil(tokens in the bucket / capacity)` shards: a new list opens
+//! whenever the open ones of a bucket are full, and retires whole once all its tokens expired. The
+//! only cap is `max_lists`, a safety limit on memory and on the one Secret and ConfigMap the lists
+//! are kept in (default [`DEFAULT_MAX_LISTS`]); past it allocation fails closed
+//! ([`RegistryError::Full`]). What one tenant may take is bounded apart from it, per namespace
+//! ([`budget`]). **Cost**: an entry is 2 bits (a list of 32,768 holds 8 KiB in memory); persisted, a
+//! list is its base64 compressed `lst` (42 characters with no revocations, a few bytes per
+//! revocation, ≈ 9,000 for a default list full of random statuses) plus ~100 bytes, and published
+//! it is a signed Status List Token of ≈ 0.6 KB when sparse. 64 lists full of random statuses
+//! persist in 0.6 MB (measured: 576,013 bytes; a Secret holds 1 MiB); realistic loads persist in a
+//! few KB (`state_stays_small_for_realistic_loads`), and `max_lists` sparse lists (1,024: 8 MiB of
+//! memory when all are full, 32 Mi entries) about 150 KB persisted and 0.6 MB published. A state
+//! or ConfigMap that would not fit its object is refused, not written (fail closed).
 //!
 //! **Cost of a revocation.** [`Registry::revoke`] finds the list by uri in a map of at most
 //! `max_lists` entries and sets two bits: it does not depend on how many tokens are revoked. Encoding
@@ -83,6 +89,8 @@ use miniz_oxide::deflate::compress_to_vec_zlib;
 use miniz_oxide::inflate::{TINFLStatus, decompress_to_vec_zlib_with_limit};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Value, json};
+
+pub mod budget;
 
 /// JWT `typ` of a Status List Token (§5.1); keeps it from being taken for an access token.
 pub const STATUS_LIST_TYP: &str = "statuslist+jwt";
@@ -364,22 +372,29 @@ pub struct RegistryConfig {
     pub grace_secs: i64,
     /// Longest token lifetime accepted: bounds how far ahead a list can live.
     pub max_token_lifetime_secs: i64,
-    /// Hard bound on the number of lists, hence on memory and persisted size.
+    /// Safety limit on the number of lists (memory, and the size of the objects they are kept in);
+    /// not a share anyone can fill alone (see [`budget`]).
     pub max_lists: usize,
 }
 
+/// Entries per list by default: 8 KiB in memory.
+pub const DEFAULT_LIST_CAPACITY: usize = 1 << 15;
+/// Lists at most by default: 32 Mi entries, 8 MiB in memory if all were full; sparse lists persist
+/// and publish well within a Secret's and a ConfigMap's 1 MiB (see the module doc).
+pub const DEFAULT_MAX_LISTS: usize = 1 << 10;
+
 impl RegistryConfig {
-    /// Defaults sized for the operator: 1 h buckets, 32,768 entries (8 KiB) per list, blocks of
-    /// 1,024, 5 min grace, at most 64 lists (≤ 512 KiB in memory, < 0.6 MB persisted).
+    /// Defaults sized for the operator: 1 h buckets, [`DEFAULT_LIST_CAPACITY`] entries per list,
+    /// blocks of 1,024, 5 min grace, at most [`DEFAULT_MAX_LISTS`] lists.
     pub fn new(base_uri: impl Into<String>, max_token_lifetime_secs: i64) -> Self {
         Self {
             base_uri: base_uri.into(),
             bucket_secs: 3600,
-            list_capacity: 1 << 15,
+            list_capacity: DEFAULT_LIST_CAPACITY,
             reserve_block: 1 << 10,
             grace_secs: 300,
             max_token_lifetime_secs,
-            max_lists: 64,
+            max_lists: DEFAULT_MAX_LISTS,
         }
     }
 
@@ -414,7 +429,9 @@ pub enum RegistryError {
     AlreadyExpired,
     #[error("the token lifetime exceeds the maximum the status lists are sized for")]
     LifetimeTooLong,
-    #[error("all {0} status lists are in use; prune expired ones or raise the limit")]
+    #[error(
+        "all {0} status lists are in use (the safety limit); they free up as their tokens expire"
+    )]
     Full(usize),
     #[error("no status list with this uri: it was retired (all its tokens expired) or is not ours")]
     UnknownList,
@@ -660,6 +677,40 @@ impl Registry {
     pub fn list(&self, uri: &str) -> Option<&StatusList> {
         self.state.lists.get(uri).map(|list| &list.statuses)
     }
+
+    /// When the list at `uri` retires (every token in it expired, grace included): until then its
+    /// entries hold capacity.
+    pub fn retires_at(&self, uri: &str) -> Option<i64> {
+        let list = self.state.lists.get(uri)?;
+        Some(list.expires_by.saturating_add(self.config.grace_secs))
+    }
+
+    /// How much of the capacity is in use.
+    pub fn usage(&self) -> Usage {
+        let lists = self.state.lists.values();
+        Usage {
+            lists: self.state.lists.len(),
+            allocated: lists.clone().map(|l| l.handed_out).sum(),
+            in_lists: lists.map(|l| l.statuses.len()).sum(),
+            limit: self
+                .config
+                .max_lists
+                .saturating_mul(self.config.list_capacity),
+        }
+    }
+}
+
+/// The registry's use of its capacity, for the metrics.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Live lists.
+    pub lists: usize,
+    /// Entries handed out (or skipped after a restart) in live lists: never handed out again.
+    pub allocated: usize,
+    /// Entries the live lists hold, handed out or not.
+    pub in_lists: usize,
+    /// Entries the safety limit allows: `max_lists` lists of the configured capacity.
+    pub limit: usize,
 }
 
 /// End of the `bucket_secs`-wide bucket holding `exp`: the first second after it.
@@ -1451,10 +1502,14 @@ mod tests {
         }
     }
 
-    /// The worst case the defaults allow: every list full of random statuses still fits a Secret.
+    /// One namespace's default budget (64 lists' worth), every list full of random statuses, still
+    /// fits a Secret; and the safety limit is a hard one.
     #[test]
     fn worst_case_persisted_state_fits_a_secret() {
-        let cfg = RegistryConfig::new(BASE_URI, 86_400);
+        let cfg = RegistryConfig {
+            max_lists: 64,
+            ..RegistryConfig::new(BASE_URI, 86_400)
+        };
         let mut rng = Rng(7);
         let mut state = RegistryState::default();
         for serial in 0..cfg.max_lists {
@@ -1478,5 +1533,51 @@ mod tests {
         let bytes = persisted_bytes(&r);
         eprintln!("worst case: 64 full lists of random statuses persist as {bytes} bytes");
         assert!(bytes < 1 << 20, "{bytes} bytes");
+    }
+
+    /// Demand beyond the old fixed 64 lists opens more lists; each retires whole once its tokens
+    /// expired, and the usage says so.
+    #[test]
+    fn capacity_grows_with_demand_and_retires_with_expiry() {
+        let cfg = RegistryConfig {
+            list_capacity: 4,
+            reserve_block: 2,
+            ..RegistryConfig::new(BASE_URI, 86_400)
+        };
+        let mut r = Registry::new(cfg.clone()).unwrap();
+        let refs: Vec<TokenStatusRef> = (0..400).map(|_| alloc(&mut r, T0, T0 + 600)).collect();
+        let usage = r.usage();
+        assert_eq!(
+            (usage.lists, usage.allocated, usage.in_lists),
+            (100, 400, 400)
+        );
+        assert_eq!(usage.limit, DEFAULT_MAX_LISTS * 4);
+        let unique: HashSet<&TokenStatusRef> = refs.iter().collect();
+        assert_eq!(unique.len(), 400, "no entry handed out twice");
+        let retires = r.retires_at(&refs[0].uri).unwrap();
+        assert_eq!(
+            retires,
+            bucket_end(T0 + 600, 3600).unwrap() + cfg.grace_secs
+        );
+        assert!(
+            r.prune(retires - 1).is_empty(),
+            "not before every token expired"
+        );
+        assert_eq!(r.prune(retires).len(), 100);
+        assert_eq!(r.usage().lists, 0);
+    }
+
+    #[test]
+    fn the_safety_limit_still_fails_closed() {
+        let cfg = RegistryConfig {
+            list_capacity: 4,
+            max_lists: 2,
+            ..RegistryConfig::new(BASE_URI, 86_400)
+        };
+        let mut r = Registry::new(cfg).unwrap();
+        for _ in 0..8 {
+            alloc(&mut r, T0, T0 + 600);
+        }
+        assert_eq!(r.allocate(T0, T0 + 600), Err(RegistryError::Full(2)));
     }
 }

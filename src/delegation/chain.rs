@@ -120,6 +120,9 @@ pub enum Reason {
     /// The namespace holds more grants for the audience than its AudiencePolicies'
     /// `maxGrantsPerNamespace`, and this one is not among the oldest.
     DeniedAudienceGrantLimit,
+    /// The grant's namespace holds all the status-list entries its budget allows (its tokens'
+    /// entries free up as they expire; the grant is tried again then).
+    DeniedStatusListBudget,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -161,6 +164,7 @@ impl Reason {
             Reason::DeniedRequesterGone => "DeniedRequesterGone",
             Reason::DeniedNamespaceGrantLimit => "DeniedNamespaceGrantLimit",
             Reason::DeniedAudienceGrantLimit => "DeniedAudienceGrantLimit",
+            Reason::DeniedStatusListBudget => "DeniedStatusListBudget",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",

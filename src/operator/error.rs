@@ -19,6 +19,10 @@ pub enum Error {
     #[error("{0}")]
     InvalidState(String),
 
+    /// The grant's namespace holds all the status-list entries its budget allows.
+    #[error("{}", .0.message())]
+    OverStatusListBudget(crate::status_list::budget::OverBudget),
+
     /// A status write found the grant changed since the cached version it was decided from.
     #[error("the grant changed while its status was being written; looking at it again")]
     StaleStatus,
@@ -33,6 +37,7 @@ impl Error {
             Error::Signing(_) => "signing",
             Error::Serialization(_) => "serialization",
             Error::InvalidState(_) => "invalid_state",
+            Error::OverStatusListBudget(_) => "status_list_budget",
             Error::StaleStatus => "stale_status",
         }
     }

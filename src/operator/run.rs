@@ -146,6 +146,7 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         &settings.operator_namespace,
         &settings.issuer,
         settings.policy.max_token_ttl,
+        settings.status_list_capacity,
         &keys,
         now().as_second(),
         fence,

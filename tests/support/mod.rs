@@ -8,6 +8,7 @@
 
 pub mod gitops;
 pub mod helm;
+pub mod private_control_plane;
 pub mod verifiers;
 
 use std::{
@@ -147,25 +148,28 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
+/// The test control plane's kubeconfig, once this test binary has used it.
+static KUBECONFIG_PATH: OnceLock<PathBuf> = OnceLock::new();
+
 /// The kubeconfig of the test control plane, starting it if needed (once per test binary).
 pub fn kubeconfig_path() -> PathBuf {
-    static PATH: OnceLock<PathBuf> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(p) = std::env::var_os("DELEGATION_TEST_KUBECONFIG") {
-            return PathBuf::from(p);
-        }
-        let out = Command::new(repo_root().join("hack/control-plane.sh"))
-            .arg("start")
-            .output()
-            .expect("could not run hack/control-plane.sh");
-        assert!(
-            out.status.success(),
-            "hack/control-plane.sh start failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_owned())
-    })
-    .clone()
+    KUBECONFIG_PATH
+        .get_or_init(|| {
+            if let Some(p) = std::env::var_os("DELEGATION_TEST_KUBECONFIG") {
+                return PathBuf::from(p);
+            }
+            let out = Command::new(repo_root().join("hack/control-plane.sh"))
+                .arg("start")
+                .output()
+                .expect("could not run hack/control-plane.sh");
+            assert!(
+                out.status.success(),
+                "hack/control-plane.sh start failed:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            PathBuf::from(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+        })
+        .clone()
 }
 
 /// A client for the test control plane.
@@ -175,10 +179,15 @@ pub async fn client() -> Client {
 
 /// The configuration of the test kubeconfig's own (admin) user.
 async fn admin_config() -> Config {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig_path()).expect("readable test kubeconfig");
+    admin_config_of(&kubeconfig_path()).await
+}
+
+/// The configuration of a kubeconfig file's (admin) user: the test control plane's or a private one's.
+pub async fn admin_config_of(kubeconfig: &Path) -> Config {
+    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
     Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
         .await
-        .expect("valid test kubeconfig")
+        .expect("valid kubeconfig")
 }
 
 /// A client acting as `user` in `groups` (impersonated with the admin's credentials). The apiserver
@@ -224,6 +233,13 @@ pub async fn whoami(client: &Client) -> UserInfo {
 /// then the admission policies (see [`install_admission_policies`]): every object of our kinds is
 /// created under them, as in a real installation.
 pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
+    let installed = apply_crds(client).await;
+    install_admission_policies(client).await;
+    installed
+}
+
+/// Applies every CRD under `crds/` and waits until each is Established (no admission policies).
+async fn apply_crds(client: &Client) -> Vec<CustomResourceDefinition> {
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
     let mut installed = Vec::new();
     for path in crd_files() {
@@ -245,7 +261,6 @@ pub async fn install_crds(client: &Client) -> Vec<CustomResourceDefinition> {
             .unwrap();
         installed.push(crd);
     }
-    install_admission_policies(client).await;
     installed
 }
 
@@ -334,10 +349,7 @@ pub fn admission_api(client: &Client, kind: &str) -> Api<DynamicObject> {
 /// `kubeconfig` (admin credentials), are in effect again: after its apiserver restarted, it loads them
 /// (and the CRD schemas the mutating ones need) a while after it answers requests. Changes nothing.
 pub async fn wait_admission_policies_effective(kubeconfig: &Path) {
-    let kubeconfig = Kubeconfig::read_from(kubeconfig).expect("readable kubeconfig");
-    let mut config = Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-        .await
-        .expect("valid kubeconfig");
+    let mut config = admin_config_of(kubeconfig).await;
     let admin = Client::try_from(config.clone()).expect("admin client");
     config.auth_info.impersonate = Some(PROBE_USER.to_owned());
     let probe = Client::try_from(config).expect("probe client");
@@ -610,11 +622,15 @@ pub async fn declare_test_audiences(client: &Client, namespace: &str) {
 }
 
 /// Removes the AudiencePolicies [`declare_test_audiences`] created for `namespace` (synchronously,
-/// with kubectl, so that it can run from `Drop`).
+/// with kubectl, so that it can run from `Drop`). Only on the test control plane, and only once this
+/// binary used it: a private control plane's go with it.
 pub fn remove_test_audiences(namespace: &str) {
+    let Some(kubeconfig) = KUBECONFIG_PATH.get() else {
+        return;
+    };
     let _ = Command::new(kubectl_path())
         .arg("--kubeconfig")
-        .arg(kubeconfig_path())
+        .arg(kubeconfig)
         .args([
             "delete",
             "audiencepolicies.delegation.nhi.dev",
@@ -990,6 +1006,27 @@ impl Operator {
         operator_namespace: &str,
         extra_args: &[&str],
     ) -> Self {
+        Self::spawn(kubeconfig, Some(namespace), operator_namespace, extra_args)
+    }
+
+    /// An operator watching every namespace (for tests of what namespaces share), against the
+    /// control plane of `kubeconfig`: a private one, or it would reconcile every other test's grants.
+    pub fn start_watching_all(
+        kubeconfig: &Path,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        Self::spawn(kubeconfig, None, operator_namespace, extra_args)
+    }
+
+    fn spawn(
+        kubeconfig: &Path,
+        watched: Option<&str>,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        let namespace = watched.unwrap_or(operator_namespace);
+        let watch_args = watched.map(|ns| ["--namespace", ns]);
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
@@ -999,12 +1036,8 @@ impl Operator {
             .arg("run")
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args([
-                "--namespace",
-                namespace,
-                "--operator-namespace",
-                operator_namespace,
-            ])
+            .args(watch_args.iter().flatten())
+            .args(["--operator-namespace", operator_namespace])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
             // Any free port and a generated certificate; tests of the endpoints pass their own.
             .args(["--https-address", "127.0.0.1:0", "--tls-self-signed=true"])
@@ -1212,16 +1245,29 @@ impl Fixture {
         }
     }
 
-    /// Waits until the grant's Ready condition has `status` (and, if given, `reason`); returns the grant.
+    /// Waits (up to 30 s) until the grant's Ready condition has `status` (and, if given, `reason`);
+    /// returns the grant.
     pub async fn wait_ready(
         &self,
         name: &str,
         status: &str,
         reason: Option<&str>,
     ) -> DelegationGrant {
+        self.wait_ready_within(name, status, reason, Duration::from_secs(30))
+            .await
+    }
+
+    /// [`Fixture::wait_ready`] with another timeout.
+    pub async fn wait_ready_within(
+        &self,
+        name: &str,
+        status: &str,
+        reason: Option<&str>,
+        timeout: Duration,
+    ) -> DelegationGrant {
         let api = self.grants();
         let what = format!("grant {name} Ready={status} reason={reason:?}");
-        wait_for(&what, Duration::from_secs(30), || async {
+        wait_for(&what, timeout, || async {
             let grant = api.get_opt(name).await.ok()??;
             let cond = grant
                 .status

@@ -53,6 +53,8 @@ pub struct Settings {
     pub max_grants_per_namespace: Option<usize>,
     /// Lease-based leader election; `None` runs without (one replica only).
     pub leader_election: Option<LeaderElectionSettings>,
+    /// How large the status lists are and how their capacity is shared between namespaces.
+    pub status_list_capacity: crate::operator::publishing::status_lists::Capacity,
 }
 
 /// Timings of the leader Lease (client-go's protocol and meaning).

@@ -1,6 +1,6 @@
 //! A new grant's first token, planned ahead: while its finalizer is added (or as soon as the
-//! admission policy's finalizer is seen), the authority check is asked and the first token's
-//! status-list entry recorded side by side, so the issuance waits for neither. Called by the grant
+//! admission policy's finalizer is seen), the authority check is asked and, once it passed, the
+//! first token's status-list entry recorded, so the issuance waits for neither. Called by the grant
 //! controller's reconcile; an unused plan is always given back.
 
 use std::{sync::Arc, time::Duration};
@@ -66,10 +66,11 @@ pub(super) async fn add_finalizer_and_ask(
     }
 }
 
-/// What the first issuance of a new grant needs from the apiserver, asked at once and side by side:
-/// the grant's authority (a SubjectAccessReview the issuance would otherwise wait for) and the first
-/// token's status-list entry, recorded ahead (see [`Planned`]). Either may fail: the issuance then
-/// does it itself.
+/// What the first issuance of a new grant needs from the apiserver, asked ahead: the grant's
+/// authority (a SubjectAccessReview the issuance would otherwise wait for) and then, only if it
+/// passed, the first token's status-list entry (see [`Planned`]). An entry is never spent on a grant
+/// its authority refuses: entries are capacity that a namespace's budget counts until they expire.
+/// Either may fail: the issuance then does it itself.
 pub(super) async fn ask_ahead(
     grant: &DelegationGrant,
     ctx: &Context,
@@ -78,14 +79,15 @@ pub(super) async fn ask_ahead(
     // A grant beyond a grant limit is refused: nothing to ask, no status-list entry to take.
     ctx.grant_limits(grant).ok()?;
     let name = grant.name_any();
-    let (asked, planned) = futures::join!(
-        authority::evaluate(grant, ctx, now, true),
-        plan_first_token(grant, ctx, now)
-    );
-    if let Err(e) = asked {
-        tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
+    match authority::evaluate(grant, ctx, now, true).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(_)) => return None,
+        Err(e) => {
+            tracing::debug!(grant = %name, error = %e, "authority check ahead of issuance failed");
+            return None;
+        }
     }
-    planned.unwrap_or_else(|e| {
+    plan_first_token(grant, ctx, now).await.unwrap_or_else(|e| {
         tracing::debug!(grant = %name, error = %e, "status-list entry ahead of issuance failed");
         None
     })
@@ -149,6 +151,7 @@ pub(super) async fn plan_first_token(
         .status_lists
         .allocate(
             &ctx.keys,
+            &namespace,
             &uid,
             &jti,
             now.as_second(),

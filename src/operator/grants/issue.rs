@@ -258,6 +258,7 @@ pub(super) async fn mint(
             ctx.status_lists
                 .allocate(
                     &ctx.keys,
+                    &grant.namespace().unwrap_or_default(),
                     &grant.uid().unwrap_or_default(),
                     &jti,
                     now.as_second(),

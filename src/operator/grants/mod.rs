@@ -48,13 +48,14 @@ use crate::operator::{
 use crate::{
     api::DelegationGrant,
     delegation::{
-        Refusal, Resolution,
+        Reason, Refusal, Resolution,
         authority::{Evidence, Unauthorized},
         conditions::ready_condition,
-        decision::{Facts, SecretHolder, Verdict, decide, expected_substance},
+        decision::{Facts, Refused, Revoke, SecretHolder, Verdict, decide, expected_substance},
         resolve,
         timing::{IssueCause, SecretState, renewal_backstop, renewal_may_wait},
     },
+    status_list::budget::OverBudget,
 };
 
 pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result<Action> {
@@ -228,8 +229,31 @@ async fn apply(
             if !fits {
                 withdraw_unused(grant, ctx, planned.take()).await;
             }
-            issue(grant, ctx, &issuance, planned.take(), now).await
+            match issue(grant, ctx, &issuance, planned.take(), now).await {
+                Err(Error::OverStatusListBudget(over)) => {
+                    refuse(grant, ctx, &over_budget(&over, now), now).await
+                }
+                done => done,
+            }
         }
+    }
+}
+
+/// The refusal of a grant whose namespace is at its status-list budget: like any refusal it holds
+/// no token, and it is looked at again when the namespace's oldest entries free up.
+fn over_budget(over: &OverBudget, now: Timestamp) -> Refused {
+    let frees_in = over
+        .frees_at
+        .map(|at| Duration::from_secs(u64::try_from(at - now.as_second()).unwrap_or(0)));
+    Refused {
+        refusal: Refusal::new(Reason::DeniedStatusListBudget, over.message()),
+        approval: None,
+        revoke: Revoke::Every,
+        look_again: Some(
+            frees_in
+                .unwrap_or(Duration::ZERO)
+                .max(Duration::from_secs(1)),
+        ),
     }
 }
 

@@ -26,6 +26,11 @@
 //!   names that uid. Nothing a tenant writes (status, annotations, Secret contents) adds an index:
 //!   tenant-written token ids can at most choose which of the grant's *own* tokens is kept.
 //!
+//! - **Capacity** follows demand: lists open as tokens need them and retire once their tokens have
+//!   all expired, up to a safety limit ([`Capacity::max_lists`]); what each namespace may hold is
+//!   budgeted ([`crate::status_list::budget`]), so that one namespace's churn refuses only its own
+//!   grants (reason `DeniedStatusListBudget`).
+//!
 //! Its parts: this module holds the public API (load, allocate, revoke, maintain); [`records`] what is
 //! kept in memory and how it is planned into writes; [`writes`] the writes, the guard's restores and
 //! the publication.
@@ -52,7 +57,11 @@ use crate::operator::{
     publishing::fence::Fence,
     publishing::keys::KeyStore,
 };
-use crate::status_list::{Registry, RegistryConfig, RegistryError, RegistryState, TokenStatusRef};
+use crate::status_list::{
+    DEFAULT_LIST_CAPACITY, DEFAULT_MAX_LISTS, Registry, RegistryConfig, RegistryError,
+    RegistryState, TokenStatusRef,
+    budget::{DEFAULT_ENTRIES_PER_NAMESPACE, NamespaceBudget},
+};
 
 use records::{Held, Inner, Persisted, Published, shard_of};
 use writes::load_shards;
@@ -79,6 +88,27 @@ const LIST_TTL_SECS: u64 = 60;
 pub const MAINTENANCE_PERIOD: Duration = Duration::from_secs(30);
 /// A Secret holds at most 1 MiB: refuse to grow the state beyond this (fail closed: no token).
 const MAX_STATE_BYTES: usize = 1_000_000;
+
+/// How large the lists are and how their capacity is shared (the operator's flags).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Entries per new list.
+    pub list_size: usize,
+    /// Safety limit on live lists (memory, and the one Secret and ConfigMap they are kept in).
+    pub max_lists: usize,
+    /// Entries one namespace may hold in lists that have not retired.
+    pub budget_per_namespace: usize,
+}
+
+impl Default for Capacity {
+    fn default() -> Self {
+        Self {
+            list_size: DEFAULT_LIST_CAPACITY,
+            max_lists: DEFAULT_MAX_LISTS,
+            budget_per_namespace: DEFAULT_ENTRIES_PER_NAMESPACE,
+        }
+    }
+}
 
 /// The status lists, mirrored in memory and written through to their Secrets and ConfigMap. One
 /// writer (the leader).
@@ -122,11 +152,13 @@ struct Flush {
 impl StatusLists {
     /// Loads the state from its Secret (creating it on the very first start), and brings the
     /// published lists up to date (re-using Status List Tokens that are still good).
+    #[allow(clippy::too_many_arguments)]
     pub async fn load(
         client: Client,
         namespace: &str,
         issuer: &str,
         max_token_lifetime: Duration,
+        capacity: Capacity,
         keys: &KeyStore,
         now: i64,
         fence: Fence,
@@ -184,7 +216,11 @@ impl StatusLists {
         let max_secs = i64::try_from(max_token_lifetime.as_secs())
             .unwrap_or(i64::MAX)
             .max(1);
-        let config = RegistryConfig::new(persisted.base_uri, max_secs);
+        let config = RegistryConfig {
+            list_capacity: capacity.list_size,
+            max_lists: capacity.max_lists,
+            ..RegistryConfig::new(persisted.base_uri, max_secs)
+        };
         let registry =
             Registry::restore(config, persisted.registry).map_err(|e| unreadable(e.to_string()))?;
         let (mut tokens, shards_written) = load_shards(&secrets, namespace).await?;
@@ -209,6 +245,7 @@ impl StatusLists {
                 configmap_rv: None,
                 written,
                 version: 0,
+                budget: NamespaceBudget::new(capacity.budget_per_namespace),
             }),
             flushed: Mutex::new(0),
             own_versions: Default::default(),
@@ -217,6 +254,7 @@ impl StatusLists {
         {
             let mut inner = lists.inner.lock().await;
             inner.published = lists.adopt_published(&inner, keys).await?;
+            inner.report_usage();
         }
         {
             let mut flushed = lists.flushed.lock().await;
@@ -225,12 +263,14 @@ impl StatusLists {
         Ok(lists)
     }
 
-    /// Hands out the status reference of a token the operator is about to mint for `grant_uid`,
-    /// recording it (and persisting the state) before the token exists, and publishing its list if
-    /// it is new: a verifier must never see an index its list does not cover.
+    /// Hands out the status reference of a token the operator is about to mint for `grant_uid` in
+    /// `namespace`, recording it (and persisting the state) before the token exists, and publishing
+    /// its list if it is new: a verifier must never see an index its list does not cover. A
+    /// namespace at its budget gets [`Error::OverStatusListBudget`] and no entry.
     pub async fn allocate(
         &self,
         keys: &KeyStore,
+        namespace: &str,
         grant_uid: &str,
         jti: &str,
         now: i64,
@@ -238,11 +278,7 @@ impl StatusLists {
     ) -> Result<TokenStatusRef> {
         let (status_ref, version) = {
             let mut inner = self.inner.lock().await;
-            let allocation = inner
-                .registry
-                .allocate(now, exp)
-                .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
-            let status_ref = allocation.status_ref;
+            let status_ref = inner.allocate_within_budget(namespace, now, exp)?;
             let serial = status_ref
                 .uri
                 .rsplit('/')
@@ -360,10 +396,12 @@ impl StatusLists {
                 }
                 shard.retain(|_, held| !held.is_empty());
             }
+            inner.budget.release_retired(now);
             if !retired.is_empty() {
                 tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");
                 inner.version += 1;
             }
+            inner.report_usage();
         }
         // Always flushed: a Status List Token may be due for re-signing with nothing changed.
         let mut flushed = self.flushed.lock().await;

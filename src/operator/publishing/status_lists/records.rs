@@ -10,7 +10,7 @@ use crate::operator::{
     error::{Error, Result},
     publishing::keys::KeyStore,
 };
-use crate::status_list::{Registry, RegistryState, TokenStatusRef};
+use crate::status_list::{Registry, RegistryState, TokenStatusRef, budget::NamespaceBudget};
 
 use super::*;
 
@@ -92,6 +92,8 @@ pub(super) struct Inner {
     /// Counts the changes that must be written before anyone relies on them (an allocation, a
     /// revocation, a retired list). A change is durable once a flush that started after it succeeded.
     pub(super) version: u64,
+    /// The entries each namespace holds, against its budget.
+    pub(super) budget: NamespaceBudget,
 }
 
 impl Inner {
@@ -108,6 +110,40 @@ impl Inner {
             base_uri: &self.registry.config().base_uri,
             registry: self.registry.state(),
         })?)
+    }
+
+    /// A fresh entry for a token of `namespace` expiring at `exp`, charged to the namespace's budget;
+    /// none when the namespace is at its budget.
+    pub(super) fn allocate_within_budget(
+        &mut self,
+        namespace: &str,
+        now: i64,
+        exp: i64,
+    ) -> Result<TokenStatusRef> {
+        self.budget
+            .check(namespace)
+            .map_err(Error::OverStatusListBudget)?;
+        let allocation = self
+            .registry
+            .allocate(now, exp)
+            .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
+        let status_ref = allocation.status_ref;
+        let retires_at = self
+            .registry
+            .retires_at(&status_ref.uri)
+            .ok_or_else(|| Error::InvalidState("the list just allocated in is missing".into()))?;
+        self.budget.charge(namespace, retires_at);
+        let metrics = crate::metrics::metrics();
+        metrics.report_status_lists(self.registry.usage(), self.budget.limit());
+        metrics.report_namespace_entries(namespace, self.budget.held(namespace));
+        Ok(status_ref)
+    }
+
+    /// Sets every capacity gauge (see [`crate::metrics`]).
+    pub(super) fn report_usage(&self) {
+        let metrics = crate::metrics::metrics();
+        metrics.report_status_lists(self.registry.usage(), self.budget.limit());
+        metrics.replace_namespace_entries(self.budget.usage());
     }
 
     /// Where a new record of `grant_uid` goes: the open shard.
@@ -274,6 +310,7 @@ mod tests {
             configmap_rv: None,
             written: String::new(),
             version: 0,
+            budget: NamespaceBudget::new(usize::MAX),
         };
         let text = inner.state_json().unwrap();
         let shard_text = serde_json::to_string(&inner.tokens[shard_of("uid-1")]).unwrap();
@@ -290,6 +327,7 @@ mod tests {
             configmap_rv: None,
             written: text.clone(),
             version: 0,
+            budget: NamespaceBudget::new(usize::MAX),
         };
         assert_eq!(restored.state_json().unwrap(), text);
         assert_eq!(
@@ -311,6 +349,7 @@ mod tests {
             configmap_rv: None,
             written: String::new(),
             version: 0,
+            budget: NamespaceBudget::new(usize::MAX),
         }
     }
 
@@ -394,6 +433,32 @@ mod tests {
         assert!(
             !inner.withdraw("uid-1", "planned"),
             "a second time changes nothing"
+        );
+    }
+
+    /// A namespace at its budget gets no entry (none is spent on it), while another namespace
+    /// still does; the refused namespace's entries free up when their list retires.
+    #[test]
+    pub(super) fn a_namespace_over_its_budget_gets_no_entry_and_others_do() {
+        let mut inner = empty_inner(0);
+        inner.budget = NamespaceBudget::new(2);
+        let first = inner.allocate_within_budget("churn", 100, 700).unwrap();
+        inner.allocate_within_budget("churn", 100, 700).unwrap();
+        let refused = inner.allocate_within_budget("churn", 100, 700);
+        assert!(
+            matches!(&refused, Err(Error::OverStatusListBudget(over)) if over.held == 2),
+            "{refused:?}"
+        );
+        assert_eq!(inner.registry.usage().allocated, 2, "no entry spent on it");
+        let other = inner.allocate_within_budget("quiet", 100, 700).unwrap();
+        assert_eq!(other.idx, 2, "the next entry, never a reused one");
+        let retires = inner.registry.retires_at(&first.uri).unwrap();
+        inner.registry.prune(retires);
+        inner.budget.release_retired(retires);
+        assert!(
+            inner
+                .allocate_within_budget("churn", retires, retires + 600)
+                .is_ok()
         );
     }
 
