@@ -113,7 +113,7 @@ impl<T: Tenanted + Eq + Hash + Clone> FairQueue<T> {
 
     /// The next item to run, if one waits and fewer than the limit run; it counts as running until
     /// [`FairQueue::done`].
-    pub fn next(&mut self) -> Option<T> {
+    pub fn admit(&mut self) -> Option<T> {
         if self.limit > 0 && self.running.len() >= self.limit {
             return None;
         }
@@ -199,7 +199,7 @@ mod tests {
     /// Runs everything to the end one at a time; the order of admission.
     fn drain(queue: &mut FairQueue<Key>) -> Vec<String> {
         let mut order = Vec::new();
-        while let Some(item) = queue.next() {
+        while let Some(item) = queue.admit() {
             queue.done(&item);
             order.push(item.0);
         }
@@ -212,14 +212,14 @@ mod tests {
         for i in 0..10_000 {
             queue.push(key("burst", &format!("g{i}")), Lane::Routine);
         }
-        let first = queue.next().unwrap();
+        let first = queue.admit().unwrap();
         queue.push(key("quiet", "deleted"), Lane::Revocation);
         queue.done(&first);
         // The burst's turn comes round once more, then the quiet namespace's.
-        let second = queue.next().unwrap();
+        let second = queue.admit().unwrap();
         assert_eq!(second.tenant(), "burst");
         queue.done(&second);
-        assert_eq!(queue.next(), Some(key("quiet", "deleted")));
+        assert_eq!(queue.admit(), Some(key("quiet", "deleted")));
         assert_eq!(queue.waiting(), 9_998);
     }
 
@@ -259,14 +259,14 @@ mod tests {
         queue.push(key("a", "x"), Lane::Routine);
         queue.push(key("a", "x"), Lane::Routine);
         assert_eq!(queue.waiting(), 1, "queued once");
-        let x = queue.next().unwrap();
+        let x = queue.admit().unwrap();
         queue.push(key("a", "x"), Lane::Routine);
         queue.push(key("a", "x"), Lane::Routine);
-        assert_eq!(queue.next(), None, "not twice at once");
+        assert_eq!(queue.admit(), None, "not twice at once");
         queue.done(&x);
-        assert_eq!(queue.next(), Some(key("a", "x")), "once more");
+        assert_eq!(queue.admit(), Some(key("a", "x")), "once more");
         queue.done(&x);
-        assert_eq!(queue.next(), None, "and only once");
+        assert_eq!(queue.admit(), None, "and only once");
     }
 
     #[test]
@@ -275,18 +275,18 @@ mod tests {
         for i in 0..5 {
             queue.push(key(&format!("t{i}"), "x"), Lane::Routine);
         }
-        let (a, b) = (queue.next().unwrap(), queue.next().unwrap());
-        assert_eq!(queue.next(), None);
+        let (a, b) = (queue.admit().unwrap(), queue.admit().unwrap());
+        assert_eq!(queue.admit(), None);
         assert_eq!((queue.running(), queue.waiting()), (2, 3));
         queue.done(&a);
-        assert!(queue.next().is_some());
-        assert_eq!(queue.next(), None);
+        assert!(queue.admit().is_some());
+        assert_eq!(queue.admit(), None);
         queue.done(&b);
         let mut unlimited = FairQueue::new(0);
         for i in 0..100 {
             unlimited.push(key("t", &i.to_string()), Lane::Routine);
         }
-        assert_eq!(std::iter::from_fn(|| unlimited.next()).count(), 100);
+        assert_eq!(std::iter::from_fn(|| unlimited.admit()).count(), 100);
     }
 
     #[derive(Debug, Clone)]
@@ -331,7 +331,7 @@ mod tests {
             let admit = |queue: &mut FairQueue<Key>, running: &mut Vec<Key>,
                          waiting: &mut BTreeMap<Key, (Lane, usize)>,
                          passed: &mut BTreeMap<String, BTreeSet<String>>| -> Result<(), TestCaseError> {
-                let Some(item) = queue.next() else {
+                let Some(item) = queue.admit() else {
                     prop_assert!(waiting.is_empty() || (limit > 0 && running.len() >= limit),
                         "nothing admitted while {} wait and {} run", waiting.len(), running.len());
                     return Ok(());
@@ -406,7 +406,7 @@ mod tests {
                 }
             }
             prop_assert!(again.is_empty());
-            prop_assert_eq!(queue.next(), None);
+            prop_assert_eq!(queue.admit(), None);
             prop_assert_eq!(queue.tenants(), 0, "no state kept for tenants with nothing waiting");
         }
     }

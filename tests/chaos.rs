@@ -29,7 +29,7 @@ mod support;
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -46,7 +46,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams},
-    config::{KubeConfigOptions, Kubeconfig},
     runtime::watcher,
 };
 use serde_json::json;
@@ -640,79 +639,6 @@ async fn killing_the_operator_during_churn_never_breaks_revocation() {
 }
 
 // ---- restarting etcd and kube-apiserver ------------------------------------------------------------
-
-/// A control plane of this test's own (hack/control-plane.sh with `CONTROL_PLANE_DIR`), stopped and
-/// its directory removed when dropped, also on panic.
-struct PrivateControlPlane {
-    dir: PathBuf,
-    kubeconfig: PathBuf,
-}
-
-impl PrivateControlPlane {
-    fn start() -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "delegation-operator-chaos-cp-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        // The guard exists before the start, so that a half-started control plane is stopped too.
-        let mut cp = Self {
-            dir,
-            kubeconfig: PathBuf::new(),
-        };
-        let out = cp.script("start");
-        cp.kubeconfig = PathBuf::from(out.trim());
-        cp
-    }
-
-    /// Stops etcd and kube-apiserver and starts them again on the same ports with the same data.
-    async fn restart(&self) {
-        let dir = self.dir.clone();
-        let out = tokio::process::Command::new(repo_root().join("hack/control-plane.sh"))
-            .arg("restart")
-            .env("CONTROL_PLANE_DIR", &dir)
-            .output()
-            .await
-            .expect("run hack/control-plane.sh restart");
-        assert!(
-            out.status.success(),
-            "hack/control-plane.sh restart failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn script(&self, command: &str) -> String {
-        let out = std::process::Command::new(repo_root().join("hack/control-plane.sh"))
-            .arg(command)
-            .env("CONTROL_PLANE_DIR", &self.dir)
-            .output()
-            .expect("run hack/control-plane.sh");
-        assert!(
-            out.status.success(),
-            "hack/control-plane.sh {command} failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    async fn client(&self) -> Client {
-        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("private kubeconfig");
-        let config =
-            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
-                .await
-                .expect("valid private kubeconfig");
-        Client::try_from(config).expect("client for the private control plane")
-    }
-}
-
-impl Drop for PrivateControlPlane {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new(repo_root().join("hack/control-plane.sh"))
-            .arg("stop")
-            .env("CONTROL_PLANE_DIR", &self.dir)
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
 
 /// Runs the operator as the kubelet would: started again a second after every exit. Keeps the audit
 /// records of every instance and how each one ended.

@@ -273,6 +273,18 @@ pub async fn install_admission_policies(client: &Client) {
     POLICIES_EFFECTIVE.store(true, Ordering::Release);
 }
 
+/// [`install_admission_policies`] on the control plane of `kubeconfig` (a private one, admin
+/// credentials, `client` its client): applies the policies there and waits until they are in effect
+/// and their stamps trusted, probing that control plane.
+pub async fn install_admission_policies_at(client: &Client, kubeconfig: &Path) {
+    for doc in delegation_operator::admission::documents() {
+        apply_cluster_document(client, doc).await;
+    }
+    allow_probe_user(client).await;
+    wait_admission_policies_effective(kubeconfig).await;
+    wait_stamps_trusted(client).await;
+}
+
 /// The operator trusts a stamp only on objects created a settling time after the stamping and checking
 /// policies and their bindings (`delegation::authority::STAMP_SETTLE`, so that nothing created while a
 /// policy was still loading counts as proven). Right after a first install, wait that out once.
@@ -989,21 +1001,42 @@ impl Operator {
         operator_namespace: &str,
         extra_args: &[&str],
     ) -> Self {
+        Self::spawn(kubeconfig, Some(namespace), operator_namespace, extra_args)
+    }
+
+    /// The operator watching every namespace of the control plane of `kubeconfig`: only on a
+    /// control plane of the test's own ([`PrivateControlPlane`]), where it meets no other test's
+    /// grants and operators. Its files are named after `operator_namespace`.
+    pub fn start_watching_all(
+        kubeconfig: &Path,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
+        Self::spawn(kubeconfig, None, operator_namespace, extra_args)
+    }
+
+    fn spawn(
+        kubeconfig: &Path,
+        namespace: Option<&str>,
+        operator_namespace: &str,
+        extra_args: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
-        let audit_path = dir.join(format!("{namespace}-{stamp}.audit.jsonl"));
-        let log_path = dir.join(format!("{namespace}-{stamp}.log"));
+        let named = namespace.unwrap_or(operator_namespace);
+        let audit_path = dir.join(format!("{named}-{stamp}.audit.jsonl"));
+        let log_path = dir.join(format!("{named}-{stamp}.log"));
+        let watched: &[&str] = match &namespace {
+            Some(namespace) => &["--namespace", namespace],
+            None => &[],
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
             .arg("run")
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args([
-                "--namespace",
-                namespace,
-                "--operator-namespace",
-                operator_namespace,
-            ])
+            .args(watched)
+            .args(["--operator-namespace", operator_namespace])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
             // Any free port and a generated certificate; tests of the endpoints pass their own.
             .args(["--https-address", "127.0.0.1:0", "--tls-self-signed=true"])
@@ -1023,7 +1056,7 @@ impl Operator {
             child,
             audit_path,
             log_path,
-            namespace: namespace.into(),
+            namespace: named.into(),
             operator_namespace: operator_namespace.into(),
         }
     }
@@ -1868,4 +1901,79 @@ pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: 
         .unwrap();
     std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
     path
+}
+
+// ---- a control plane of a test's own --------------------------------------------------------------
+
+/// A control plane of the test's own (hack/control-plane.sh with `CONTROL_PLANE_DIR`), stopped and
+/// its directory removed when dropped, also on panic.
+pub struct PrivateControlPlane {
+    dir: PathBuf,
+    pub kubeconfig: PathBuf,
+}
+
+impl PrivateControlPlane {
+    pub fn start() -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "delegation-operator-private-cp-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        // The guard exists before the start, so that a half-started control plane is stopped too.
+        let mut cp = Self {
+            dir,
+            kubeconfig: PathBuf::new(),
+        };
+        let out = cp.script("start");
+        cp.kubeconfig = PathBuf::from(out.trim());
+        cp
+    }
+
+    /// Stops etcd and kube-apiserver and starts them again on the same ports with the same data.
+    pub async fn restart(&self) {
+        let dir = self.dir.clone();
+        let out = tokio::process::Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg("restart")
+            .env("CONTROL_PLANE_DIR", &dir)
+            .output()
+            .await
+            .expect("run hack/control-plane.sh restart");
+        assert!(
+            out.status.success(),
+            "hack/control-plane.sh restart failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn script(&self, command: &str) -> String {
+        let out = std::process::Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg(command)
+            .env("CONTROL_PLANE_DIR", &self.dir)
+            .output()
+            .expect("run hack/control-plane.sh");
+        assert!(
+            out.status.success(),
+            "hack/control-plane.sh {command} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    pub async fn client(&self) -> Client {
+        let kubeconfig = Kubeconfig::read_from(&self.kubeconfig).expect("private kubeconfig");
+        let config =
+            kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+                .await
+                .expect("valid private kubeconfig");
+        Client::try_from(config).expect("client for the private control plane")
+    }
+}
+
+impl Drop for PrivateControlPlane {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new(repo_root().join("hack/control-plane.sh"))
+            .arg("stop")
+            .env("CONTROL_PLANE_DIR", &self.dir)
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
