@@ -142,7 +142,8 @@ struct RunArgs {
     /// between issuances; every issuance and rotation checks it too.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     authority_recheck_period: std::time::Duration,
-    /// How many grants are reconciled at once.
+    /// How many grants are reconciled at once; a free slot goes to the next namespace in turn (a
+    /// namespace's deletions and suspensions first).
     #[arg(long, default_value_t = 4)]
     concurrency: u16,
     /// Elect one writing replica through a Lease in the operator namespace. Turn off only when exactly
