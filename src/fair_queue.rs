@@ -2,13 +2,15 @@
 //! delay another namespace's revocations. The pure policy, no I/O and no clock; the operator's
 //! grant controller (`operator::grants::runner`) feeds it triggers and runs what it admits.
 //!
-//! - **One queue per tenant (namespace), served in turns.** Each admission takes the first item of
-//!   the tenant whose turn it is, and that tenant goes to the back of the turns. While a tenant has
-//!   work queued, no other tenant is admitted twice before it: 10,000 grants arriving in one
-//!   namespace delay a deletion in another by at most one admission per busy namespace, not by the
-//!   10,000.
-//! - **Revocations first within a tenant.** An item queued as a [`Lane::Revocation`] (a grant being
-//!   deleted or suspended) goes before the tenant's routine items; within a lane, order is kept.
+//! - **Revocations first.** An item queued as a [`Lane::Revocation`] (a grant being deleted or
+//!   suspended) goes before every routine item: a deletion waits for a free slot, never behind
+//!   issuance (with 10,000 grants arriving in one namespace, turns alone gave another namespace's
+//!   deletions half the slots, too few when they came faster than that half could serve).
+//! - **One queue per tenant (namespace) in each lane, served in turns.** Each admission takes the
+//!   first item of the tenant whose turn it is in the lane, and that tenant goes to the back of the
+//!   lane's turns. While a tenant has work waiting in a lane, no other tenant is admitted twice in
+//!   that lane before it: one namespace's mass deletion does not hold back another's deletions, nor
+//!   its burst of grants another's issuance. Within a tenant's lane, order is kept.
 //! - **At most `limit` running** (0: no limit), and an item never runs twice at once.
 //! - **Deduplicated like kube's controller:** an item queued again is queued once (a revocation
 //!   moves it to the revocation lane); an item triggered while it runs runs once more after it ends.
@@ -31,15 +33,17 @@ pub trait Tenanted {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Lane {
     Routine,
-    /// Goes before every routine item of the same tenant.
+    /// Goes before every routine item.
     Revocation,
 }
 
 /// The queue: see the module documentation.
 pub struct FairQueue<T> {
     limit: usize,
-    /// Tenants with items in line, in the order of their turns.
-    turns: VecDeque<Arc<str>>,
+    /// Tenants with revocations in line, in the order of their turns.
+    revocation_turns: VecDeque<Arc<str>>,
+    /// Tenants with routine items in line, in the order of their turns.
+    routine_turns: VecDeque<Arc<str>>,
     lines: HashMap<Arc<str>, Lines<T>>,
     /// Every waiting item: its lane and the sequence number of its valid entry in that lane. An
     /// entry in a line that does not match is a leftover of an item since moved or admitted, and is
@@ -75,7 +79,8 @@ impl<T: Tenanted + Eq + Hash + Clone> FairQueue<T> {
     pub fn new(limit: usize) -> Self {
         Self {
             limit,
-            turns: VecDeque::new(),
+            revocation_turns: VecDeque::new(),
+            routine_turns: VecDeque::new(),
             lines: HashMap::new(),
             waiting: HashMap::new(),
             running: HashMap::new(),
@@ -97,18 +102,26 @@ impl<T: Tenanted + Eq + Hash + Clone> FairQueue<T> {
         self.serial += 1;
         let serial = self.serial;
         self.waiting.insert(item.clone(), (lane, serial));
-        let lines = match self.lines.get_mut(item.tenant()) {
-            Some(lines) => lines,
+        let (tenant, lines) = match self.lines.get_key_value(item.tenant()) {
+            Some((tenant, _)) => {
+                let tenant = tenant.clone();
+                let lines = self.lines.get_mut(&tenant).expect("just found");
+                (tenant, lines)
+            }
             None => {
                 let tenant: Arc<str> = Arc::from(item.tenant());
-                self.turns.push_back(tenant.clone());
-                self.lines.entry(tenant).or_default()
+                (tenant.clone(), self.lines.entry(tenant).or_default())
             }
         };
-        match lane {
-            Lane::Revocation => lines.revocations.push_back((item, serial)),
-            Lane::Routine => lines.routine.push_back((item, serial)),
+        let (line, turns) = match lane {
+            Lane::Revocation => (&mut lines.revocations, &mut self.revocation_turns),
+            Lane::Routine => (&mut lines.routine, &mut self.routine_turns),
+        };
+        // A tenant is in a lane's turns exactly while its line there holds entries.
+        if line.is_empty() {
+            turns.push_back(tenant);
         }
+        line.push_back((item, serial));
     }
 
     /// The next item to run, if one waits and fewer than the limit run; it counts as running until
@@ -117,24 +130,41 @@ impl<T: Tenanted + Eq + Hash + Clone> FairQueue<T> {
         if self.limit > 0 && self.running.len() >= self.limit {
             return None;
         }
-        while let Some(tenant) = self.turns.pop_front() {
+        let item = self
+            .admit_from(Lane::Revocation)
+            .or_else(|| self.admit_from(Lane::Routine))?;
+        self.waiting.remove(&item);
+        self.running.insert(item.clone(), None);
+        Some(item)
+    }
+
+    /// The first valid item of the tenant whose turn it is in `lane`, skipping tenants that hold
+    /// only leftovers there; a tenant with nothing left in either lane is forgotten.
+    fn admit_from(&mut self, lane: Lane) -> Option<T> {
+        loop {
+            let turns = match lane {
+                Lane::Revocation => &mut self.revocation_turns,
+                Lane::Routine => &mut self.routine_turns,
+            };
+            let tenant = turns.pop_front()?;
             let Some(lines) = self.lines.get_mut(&tenant) else {
                 continue;
             };
-            let next = Self::first_valid(&mut lines.revocations, Lane::Revocation, &self.waiting)
-                .or_else(|| Self::first_valid(&mut lines.routine, Lane::Routine, &self.waiting));
+            let line = match lane {
+                Lane::Revocation => &mut lines.revocations,
+                Lane::Routine => &mut lines.routine,
+            };
+            let next = Self::first_valid(line, lane, &self.waiting);
+            if !line.is_empty() {
+                turns.push_back(tenant.clone());
+            }
             if lines.is_empty() {
                 self.lines.remove(&tenant);
-            } else {
-                self.turns.push_back(tenant);
             }
-            if let Some(item) = next {
-                self.waiting.remove(&item);
-                self.running.insert(item.clone(), None);
-                return Some(item);
+            if next.is_some() {
+                return next;
             }
         }
-        None
     }
 
     /// Pops leftovers off the front of `line` and returns its first valid item.
@@ -213,13 +243,18 @@ mod tests {
             queue.push(key("burst", &format!("g{i}")), Lane::Routine);
         }
         let first = queue.admit().unwrap();
+        queue.push(key("quiet", "new"), Lane::Routine);
         queue.push(key("quiet", "deleted"), Lane::Revocation);
         queue.done(&first);
-        // The burst's turn comes round once more, then the quiet namespace's.
+        // The deletion takes the first free slot; the quiet namespace's new grant waits one turn of
+        // the burst.
+        let deleted = queue.admit().unwrap();
+        assert_eq!(deleted, key("quiet", "deleted"));
+        queue.done(&deleted);
         let second = queue.admit().unwrap();
         assert_eq!(second.tenant(), "burst");
         queue.done(&second);
-        assert_eq!(queue.admit(), Some(key("quiet", "deleted")));
+        assert_eq!(queue.admit(), Some(key("quiet", "new")));
         assert_eq!(queue.waiting(), 9_998);
     }
 
@@ -238,6 +273,21 @@ mod tests {
             ["a/a1", "b/b1", "c/c1", "a/a2", "b/b2", "a/a3"]
         );
         assert_eq!(queue.tenants(), 0, "no state left for empty namespaces");
+    }
+
+    #[test]
+    fn revocations_go_first_and_take_turns_among_namespaces() {
+        let mut queue = FairQueue::new(1);
+        queue.push(key("a", "new"), Lane::Routine);
+        for name in ["a1", "a2", "a3"] {
+            queue.push(key("a", name), Lane::Revocation);
+        }
+        queue.push(key("b", "b1"), Lane::Revocation);
+        queue.push(key("c", "new"), Lane::Routine);
+        assert_eq!(
+            drain(&mut queue),
+            ["a/a1", "b/b1", "a/a2", "a/a3", "a/new", "c/new"]
+        );
     }
 
     #[test]
@@ -306,8 +356,9 @@ mod tests {
 
     proptest! {
         /// Under any interleaving of triggers, admissions and completions: at most `limit` run, never
-        /// one twice; while a tenant waits, no other tenant is admitted twice; within a tenant's lane,
-        /// admission follows the order of queueing; every trigger is served by a run that starts
+        /// one twice; no routine item while a revocation waits; while a tenant waits in a lane, no
+        /// other tenant is admitted twice in it; within a tenant's lane, admission follows the order
+        /// of queueing; every trigger is served by a run that starts
         /// after it; and nothing is left once all is done.
         #[test]
         fn the_queue_is_fair_ordered_deduplicated_and_loses_nothing(
@@ -320,17 +371,27 @@ mod tests {
             let mut waiting: BTreeMap<Key, (Lane, usize)> = BTreeMap::new();
             // Triggered while running: runs once more afterwards.
             let mut again: BTreeMap<Key, Lane> = BTreeMap::new();
-            // Per waiting tenant, the other tenants admitted since it last was (or began to wait).
-            let mut passed: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+            // Per tenant waiting in a lane, the other tenants admitted in that lane since it last
+            // was (or began to wait there).
+            let mut passed: BTreeMap<(String, Lane), BTreeSet<String>> = BTreeMap::new();
             let push = |waiting: &mut BTreeMap<Key, (Lane, usize)>, item: Key, lane: Lane, step: usize| {
                 match waiting.get(&item) {
                     Some((queued, _)) if *queued >= lane => {}
                     _ => { waiting.insert(item, (lane, step)); }
                 }
             };
+            // A tenant that had nothing waiting in the lane begins a new wait there.
+            let begin_wait = |waiting: &BTreeMap<Key, (Lane, usize)>,
+                              passed: &mut BTreeMap<(String, Lane), BTreeSet<String>>,
+                              item: &Key, lane: Lane| {
+                let tenant = item.tenant().to_owned();
+                if !waiting.iter().any(|(o, (l, _))| o.tenant() == tenant && *l == lane) {
+                    passed.insert((tenant, lane), BTreeSet::new());
+                }
+            };
             let admit = |queue: &mut FairQueue<Key>, running: &mut Vec<Key>,
                          waiting: &mut BTreeMap<Key, (Lane, usize)>,
-                         passed: &mut BTreeMap<String, BTreeSet<String>>| -> Result<(), TestCaseError> {
+                         passed: &mut BTreeMap<(String, Lane), BTreeSet<String>>| -> Result<(), TestCaseError> {
                 let Some(item) = queue.admit() else {
                     prop_assert!(waiting.is_empty() || (limit > 0 && running.len() >= limit),
                         "nothing admitted while {} wait and {} run", waiting.len(), running.len());
@@ -341,23 +402,24 @@ mod tests {
                 let (lane, step) = waiting.remove(&item).expect("admitted an item that was not waiting");
                 let tenant = item.tenant().to_owned();
                 for (other, (other_lane, other_step)) in waiting.iter() {
+                    prop_assert!(*other_lane <= lane, "{item:?} before a revocation {other:?}");
                     if other.tenant() == tenant {
-                        prop_assert!(*other_lane <= lane, "{item:?} before a revocation {other:?}");
                         prop_assert!(*other_lane != lane || *other_step > step,
                             "{item:?} overtook {other:?} in its lane");
                     }
                 }
-                for (waiter, seen) in passed.iter_mut() {
-                    if *waiter != tenant {
+                for ((waiter, waiter_lane), seen) in passed.iter_mut() {
+                    let still = waiting.iter().any(|(o, (l, _))| o.tenant() == waiter && l == waiter_lane);
+                    if *waiter != tenant && *waiter_lane == lane && still {
                         prop_assert!(seen.insert(tenant.clone()),
-                            "{tenant} admitted twice while {waiter} waited");
+                            "{tenant} admitted twice in {lane:?} while {waiter} waited there");
                     }
                 }
-                // A new wait begins for what is left of the tenant's work.
-                if waiting.keys().any(|other| other.tenant() == tenant) {
-                    passed.insert(tenant, BTreeSet::new());
+                // A new wait begins for what is left of the tenant's work in the lane.
+                if waiting.iter().any(|(other, (l, _))| other.tenant() == tenant && *l == lane) {
+                    passed.insert((tenant, lane), BTreeSet::new());
                 } else {
-                    passed.remove(&tenant);
+                    passed.remove(&(tenant, lane));
                 }
                 running.push(item);
                 Ok(())
@@ -376,7 +438,7 @@ mod tests {
                             let entry = again.entry(item).or_insert(lane);
                             *entry = (*entry).max(lane);
                         } else {
-                            passed.entry(item.tenant().to_owned()).or_default();
+                            begin_wait(&waiting, &mut passed, &item, lane);
                             push(&mut waiting, item, lane, step);
                         }
                     }
@@ -385,7 +447,7 @@ mod tests {
                         let item = running.remove(usize::from(i) % running.len());
                         queue.done(&item);
                         if let Some(lane) = again.remove(&item) {
-                            passed.entry(item.tenant().to_owned()).or_default();
+                            begin_wait(&waiting, &mut passed, &item, lane);
                             push(&mut waiting, item, lane, step);
                         }
                     }
