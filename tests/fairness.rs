@@ -177,9 +177,10 @@ async fn a_burst_in_one_namespace_does_not_hold_back_another_namespaces_revocati
             "every revoked token is INVALID in the published list"
         );
     }
-    // One admission in turns for the quiet namespace against one for the busy one: its revocations
-    // (and its grants looked at again after the restart) are done within a few dozen of the busy
-    // namespace's reconciles. Served from one queue, they came at random places in the burst's line.
+    // Revocations take the first free slot, and the quiet namespace's other work (its grants looked
+    // at again after the restart) alternates with the busy one's: all of it is done within a few
+    // dozen of the busy namespace's reconciles. Served from one queue, it came at random places in
+    // the burst's line.
     assert!(
         still_waiting * 4 >= waiting * 3,
         "the quiet namespace's {} revocations waited behind the burst: {} of the {waiting} grants \
