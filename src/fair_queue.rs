@@ -15,8 +15,8 @@
 //! - **Deduplicated like kube's controller:** an item queued again is queued once (a revocation
 //!   moves it to the revocation lane); an item triggered while it runs runs once more after it ends.
 //! - **Bounded memory:** a waiting item is its key, twice (its place in line and the set that
-//!   deduplicates), with a sequence number; a tenant's state goes once nothing of it waits (at the
-//!   latest by the next admission, which skips what is left of items since moved or admitted).
+//!   deduplicates), with a sequence number; a tenant's state goes once nothing of it waits (what is
+//!   left in a line of items since moved or admitted is dropped when the tenant's turn comes there).
 
 use std::{
     collections::{HashMap, VecDeque},

@@ -1,8 +1,7 @@
 //! The grant controller's loop, in place of kube's `Controller`: every trigger of a grant (its own
 //! watch events, its token Secrets', an approval naming it, a wake-up) goes into a
 //! [`FairQueue`](crate::fair_queue::FairQueue), which admits at most `--concurrency` reconciles at
-//! once, namespace by namespace in turns, a namespace's deletions and suspensions before its other
-//! work. kube's controller serves one queue for every namespace (and, once saturated, picks among
+//! once: deletions and suspensions first, and otherwise namespace by namespace in turns. kube's controller serves one queue for every namespace (and, once saturated, picks among
 //! the waiting in no particular order): 10,000 grants arriving in one namespace were reconciled
 //! before, or mixed at random with, another namespace's deletion.
 //!
