@@ -28,6 +28,10 @@ with its default values (`chart_flags`: --concurrency, leader election, TTL limi
     run; BENCH_RENEWAL_WAVE=0 skips it);
   - a restart (SIGKILL, then start again) holding every grant: how long until the new process is ready
     and every grant has been looked at again, and how many tokens it re-minted (goal 0).
+  - fairness (with BENCH_GRANTS=N; BENCH_ONLY=fairness runs only this): N grants POSTed at once in one
+    namespace while grants of another namespace are deleted at 10 per second, by an operator watching
+    every namespace at the chart's default --concurrency, on a control plane of its own: each
+    deletion's DELETE -> grant gone (p50/p99/max), and how much of the burst was still waiting.
 
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
@@ -589,7 +593,74 @@ def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
         operator.wait(timeout=30)
 
 
+def fairness_under_burst(binary, count, deletes=600, per_second=10):
+    """`count` grants POSTed at once (8 connections) in one namespace while `deletes` grants of another
+    namespace, Ready before, are deleted at `per_second` from the moment the burst starts; the
+    operator watches every namespace, at the chart's default --concurrency. Runs on a control plane of
+    its own (removed afterwards): an operator of every namespace must meet no other run's grants.
+    Returns each deletion's DELETE -> gone (p50/p99/max) and how much of the burst was not Ready yet
+    when the last deletion was done (the deletions did overlap the burst)."""
+    import threading
+
+    script = os.path.join(ROOT, "hack/control-plane.sh")
+    env = dict(os.environ, CONTROL_PLANE_DIR=tempfile.mkdtemp(prefix="bench-fairness-cp-"))
+    kubeconfig = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    operator = None
+    try:
+        env_lines = subprocess.run([script, "env"], env=env, capture_output=True, text=True, check=True).stdout
+        bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines()
+                   if l.startswith("export PATH=")][0]
+        kubectl = [os.path.join(bin_dir, "kubectl"), "--kubeconfig", kubeconfig]
+        state_dir = os.path.dirname(kubeconfig)
+        sh(*kubectl, "apply", "--server-side", "-f", os.path.join(ROOT, "crds"))
+        sh(*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        busy, steady = "fair-burst", "fair-steady"
+        for namespace in (busy, steady, "fair-op"):
+            sh(*kubectl, "create", "namespace", namespace)
+        install_admission_policies(kubectl, binary, steady)
+        operator = subprocess.Popen(
+            [binary, "run", "--kubeconfig", kubeconfig, "--operator-namespace", "fair-op",
+             *chart_flags(), "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for namespace in (busy, steady):
+            sh(*kubectl, "-n", namespace, "apply", "-f", "-", stdin=AGENT)
+        post_grants(state_dir, steady, "steady", deletes)
+        wait_all_ready(state_dir, steady, deletes, 600)
+
+        burst = threading.Thread(target=post_grants, args=(state_dir, busy, "burst", count))
+        t0 = time.monotonic()
+        burst.start()
+        latencies = revocation_latencies(state_dir, steady, [f"steady-{i:05d}" for i in range(deletes)],
+                                         per_second)
+        items, _ = list_grants(Api(state_dir), busy)
+        waiting = count - sum(1 for g in items if ready(g))
+        burst.join()
+        wait_all_ready(state_dir, busy, count, 3600)
+        return {
+            "flags": " ".join(chart_flags()),
+            f"deletes_at_{per_second}_per_s": deletes,
+            "deletion_to_gone": percentiles(latencies),
+            "burst_grants_not_ready_when_the_deletions_were_done": waiting,
+            "burst_all_ready_s": round(time.monotonic() - t0, 1),
+        }
+    finally:
+        if operator:
+            operator.terminate()
+            operator.wait(timeout=10)
+        subprocess.run([script, "stop"], env=env, capture_output=True)
+        subprocess.run(["rm", "-rf", env["CONTROL_PLANE_DIR"]])
+
+
 def main():
+    if os.environ.get("BENCH_ONLY") == "fairness":
+        binary = os.environ.get("BENCH_OPERATOR_BINARY")
+        if not binary:
+            subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+            binary = os.path.join(ROOT, "target/release/delegation-operator")
+        scale = int(os.environ.get("BENCH_GRANTS", "1000"))
+        print(json.dumps({f"fairness_{scale}_grants_burst": fairness_under_burst(binary, scale)}, indent=2))
+        return
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
     bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines() if l.startswith("export PATH=")][0]
@@ -779,6 +850,7 @@ def main():
             operator.wait(timeout=10)
             results[f"holding_{scale}_grants"] = holding(binary, kubeconfig, kubectl, state_dir, mem_ns, scale)
             results["cache_heap_per_grant"] = cache_footprint(scale)
+            results[f"fairness_{scale}_grants_burst"] = fairness_under_burst(binary, scale)
     finally:
         operator.terminate()
         operator.wait(timeout=10)

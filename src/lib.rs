@@ -5,6 +5,7 @@
 //! - [`cli`]: commands for people (approve, reject, keys revoke, token inspect, tree; also as `kubectl delegation`).
 //! - [`delegation`]: the pure core — chain resolution, attenuation, timing, claims, conditions.
 //! - [`endpoints`]: the HTTPS listener — OIDC discovery, JWKS, status lists, introspection, metrics, health.
+//! - [`fair_queue`]: which grant is reconciled next — namespaces in turns, revocations first (pure).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
 //! - [`signing`]: signing keys, JWKS and token verification.
@@ -17,6 +18,7 @@ pub mod api;
 pub mod cli;
 pub mod delegation;
 pub mod endpoints;
+pub mod fair_queue;
 pub mod metrics;
 pub mod operator;
 pub mod signing;

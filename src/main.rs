@@ -147,8 +147,9 @@ struct RunArgs {
     /// between issuances; every issuance and rotation checks it too.
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     authority_recheck_period: std::time::Duration,
-    /// How many grants are reconciled at once. 8 keeps up with a bare client making the same writes
-    /// on 8 connections (the bench's yardstick); fewer slows bursts of new grants.
+    /// How many grants are reconciled at once; a free slot goes to the next namespace in turn (a
+    /// namespace's deletions and suspensions first). 8 keeps up with a bare client making the same
+    /// writes on 8 connections (the bench's yardstick); fewer slows bursts of new grants.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
     /// Elect one writing replica through a Lease in the operator namespace. Turn off only when exactly

@@ -17,7 +17,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{ListParams, PartialObjectMeta},
     runtime::{
-        controller::{self, Controller},
+        controller::Controller,
         events::Reporter,
         reflector::{self, ObjectRef},
         watcher,
@@ -31,7 +31,7 @@ use super::{
         watches::{agent_fan_out, grant_fan_out, policy_fan_out, reflect, watch_into},
     },
     error,
-    grants::{self, authority, orphans, renewals, token_secret},
+    grants::{authority, orphans, renewals, runner, token_secret},
     lease, now,
     publishing::{fence, guard, keys, status_lists},
     reporting::events,
@@ -366,23 +366,23 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
         released: std::sync::Mutex::new(events::Recent::new(context::RELEASED_KEPT)),
     });
 
-    let grants = Controller::for_stream(grant_events, grants_store)
-        .owns_stream(secret_events)
-        // The approvals cache is filled by this very stream: a woken grant reads the new approval.
-        .watches_stream(approval_events, |approval| {
-            approval
-                .namespace()
-                .map(|ns| ObjectRef::new(&approval.spec.grant_ref.name).within(&ns))
-        })
-        .reconcile_on(grant_wakes)
-        .with_config(controller::Config::default().concurrency(settings.concurrency))
-        .shutdown_on_signal()
-        .run(
-            |grant, ctx| crate::metrics::timed("grants", grants::reconcile(grant, ctx)),
-            grants::error_policy,
-            ctx.clone(),
-        )
-        .for_each(|_| future::ready(()));
+    // Every trigger of a grant, into the fair queue of the grant controller (see grants::runner).
+    // The approvals cache is filled by its very stream: a woken grant reads the new approval.
+    let triggers = futures::stream::select_all([
+        grant_events
+            .filter_map(|g| future::ready(g.ok().map(|g| runner::Trigger::of_grant(&g))))
+            .boxed(),
+        secret_events
+            .filter_map(|s| {
+                future::ready(s.ok().and_then(|s| runner::Trigger::of_token_secret(&s)))
+            })
+            .boxed(),
+        approval_events
+            .filter_map(|a| future::ready(a.ok().and_then(|a| runner::Trigger::of_approval(&a))))
+            .boxed(),
+        grant_wakes.map(|g| runner::Trigger::of_wake(&g)).boxed(),
+    ]);
+    let grants = runner::run(triggers, ctx.clone(), shutdown_signal());
     let agents = Controller::for_stream(agent_events, agents_store)
         .reconcile_on(agent_wakes)
         .shutdown_on_signal()

@@ -1009,8 +1009,9 @@ impl Operator {
         Self::spawn(kubeconfig, Some(namespace), operator_namespace, extra_args)
     }
 
-    /// An operator watching every namespace (for tests of what namespaces share), against the
-    /// control plane of `kubeconfig`: a private one, or it would reconcile every other test's grants.
+    /// The operator watching every namespace of the control plane of `kubeconfig`: only on a
+    /// control plane of the test's own ([`PrivateControlPlane`]), where it meets no other test's
+    /// grants and operators. Its files are named after `operator_namespace`.
     pub fn start_watching_all(
         kubeconfig: &Path,
         operator_namespace: &str,
@@ -1021,22 +1022,25 @@ impl Operator {
 
     fn spawn(
         kubeconfig: &Path,
-        watched: Option<&str>,
+        namespace: Option<&str>,
         operator_namespace: &str,
         extra_args: &[&str],
     ) -> Self {
-        let namespace = watched.unwrap_or(operator_namespace);
-        let watch_args = watched.map(|ns| ["--namespace", ns]);
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
-        let audit_path = dir.join(format!("{namespace}-{stamp}.audit.jsonl"));
-        let log_path = dir.join(format!("{namespace}-{stamp}.log"));
+        let named = namespace.unwrap_or(operator_namespace);
+        let audit_path = dir.join(format!("{named}-{stamp}.audit.jsonl"));
+        let log_path = dir.join(format!("{named}-{stamp}.log"));
+        let watched: &[&str] = match &namespace {
+            Some(namespace) => &["--namespace", namespace],
+            None => &[],
+        };
         let child = Command::new(env!("CARGO_BIN_EXE_delegation-operator"))
             .arg("run")
             .arg("--kubeconfig")
             .arg(kubeconfig)
-            .args(watch_args.iter().flatten())
+            .args(watched)
             .args(["--operator-namespace", operator_namespace])
             .args(["--issuer", "https://issuer.test", "--min-token-ttl", "1s"])
             // Any free port and a generated certificate; tests of the endpoints pass their own.
@@ -1057,7 +1061,7 @@ impl Operator {
             child,
             audit_path,
             log_path,
-            namespace: namespace.into(),
+            namespace: named.into(),
             operator_namespace: operator_namespace.into(),
         }
     }

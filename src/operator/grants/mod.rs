@@ -11,7 +11,8 @@
 //! - [`status`]: status writes, and what is said (Events, the audit line) about a grant.
 //! - [`token_secret`]: the token Secrets and who owns them; [`authority`]: SubjectAccessReviews;
 //!   [`renewals`]: renewals' share of the slots; [`alarms`]: when to look again; [`orphans`]: the
-//!   sweep of token Secrets whose grant is gone.
+//!   sweep of token Secrets whose grant is gone; [`runner`]: the loop that runs reconciles, fairly
+//!   between namespaces.
 
 pub mod ahead;
 pub mod alarms;
@@ -21,6 +22,7 @@ pub mod issue;
 pub mod orphans;
 pub mod renewals;
 pub mod revoke;
+pub mod runner;
 pub mod status;
 pub mod token_secret;
 
@@ -64,7 +66,7 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
     }
     if ctx.is_stale(&grant) {
         // Our own status write is on its way through the watch; it will trigger us again.
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(ctx.look_again(&grant, Duration::from_secs(2)));
     }
     let namespace = grant
         .namespace()
@@ -96,24 +98,25 @@ pub async fn reconcile(grant: Arc<DelegationGrant>, ctx: Arc<Context>) -> Result
     }
 }
 
-pub fn error_policy(grant: Arc<DelegationGrant>, error: &Error, _ctx: Arc<Context>) -> Action {
+/// When to look at a grant again after its reconcile failed (`None`: not until it changes).
+pub fn retry_after(grant: &DelegationGrant, error: &Error) -> Option<Duration> {
     if is_finalizer_of_a_deleted_grant(error) {
         // The grant is gone: its tokens were revoked before the finalizer was let go.
         tracing::debug!(grant = %grant.name_any(), "grant already deleted");
-        return Action::await_change();
+        return None;
     }
     if is_stale_status_write(error) {
         // Decided from a version the grant has left behind: decide again from the newer one.
         tracing::debug!(grant = %grant.name_any(), "the grant changed while its status was written; retrying");
-        return Action::requeue(Duration::from_secs(1));
+        return Some(Duration::from_secs(1));
     }
     if is_stale_finalizer_write(error) {
         // Raced with our own finalizer write, seen through a cache that had not caught up: look again soon.
         tracing::debug!(grant = %grant.name_any(), "finalizer write raced with the cache; retrying");
-        return Action::requeue(Duration::from_secs(1));
+        return Some(Duration::from_secs(1));
     }
     tracing::warn!(grant = %grant.name_any(), namespace = grant.namespace().unwrap_or_default(), error = %error, kind = error.metric_label(), "reconcile failed; retrying");
-    Action::requeue(Duration::from_secs(5))
+    Some(Duration::from_secs(5))
 }
 
 /// Removing the finalizer of a grant that is already gone (a normal race of concurrent deletes): 404.
@@ -204,7 +207,7 @@ async fn apply(
         ));
     }
     match verdict {
-        Verdict::Wait(after) => Ok(Action::requeue(after)),
+        Verdict::Wait(after) => Ok(ctx.look_again(grant, after)),
         Verdict::Refuse(refused) => {
             // Given back first: a refusal would otherwise revoke, and report, the planned entry.
             withdraw_unused(grant, ctx, planned.take()).await;
@@ -219,7 +222,7 @@ async fn apply(
             Ok(ctx.look_again(grant, keep.look_again))
         }
         // Not reached: a confirmed verdict rests on evidence taken now. Fail closed: look again.
-        Verdict::Confirm(_) => Ok(Action::requeue(Duration::from_secs(1))),
+        Verdict::Confirm(_) => Ok(ctx.look_again(grant, Duration::from_secs(1))),
         Verdict::Issue(issuance) => {
             // The plan is taken only when it fits; otherwise it is given back first (the issuance
             // would otherwise revoke, and report, it as one of the grant's tokens).

@@ -1,0 +1,475 @@
+//! Fair queues for reconciles: which grant is reconciled next, so that one namespace's burst cannot
+//! delay another namespace's revocations. The pure policy, no I/O and no clock; the operator's
+//! grant controller (`operator::grants::runner`) feeds it triggers and runs what it admits.
+//!
+//! - **Revocations first.** An item queued as a [`Lane::Revocation`] (a grant being deleted or
+//!   suspended) goes before every routine item: a deletion waits for a free slot, never behind
+//!   issuance (with 10,000 grants arriving in one namespace, turns alone gave another namespace's
+//!   deletions half the slots, too few when they came faster than that half could serve).
+//! - **One queue per tenant (namespace) in each lane, served in turns.** Each admission takes the
+//!   first item of the tenant whose turn it is in the lane, and that tenant goes to the back of the
+//!   lane's turns. While a tenant has work waiting in a lane, no other tenant is admitted twice in
+//!   that lane before it: one namespace's mass deletion does not hold back another's deletions, nor
+//!   its burst of grants another's issuance. Within a tenant's lane, order is kept.
+//! - **At most `limit` running** (0: no limit), and an item never runs twice at once.
+//! - **Deduplicated like kube's controller:** an item queued again is queued once (a revocation
+//!   moves it to the revocation lane); an item triggered while it runs runs once more after it ends.
+//! - **Bounded memory:** a waiting item is its key, twice (its place in line and the set that
+//!   deduplicates), with a sequence number; a tenant's state goes once nothing of it waits (what is
+//!   left in a line of items since moved or admitted is dropped when the tenant's turn comes there).
+
+use std::{
+    collections::{HashMap, VecDeque},
+    hash::Hash,
+    sync::Arc,
+};
+
+/// An item of the queue that belongs to a tenant (a grant to its namespace).
+pub trait Tenanted {
+    fn tenant(&self) -> &str;
+}
+
+/// Which line of its tenant an item waits in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Lane {
+    Routine,
+    /// Goes before every routine item.
+    Revocation,
+}
+
+/// The queue: see the module documentation.
+pub struct FairQueue<T> {
+    limit: usize,
+    /// Tenants with revocations in line, in the order of their turns.
+    revocation_turns: VecDeque<Arc<str>>,
+    /// Tenants with routine items in line, in the order of their turns.
+    routine_turns: VecDeque<Arc<str>>,
+    lines: HashMap<Arc<str>, Lines<T>>,
+    /// Every waiting item: its lane and the sequence number of its valid entry in that lane. An
+    /// entry in a line that does not match is a leftover of an item since moved or admitted, and is
+    /// skipped (removing it from the middle of a long line would cost a scan).
+    waiting: HashMap<T, (Lane, u64)>,
+    /// Running items, and the lane they were triggered in again meanwhile, if they were.
+    running: HashMap<T, Option<Lane>>,
+    serial: u64,
+}
+
+struct Lines<T> {
+    revocations: VecDeque<(T, u64)>,
+    routine: VecDeque<(T, u64)>,
+}
+
+impl<T> Default for Lines<T> {
+    fn default() -> Self {
+        Self {
+            revocations: VecDeque::new(),
+            routine: VecDeque::new(),
+        }
+    }
+}
+
+impl<T> Lines<T> {
+    fn is_empty(&self) -> bool {
+        self.revocations.is_empty() && self.routine.is_empty()
+    }
+}
+
+impl<T: Tenanted + Eq + Hash + Clone> FairQueue<T> {
+    /// A queue admitting at most `limit` items at once (0: no limit).
+    pub fn new(limit: usize) -> Self {
+        Self {
+            limit,
+            revocation_turns: VecDeque::new(),
+            routine_turns: VecDeque::new(),
+            lines: HashMap::new(),
+            waiting: HashMap::new(),
+            running: HashMap::new(),
+            serial: 0,
+        }
+    }
+
+    /// Asks for `item` to be run. Queued once however often it is asked for; a revocation moves a
+    /// waiting routine item to the revocation lane; a running item runs once more after it ends.
+    pub fn push(&mut self, item: T, lane: Lane) {
+        if let Some(again) = self.running.get_mut(&item) {
+            *again = (*again).max(Some(lane));
+            return;
+        }
+        match self.waiting.get(&item) {
+            Some((queued, _)) if *queued >= lane => return,
+            _ => {}
+        }
+        self.serial += 1;
+        let serial = self.serial;
+        self.waiting.insert(item.clone(), (lane, serial));
+        let (tenant, lines) = match self.lines.get_key_value(item.tenant()) {
+            Some((tenant, _)) => {
+                let tenant = tenant.clone();
+                let lines = self.lines.get_mut(&tenant).expect("just found");
+                (tenant, lines)
+            }
+            None => {
+                let tenant: Arc<str> = Arc::from(item.tenant());
+                (tenant.clone(), self.lines.entry(tenant).or_default())
+            }
+        };
+        let (line, turns) = match lane {
+            Lane::Revocation => (&mut lines.revocations, &mut self.revocation_turns),
+            Lane::Routine => (&mut lines.routine, &mut self.routine_turns),
+        };
+        // A tenant is in a lane's turns exactly while its line there holds entries.
+        if line.is_empty() {
+            turns.push_back(tenant);
+        }
+        line.push_back((item, serial));
+    }
+
+    /// The next item to run, if one waits and fewer than the limit run; it counts as running until
+    /// [`FairQueue::done`].
+    pub fn admit(&mut self) -> Option<T> {
+        if self.limit > 0 && self.running.len() >= self.limit {
+            return None;
+        }
+        let item = self
+            .admit_from(Lane::Revocation)
+            .or_else(|| self.admit_from(Lane::Routine))?;
+        self.waiting.remove(&item);
+        self.running.insert(item.clone(), None);
+        Some(item)
+    }
+
+    /// The first valid item of the tenant whose turn it is in `lane`, skipping tenants that hold
+    /// only leftovers there; a tenant with nothing left in either lane is forgotten.
+    fn admit_from(&mut self, lane: Lane) -> Option<T> {
+        loop {
+            let turns = match lane {
+                Lane::Revocation => &mut self.revocation_turns,
+                Lane::Routine => &mut self.routine_turns,
+            };
+            let tenant = turns.pop_front()?;
+            let Some(lines) = self.lines.get_mut(&tenant) else {
+                continue;
+            };
+            let line = match lane {
+                Lane::Revocation => &mut lines.revocations,
+                Lane::Routine => &mut lines.routine,
+            };
+            let next = Self::first_valid(line, lane, &self.waiting);
+            if !line.is_empty() {
+                turns.push_back(tenant.clone());
+            }
+            if lines.is_empty() {
+                self.lines.remove(&tenant);
+            }
+            if next.is_some() {
+                return next;
+            }
+        }
+    }
+
+    /// Pops leftovers off the front of `line` and returns its first valid item.
+    fn first_valid(
+        line: &mut VecDeque<(T, u64)>,
+        lane: Lane,
+        waiting: &HashMap<T, (Lane, u64)>,
+    ) -> Option<T> {
+        while let Some((item, serial)) = line.pop_front() {
+            if waiting.get(&item) == Some(&(lane, serial)) {
+                return Some(item);
+            }
+        }
+        None
+    }
+
+    /// `item` has finished running; triggered meanwhile, it is queued again (at the back of its line).
+    pub fn done(&mut self, item: &T) {
+        if let Some(Some(lane)) = self.running.remove(item) {
+            self.push(item.clone(), lane);
+        }
+    }
+
+    /// How many items wait (not counting those running).
+    pub fn waiting(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// How many items run.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// How many tenants hold state (those with items in line).
+    pub fn tenants(&self) -> usize {
+        self.lines.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeMap, BTreeSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    /// `tenant/name`.
+    #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+    struct Key(String);
+
+    impl Tenanted for Key {
+        fn tenant(&self) -> &str {
+            self.0.split_once('/').map_or("", |(tenant, _)| tenant)
+        }
+    }
+
+    fn key(tenant: &str, name: &str) -> Key {
+        Key(format!("{tenant}/{name}"))
+    }
+
+    /// Runs everything to the end one at a time; the order of admission.
+    fn drain(queue: &mut FairQueue<Key>) -> Vec<String> {
+        let mut order = Vec::new();
+        while let Some(item) = queue.admit() {
+            queue.done(&item);
+            order.push(item.0);
+        }
+        order
+    }
+
+    #[test]
+    fn a_burst_in_one_namespace_does_not_delay_another_namespaces_deletion() {
+        let mut queue = FairQueue::new(1);
+        for i in 0..10_000 {
+            queue.push(key("burst", &format!("g{i}")), Lane::Routine);
+        }
+        let first = queue.admit().unwrap();
+        queue.push(key("quiet", "new"), Lane::Routine);
+        queue.push(key("quiet", "deleted"), Lane::Revocation);
+        queue.done(&first);
+        // The deletion takes the first free slot; the quiet namespace's new grant waits one turn of
+        // the burst.
+        let deleted = queue.admit().unwrap();
+        assert_eq!(deleted, key("quiet", "deleted"));
+        queue.done(&deleted);
+        let second = queue.admit().unwrap();
+        assert_eq!(second.tenant(), "burst");
+        queue.done(&second);
+        assert_eq!(queue.admit(), Some(key("quiet", "new")));
+        assert_eq!(queue.waiting(), 9_998);
+    }
+
+    #[test]
+    fn tenants_take_turns_and_order_is_kept_within_each() {
+        let mut queue = FairQueue::new(2);
+        for name in ["a1", "a2", "a3"] {
+            queue.push(key("a", name), Lane::Routine);
+        }
+        for name in ["b1", "b2"] {
+            queue.push(key("b", name), Lane::Routine);
+        }
+        queue.push(key("c", "c1"), Lane::Routine);
+        assert_eq!(
+            drain(&mut queue),
+            ["a/a1", "b/b1", "c/c1", "a/a2", "b/b2", "a/a3"]
+        );
+        assert_eq!(queue.tenants(), 0, "no state left for empty namespaces");
+    }
+
+    #[test]
+    fn revocations_go_first_and_take_turns_among_namespaces() {
+        let mut queue = FairQueue::new(1);
+        queue.push(key("a", "new"), Lane::Routine);
+        for name in ["a1", "a2", "a3"] {
+            queue.push(key("a", name), Lane::Revocation);
+        }
+        queue.push(key("b", "b1"), Lane::Revocation);
+        queue.push(key("c", "new"), Lane::Routine);
+        assert_eq!(
+            drain(&mut queue),
+            ["a/a1", "b/b1", "a/a2", "a/a3", "a/new", "c/new"]
+        );
+    }
+
+    #[test]
+    fn revocations_go_before_their_namespaces_routine_work() {
+        let mut queue = FairQueue::new(1);
+        for name in ["r1", "r2", "r3"] {
+            queue.push(key("a", name), Lane::Routine);
+        }
+        queue.push(key("a", "gone"), Lane::Revocation);
+        // Already waiting as routine: a revocation moves it ahead, once.
+        queue.push(key("a", "r3"), Lane::Revocation);
+        queue.push(key("a", "r3"), Lane::Routine);
+        assert_eq!(drain(&mut queue), ["a/gone", "a/r3", "a/r1", "a/r2"]);
+    }
+
+    #[test]
+    fn an_item_runs_once_at_a_time_and_again_if_triggered_while_running() {
+        let mut queue = FairQueue::new(4);
+        queue.push(key("a", "x"), Lane::Routine);
+        queue.push(key("a", "x"), Lane::Routine);
+        assert_eq!(queue.waiting(), 1, "queued once");
+        let x = queue.admit().unwrap();
+        queue.push(key("a", "x"), Lane::Routine);
+        queue.push(key("a", "x"), Lane::Routine);
+        assert_eq!(queue.admit(), None, "not twice at once");
+        queue.done(&x);
+        assert_eq!(queue.admit(), Some(key("a", "x")), "once more");
+        queue.done(&x);
+        assert_eq!(queue.admit(), None, "and only once");
+    }
+
+    #[test]
+    fn at_most_the_limit_run() {
+        let mut queue = FairQueue::new(2);
+        for i in 0..5 {
+            queue.push(key(&format!("t{i}"), "x"), Lane::Routine);
+        }
+        let (a, b) = (queue.admit().unwrap(), queue.admit().unwrap());
+        assert_eq!(queue.admit(), None);
+        assert_eq!((queue.running(), queue.waiting()), (2, 3));
+        queue.done(&a);
+        assert!(queue.admit().is_some());
+        assert_eq!(queue.admit(), None);
+        queue.done(&b);
+        let mut unlimited = FairQueue::new(0);
+        for i in 0..100 {
+            unlimited.push(key("t", &i.to_string()), Lane::Routine);
+        }
+        assert_eq!(std::iter::from_fn(|| unlimited.admit()).count(), 100);
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Push(u8, u8, bool),
+        Next,
+        Done(u8),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => (0..4u8, 0..12u8, prop::bool::weighted(0.2)).prop_map(|(t, n, r)| Op::Push(t, n, r)),
+            3 => Just(Op::Next),
+            2 => (0..8u8).prop_map(Op::Done),
+        ]
+    }
+
+    proptest! {
+        /// Under any interleaving of triggers, admissions and completions: at most `limit` run, never
+        /// one twice; no routine item while a revocation waits; while a tenant waits in a lane, no
+        /// other tenant is admitted twice in it; within a tenant's lane, admission follows the order
+        /// of queueing; every trigger is served by a run that starts
+        /// after it; and nothing is left once all is done.
+        #[test]
+        fn the_queue_is_fair_ordered_deduplicated_and_loses_nothing(
+            limit in 0..4usize,
+            ops in prop::collection::vec(op(), 1..200),
+        ) {
+            let mut queue = FairQueue::new(limit);
+            let mut running: Vec<Key> = Vec::new();
+            // Per waiting item: its lane and the step its current entry was queued at.
+            let mut waiting: BTreeMap<Key, (Lane, usize)> = BTreeMap::new();
+            // Triggered while running: runs once more afterwards.
+            let mut again: BTreeMap<Key, Lane> = BTreeMap::new();
+            // Per tenant waiting in a lane, the other tenants admitted in that lane since it last
+            // was (or began to wait there).
+            let mut passed: BTreeMap<(String, Lane), BTreeSet<String>> = BTreeMap::new();
+            let push = |waiting: &mut BTreeMap<Key, (Lane, usize)>, item: Key, lane: Lane, step: usize| {
+                match waiting.get(&item) {
+                    Some((queued, _)) if *queued >= lane => {}
+                    _ => { waiting.insert(item, (lane, step)); }
+                }
+            };
+            // A tenant that had nothing waiting in the lane begins a new wait there.
+            let begin_wait = |waiting: &BTreeMap<Key, (Lane, usize)>,
+                              passed: &mut BTreeMap<(String, Lane), BTreeSet<String>>,
+                              item: &Key, lane: Lane| {
+                let tenant = item.tenant().to_owned();
+                if !waiting.iter().any(|(o, (l, _))| o.tenant() == tenant && *l == lane) {
+                    passed.insert((tenant, lane), BTreeSet::new());
+                }
+            };
+            let admit = |queue: &mut FairQueue<Key>, running: &mut Vec<Key>,
+                         waiting: &mut BTreeMap<Key, (Lane, usize)>,
+                         passed: &mut BTreeMap<(String, Lane), BTreeSet<String>>| -> Result<(), TestCaseError> {
+                let Some(item) = queue.admit() else {
+                    prop_assert!(waiting.is_empty() || (limit > 0 && running.len() >= limit),
+                        "nothing admitted while {} wait and {} run", waiting.len(), running.len());
+                    return Ok(());
+                };
+                prop_assert!(limit == 0 || running.len() < limit, "over the limit");
+                prop_assert!(!running.contains(&item), "{item:?} twice at once");
+                let (lane, step) = waiting.remove(&item).expect("admitted an item that was not waiting");
+                let tenant = item.tenant().to_owned();
+                for (other, (other_lane, other_step)) in waiting.iter() {
+                    prop_assert!(*other_lane <= lane, "{item:?} before a revocation {other:?}");
+                    if other.tenant() == tenant {
+                        prop_assert!(*other_lane != lane || *other_step > step,
+                            "{item:?} overtook {other:?} in its lane");
+                    }
+                }
+                for ((waiter, waiter_lane), seen) in passed.iter_mut() {
+                    let still = waiting.iter().any(|(o, (l, _))| o.tenant() == waiter && l == waiter_lane);
+                    if *waiter != tenant && *waiter_lane == lane && still {
+                        prop_assert!(seen.insert(tenant.clone()),
+                            "{tenant} admitted twice in {lane:?} while {waiter} waited there");
+                    }
+                }
+                // A new wait begins for what is left of the tenant's work in the lane.
+                if waiting.iter().any(|(other, (l, _))| other.tenant() == tenant && *l == lane) {
+                    passed.insert((tenant, lane), BTreeSet::new());
+                } else {
+                    passed.remove(&(tenant, lane));
+                }
+                running.push(item);
+                Ok(())
+            };
+            // When each entry was queued: order within a lane is checked against it.
+            let mut tick = 0usize;
+            for op in ops {
+                tick += 1;
+                let step = tick;
+                match op {
+                    Op::Push(t, n, revocation) => {
+                        let item = key(&format!("t{t}"), &format!("n{n}"));
+                        let lane = if revocation { Lane::Revocation } else { Lane::Routine };
+                        queue.push(item.clone(), lane);
+                        if running.contains(&item) {
+                            let entry = again.entry(item).or_insert(lane);
+                            *entry = (*entry).max(lane);
+                        } else {
+                            begin_wait(&waiting, &mut passed, &item, lane);
+                            push(&mut waiting, item, lane, step);
+                        }
+                    }
+                    Op::Next => admit(&mut queue, &mut running, &mut waiting, &mut passed)?,
+                    Op::Done(i) if !running.is_empty() => {
+                        let item = running.remove(usize::from(i) % running.len());
+                        queue.done(&item);
+                        if let Some(lane) = again.remove(&item) {
+                            begin_wait(&waiting, &mut passed, &item, lane);
+                            push(&mut waiting, item, lane, step);
+                        }
+                    }
+                    Op::Done(_) => {}
+                }
+                prop_assert_eq!(queue.waiting(), waiting.len());
+                prop_assert_eq!(queue.running(), running.len());
+            }
+            // Everything still waiting, or triggered while running, is run in the end.
+            while !running.is_empty() || !waiting.is_empty() {
+                tick += 1;
+                admit(&mut queue, &mut running, &mut waiting, &mut passed)?;
+                if let Some(item) = running.pop() {
+                    queue.done(&item);
+                    if let Some(lane) = again.remove(&item) {
+                        push(&mut waiting, item, lane, tick);
+                    }
+                }
+            }
+            prop_assert!(again.is_empty());
+            prop_assert_eq!(queue.admit(), None);
+            prop_assert_eq!(queue.tenants(), 0, "no state kept for tenants with nothing waiting");
+        }
+    }
+}
