@@ -228,6 +228,25 @@ async fn wait_status(
     .await
 }
 
+/// Waits until the verification server's introspection of `token` says `active`; its answer.
+async fn wait_introspected(
+    trust: &Trust,
+    issuer: &str,
+    caller: &str,
+    token: &str,
+    active: bool,
+) -> serde_json::Value {
+    wait_for(
+        &format!("introspection by the server to say active: {active}"),
+        Duration::from_secs(30),
+        || async {
+            let body = trust.introspect(issuer, caller, token).await.json();
+            (body["active"] == active).then_some(body)
+        },
+    )
+    .await
+}
+
 /// The token's status in the list the verification server serves at the token's `uri`, verified
 /// with the JWKS it serves.
 async fn served_status(trust: &Trust, issuer: &str, token: &str) -> String {
@@ -325,18 +344,7 @@ async fn a_separate_verification_server_serves_what_the_controller_publishes_and
 
     // Introspection there says active, to a caller allowed this audience.
     let caller = introspection_caller(&f, &issuer, AUDIENCE).await;
-    let active = wait_for(
-        "introspection by the server to say active",
-        Duration::from_secs(30),
-        || async {
-            let body = trust
-                .introspect(&issuer, &caller.token, &token)
-                .await
-                .json();
-            (body["active"] == true).then_some(body)
-        },
-    )
-    .await;
+    let active = wait_introspected(&trust, &issuer, &caller.token, &token, true).await;
     assert_eq!(active["sub"], "user:alice@example.com");
     assert_eq!(active["aud"], AUDIENCE);
 
@@ -396,18 +404,7 @@ async fn a_separate_verification_server_serves_what_the_controller_publishes_and
         || async { (served_status(&trust, &issuer, &token).await == "Invalid").then_some(()) },
     )
     .await;
-    let inactive = wait_for(
-        "introspection by the server to say inactive",
-        Duration::from_secs(30),
-        || async {
-            let body = trust
-                .introspect(&issuer, &caller.token, &token)
-                .await
-                .json();
-            (body["active"] == false).then_some(body)
-        },
-    )
-    .await;
+    let inactive = wait_introspected(&trust, &issuer, &caller.token, &token, false).await;
     assert_eq!(inactive, json!({"active": false}));
 
     // It worked on exactly those rights: nothing it asked for was refused.

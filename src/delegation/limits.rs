@@ -52,19 +52,31 @@ pub fn within_namespace_limit(
     limit: usize,
     count: NamespaceCount,
 ) -> Result<(), Refusal> {
+    within(limit, count, || {
+        Refusal::new(
+            Reason::DeniedNamespaceGrantLimit,
+            format!(
+                "namespace {namespace} has {} DelegationGrants and the operator issues tokens to the \
+                 oldest {limit} of them (--max-grants-per-namespace); this one is not among them: \
+                 delete grants that are no longer needed, and the oldest waiting grant gets a token \
+                 as each one goes",
+                count.total
+            ),
+        )
+    })
+}
+
+/// `Ok` for a grant ranked within `limit`, else the refusal.
+fn within(
+    limit: usize,
+    count: NamespaceCount,
+    refusal: impl FnOnce() -> Refusal,
+) -> Result<(), Refusal> {
     if count.ahead < limit {
-        return Ok(());
+        Ok(())
+    } else {
+        Err(refusal())
     }
-    Err(Refusal::new(
-        Reason::DeniedNamespaceGrantLimit,
-        format!(
-            "namespace {namespace} has {} DelegationGrants and the operator issues tokens to the \
-             oldest {limit} of them (--max-grants-per-namespace); this one is not among them: \
-             delete grants that are no longer needed, and the oldest waiting grant gets a token as \
-             each one goes",
-            count.total
-        ),
-    ))
 }
 
 /// The per-namespace grant limit of an audience in `namespace`: the largest `maxGrantsPerNamespace`
@@ -93,19 +105,18 @@ pub fn within_audience_limit(
     limit: usize,
     count: NamespaceCount,
 ) -> Result<(), Refusal> {
-    if count.ahead < limit {
-        return Ok(());
-    }
-    Err(Refusal::new(
-        Reason::DeniedAudienceGrantLimit,
-        format!(
-            "namespace {namespace} has {} DelegationGrants for audience {audience:?} and its \
-             AudiencePolicies allow tokens to the oldest {limit} of them (maxGrantsPerNamespace); \
-             this one is not among them: delete grants for the audience that are no longer needed, \
-             or ask the policy's owners to raise the limit",
-            count.total
-        ),
-    ))
+    within(limit, count, || {
+        Refusal::new(
+            Reason::DeniedAudienceGrantLimit,
+            format!(
+                "namespace {namespace} has {} DelegationGrants for audience {audience:?} and its \
+                 AudiencePolicies allow tokens to the oldest {limit} of them (maxGrantsPerNamespace); \
+                 this one is not among them: delete grants for the audience that are no longer \
+                 needed, or ask the policy's owners to raise the limit",
+                count.total
+            ),
+        )
+    })
 }
 
 #[cfg(test)]

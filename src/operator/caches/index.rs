@@ -181,6 +181,10 @@ fn remove_member(map: &mut HashMap<SharedKey, BTreeSet<Name>>, key: &SharedKey, 
     }
 }
 
+fn nth(ranked: &BTreeSet<Seniority>, rank: usize) -> Option<String> {
+    ranked.iter().nth(rank).map(|s| s.name.to_string())
+}
+
 fn owned((namespace, name): &SharedKey) -> Key {
     (namespace.to_string(), name.to_string())
 }
@@ -273,12 +277,8 @@ impl GrantIndex {
         name: &str,
         limit: usize,
     ) -> Option<NamespaceCount> {
-        let state = self.state.lock().ok()?;
-        let entry = state.grants.get(&(Arc::from(namespace), Arc::from(name)))?;
-        let ranked = state.by_namespace.get(namespace)?;
-        Some(NamespaceCount {
-            ahead: ranked.range(..&entry.seniority).take(limit).count(),
-            total: ranked.len(),
+        self.count_in(namespace, name, limit, |state, _| {
+            state.by_namespace.get(namespace)
         })
     }
 
@@ -290,11 +290,25 @@ impl GrantIndex {
         name: &str,
         limit: usize,
     ) -> Option<NamespaceCount> {
+        self.count_in(namespace, name, limit, |state, entry| {
+            state
+                .by_audience
+                .get(&(Arc::from(namespace), entry.audience.clone()))
+        })
+    }
+
+    /// Where the grant stands in the ranking `ranking` picks for it: the grants before it, counted up
+    /// to `limit`, and all of them.
+    fn count_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        limit: usize,
+        ranking: impl for<'a> Fn(&'a State, &Entry) -> Option<&'a BTreeSet<Seniority>>,
+    ) -> Option<NamespaceCount> {
         let state = self.state.lock().ok()?;
         let entry = state.grants.get(&(Arc::from(namespace), Arc::from(name)))?;
-        let ranked = state
-            .by_audience
-            .get(&(Arc::from(namespace), entry.audience.clone()))?;
+        let ranked = ranking(&state, entry)?;
         Some(NamespaceCount {
             ahead: ranked.range(..&entry.seniority).take(limit).count(),
             total: ranked.len(),
@@ -304,8 +318,7 @@ impl GrantIndex {
     /// The grant ranked `rank` (from 0) in its namespace, if there are that many.
     pub fn ranked(&self, namespace: &str, rank: usize) -> Option<String> {
         let state = self.state.lock().ok()?;
-        let ranked = state.by_namespace.get(namespace)?;
-        ranked.iter().nth(rank).map(|s| s.name.to_string())
+        nth(state.by_namespace.get(namespace)?, rank)
     }
 
     /// The grant ranked `rank` (from 0) among its namespace's grants for `audience`.
@@ -316,10 +329,12 @@ impl GrantIndex {
         rank: usize,
     ) -> Option<String> {
         let state = self.state.lock().ok()?;
-        let ranked = state
-            .by_audience
-            .get(&(Arc::from(namespace), Arc::from(audience)))?;
-        ranked.iter().nth(rank).map(|s| s.name.to_string())
+        nth(
+            state
+                .by_audience
+                .get(&(Arc::from(namespace), Arc::from(audience)))?,
+            rank,
+        )
     }
 
     /// Grants with this agent anywhere in their chain: those it acts for and everything below them.
