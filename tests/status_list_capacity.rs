@@ -331,3 +331,64 @@ async fn capacity_grows_past_the_old_64_lists_when_demand_needs_it() {
     f.wait_ready_within("after", "True", Some("Issued"), DECIDED_WITHIN)
         .await;
 }
+
+/// When every list the safety limit allows is in use (`--status-list-max-lists 1` of 4 entries),
+/// a grant that needs an entry is told so on its status (`Ready=False`, reason `StatusListsFull`,
+/// naming the flag), with a Warning Event and no token, rather than waiting in silence.
+#[tokio::test]
+async fn a_grant_beyond_the_safety_limit_is_told_so() {
+    let client = client().await;
+    install_crds(&client).await;
+    let f = view(&client, &tenant_namespace(&client, "cap-full").await);
+    let operator_ns = operator_namespace_for(&f.ns);
+    create_namespace(&client, &operator_ns).await;
+    let limits = ["--status-list-max-lists", "1", "--status-list-size", "4"];
+    let operator = Operator::start(&f.ns, &operator_ns, &[NO_ELECTION, &limits].concat());
+    // One at a time until one is refused: each issued grant holds an entry of the one list.
+    let mut issued = 0;
+    let refused = loop {
+        let name = format!("g{issued}");
+        create_as(&client, &f.ns, notifier_grant(&name, "5m"))
+            .await
+            .unwrap();
+        let decided = wait_for(&format!("{name} decided"), DECIDED_WITHIN, || async {
+            let grant = f.grants().get(&name).await.ok()?;
+            let reason = grant
+                .status
+                .as_ref()?
+                .conditions
+                .as_ref()?
+                .first()?
+                .reason
+                .clone();
+            (reason == "Issued" || reason == "StatusListsFull").then_some(grant)
+        })
+        .await;
+        match condition(&decided) {
+            (reason, _) if reason == "StatusListsFull" => break decided,
+            (reason, message) => assert_eq!(reason, "Issued", "{name}: {message}"),
+        }
+        issued += 1;
+        assert!(issued <= 4, "a fifth grant was issued from one list of 4");
+    };
+    assert!(issued >= 1, "the first grant had a free entry");
+    let name = refused.name_any();
+    let (_, message) = condition(&refused);
+    assert!(message.contains("--status-list-max-lists"), "{message}");
+    assert!(refused.status.as_ref().unwrap().token.is_none());
+    assert!(
+        f.secrets()
+            .get_opt(&format!("{name}-token"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    wait_for("a StatusListsFull Warning", DECIDED_WITHIN, || async {
+        f.event_reasons(&name)
+            .await
+            .contains(&("Warning".to_owned(), "StatusListsFull".to_owned()))
+            .then_some(())
+    })
+    .await;
+    operator.stop();
+}

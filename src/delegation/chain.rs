@@ -123,6 +123,9 @@ pub enum Reason {
     /// The grant's namespace holds all the status-list entries its budget allows (its tokens'
     /// entries free up as they expire; the grant is tried again then).
     DeniedStatusListBudget,
+    /// Every status list the operator may keep (`--status-list-max-lists`) is in use: no token can
+    /// be issued anywhere until entries free up. Not a judgement of the grant.
+    StatusListsFull,
     /// The actor requires approval and no allowed approver has approved this generation yet.
     ApprovalPending,
     /// An allowed approver rejected this generation of the grant.
@@ -165,6 +168,7 @@ impl Reason {
             Reason::DeniedNamespaceGrantLimit => "DeniedNamespaceGrantLimit",
             Reason::DeniedAudienceGrantLimit => "DeniedAudienceGrantLimit",
             Reason::DeniedStatusListBudget => "DeniedStatusListBudget",
+            Reason::StatusListsFull => "StatusListsFull",
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",

@@ -23,6 +23,14 @@ pub enum Error {
     #[error("{}", .0.message())]
     OverStatusListBudget(crate::status_list::budget::OverBudget),
 
+    /// Every status list the safety limit (`--status-list-max-lists`) allows is in use.
+    #[error(
+        "all {0} status lists the operator may keep (--status-list-max-lists) are in use; they free \
+         up as their tokens expire, and the grant gets its token then (the operator's administrators \
+         may raise the limit, or lower --status-list-budget-per-namespace)"
+    )]
+    StatusListsFull(usize),
+
     /// A status write found the grant changed since the cached version it was decided from.
     #[error("the grant changed while its status was being written; looking at it again")]
     StaleStatus,
@@ -38,6 +46,7 @@ impl Error {
             Error::Serialization(_) => "serialization",
             Error::InvalidState(_) => "invalid_state",
             Error::OverStatusListBudget(_) => "status_list_budget",
+            Error::StatusListsFull(_) => "status_lists_full",
             Error::StaleStatus => "stale_status",
         }
     }

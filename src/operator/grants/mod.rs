@@ -236,9 +236,27 @@ async fn apply(
                 Err(Error::OverStatusListBudget(over)) => {
                     refuse(grant, ctx, &over_budget(&over, now), now).await
                 }
+                Err(full @ Error::StatusListsFull(_)) => {
+                    refuse(grant, ctx, &lists_full(&full), now).await
+                }
                 done => done,
             }
         }
+    }
+}
+
+/// How often a grant waiting for a free status-list entry under the safety limit looks again.
+const LISTS_FULL_RETRY: Duration = Duration::from_secs(30);
+
+/// The refusal of a grant when every status list the safety limit allows is in use: said on the
+/// grant (no token can be issued without an entry: fail closed), and tried again every
+/// [`LISTS_FULL_RETRY`] until lists retire.
+fn lists_full(full: &Error) -> Refused {
+    Refused {
+        refusal: Refusal::new(Reason::StatusListsFull, full.to_string()),
+        approval: None,
+        revoke: Revoke::Every,
+        look_again: Some(LISTS_FULL_RETRY),
     }
 }
 

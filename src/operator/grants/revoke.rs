@@ -137,8 +137,13 @@ pub(super) async fn refuse(
     }
     let status = refused_status(grant, approval.clone(), reason, &refusal.message, now);
     let changed = write_status(grant, ctx, status).await?;
-    if changed && (refusal.reason.is_denial() || refusal.reason == Reason::SecretConflict) {
-        let (event_reason, note) = if refusal.reason == Reason::SecretConflict {
+    // Not judgements of the grant, but a person must act: said under their own reason.
+    let trouble = matches!(
+        refusal.reason,
+        Reason::SecretConflict | Reason::StatusListsFull
+    );
+    if changed && (refusal.reason.is_denial() || trouble) {
+        let (event_reason, note) = if trouble {
             (reason, refusal.message.clone())
         } else {
             ("Denied", format!("{reason}: {}", refusal.message))

@@ -123,10 +123,10 @@ impl Inner {
         self.budget
             .check(namespace)
             .map_err(Error::OverStatusListBudget)?;
-        let allocation = self
-            .registry
-            .allocate(now, exp)
-            .map_err(|e| Error::InvalidState(format!("no status-list index: {e}")))?;
+        let allocation = self.registry.allocate(now, exp).map_err(|e| match e {
+            RegistryError::Full(lists) => Error::StatusListsFull(lists),
+            e => Error::InvalidState(format!("no status-list index: {e}")),
+        })?;
         let status_ref = allocation.status_ref;
         let retires_at = self
             .registry
