@@ -368,9 +368,15 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
 
     // Every trigger of a grant, into the fair queue of the grant controller (see grants::runner).
     // The approvals cache is filled by its very stream: a woken grant reads the new approval.
+    let revoked = {
+        let ctx = ctx.clone();
+        move |grant: &DelegationGrant| ctx.holds_no_token(grant)
+    };
     let triggers = futures::stream::select_all([
         grant_events
-            .filter_map(|g| future::ready(g.ok().map(|g| runner::Trigger::of_grant(&g))))
+            .filter_map(move |g| {
+                future::ready(g.ok().map(|g| runner::Trigger::of_grant(&g, revoked(&g))))
+            })
             .boxed(),
         secret_events
             .filter_map(|s| {

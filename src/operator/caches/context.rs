@@ -398,6 +398,14 @@ impl Context {
         }
     }
 
+    /// Whether the operator refused the grant and revoked its tokens (its record says so); a grant
+    /// without a record may hold one.
+    pub fn holds_no_token(&self, grant: &DelegationGrant) -> bool {
+        grant
+            .uid()
+            .is_some_and(|uid| self.record(&uid) == Some(TokenRecord::Refused))
+    }
+
     pub fn record(&self, grant_uid: &str) -> Option<TokenRecord> {
         self.records
             .lock()

@@ -65,9 +65,13 @@ pub struct Trigger {
 }
 
 impl Trigger {
-    /// A grant's own watch event. A grant being deleted or suspended waits in the revocation lane.
-    pub fn of_grant(grant: &DelegationGrant) -> Self {
-        let revoking = grant.metadata.deletion_timestamp.is_some() || grant.spec.is_suspended();
+    /// A grant's own watch event. A grant being deleted or suspended waits in the revocation lane,
+    /// unless the operator's record says it holds no token (`revoked`): otherwise a tenant editing
+    /// many suspended grants could keep that lane, which goes before every namespace's issuance,
+    /// busy.
+    pub fn of_grant(grant: &DelegationGrant, revoked: bool) -> Self {
+        let revoking =
+            !revoked && (grant.metadata.deletion_timestamp.is_some() || grant.spec.is_suspended());
         Self {
             grant: GrantKey::new(&grant.namespace().unwrap_or_default(), &grant.name_any()),
             lane: if revoking {
@@ -251,7 +255,7 @@ mod tests {
     #[test]
     fn a_grant_being_deleted_or_suspended_waits_in_the_revocation_lane() {
         let none = serde_json::json!({});
-        let routine = Trigger::of_grant(&grant(none.clone(), none.clone()));
+        let routine = Trigger::of_grant(&grant(none.clone(), none.clone()), false);
         assert_eq!(
             (routine.grant, routine.lane),
             (GrantKey::new("team-a", "g"), Lane::Routine)
@@ -260,9 +264,12 @@ mod tests {
             serde_json::json!({"deletionTimestamp": "2026-12-06T00:00:00Z", "finalizers": ["x"]}),
             none.clone(),
         );
-        assert_eq!(Trigger::of_grant(&deleted).lane, Lane::Revocation);
+        assert_eq!(Trigger::of_grant(&deleted, false).lane, Lane::Revocation);
         let suspended = grant(none, serde_json::json!({"suspended": true}));
-        assert_eq!(Trigger::of_grant(&suspended).lane, Lane::Revocation);
+        assert_eq!(Trigger::of_grant(&suspended, false).lane, Lane::Revocation);
+        // Already revoked: nothing urgent is left, it waits its namespace's turn.
+        assert_eq!(Trigger::of_grant(&suspended, true).lane, Lane::Routine);
+        assert_eq!(Trigger::of_grant(&deleted, true).lane, Lane::Routine);
     }
 
     #[test]
