@@ -16,8 +16,8 @@ use delegation_operator::{
     operator::{
         caches::{
             context::{SecretTokenIds, key},
+            grant_cache::GrantCache,
             index::GrantIndex,
-            interner::Interner,
             prune,
             secret_cache::SecretCache,
         },
@@ -25,10 +25,7 @@ use delegation_operator::{
     },
 };
 use k8s_openapi::api::core::v1::Secret;
-use kube::{
-    api::PartialObjectMeta,
-    runtime::{reflector, watcher::Event},
-};
+use kube::{api::PartialObjectMeta, runtime::watcher::Event};
 use serde_json::{Value, json};
 use stats_alloc::{INSTRUMENTED_SYSTEM, Region, StatsAlloc};
 
@@ -138,30 +135,47 @@ fn main() {
     let secrets: Vec<PartialObjectMeta<Secret>> = (0..n).map(secret).collect();
     let mut out = serde_json::Map::new();
 
-    // The grants cache: kube's reflector store, fed what the grant watch keeps (run.rs).
-    let (store, mut writer) = reflector::store::<DelegationGrant>();
-    let mut requesters = Interner::default();
+    // The grants cache, fed what the grant watch keeps (run.rs).
+    let store = GrantCache::default();
+    let pruned: Vec<DelegationGrant> = grants
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            g.metadata.managed_fields = None;
+            prune::grant_finalizers(&mut g);
+            g
+        })
+        .collect();
     out.insert(
         "grants_store".into(),
         per_grant(n, || {
-            for g in &grants {
-                let mut g = g.clone();
-                g.metadata.managed_fields = None;
-                prune::grant_finalizers(&mut g);
-                if let Some(r) = g.spec.requester.as_mut() {
-                    requesters.share(r);
-                }
-                writer.apply_watcher_event(&Event::Apply(g));
+            for g in &pruned {
+                store.apply(&Event::Apply(g.clone()));
             }
         }),
     );
+
+    // The worst case for the grants cache: no two grants share a namespace, so none shares a
+    // dictionary (each keeps its own JSON beside its packed copy).
+    let alone = GrantCache::default();
+    out.insert(
+        "grants_store_one_per_namespace".into(),
+        per_grant(n, || {
+            for (i, g) in pruned.iter().enumerate() {
+                let mut g = g.clone();
+                g.metadata.namespace = Some(format!("bench-alone-{i:06}"));
+                alone.apply(&Event::Apply(g));
+            }
+        }),
+    );
+    drop(alone);
 
     let index = GrantIndex::default();
     out.insert(
         "index".into(),
         per_grant(n, || {
-            for g in store.state() {
-                index.apply(&Event::Apply((*g).clone()));
+            for g in &pruned {
+                index.apply(&Event::Apply(g.clone()));
             }
         }),
     );
@@ -269,6 +283,6 @@ fn main() {
     println!("{}", serde_json::to_string_pretty(&out).expect("json"));
     // Keep every cache alive until measured.
     drop((
-        store, writer, index, cache, token_ids, records, trusted, written, alarms, held,
+        store, pruned, index, cache, token_ids, records, trusted, written, alarms, held,
     ));
 }

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, OnceLock, RwLock, atomic::AtomicI64};
 
-use kube::{ResourceExt, runtime::reflector::Store};
+use crate::operator::caches::grant_cache::{GrantCache, GrantSummary};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
@@ -19,8 +19,6 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-
-use crate::api::DelegationGrant;
 
 /// Labels of the token counters: the audit action's reason (`Issued`, `AgentSuspended`,
 /// `DeniedScopeNotAllowed`, ...).
@@ -76,7 +74,7 @@ pub struct Metrics {
     pub status_list_entries_limit: Gauge<i64, AtomicI64>,
     pub status_list_namespace_budget: Gauge<i64, AtomicI64>,
     pub status_list_namespace_entries: Family<NamespaceLabels, Gauge<i64, AtomicI64>>,
-    grants: Arc<RwLock<Option<Store<DelegationGrant>>>>,
+    grants: Arc<RwLock<Option<Arc<GrantCache>>>>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -222,7 +220,7 @@ impl Metrics {
             "Status-list entries a namespace holds in lists that have not retired",
             status_list_namespace_entries.clone(),
         );
-        let grants: Arc<RwLock<Option<Store<DelegationGrant>>>> = Arc::default();
+        let grants: Arc<RwLock<Option<Arc<GrantCache>>>> = Arc::default();
         registry.register_collector(Box::new(GrantCollector(grants.clone())));
         Self {
             registry,
@@ -279,7 +277,7 @@ impl Metrics {
     }
 
     /// The grants cache the per-grant gauges are read from (set by the leader; `None` on standby).
-    pub fn watch_grants(&self, store: Option<Store<DelegationGrant>>) {
+    pub fn watch_grants(&self, store: Option<Arc<GrantCache>>) {
         if let Ok(mut held) = self.grants.write() {
             *held = store;
         }
@@ -341,14 +339,14 @@ fn gauge(n: usize) -> i64 {
 
 /// Per-grant gauges, computed from the cache at each scrape.
 #[derive(Debug)]
-struct GrantCollector(Arc<RwLock<Option<Store<DelegationGrant>>>>);
+struct GrantCollector(Arc<RwLock<Option<Arc<GrantCache>>>>);
 
 impl Collector for GrantCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let Some(store) = self.0.read().ok().and_then(|s| s.clone()) else {
             return Ok(());
         };
-        let grants = store.state();
+        let grants = store.summaries();
         let mut expiry = encoder.encode_descriptor(
             "grant_token_expiration_timestamp_seconds",
             "When the grant's current token expires (Unix seconds); absent without a token",
@@ -356,12 +354,11 @@ impl Collector for GrantCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for grant in &grants {
-            let Some(token) = grant.status.as_ref().and_then(|s| s.token.as_ref()) else {
+            let Some(expires_at) = grant.token_expires_at else {
                 continue;
             };
-            let labels = grant_labels(grant);
-            let gauge = ConstGauge::new(token.expires_at.0.as_second());
-            gauge.encode(expiry.encode_family(&labels)?)?;
+            let gauge = ConstGauge::new(expires_at);
+            gauge.encode(expiry.encode_family(&grant_labels(grant))?)?;
         }
         let mut ready = encoder.encode_descriptor(
             "grant_ready_status",
@@ -370,7 +367,6 @@ impl Collector for GrantCollector {
             prometheus_client::metrics::MetricType::Gauge,
         )?;
         for grant in &grants {
-            let current = ready_condition(grant);
             for value in ["True", "False", "Unknown"] {
                 let base = grant_labels(grant);
                 let labels = ReadyLabels {
@@ -379,7 +375,7 @@ impl Collector for GrantCollector {
                     actor: base.actor,
                     condition: value.to_owned(),
                 };
-                let gauge = ConstGauge::new(i64::from(current == value));
+                let gauge = ConstGauge::new(i64::from(grant.ready.as_str() == value));
                 gauge.encode(ready.encode_family(&labels)?)?;
             }
         }
@@ -387,18 +383,12 @@ impl Collector for GrantCollector {
     }
 }
 
-fn grant_labels(grant: &DelegationGrant) -> GrantLabels {
+fn grant_labels(grant: &GrantSummary) -> GrantLabels {
     GrantLabels {
-        namespace: grant.namespace().unwrap_or_default(),
-        name: grant.name_any(),
-        actor: grant.spec.actor_ref.name.clone(),
+        namespace: grant.namespace.to_string(),
+        name: grant.name.to_string(),
+        actor: grant.actor.to_string(),
     }
-}
-
-fn ready_condition(grant: &DelegationGrant) -> &str {
-    let conditions = grant.status.as_ref().and_then(|s| s.conditions.as_deref());
-    crate::delegation::conditions::ready_condition(conditions)
-        .map_or("Unknown", |c| c.status.as_str())
 }
 
 /// Returns the reconcile's outcome after recording how long it took and whether it failed.

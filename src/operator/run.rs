@@ -27,7 +27,7 @@ use kube::{
 use super::{
     Context, Error, MANAGED_BY, MANAGED_BY_LABEL, Readiness, Result, Settings, agents,
     caches::{
-        context, index, interner, prune, secret_cache, stamps,
+        context, grant_cache, index, prune, secret_cache, stamps,
         watches::{agent_fan_out, grant_fan_out, policy_fan_out, reflect, watch_into},
     },
     error,
@@ -171,19 +171,15 @@ async fn lead(client: Client, settings: Settings, readiness: Arc<Readiness>) -> 
     // grants' fan-out reads the per-audience limits from it once it does.
     let policies_for_limits: Arc<std::sync::OnceLock<reflector::Store<AudiencePolicy>>> =
         Arc::default();
-    let (grants_store, grant_events, grants_ready) = reflect(
+    let grants_store = Arc::new(grant_cache::GrantCache::default());
+    let (grant_events, grants_ready) = watch_into(
         grants_api,
         watch.clone(),
-        // Of a grant's metadata only the operator's finalizer is read; grants by one requester share
-        // its identity.
+        // Of a grant's metadata only the operator's finalizer is read.
+        prune::grant_finalizers,
         {
-            let mut requesters = interner::Interner::default();
-            move |grant: &mut DelegationGrant| {
-                prune::grant_finalizers(grant);
-                if let Some(requester) = grant.spec.requester.as_mut() {
-                    requesters.share(requester);
-                }
-            }
+            let cache = grants_store.clone();
+            move |event| cache.apply(event)
         },
         grant_fan_out(
             index.clone(),
@@ -433,7 +429,7 @@ fn watch_policies<K>(
     client: &Client,
     config: &watcher::Config,
     stamps: &Arc<stamps::Stamps>,
-    grants: &kube::runtime::reflector::Store<DelegationGrant>,
+    grants: &Arc<grant_cache::GrantCache>,
     wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
 ) -> (
     impl std::future::Future<Output = ()> + Send + 'static,
@@ -471,11 +467,11 @@ where
 }
 
 fn wake_every_grant(
-    grants: &kube::runtime::reflector::Store<DelegationGrant>,
+    grants: &grant_cache::GrantCache,
     wake: &futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
 ) {
-    for grant in grants.state() {
-        let _ = wake.unbounded_send(ObjectRef::from_obj(grant.as_ref()));
+    for grant in grants.summaries() {
+        let _ = wake.unbounded_send(grant.object_ref());
     }
 }
 

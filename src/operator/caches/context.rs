@@ -75,7 +75,8 @@ pub struct Context {
     /// Wakes a grant's reconcile from outside its watches (e.g. after a key revocation).
     pub wake_grant: futures::channel::mpsc::UnboundedSender<ObjectRef<DelegationGrant>>,
     pub settings: Settings,
-    pub grants: Store<DelegationGrant>,
+    /// Every watched grant, compressed (see [`crate::operator::caches::grant_cache`]).
+    pub grants: Arc<crate::operator::caches::grant_cache::GrantCache>,
     pub agents: Store<AgentIdentity>,
     pub approvals: Store<DelegationApproval>,
     /// The cluster's AudiencePolicies (cluster-scoped; few, and small).

@@ -240,7 +240,7 @@ pub fn agent_fan_out(
 /// During a re-list the changes are collected and woken once the new list is in the cache; the first
 /// list wakes nobody (everything is reconciled at start-up anyway).
 pub fn policy_fan_out(
-    grants: reflector::Store<DelegationGrant>,
+    grants: Arc<super::grant_cache::GrantCache>,
     agents: reflector::Store<AgentIdentity>,
     wake_grant: Wake<DelegationGrant>,
     wake_agent: Wake<AgentIdentity>,
@@ -291,11 +291,10 @@ pub fn policy_fan_out(
         if pending.is_empty() {
             return;
         }
-        for grant in grants.state() {
-            if pending.contains(&grant.spec.audience) {
-                let ns = grant.namespace().unwrap_or_default();
-                authority.forget_named(&ns, &grant.name_any());
-                let _ = wake_grant.unbounded_send(ObjectRef::new(&grant.name_any()).within(&ns));
+        for grant in grants.summaries() {
+            if pending.contains(&*grant.audience) {
+                authority.forget_named(&grant.namespace, &grant.name);
+                let _ = wake_grant.unbounded_send(grant.object_ref());
             }
         }
         for agent in agents.state() {

@@ -10,7 +10,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client,
     api::PartialObjectMeta,
-    runtime::{WatchStreamExt, reflector::ObjectRef, watcher},
+    runtime::{WatchStreamExt, watcher},
 };
 
 use super::{keys, status_lists};
@@ -122,16 +122,13 @@ async fn revoke_requested_keys(ctx: &Context, seen: Option<&str>) -> Result<()> 
         ctx.status_lists
             .maintain(&ctx.keys, now().as_second())
             .await?;
-        for grant in ctx.grants.state() {
-            let signed_by = grant
-                .status
-                .as_ref()
-                .and_then(|s| s.token.as_ref())
-                .map(|t| t.key_id.as_str());
-            if signed_by.is_some_and(|kid| !ctx.keys.is_published(kid)) {
-                let _ = ctx
-                    .wake_grant
-                    .unbounded_send(ObjectRef::from(grant.as_ref()));
+        for grant in ctx.grants.summaries() {
+            if grant
+                .token_key_id
+                .as_deref()
+                .is_some_and(|kid| !ctx.keys.is_published(kid))
+            {
+                let _ = ctx.wake_grant.unbounded_send(grant.object_ref());
             }
         }
     }
