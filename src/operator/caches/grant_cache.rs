@@ -6,6 +6,10 @@
 //! one namespace repeat the same field names, audience, agent, principal, requester and condition
 //! wording, so what remains per grant is mostly its own name, ids, digests and times.
 //!
+//! The JSON is what k8s-openapi writes: times to the second, as the apiserver writes its own. A
+//! time a tenant wrote with a fraction of a second (a `validUntil`, a forged status) reads back
+//! without the fraction, never later than written.
+//!
 //! Reading a grant decodes it (tens of microseconds, beside a reconcile's apiserver round trips).
 //! Sweeps over every grant (metrics, wake-ups by audience or signing key) read a small
 //! [`GrantSummary`] kept beside each grant instead, and never decode.
@@ -249,7 +253,7 @@ impl State {
             dictionary,
         };
         debug_assert!(
-            round_trips(&body, grant),
+            round_trips(&body, &json),
             "a cached grant must decode to what was cached"
         );
         body
@@ -278,13 +282,15 @@ fn unpack(bytes: &[u8], dictionary: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-fn round_trips(body: &Body, grant: &DelegationGrant) -> bool {
+/// Whether the packed grant decodes to a grant that writes exactly `json` again.
+fn round_trips(body: &Body, json: &[u8]) -> bool {
     let Body::Packed { bytes, dictionary } = body else {
         return true;
     };
     unpack(bytes, dictionary)
-        .and_then(|json| serde_json::from_slice::<DelegationGrant>(&json).ok())
-        .is_some_and(|decoded| decoded == *grant)
+        .and_then(|unpacked| serde_json::from_slice::<DelegationGrant>(&unpacked).ok())
+        .and_then(|decoded| serde_json::to_vec(&decoded).ok())
+        .is_some_and(|again| again == json)
 }
 
 impl std::fmt::Debug for GrantCache {
@@ -467,6 +473,27 @@ mod tests {
             ("https://mail.example.com", None, None, Ready::Unknown)
         );
         assert_eq!(r.object_ref(), ObjectRef::new("grant-00007").within("team"));
+    }
+
+    #[test]
+    fn a_time_with_a_fraction_of_a_second_reads_back_to_the_second_before() {
+        let cache = GrantCache::default();
+        let mut value = serde_json::to_value(ready_grant("team", 0)).unwrap();
+        value["spec"]["validUntil"] = json!("2030-01-01T09:30:00.999999+02:00");
+        value["status"]["conditions"][0]["lastTransitionTime"] = json!("2026-12-06T07:08:46.5Z");
+        let grant: DelegationGrant = serde_json::from_value(value).unwrap();
+        cache.apply(&watcher::Event::Apply(grant.clone()));
+        let read = get(&cache, "team", "grant-00000").unwrap();
+        let until = read.spec.valid_until.as_ref().unwrap().0;
+        assert_eq!(until.to_string(), "2030-01-01T07:30:00Z");
+        assert!(until <= grant.spec.valid_until.as_ref().unwrap().0);
+        let condition = &read.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
+        assert_eq!(condition.last_transition_time.0.to_string(), "2026-12-06T07:08:46Z");
+        // All else as it was.
+        let mut expected = grant.clone();
+        expected.spec.valid_until = read.spec.valid_until.clone();
+        expected.status.as_mut().unwrap().conditions = read.status.as_ref().unwrap().conditions.clone();
+        assert_eq!(*read, expected);
     }
 
     /// Any text a tenant may write, including what JSON escapes.
