@@ -1,9 +1,10 @@
 //! What reconciles read instead of asking the apiserver: the shared [`context`] (client, caches,
 //! keys, a little memory of our own writes), the [`watches`] that fill the caches, the dependency
-//! [`index`], the [`interner`], what the caches keep of metadata ([`prune`]), the compact [`secret_cache`] and the stamping policies ([`stamps`]).
+//! [`index`], the [`interner`], compact [`ids`], what the caches keep of metadata ([`prune`]), the compact [`secret_cache`] and the stamping policies ([`stamps`]).
 //! Read by the controllers; written only by the watches and by the controllers' own write records.
 
 pub mod context;
+pub mod ids;
 pub mod index;
 pub mod interner;
 pub mod prune;

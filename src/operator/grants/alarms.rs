@@ -3,12 +3,14 @@
 //!
 //! The controller's own requeue schedule keeps, per object, two copies of a full object reference
 //! (name, namespace, uid, resourceVersion) plus timer bookkeeping: about 1.2 KiB for every Ready
-//! grant. An alarm here is one shared `namespace/name` string and two small map entries. Setting an
-//! alarm replaces the grant's earlier one: the last decision says when to look next.
+//! grant. An alarm here is one `namespace/name` string in a set ordered by due time, and a 16-byte
+//! entry that finds it again. Setting an alarm replaces the grant's earlier one: the last decision
+//! says when to look next.
 
 use std::{
     collections::{BTreeSet, HashMap},
-    sync::{Arc, Mutex},
+    hash::{BuildHasher, RandomState},
+    sync::Mutex,
     time::Duration,
 };
 
@@ -25,49 +27,81 @@ pub struct Alarms {
     earlier: Notify,
 }
 
-/// Alarms by due time and by grant (`namespace/name`), sharing one string per grant.
-#[derive(Default)]
-struct Schedule {
-    by_due: BTreeSet<(Instant, Arc<str>)>,
-    due_of: HashMap<Arc<str>, Instant>,
+/// Alarms by due time, and each grant's (`namespace/name`) due time by a hash of its key.
+///
+/// The hash is only a way back to the grant's alarm, never a grant's identity: an alarm leaves
+/// `by_due` only when it fires or when the very same key is set or removed (an exact match of due
+/// time and key). Two keys whose hashes collide therefore never lose an alarm; at worst one fires
+/// once more than it needs to (a spurious wake-up the reconcile shrugs off).
+struct Schedule<K = RandomState> {
+    /// (due, key); the due time in nanoseconds since `epoch`.
+    by_due: BTreeSet<(u64, Box<str>)>,
+    due_of: HashMap<u64, u64>,
+    epoch: Instant,
+    /// Hashes the keys (at random, in tests to collide).
+    keys: K,
 }
 
-impl Schedule {
+impl<K: Default> Default for Schedule<K> {
+    fn default() -> Self {
+        Self {
+            by_due: BTreeSet::new(),
+            due_of: HashMap::new(),
+            epoch: Instant::now(),
+            keys: K::default(),
+        }
+    }
+}
+
+impl<K: BuildHasher> Schedule<K> {
+    fn since_epoch(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, due: u64) -> Instant {
+        self.epoch + Duration::from_nanos(due)
+    }
+
     /// Sets the alarm of `key` to `due`, replacing its earlier one. Returns whether it is now the
     /// earliest of all.
     fn set(&mut self, key: &str, due: Instant) -> bool {
-        let shared = match self.due_of.get_key_value(key) {
-            Some((shared, old)) => {
-                let shared = shared.clone();
-                self.by_due.remove(&(*old, shared.clone()));
-                shared
-            }
-            None => Arc::from(key),
-        };
-        self.due_of.insert(shared.clone(), due);
-        self.by_due.insert((due, shared));
+        let due = self.since_epoch(due);
+        let hash = self.keys.hash_one(key);
+        let mut key = Box::<str>::from(key);
+        if let Some(old) = self.due_of.insert(hash, due) {
+            // Its earlier alarm: the very same key at its old time (not a colliding key's).
+            let earlier = (old, key);
+            self.by_due.remove(&earlier);
+            key = earlier.1;
+        }
+        self.by_due.insert((due, key));
         self.by_due.first().is_some_and(|(first, _)| *first == due)
     }
 
     fn remove(&mut self, key: &str) {
-        if let Some((shared, due)) = self.due_of.remove_entry(key) {
-            self.by_due.remove(&(due, shared));
+        let hash = self.keys.hash_one(key);
+        if let Some(due) = self.due_of.get(&hash).copied()
+            && self.by_due.remove(&(due, Box::from(key)))
+        {
+            self.due_of.remove(&hash);
         }
     }
 
     /// Takes every alarm due at `now`; returns them and when the next one is due.
-    fn take_due(&mut self, now: Instant) -> (Vec<Arc<str>>, Option<Instant>) {
+    fn take_due(&mut self, now: Instant) -> (Vec<Box<str>>, Option<Instant>) {
+        let now = self.since_epoch(now);
         let mut fired = Vec::new();
-        while let Some((due, _)) = self.by_due.first() {
-            if *due > now {
-                break;
-            }
-            if let Some((_, key)) = self.by_due.pop_first() {
-                self.due_of.remove(&key);
+        while self.by_due.first().is_some_and(|(due, _)| *due <= now) {
+            if let Some((due, key)) = self.by_due.pop_first() {
+                let hash = self.keys.hash_one(&*key);
+                if self.due_of.get(&hash) == Some(&due) {
+                    self.due_of.remove(&hash);
+                }
                 fired.push(key);
             }
         }
-        (fired, self.by_due.first().map(|(due, _)| *due))
+        let next = self.by_due.first().map(|(due, _)| self.instant(*due));
+        (fired, next)
     }
 
     #[cfg(test)]
@@ -131,11 +165,13 @@ impl Alarms {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
 
     #[test]
     fn a_new_alarm_replaces_the_grants_earlier_one() {
-        let mut s = Schedule::default();
+        let mut s = Schedule::<RandomState>::default();
         let t = Instant::now();
         assert!(s.set("ns/a", t + Duration::from_secs(10)));
         assert!(
@@ -146,13 +182,13 @@ mod tests {
         assert_eq!(s.len(), 2);
         assert_eq!(s.by_due.len(), 2, "a's old alarm is gone");
         let (fired, next) = s.take_due(t + Duration::from_secs(10));
-        assert_eq!(fired, vec![Arc::<str>::from("ns/b")]);
+        assert_eq!(fired, vec![Box::<str>::from("ns/b")]);
         assert_eq!(next, Some(t + Duration::from_secs(20)));
     }
 
     #[test]
     fn due_alarms_fire_once_in_order_and_later_ones_wait() {
-        let mut s = Schedule::default();
+        let mut s = Schedule::<RandomState>::default();
         let t = Instant::now();
         s.set("ns/late", t + Duration::from_secs(30));
         s.set("ns/first", t + Duration::from_secs(1));
@@ -170,12 +206,69 @@ mod tests {
 
     #[test]
     fn a_removed_alarm_never_fires() {
-        let mut s = Schedule::default();
+        let mut s = Schedule::<RandomState>::default();
         let t = Instant::now();
         s.set("ns/gone", t + Duration::from_secs(1));
         s.remove("ns/gone");
         assert_eq!(s.take_due(t + Duration::from_secs(60)), (Vec::new(), None));
         assert_eq!(s.len(), 0);
+    }
+
+    /// Every key hashes alike.
+    #[derive(Default)]
+    struct Colliding;
+
+    impl BuildHasher for Colliding {
+        type Hasher = ConstantHasher;
+        fn build_hasher(&self) -> ConstantHasher {
+            ConstantHasher
+        }
+    }
+
+    struct ConstantHasher;
+
+    impl std::hash::Hasher for ConstantHasher {
+        fn finish(&self) -> u64 {
+            7
+        }
+        fn write(&mut self, _: &[u8]) {}
+    }
+
+    /// Keys whose hashes collide never lose an alarm: each still fires at its time, and a removal
+    /// or a new time of one never takes the other's.
+    #[test]
+    fn colliding_keys_keep_their_alarms() {
+        let mut s = Schedule::<Colliding>::default();
+        let t = Instant::now();
+        s.set("ns/a", t + Duration::from_secs(10));
+        s.set("ns/b", t + Duration::from_secs(20));
+        s.remove("ns/a");
+        s.set("ns/b", t + Duration::from_secs(30));
+        s.remove("ns/c");
+        let (fired, _) = s.take_due(t + Duration::from_secs(10));
+        assert_eq!(
+            fired,
+            vec![Box::<str>::from("ns/a")],
+            "a fires: at worst once too often"
+        );
+        let (fired, next) = s.take_due(t + Duration::from_secs(25));
+        assert!(
+            fired.is_empty(),
+            "b's earlier alarm was replaced: {fired:?}"
+        );
+        assert_eq!(next, Some(t + Duration::from_secs(30)));
+        let (fired, next) = s.take_due(t + Duration::from_secs(30));
+        assert_eq!(fired, vec![Box::<str>::from("ns/b")]);
+        assert_eq!((next, s.len()), (None, 0));
+    }
+
+    #[test]
+    fn due_times_come_back_to_the_nanosecond() {
+        let mut s = Schedule::<RandomState>::default();
+        let due = s.epoch + Duration::new(86_400 * 365, 123_456_789);
+        s.set("ns/a", due);
+        assert_eq!(s.take_due(due - Duration::from_nanos(1)).1, Some(due));
+        assert_eq!(s.take_due(due).0.len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
