@@ -22,6 +22,7 @@ use delegation_operator::{
             secret_cache::SecretCache,
         },
         grants::alarms::Alarms,
+        publishing::status_lists::{SHARDS, TokenRecords},
     },
 };
 use k8s_openapi::api::core::v1::Secret;
@@ -251,22 +252,19 @@ fn main() {
         }),
     );
 
-    // The status lists' record of each grant's tokens (status_lists::records: grant uid -> [jti,
-    // exp, list serial, idx] of its current and previous token), in the same shape.
-    let mut held: std::collections::BTreeMap<String, Vec<(String, i64, String, usize)>> =
-        Default::default();
+    // The status lists' record of each grant's tokens (status_lists::TokenRecords), as the
+    // operator holds it between two rotations: the previous token recorded by one flush, the
+    // current one by a later flush, in the shard that was open then (the open shard moves on at
+    // every flush, so the two are in different shards).
+    let mut held = TokenRecords::default();
     out.insert(
         "status_list_records".into(),
         per_grant(n, || {
             for (i, g) in grants.iter().enumerate() {
-                let uid = g.metadata.uid.clone().unwrap_or_default();
-                held.insert(
-                    uid,
-                    vec![
-                        (self::uid(i, 0xb), 1_796_000_000, "1".into(), 2 * i),
-                        (self::uid(i, 0xc), 1_796_000_300, "1".into(), 2 * i + 1),
-                    ],
-                );
+                let uid = g.metadata.uid.as_deref().unwrap_or_default();
+                let (previous, current) = (self::uid(i, 0xb), self::uid(i, 0xc));
+                held.record(i % SHARDS, uid, &previous, 1_796_000_000, 1, 2 * i);
+                held.record((i + 1) % SHARDS, uid, &current, 1_796_000_300, 1, 2 * i + 1);
             }
         }),
     );

@@ -488,11 +488,15 @@ mod tests {
         assert_eq!(until.to_string(), "2030-01-01T07:30:00Z");
         assert!(until <= grant.spec.valid_until.as_ref().unwrap().0);
         let condition = &read.status.as_ref().unwrap().conditions.as_ref().unwrap()[0];
-        assert_eq!(condition.last_transition_time.0.to_string(), "2026-12-06T07:08:46Z");
+        assert_eq!(
+            condition.last_transition_time.0.to_string(),
+            "2026-12-06T07:08:46Z"
+        );
         // All else as it was.
         let mut expected = grant.clone();
         expected.spec.valid_until = read.spec.valid_until.clone();
-        expected.status.as_mut().unwrap().conditions = read.status.as_ref().unwrap().conditions.clone();
+        expected.status.as_mut().unwrap().conditions =
+            read.status.as_ref().unwrap().conditions.clone();
         assert_eq!(*read, expected);
     }
 

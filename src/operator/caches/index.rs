@@ -26,153 +26,224 @@ use crate::{
 /// `(namespace, name)` of an object.
 pub type Key = (String, String);
 
-/// A name the index repeats (a namespace, an agent, a grant as a member and as a parent), one shared
-/// copy per distinct name: the index holds a few small entries per grant, not strings.
+/// A name the index repeats (a namespace, an agent, an audience, a grant as a member and as a
+/// parent), one shared copy per distinct name: the index holds a few small entries per grant, not
+/// strings. Namespaces, agents and audiences are shared through the interner; a grant's name is
+/// shared with the entries that name it as parent.
 type Name = Arc<str>;
 
-/// `(namespace, name)` as the index keeps it.
-type SharedKey = (Name, Name);
+/// A grant's [`Seniority`] in 8 bytes: its creation second doubled, plus one when it waits for a
+/// token (`i64::MAX - 1` and `i64::MAX` without a creationTimestamp). These order exactly as
+/// `(created, waiting)` do, as creation seconds lie far inside ±2^62.
+fn packed(seniority: &Seniority) -> i64 {
+    let waiting = i64::from(seniority.waiting);
+    match seniority.created.checked_mul(2) {
+        Some(doubled) if doubled < i64::MAX - 1 => doubled + waiting,
+        _ if seniority.created < 0 => i64::MIN + waiting,
+        _ => i64::MAX - 1 + waiting,
+    }
+}
 
-/// What the index keeps of one grant: the references that never change, whether it is Ready, and
-/// its rank in its namespace.
+/// Where a grant ranks in its namespace: its packed seniority, then its name (as [`Seniority`]).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Rank {
+    seniority: i64,
+    name: Name,
+}
+
+/// What the index keeps of one grant: the references that never change, and its packed seniority
+/// (which says whether it is Ready).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Entry {
     actor: Name,
     audience: Name,
     parent: Option<Name>,
-    ready: bool,
-    seniority: Seniority,
+    seniority: i64,
 }
 
+impl Entry {
+    fn ready(&self) -> bool {
+        self.seniority & 1 == 0
+    }
+}
+
+/// The index of one namespace's grants.
 #[derive(Default)]
-struct State {
-    grants: HashMap<SharedKey, Entry>,
-    /// During a re-list: the grants seen so far, swapped in at its end.
-    relisting: Option<HashMap<SharedKey, Entry>>,
-    by_actor: HashMap<SharedKey, BTreeSet<Name>>,
-    by_parent: HashMap<SharedKey, BTreeSet<Name>>,
-    ready_by_actor: HashMap<SharedKey, usize>,
-    by_namespace: HashMap<Name, BTreeSet<Seniority>>,
-    /// `(namespace, audience)` -> its grants by rank, for the AudiencePolicies' per-namespace limit.
-    by_audience: HashMap<SharedKey, BTreeSet<Seniority>>,
-    names: Interner<str>,
+struct Namespace {
+    grants: HashMap<Name, Entry>,
+    by_actor: HashMap<Name, BTreeSet<Name>>,
+    by_parent: HashMap<Name, BTreeSet<Name>>,
+    ready_by_actor: HashMap<Name, usize>,
+    /// Its grants by rank, for `--max-grants-per-namespace`.
+    ranked: BTreeSet<Rank>,
+    /// Audience -> its grants by rank, for the AudiencePolicies' per-namespace limit.
+    by_audience: HashMap<Name, BTreeSet<Rank>>,
 }
 
-impl State {
-    fn name(&mut self, name: &str) -> Name {
-        let mut shared: Name = Arc::from(name);
-        self.names.share(&mut shared);
-        shared
+impl Namespace {
+    /// The shared copy of a grant's name: the one that keys the grant, or that its children name.
+    fn grant_name(&self, name: &str) -> Name {
+        self.grants
+            .get_key_value(name)
+            .map(|(k, _)| k)
+            .or_else(|| self.by_parent.get_key_value(name).map(|(k, _)| k))
+            .cloned()
+            .unwrap_or_else(|| Arc::from(name))
     }
 
-    fn key_of(&mut self, grant: &DelegationGrant) -> SharedKey {
-        (
-            self.name(&grant.namespace().unwrap_or_default()),
-            self.name(&grant.name_any()),
-        )
-    }
-
-    fn entry_of(&mut self, grant: &DelegationGrant) -> Entry {
-        let ready = is_ready(grant);
+    fn entry_of(&self, grant: &DelegationGrant, names: &mut Interner<str>) -> (Name, Entry) {
+        let name = self.grant_name(&grant.name_any());
         let created = grant.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        Entry {
-            seniority: Seniority::new(created, ready, self.name(&grant.name_any())),
-            actor: self.name(&grant.spec.actor_ref.name),
-            audience: self.name(&grant.spec.audience),
+        let seniority = Seniority::new(created, is_ready(grant), name.clone());
+        let entry = Entry {
+            actor: shared(names, &grant.spec.actor_ref.name),
+            audience: shared(names, &grant.spec.audience),
             parent: grant
                 .spec
                 .parent_grant_ref
                 .as_ref()
-                .map(|p| self.name(&p.name)),
-            ready,
-        }
+                .map(|p| self.grant_name(&p.name)),
+            seniority: packed(&seniority),
+        };
+        (name, entry)
     }
 
-    fn insert(&mut self, key: SharedKey, entry: Entry) {
-        let (ns, name) = key.clone();
+    fn insert(&mut self, name: Name, entry: Entry) {
         self.by_actor
-            .entry((ns.clone(), entry.actor.clone()))
+            .entry(entry.actor.clone())
             .or_default()
             .insert(name.clone());
         if let Some(parent) = &entry.parent {
             self.by_parent
-                .entry((ns.clone(), parent.clone()))
+                .entry(parent.clone())
                 .or_default()
-                .insert(name);
+                .insert(name.clone());
         }
-        if entry.ready {
-            *self
-                .ready_by_actor
-                .entry((ns.clone(), entry.actor.clone()))
-                .or_default() += 1;
+        if entry.ready() {
+            *self.ready_by_actor.entry(entry.actor.clone()).or_default() += 1;
         }
+        let rank = Rank {
+            seniority: entry.seniority,
+            name: name.clone(),
+        };
         self.by_audience
-            .entry((ns.clone(), entry.audience.clone()))
+            .entry(entry.audience.clone())
             .or_default()
-            .insert(entry.seniority.clone());
-        self.by_namespace
-            .entry(ns)
-            .or_default()
-            .insert(entry.seniority.clone());
-        self.grants.insert(key, entry);
+            .insert(rank.clone());
+        self.ranked.insert(rank);
+        self.grants.insert(name, entry);
     }
 
-    fn remove(&mut self, key: &SharedKey) -> Option<Entry> {
-        let entry = self.grants.remove(key)?;
-        let (ns, name) = key;
-        let actor_key = (ns.clone(), entry.actor.clone());
-        remove_member(&mut self.by_actor, &actor_key, name);
+    fn remove(&mut self, name: &str) -> Option<Entry> {
+        let (name, entry) = self.grants.remove_entry(name)?;
+        remove_member(&mut self.by_actor, &entry.actor, &name);
         if let Some(parent) = &entry.parent {
-            remove_member(&mut self.by_parent, &(ns.clone(), parent.clone()), name);
+            remove_member(&mut self.by_parent, parent, &name);
         }
-        if let Some(ranked) = self.by_namespace.get_mut(ns) {
-            ranked.remove(&entry.seniority);
+        let rank = Rank {
+            seniority: entry.seniority,
+            name,
+        };
+        self.ranked.remove(&rank);
+        if let Some(ranked) = self.by_audience.get_mut(&entry.audience) {
+            ranked.remove(&rank);
             if ranked.is_empty() {
-                self.by_namespace.remove(ns);
+                self.by_audience.remove(&entry.audience);
             }
         }
-        let audience_key = (ns.clone(), entry.audience.clone());
-        if let Some(ranked) = self.by_audience.get_mut(&audience_key) {
-            ranked.remove(&entry.seniority);
-            if ranked.is_empty() {
-                self.by_audience.remove(&audience_key);
-            }
-        }
-        if entry.ready
-            && let Some(count) = self.ready_by_actor.get_mut(&actor_key)
+        if entry.ready()
+            && let Some(count) = self.ready_by_actor.get_mut(&entry.actor)
         {
             *count -= 1;
             if *count == 0 {
-                self.ready_by_actor.remove(&actor_key);
+                self.ready_by_actor.remove(&entry.actor);
             }
         }
         Some(entry)
     }
 
-    fn rebuild(&mut self, grants: HashMap<SharedKey, Entry>) {
-        let names = std::mem::take(&mut self.names);
-        *self = State {
-            names,
-            ..State::default()
+    /// Where the grant stands in `ranked`: the grants before it, counted up to `limit`, and all.
+    fn count(&self, name: &str, limit: usize, ranked: &BTreeSet<Rank>) -> Option<NamespaceCount> {
+        let (name, entry) = self.grants.get_key_value(name)?;
+        let rank = Rank {
+            seniority: entry.seniority,
+            name: name.clone(),
         };
-        for (key, entry) in grants {
-            self.insert(key, entry);
-        }
+        Some(NamespaceCount {
+            ahead: ranked.range(..&rank).take(limit).count(),
+            total: ranked.len(),
+        })
+    }
+}
+
+fn shared(names: &mut Interner<str>, name: &str) -> Name {
+    let mut shared: Name = Arc::from(name);
+    names.share(&mut shared);
+    shared
+}
+
+#[derive(Default)]
+struct State {
+    namespaces: HashMap<Name, Namespace>,
+    /// During a re-list: the grants seen so far, swapped in at its end.
+    relisting: Option<HashMap<Name, Namespace>>,
+    /// Namespaces, agents and audiences.
+    names: Interner<str>,
+}
+
+impl State {
+    /// Puts the grant in `namespaces`; returns its earlier entry and its new one.
+    fn apply(
+        namespaces: &mut HashMap<Name, Namespace>,
+        names: &mut Interner<str>,
+        grant: &DelegationGrant,
+    ) -> (Name, Option<Entry>, Entry) {
+        let namespace = grant.namespace().unwrap_or_default();
+        let namespace = match namespaces.get_key_value(namespace.as_str()) {
+            Some((shared, _)) => shared.clone(),
+            None => shared(names, &namespace),
+        };
+        let grants = namespaces.entry(namespace.clone()).or_default();
+        let (name, entry) = grants.entry_of(grant, names);
+        let old = grants.remove(&name);
+        grants.insert(name, entry.clone());
+        (namespace, old, entry)
     }
 
-    /// The members of `map` under `(namespace, name)`.
+    fn delete(&mut self, grant: &DelegationGrant) -> Option<(Name, Entry)> {
+        let namespace = grant.namespace().unwrap_or_default();
+        let (shared, _) = self.namespaces.get_key_value(namespace.as_str())?;
+        let shared = shared.clone();
+        let grants = self.namespaces.get_mut(namespace.as_str())?;
+        let entry = grants.remove(&grant.name_any());
+        if grants.grants.is_empty() {
+            self.namespaces.remove(namespace.as_str());
+        }
+        entry.map(|e| (shared, e))
+    }
+
+    fn namespace(&self, namespace: &str) -> Option<&Namespace> {
+        self.namespaces.get(namespace)
+    }
+
+    /// The members of `map` under `name` in `namespace`.
     fn members<'a>(
-        map: &'a HashMap<SharedKey, BTreeSet<Name>>,
+        &'a self,
+        map: MemberMap,
         namespace: &str,
         name: &str,
     ) -> impl Iterator<Item = &'a Name> + use<'a> {
-        map.get(&(Arc::from(namespace), Arc::from(name)))
+        self.namespace(namespace)
+            .and_then(|ns| map(ns).get(name))
             .into_iter()
             .flatten()
     }
 }
 
-fn remove_member(map: &mut HashMap<SharedKey, BTreeSet<Name>>, key: &SharedKey, name: &str) {
+/// Which members a lookup reads: by actor or by parent.
+type MemberMap = for<'b> fn(&'b Namespace) -> &'b HashMap<Name, BTreeSet<Name>>;
+
+fn remove_member(map: &mut HashMap<Name, BTreeSet<Name>>, key: &Name, name: &str) {
     if let Some(set) = map.get_mut(key) {
         set.remove(name);
         if set.is_empty() {
@@ -181,12 +252,8 @@ fn remove_member(map: &mut HashMap<SharedKey, BTreeSet<Name>>, key: &SharedKey, 
     }
 }
 
-fn nth(ranked: &BTreeSet<Seniority>, rank: usize) -> Option<String> {
-    ranked.iter().nth(rank).map(|s| s.name.to_string())
-}
-
-fn owned((namespace, name): &SharedKey) -> Key {
-    (namespace.to_string(), name.to_string())
+fn nth(ranked: &BTreeSet<Rank>, rank: usize) -> Option<String> {
+    ranked.iter().nth(rank).map(|r| r.name.to_string())
 }
 
 /// The dependency index of the grants cache.
@@ -208,20 +275,20 @@ impl GrantIndex {
         let Ok(mut state) = self.state.lock() else {
             return Touched::default();
         };
+        let state = &mut *state;
         match event {
             watcher::Event::Apply(grant) => {
-                let key = state.key_of(grant);
-                let entry = state.entry_of(grant);
-                let old = state.remove(&key);
+                let (namespace, old, entry) =
+                    State::apply(&mut state.namespaces, &mut state.names, grant);
                 // Named only when it changed: most events (a status write) touch no agent.
                 let actor = (old.as_ref() != Some(&entry))
-                    .then(|| owned(&(key.0.clone(), entry.actor.clone())));
-                state.insert(key, entry);
+                    .then(|| (namespace.to_string(), entry.actor.to_string()));
                 Touched { actor }
             }
             watcher::Event::Delete(grant) => {
-                let key = state.key_of(grant);
-                let actor = state.remove(&key).map(|e| owned(&(key.0.clone(), e.actor)));
+                let actor = state
+                    .delete(grant)
+                    .map(|(namespace, e)| (namespace.to_string(), e.actor.to_string()));
                 Touched { actor }
             }
             watcher::Event::Init => {
@@ -229,14 +296,12 @@ impl GrantIndex {
                 Touched::default()
             }
             watcher::Event::InitApply(grant) => {
-                let key = state.key_of(grant);
-                let entry = state.entry_of(grant);
-                state.relisting.get_or_insert_default().insert(key, entry);
+                let listed = state.relisting.get_or_insert_default();
+                State::apply(listed, &mut state.names, grant);
                 Touched::default()
             }
             watcher::Event::InitDone => {
-                let listed = state.relisting.take().unwrap_or_default();
-                state.rebuild(listed);
+                state.namespaces = state.relisting.take().unwrap_or_default();
                 Touched::default()
             }
         }
@@ -244,26 +309,37 @@ impl GrantIndex {
 
     /// The grants whose parentGrantRef names this grant.
     pub fn children(&self, namespace: &str, name: &str) -> Vec<String> {
-        self.members(|s| &s.by_parent, namespace, name)
+        self.members(|ns| &ns.by_parent, namespace, name)
     }
 
     /// The grants whose actor is this agent.
     pub fn with_actor(&self, namespace: &str, agent: &str) -> Vec<String> {
-        self.members(|s| &s.by_actor, namespace, agent)
+        self.members(|ns| &ns.by_actor, namespace, agent)
     }
 
     /// Every agent some grant names as actor.
     pub fn actors(&self) -> Vec<Key> {
-        self.state
-            .lock()
-            .map_or_else(|_| Vec::new(), |s| s.by_actor.keys().map(owned).collect())
+        self.state.lock().map_or_else(
+            |_| Vec::new(),
+            |s| {
+                s.namespaces
+                    .iter()
+                    .flat_map(|(ns, grants)| {
+                        grants
+                            .by_actor
+                            .keys()
+                            .map(|actor| (ns.to_string(), actor.to_string()))
+                    })
+                    .collect()
+            },
+        )
     }
 
     /// How many grants with this actor are Ready.
     pub fn ready_count(&self, namespace: &str, agent: &str) -> usize {
         self.state.lock().map_or(0, |s| {
-            s.ready_by_actor
-                .get(&(Arc::from(namespace), Arc::from(agent)))
+            s.namespace(namespace)
+                .and_then(|ns| ns.ready_by_actor.get(agent))
                 .copied()
                 .unwrap_or(0)
         })
@@ -277,9 +353,9 @@ impl GrantIndex {
         name: &str,
         limit: usize,
     ) -> Option<NamespaceCount> {
-        self.count_in(namespace, name, limit, |state, _| {
-            state.by_namespace.get(namespace)
-        })
+        let state = self.state.lock().ok()?;
+        let ns = state.namespace(namespace)?;
+        ns.count(name, limit, &ns.ranked)
     }
 
     /// How the grant stands among its namespace's grants for its audience, as
@@ -290,35 +366,16 @@ impl GrantIndex {
         name: &str,
         limit: usize,
     ) -> Option<NamespaceCount> {
-        self.count_in(namespace, name, limit, |state, entry| {
-            state
-                .by_audience
-                .get(&(Arc::from(namespace), entry.audience.clone()))
-        })
-    }
-
-    /// Where the grant stands in the ranking `ranking` picks for it: the grants before it, counted up
-    /// to `limit`, and all of them.
-    fn count_in(
-        &self,
-        namespace: &str,
-        name: &str,
-        limit: usize,
-        ranking: impl for<'a> Fn(&'a State, &Entry) -> Option<&'a BTreeSet<Seniority>>,
-    ) -> Option<NamespaceCount> {
         let state = self.state.lock().ok()?;
-        let entry = state.grants.get(&(Arc::from(namespace), Arc::from(name)))?;
-        let ranked = ranking(&state, entry)?;
-        Some(NamespaceCount {
-            ahead: ranked.range(..&entry.seniority).take(limit).count(),
-            total: ranked.len(),
-        })
+        let ns = state.namespace(namespace)?;
+        let ranked = ns.by_audience.get(&ns.grants.get(name)?.audience)?;
+        ns.count(name, limit, ranked)
     }
 
     /// The grant ranked `rank` (from 0) in its namespace, if there are that many.
     pub fn ranked(&self, namespace: &str, rank: usize) -> Option<String> {
         let state = self.state.lock().ok()?;
-        nth(state.by_namespace.get(namespace)?, rank)
+        nth(&state.namespace(namespace)?.ranked, rank)
     }
 
     /// The grant ranked `rank` (from 0) among its namespace's grants for `audience`.
@@ -329,12 +386,7 @@ impl GrantIndex {
         rank: usize,
     ) -> Option<String> {
         let state = self.state.lock().ok()?;
-        nth(
-            state
-                .by_audience
-                .get(&(Arc::from(namespace), Arc::from(audience)))?,
-            rank,
-        )
+        nth(state.namespace(namespace)?.by_audience.get(audience)?, rank)
     }
 
     /// Grants with this agent anywhere in their chain: those it acts for and everything below them.
@@ -345,7 +397,8 @@ impl GrantIndex {
             return Vec::new();
         };
         let mut found: BTreeSet<Name> = BTreeSet::new();
-        let mut queue: VecDeque<(Name, usize)> = State::members(&state.by_actor, namespace, agent)
+        let mut queue: VecDeque<(Name, usize)> = state
+            .members(|ns| &ns.by_actor, namespace, agent)
             .map(|g| (g.clone(), 0))
             .collect();
         while let Some((grant, depth)) = queue.pop_front() {
@@ -353,22 +406,17 @@ impl GrantIndex {
             if depth >= MAX_CHAIN_LENGTH || !found.insert(grant.clone()) {
                 continue;
             }
-            let children = State::members(&state.by_parent, namespace, &grant);
+            let children = state.members(|ns| &ns.by_parent, namespace, &grant);
             queue.extend(children.map(|c| (c.clone(), depth + 1)));
         }
         found.into_iter().map(|g| g.to_string()).collect()
     }
 
-    fn members(
-        &self,
-        map: impl Fn(&State) -> &HashMap<SharedKey, BTreeSet<Name>>,
-        namespace: &str,
-        name: &str,
-    ) -> Vec<String> {
+    fn members(&self, map: MemberMap, namespace: &str, name: &str) -> Vec<String> {
         self.state.lock().map_or_else(
             |_| Vec::new(),
             |s| {
-                State::members(map(&s), namespace, name)
+                s.members(map, namespace, name)
                     .map(|m| m.to_string())
                     .collect()
             },
@@ -483,20 +531,39 @@ mod tests {
             true,
         )));
         let state = index.state.lock().unwrap();
-        let entry = |name: &str| &state.grants[&(Arc::from("ns"), Arc::from(name))];
+        let ns = &state.namespaces["ns"];
+        let entry = |name: &str| &ns.grants[name];
         assert!(Arc::ptr_eq(&entry("one").actor, &entry("two").actor));
-        let (root_key, _) = state
-            .grants
-            .get_key_value(&(Arc::from("ns"), Arc::from("root")))
-            .unwrap();
+        let (root_key, _) = ns.grants.get_key_value("root").unwrap();
         // The parent named by the children is the very string that keys the parent.
+        assert!(Arc::ptr_eq(entry("one").parent.as_ref().unwrap(), root_key));
         assert!(Arc::ptr_eq(
             entry("one").parent.as_ref().unwrap(),
-            &root_key.1
+            entry("two").parent.as_ref().unwrap()
         ));
+        let (namespace, _) = state.namespaces.get_key_value("ns").unwrap();
         assert!(Arc::ptr_eq(
-            &root_key.0,
-            &state.grants.keys().find(|k| &*k.1 == "two").unwrap().0
+            namespace,
+            &state.namespaces.keys().next().unwrap().clone()
+        ));
+    }
+
+    #[test]
+    fn a_child_seen_before_its_parent_shares_the_parents_name() {
+        let index = GrantIndex::default();
+        index.apply(&watcher::Event::Apply(grant(
+            "one",
+            "a",
+            Some("root"),
+            true,
+        )));
+        index.apply(&watcher::Event::Apply(grant("root", "a", None, true)));
+        let state = index.state.lock().unwrap();
+        let ns = &state.namespaces["ns"];
+        let (root_key, _) = ns.grants.get_key_value("root").unwrap();
+        assert!(Arc::ptr_eq(
+            ns.grants["one"].parent.as_ref().unwrap(),
+            root_key
         ));
     }
 
@@ -575,12 +642,9 @@ mod tests {
         )));
         assert_eq!(index.ranked_for_audience("ns", "https://q", 0), None);
         assert!(
-            !index
-                .state
-                .lock()
-                .unwrap()
+            !index.state.lock().unwrap().namespaces["ns"]
                 .by_audience
-                .contains_key(&(Arc::from("ns"), Arc::from("https://q"))),
+                .contains_key("https://q"),
             "an empty ranking is dropped"
         );
     }
@@ -591,5 +655,31 @@ mod tests {
         index.apply(&watcher::Event::Apply(grant("x", "a", Some("y"), false)));
         index.apply(&watcher::Event::Apply(grant("y", "b", Some("x"), false)));
         assert_eq!(index.dependents_of_agent("ns", "a"), ["x", "y"]);
+    }
+
+    #[test]
+    fn an_emptied_namespace_is_dropped() {
+        let index = GrantIndex::default();
+        index.apply(&watcher::Event::Apply(grant("g", "a", None, true)));
+        index.apply(&watcher::Event::Delete(grant("g", "a", None, true)));
+        assert!(index.state.lock().unwrap().namespaces.is_empty());
+        assert!(index.actors().is_empty());
+    }
+
+    proptest::proptest! {
+        /// The packed seniority orders grants exactly as [`Seniority`] does, and keeps readiness.
+        #[test]
+        fn packed_seniority_orders_as_seniority(
+            a in proptest::option::of(-377_705_116_800i64..=253_402_207_199),
+            b in proptest::option::of(-377_705_116_800i64..=253_402_207_199),
+            a_holds: bool,
+            b_holds: bool,
+        ) {
+            let at = |s: Option<i64>| s.map(|s| k8s_openapi::jiff::Timestamp::from_second(s).unwrap());
+            let x = Seniority::new(at(a), a_holds, "n".into());
+            let y = Seniority::new(at(b), b_holds, "n".into());
+            proptest::prop_assert_eq!(packed(&x).cmp(&packed(&y)), x.cmp(&y));
+            proptest::prop_assert_eq!(packed(&x) & 1 == 0, a_holds);
+        }
     }
 }

@@ -1,9 +1,7 @@
 //! One shared copy of a value that many cached objects repeat.
 //!
-//! A grant's requester is the prime case: one CI identity or one person creates many grants, and each
-//! identity as the apiserver stamps it (groups, and extra attributes such as the credential id) takes
-//! about 0.8 KiB when every grant keeps its own copy. The grant cache keeps one copy per distinct
-//! identity instead. The dependency index shares names (`Interner<str>`) the same way.
+//! Namespaces, agents, audiences and key ids repeat across thousands of grants: the grants cache's
+//! summaries and the dependency index keep one copy of each (`Interner<str>`).
 
 use std::{collections::HashSet, hash::Hash, sync::Arc};
 

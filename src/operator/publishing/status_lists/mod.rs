@@ -35,6 +35,7 @@
 //! kept in memory and how it is planned into writes; [`writes`] the writes, the guard's restores and
 //! the publication.
 
+mod held;
 mod records;
 mod writes;
 
@@ -63,7 +64,9 @@ use crate::status_list::{
     budget::{DEFAULT_ENTRIES_PER_NAMESPACE, NamespaceBudget},
 };
 
-use records::{Held, Inner, Persisted, Published, shard_of};
+use held::Held;
+pub use held::TokenRecords;
+use records::{Inner, Persisted, Published, shard_of};
 use writes::load_shards;
 
 pub const SECRET_NAME: &str = "delegation-operator-status-lists";
@@ -228,7 +231,7 @@ impl StatusLists {
         let mut dirty = BTreeSet::new();
         for (uid, held) in persisted.tokens {
             let shard = shard_of(&uid);
-            tokens[shard].entry(uid).or_default().extend(held);
+            tokens.edit(shard, &uid, |records| records.extend(held));
             dirty.insert(shard);
         }
         let lists = Self {
@@ -283,11 +286,15 @@ impl StatusLists {
                 .uri
                 .rsplit('/')
                 .next()
-                .unwrap_or_default()
-                .to_owned();
-            let held = inner.held_of(grant_uid);
-            held.retain(|h| h.1 > now);
-            held.push(Held(jti.to_owned(), exp, serial, status_ref.idx));
+                .and_then(|serial| serial.parse().ok())
+                .ok_or_else(|| {
+                    Error::InvalidState(format!("status list uri {} has no serial", status_ref.uri))
+                })?;
+            let held = Held::new(jti, exp, serial, status_ref.idx);
+            inner.edit_open(grant_uid, |records| {
+                records.retain(|h| h.exp() > now);
+                records.push(held);
+            });
             inner.version += 1;
             (status_ref, inner.version)
         };
@@ -303,8 +310,8 @@ impl StatusLists {
         let inner = self.inner.lock().await;
         inner
             .held(grant_uid)
-            .filter(|h| h.1 > now)
-            .map(|h| (h.0.clone(), h.1))
+            .filter(|h| h.exp() > now)
+            .map(|h| (h.jti(), h.exp()))
             .collect()
     }
 
@@ -352,15 +359,15 @@ impl StatusLists {
         let held = inner.take_held(grant_uid);
         let (kept, dropped): (Vec<Held>, Vec<Held>) = held
             .into_iter()
-            .partition(|h| keep.contains(&h.0.as_str()) && h.1 > now);
+            .partition(|h| keep.iter().any(|jti| h.is(jti)) && h.exp() > now);
         if !kept.is_empty() {
-            inner.held_of(grant_uid).extend(kept.iter().cloned());
+            inner.edit_open(grant_uid, |records| records.extend(kept.iter().cloned()));
         }
         let kept_refs: BTreeSet<TokenStatusRef> =
             kept.iter().map(|h| inner.status_ref(h)).collect();
         let mut refs: BTreeSet<TokenStatusRef> = dropped
             .iter()
-            .filter(|h| h.1 > now)
+            .filter(|h| h.exp() > now)
             .map(|h| inner.status_ref(h))
             .collect();
         refs.extend(verified.iter().cloned());
@@ -390,12 +397,7 @@ impl StatusLists {
             let mut inner = self.inner.lock().await;
             let retired = inner.registry.prune(now);
             // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
-            for shard in inner.tokens.iter_mut() {
-                for held in shard.values_mut() {
-                    held.retain(|h| h.1 > now);
-                }
-                shard.retain(|_, held| !held.is_empty());
-            }
+            inner.tokens.forget_expired(now);
             inner.budget.release_retired(now);
             if !retired.is_empty() {
                 tracing::info!(lists = ?retired, "retired status lists whose tokens have all expired");

@@ -12,16 +12,8 @@ use crate::operator::{
 };
 use crate::status_list::{Registry, RegistryState, TokenStatusRef, budget::NamespaceBudget};
 
+use super::held::{Held, TokenRecords};
 use super::*;
-
-/// A token the operator minted and may have to revoke: `[jti, exp, list serial, idx]`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct Held(
-    pub(super) String,
-    pub(super) i64,
-    pub(super) String,
-    pub(super) usize,
-);
 
 /// What the state Secret holds.
 #[derive(Deserialize)]
@@ -39,9 +31,6 @@ pub(super) struct PersistedRef<'a> {
     pub(super) base_uri: &'a str,
     pub(super) registry: &'a RegistryState,
 }
-
-/// Grant uid -> the tokens minted for it, one map per shard.
-pub(super) type Shards = Vec<BTreeMap<String, Vec<Held>>>;
 
 /// The shard a record of the older single-Secret state moves to (SHA-256, not a std hasher: the
 /// same on every start).
@@ -75,7 +64,7 @@ pub(super) struct Published {
 pub(super) struct Inner {
     pub(super) registry: Registry,
     /// Per shard: grant uid -> the tokens minted for it that may still be valid.
-    pub(super) tokens: Shards,
+    pub(super) tokens: TokenRecords,
     /// The JSON last written to each shard Secret.
     pub(super) shards_written: Vec<String>,
     /// Shards changed since they were written.
@@ -146,54 +135,32 @@ impl Inner {
         metrics.replace_namespace_entries(self.budget.usage());
     }
 
-    /// Where a new record of `grant_uid` goes: the open shard.
-    pub(super) fn held_of(&mut self, grant_uid: &str) -> &mut Vec<Held> {
+    /// Changes the records of `grant_uid` in the open shard, where new records go.
+    pub(super) fn edit_open(&mut self, grant_uid: &str, edit: impl FnOnce(&mut Vec<Held>)) {
         let shard = self.open;
         self.dirty.insert(shard);
-        self.tokens[shard].entry(grant_uid.to_owned()).or_default()
+        self.tokens.edit(shard, grant_uid, edit);
     }
 
     /// Every record of `grant_uid`, in whichever shards they are.
     pub(super) fn held(&self, grant_uid: &str) -> impl Iterator<Item = &Held> {
-        self.tokens
-            .iter()
-            .filter_map(move |shard| shard.get(grant_uid))
-            .flatten()
+        self.tokens.held(grant_uid)
     }
 
     /// Removes every record of `grant_uid` from every shard. Forgetting is not written on its own:
     /// it rides along with the next write of that shard (a record that outlives a restart is
     /// revoked again, which changes nothing), so a revocation writes only what verifiers read.
     pub(super) fn take_held(&mut self, grant_uid: &str) -> Vec<Held> {
-        let mut taken = Vec::new();
-        for records in self.tokens.iter_mut() {
-            if let Some(held) = records.remove(grant_uid) {
-                taken.extend(held);
-            }
-        }
-        taken
+        self.tokens.take(grant_uid)
     }
 
     /// See [`StatusLists::withdraw`]. Returns whether an entry was set INVALID. The shard that held
     /// the record is written again with the next flush, so the record is gone after a restart too.
     pub(super) fn withdraw(&mut self, grant_uid: &str, jti: &str) -> bool {
-        let mut planned = None;
-        for (shard, records) in self.tokens.iter_mut().enumerate() {
-            let Some(held) = records.get_mut(grant_uid) else {
-                continue;
-            };
-            if let Some(at) = held.iter().position(|h| h.0 == jti) {
-                planned = Some(held.remove(at));
-                if held.is_empty() {
-                    records.remove(grant_uid);
-                }
-                self.dirty.insert(shard);
-                break;
-            }
-        }
-        let Some(planned) = planned else {
+        let Some((shard, planned)) = self.tokens.remove(grant_uid, jti) else {
             return false;
         };
+        self.dirty.insert(shard);
         self.version += 1;
         let status_ref = self.status_ref(&planned);
         matches!(self.registry.revoke(&status_ref), Ok(true))
@@ -201,8 +168,8 @@ impl Inner {
 
     pub(super) fn status_ref(&self, held: &Held) -> TokenStatusRef {
         TokenStatusRef {
-            idx: held.3,
-            uri: format!("{}/{}", self.base(), held.2),
+            idx: held.idx(),
+            uri: format!("{}/{}", self.base(), held.serial()),
         }
     }
 
@@ -212,7 +179,7 @@ impl Inner {
     pub(super) fn plan(&mut self, lists: &StatusLists, keys: &KeyStore, now: i64) -> Result<Flush> {
         let mut shards = Vec::new();
         for &shard in &self.dirty {
-            let text = serde_json::to_string(&self.tokens[shard])?;
+            let text = serde_json::to_string(self.tokens.shard(shard))?;
             if text == self.shards_written[shard] {
                 continue;
             }
@@ -276,12 +243,7 @@ mod tests {
 
     #[test]
     pub(super) fn held_tokens_persist_compactly() {
-        let held = Held(
-            "0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f".into(),
-            1_800_000_600,
-            "3".into(),
-            17,
-        );
+        let held = Held::new("0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f", 1_800_000_600, 3, 17);
         assert_eq!(
             serde_json::to_string(&held).unwrap(),
             r#"["0b8e6b0e-2f7a-4a57-9d64-0cbd5d1d7c1f",1800000600,"3",17]"#
@@ -295,11 +257,8 @@ mod tests {
         let mut registry = Registry::new(config.clone()).unwrap();
         let a = registry.allocate(1_800_000_000, 1_800_000_600).unwrap();
         registry.revoke(&a.status_ref).unwrap();
-        let mut tokens: Shards = vec![BTreeMap::new(); SHARDS];
-        tokens[shard_of("uid-1")].insert(
-            "uid-1".to_owned(),
-            vec![Held("j".into(), 1_800_000_600, "0".into(), 0)],
-        );
+        let mut tokens = TokenRecords::default();
+        tokens.record(shard_of("uid-1"), "uid-1", "j", 1_800_000_600, 0, 0);
         let inner = Inner {
             registry,
             tokens,
@@ -313,10 +272,13 @@ mod tests {
             budget: NamespaceBudget::new(usize::MAX),
         };
         let text = inner.state_json().unwrap();
-        let shard_text = serde_json::to_string(&inner.tokens[shard_of("uid-1")]).unwrap();
+        let shard_text = serde_json::to_string(inner.tokens.shard(shard_of("uid-1"))).unwrap();
         let read: Persisted = serde_json::from_str(&text).unwrap();
-        let mut read_tokens: Shards = vec![BTreeMap::new(); SHARDS];
-        read_tokens[shard_of("uid-1")] = serde_json::from_str(&shard_text).unwrap();
+        let mut read_tokens = TokenRecords::default();
+        read_tokens.replace_shard(
+            shard_of("uid-1"),
+            serde_json::from_str(&shard_text).unwrap(),
+        );
         let restored = Inner {
             registry: Registry::restore(config, read.registry).unwrap(),
             tokens: read_tokens,
@@ -331,7 +293,11 @@ mod tests {
         };
         assert_eq!(restored.state_json().unwrap(), text);
         assert_eq!(
-            restored.status_ref(&restored.tokens[shard_of("uid-1")]["uid-1"][0]),
+            serde_json::to_string(restored.tokens.shard(shard_of("uid-1"))).unwrap(),
+            shard_text
+        );
+        assert_eq!(
+            restored.status_ref(restored.held("uid-1").next().unwrap()),
             a.status_ref
         );
     }
@@ -341,7 +307,7 @@ mod tests {
         let config = RegistryConfig::new("https://i/statuslists/u", 86_400);
         Inner {
             registry: Registry::new(config).unwrap(),
-            tokens: vec![BTreeMap::new(); SHARDS],
+            tokens: TokenRecords::default(),
             shards_written: vec![String::new(); SHARDS],
             dirty: BTreeSet::new(),
             open,
@@ -358,26 +324,20 @@ mod tests {
     #[test]
     pub(super) fn a_grants_records_are_found_and_taken_from_every_shard() {
         let mut inner = empty_inner(3);
-        inner
-            .held_of("uid-1")
-            .push(Held("a".into(), 10, "0".into(), 0));
-        inner
-            .held_of("uid-2")
-            .push(Held("x".into(), 10, "0".into(), 1));
+        inner.edit_open("uid-1", |h| h.push(Held::new("a", 10, 0, 0)));
+        inner.edit_open("uid-2", |h| h.push(Held::new("x", 10, 0, 1)));
         inner.dirty.clear();
         inner.open = 4;
-        inner
-            .held_of("uid-1")
-            .push(Held("b".into(), 20, "0".into(), 2));
+        inner.edit_open("uid-1", |h| h.push(Held::new("b", 20, 0, 2)));
         assert_eq!(
             inner.dirty,
             BTreeSet::from([4]),
             "only the open shard is touched"
         );
-        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        let ids: Vec<String> = inner.held("uid-1").map(Held::jti).collect();
         assert_eq!(ids, ["a", "b"]);
         inner.dirty.clear();
-        let taken: Vec<String> = inner.take_held("uid-1").into_iter().map(|h| h.0).collect();
+        let taken: Vec<String> = inner.take_held("uid-1").iter().map(Held::jti).collect();
         assert_eq!(taken, ["a", "b"]);
         assert!(
             inner.dirty.is_empty(),
@@ -398,10 +358,8 @@ mod tests {
         let mut inner = empty_inner(0);
         let record = |inner: &mut Inner, uid: &str, jti: &str| {
             let status_ref = inner.registry.allocate(100, 700).unwrap().status_ref;
-            let serial = status_ref.uri.rsplit('/').next().unwrap().to_owned();
-            inner
-                .held_of(uid)
-                .push(Held(jti.into(), 700, serial, status_ref.idx));
+            let serial = status_ref.uri.rsplit('/').next().unwrap().parse().unwrap();
+            inner.edit_open(uid, |h| h.push(Held::new(jti, 700, serial, status_ref.idx)));
             status_ref
         };
         let current = record(&mut inner, "uid-1", "current");
@@ -423,7 +381,7 @@ mod tests {
         assert_eq!(inner.registry.status(&planned).unwrap(), Status::Invalid);
         assert_eq!(inner.registry.status(&current).unwrap(), Status::Valid);
         assert_eq!(inner.registry.status(&other).unwrap(), Status::Valid);
-        let ids: Vec<&str> = inner.held("uid-1").map(|h| h.0.as_str()).collect();
+        let ids: Vec<String> = inner.held("uid-1").map(Held::jti).collect();
         assert_eq!(ids, ["current"]);
         assert_eq!(
             inner.held("uid-2").count(),

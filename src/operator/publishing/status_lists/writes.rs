@@ -380,8 +380,8 @@ pub(super) fn shard_secret(shard: usize, tokens: &str) -> Secret {
 pub(super) async fn load_shards(
     secrets: &Api<Secret>,
     namespace: &str,
-) -> Result<(Shards, Vec<String>)> {
-    let mut tokens: Shards = vec![BTreeMap::new(); SHARDS];
+) -> Result<(TokenRecords, Vec<String>)> {
+    let mut tokens = TokenRecords::default();
     let mut written = vec![String::new(); SHARDS];
     let listed = secrets
         .list(&kube::api::ListParams::default().labels(SHARD_LABEL))
@@ -397,11 +397,12 @@ pub(super) async fn load_shards(
             .and_then(|d| d.get(TOKENS_KEY))
             .and_then(|b| String::from_utf8(b.0.clone()).ok())
             .unwrap_or_default();
-        tokens[shard] = serde_json::from_str(&text).map_err(|e| {
+        let records = serde_json::from_str(&text).map_err(|e| {
             Error::InvalidState(format!(
                 "Secret {namespace}/{name} key {TOKENS_KEY} is unreadable ({e}); refusing to start rather than forget which status-list entries belong to which grant"
             ))
         })?;
+        tokens.replace_shard(shard, records);
         written[shard] = text;
     }
     Ok((tokens, written))
