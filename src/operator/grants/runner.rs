@@ -1,9 +1,11 @@
 //! The grant controller's loop, in place of kube's `Controller`: every trigger of a grant (its own
 //! watch events, its token Secrets', an approval naming it, a wake-up) goes into a
 //! [`FairQueue`](crate::fair_queue::FairQueue), which admits at most `--concurrency` reconciles at
-//! once: deletions and suspensions first, and otherwise namespace by namespace in turns. kube's controller serves one queue for every namespace (and, once saturated, picks among
-//! the waiting in no particular order): 10,000 grants arriving in one namespace were reconciled
-//! before, or mixed at random with, another namespace's deletion.
+//! once besides revocations (deletions and suspensions: first, and in slots of their own), and
+//! otherwise namespace by namespace in turns. kube's controller serves one queue for every
+//! namespace (and, once saturated, picks among the waiting in no particular order): 10,000 grants
+//! arriving in one namespace were reconciled before, or mixed at random with, another namespace's
+//! deletion. How long grants wait, and how many, is on `/metrics` by lane.
 //!
 //! A waiting grant costs its key only; its reconcile is made and boxed when it is admitted. A
 //! reconcile that asks to be looked at again does so through the grant's alarm
