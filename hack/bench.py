@@ -31,7 +31,9 @@ with its default values (`chart_flags`: --concurrency, leader election, TTL limi
   - fairness (with BENCH_GRANTS=N; BENCH_ONLY=fairness runs only this): N grants POSTed at once in one
     namespace while grants of another namespace are deleted at 10 per second, by an operator watching
     every namespace at the chart's default --concurrency, on a control plane of its own: each
-    deletion's DELETE -> grant gone (p50/p99/max), and how much of the burst was still waiting.
+    deletion's DELETE -> grant gone (p50/p99/max), the load average then, how long grants waited in
+    the operator's fair queue over the deletions, by lane (from its /metrics, read with a
+    ServiceAccount token allowed `get /metrics`), and how much of the burst was still waiting.
 
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
@@ -593,13 +595,86 @@ def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
         operator.wait(timeout=30)
 
 
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def metrics_reader_token(kubectl, ns):
+    """A ServiceAccount token allowed `get /metrics` (as Prometheus' would be)."""
+    sh(*kubectl, "-n", ns, "create", "serviceaccount", "bench-metrics")
+    sh(*kubectl, "create", "clusterrole", "bench-metrics", "--verb=get", "--non-resource-url=/metrics")
+    sh(*kubectl, "create", "clusterrolebinding", "bench-metrics", "--clusterrole=bench-metrics",
+       f"--serviceaccount={ns}:bench-metrics")
+    return sh(*kubectl, "-n", ns, "create", "token", "bench-metrics").strip()
+
+
+def operator_metrics(port, token):
+    """The operator's /metrics text (its listener's self-signed certificate is not checked)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=60)
+    conn.request("GET", "/metrics", headers={"Authorization": f"Bearer {token}"})
+    response = conn.getresponse()
+    text = response.read().decode()
+    if response.status != 200:
+        raise RuntimeError(f"operator /metrics: {response.status} {text[:300]!r}")
+    return text
+
+
+def histogram(text, name, labels):
+    """The cumulative buckets ([(le, count)], le ascending), count and sum of the series of histogram
+    `name` whose labels include `labels`."""
+    import re
+
+    buckets, count, total = [], 0, 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "_"):
+            continue
+        series, value = line.rsplit(" ", 1)
+        fields = dict(re.findall(r'(\w+)="([^"]*)"', series))
+        if any(fields.get(k) != v for k, v in labels.items()):
+            continue
+        if series.startswith(name + "_bucket"):
+            le = fields["le"]
+            buckets.append((float("inf") if le == "+Inf" else float(le), int(float(value))))
+        elif series.startswith(name + "_count"):
+            count = int(float(value))
+        elif series.startswith(name + "_sum"):
+            total = float(value)
+    return sorted(buckets), count, total
+
+
+def histogram_summary(text, name, labels):
+    """count, mean, and the bucket bounds under which 50% and 99% of the observations fall."""
+    buckets, count, total = histogram(text, name, labels)
+
+    def bound(q):
+        for le, n in buckets:
+            if n >= q * count:
+                return le
+        return None
+
+    if not count:
+        return {"count": 0}
+    return {"count": count, "mean_s": round(total / count, 4), "p50_at_most_s": bound(0.5),
+            "p99_at_most_s": bound(0.99)}
+
+
 def fairness_under_burst(binary, count, deletes=600, per_second=10):
     """`count` grants POSTed at once (8 connections) in one namespace while `deletes` grants of another
     namespace, Ready before, are deleted at `per_second` from the moment the burst starts; the
     operator watches every namespace, at the chart's default --concurrency. Runs on a control plane of
     its own (removed afterwards): an operator of every namespace must meet no other run's grants.
-    Returns each deletion's DELETE -> gone (p50/p99/max) and how much of the burst was not Ready yet
-    when the last deletion was done (the deletions did overlap the burst)."""
+    Returns each deletion's DELETE -> gone (p50/p99/max), how much of the burst was not Ready yet
+    when the last deletion was done (the deletions did overlap the burst), the load average then,
+    and the operator's own account of its fair queue over the deletions (`queue_wait`, from its
+    /metrics: how long grants waited for a reconcile slot, by lane, and how many still waited).
+    BENCH_FAIRNESS_LOG=PATH keeps the operator's log there."""
     import threading
 
     script = os.path.join(ROOT, "hack/control-plane.sh")
@@ -607,6 +682,8 @@ def fairness_under_burst(binary, count, deletes=600, per_second=10):
     kubeconfig = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
                                 check=True).stdout.strip()
     operator = None
+    log_path = os.environ.get("BENCH_FAIRNESS_LOG")
+    log = open(log_path, "w") if log_path else subprocess.DEVNULL
     try:
         env_lines = subprocess.run([script, "env"], env=env, capture_output=True, text=True, check=True).stdout
         bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines()
@@ -619,28 +696,48 @@ def fairness_under_burst(binary, count, deletes=600, per_second=10):
         for namespace in (busy, steady, "fair-op"):
             sh(*kubectl, "create", "namespace", namespace)
         install_admission_policies(kubectl, binary, steady)
+        token, port = metrics_reader_token(kubectl, "fair-op"), free_port()
         operator = subprocess.Popen(
             [binary, "run", "--kubeconfig", kubeconfig, "--operator-namespace", "fair-op",
-             *chart_flags(), "--https-address", "127.0.0.1:0", "--tls-self-signed=true"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             *chart_flags(), "--https-address", f"127.0.0.1:{port}", "--tls-self-signed=true"],
+            stdout=log, stderr=log)
         for namespace in (busy, steady):
             sh(*kubectl, "-n", namespace, "apply", "-f", "-", stdin=AGENT)
         post_grants(state_dir, steady, "steady", deletes)
         wait_all_ready(state_dir, steady, deletes, 600)
+        before = operator_metrics(port, token)
 
         burst = threading.Thread(target=post_grants, args=(state_dir, busy, "burst", count))
         t0 = time.monotonic()
         burst.start()
         latencies = revocation_latencies(state_dir, steady, [f"steady-{i:05d}" for i in range(deletes)],
                                          per_second)
+        load = os.getloadavg()
+        after = operator_metrics(port, token)
         items, _ = list_grants(Api(state_dir), busy)
         waiting = count - sum(1 for g in items if ready(g))
         burst.join()
         wait_all_ready(state_dir, busy, count, 3600)
+        queue_wait = {}
+        for lane in ("revocation", "routine"):
+            # Over the deletions only: what the steady namespace's grants waited before is taken off.
+            buckets_after, count_after, sum_after = histogram(
+                after, "delegation_grant_queue_wait_seconds", {"lane": lane})
+            buckets_before, count_before, sum_before = histogram(
+                before, "delegation_grant_queue_wait_seconds", {"lane": lane})
+            earlier = dict(buckets_before)
+            delta = "\n".join(
+                [f'delegation_grant_queue_wait_seconds_bucket{{lane="{lane}",le="{le}"}} {n - earlier.get(le, 0)}'
+                 for le, n in buckets_after]
+                + [f'delegation_grant_queue_wait_seconds_count{{lane="{lane}"}} {count_after - count_before}',
+                   f'delegation_grant_queue_wait_seconds_sum{{lane="{lane}"}} {sum_after - sum_before}'])
+            queue_wait[lane] = histogram_summary(delta, "delegation_grant_queue_wait_seconds", {"lane": lane})
         return {
             "flags": " ".join(chart_flags()),
             f"deletes_at_{per_second}_per_s": deletes,
             "deletion_to_gone": percentiles(latencies),
+            "load_average_1_5_15_when_the_deletions_were_done": [round(x, 2) for x in load],
+            "queue_wait_over_the_deletions": queue_wait,
             "burst_grants_not_ready_when_the_deletions_were_done": waiting,
             "burst_all_ready_s": round(time.monotonic() - t0, 1),
         }
@@ -648,6 +745,8 @@ def fairness_under_burst(binary, count, deletes=600, per_second=10):
         if operator:
             operator.terminate()
             operator.wait(timeout=10)
+        if log_path:
+            log.close()
         subprocess.run([script, "stop"], env=env, capture_output=True)
         subprocess.run(["rm", "-rf", env["CONTROL_PLANE_DIR"]])
 

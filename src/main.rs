@@ -148,8 +148,10 @@ struct RunArgs {
     #[arg(long, default_value = "5m", value_parser = parse_duration)]
     authority_recheck_period: std::time::Duration,
     /// How many grants are reconciled at once; a free slot goes to the next namespace in turn (a
-    /// namespace's deletions and suspensions first). 8 keeps up with a bare client making the same
-    /// writes on 8 connections (the bench's yardstick); fewer slows bursts of new grants.
+    /// namespace's deletions and suspensions first). Revocations have as many slots again of their
+    /// own, and while one runs or waits, other work takes at most half the slots. 8 keeps up with a
+    /// bare client making the same writes on 8 connections (the bench's yardstick); fewer slows
+    /// bursts of new grants.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
     /// Elect one writing replica through a Lease in the operator namespace. Turn off only when exactly

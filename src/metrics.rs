@@ -32,6 +32,12 @@ pub struct ControllerLabels {
     pub controller: String,
 }
 
+/// A lane of the grants' fair queue (`revocation`, `routine`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LaneLabels {
+    pub lane: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NamespaceLabels {
     pub namespace: String,
@@ -61,6 +67,9 @@ pub struct Metrics {
     pub denied: Family<ReasonLabels, Counter>,
     pub reconcile_duration: Family<ControllerLabels, Histogram>,
     pub reconcile_errors: Family<ControllerLabels, Counter>,
+    /// The grants' fair queue, by lane: how long an admitted grant waited, and how many wait.
+    pub grant_queue_wait: Family<LaneLabels, Histogram>,
+    pub grant_queue_depth: Family<LaneLabels, Gauge<i64, AtomicI64>>,
     pub introspections: Family<ResultLabels, Counter>,
     pub caller_reviews: Family<ReviewLabels, Counter>,
     pub caller_review_cache_hits: Family<ReviewLabels, Counter>,
@@ -119,6 +128,11 @@ impl Metrics {
             (|| Histogram::new(exponential_buckets(0.001, 2.0, 15))) as fn() -> Histogram,
         );
         let reconcile_errors = Family::<ControllerLabels, Counter>::default();
+        // 1 ms .. ~2 min: a revocation should wait milliseconds, a burst's last grant minutes.
+        let grant_queue_wait = Family::<LaneLabels, Histogram>::new_with_constructor(
+            (|| Histogram::new(exponential_buckets(0.001, 2.0, 18))) as fn() -> Histogram,
+        );
+        let grant_queue_depth = Family::<LaneLabels, Gauge<i64, AtomicI64>>::default();
         let introspections = Family::<ResultLabels, Counter>::default();
         let caller_reviews = Family::<ReviewLabels, Counter>::default();
         let caller_review_cache_hits = Family::<ReviewLabels, Counter>::default();
@@ -159,6 +173,17 @@ impl Metrics {
             "reconcile_errors",
             "Reconciles that failed and were retried",
             reconcile_errors.clone(),
+        );
+        registry.register_with_unit(
+            "grant_queue_wait",
+            "How long a grant waited in the fair queue before its reconcile started, by lane (revocation: deletions and suspensions of grants holding a token; routine: the rest)",
+            prometheus_client::registry::Unit::Seconds,
+            grant_queue_wait.clone(),
+        );
+        registry.register(
+            "grant_queue_depth",
+            "Grants waiting in the fair queue for a reconcile slot, by lane",
+            grant_queue_depth.clone(),
         );
         registry.register(
             "introspection_requests",
@@ -230,6 +255,8 @@ impl Metrics {
             denied,
             reconcile_duration,
             reconcile_errors,
+            grant_queue_wait,
+            grant_queue_depth,
             introspections,
             caller_reviews,
             caller_review_cache_hits,
@@ -323,6 +350,20 @@ impl Metrics {
         if failed {
             self.reconcile_errors.get_or_create(&labels).inc();
         }
+    }
+
+    /// Records how long a grant waited in `lane` of the fair queue before it was admitted.
+    pub fn observe_queue_wait(&self, lane: &'static str, seconds: f64) {
+        self.grant_queue_wait
+            .get_or_create(&LaneLabels { lane })
+            .observe(seconds);
+    }
+
+    /// Sets how many grants wait in `lane` of the fair queue.
+    pub fn report_queue_depth(&self, lane: &'static str, waiting: usize) {
+        self.grant_queue_depth
+            .get_or_create(&LaneLabels { lane })
+            .set(gauge(waiting));
     }
 
     /// The OpenMetrics text of every metric.
@@ -420,6 +461,8 @@ mod tests {
         m.observe_reconcile("grants", 0.004, true);
         m.leader.set(1);
         m.events_dropped.inc();
+        m.observe_queue_wait("revocation", 0.003);
+        m.report_queue_depth("routine", 9_000);
         let text = m.encode().unwrap();
         assert!(
             text.contains("delegation_tokens_revoked_total{reason=\"AgentSuspended\"} 2"),
@@ -430,6 +473,14 @@ mod tests {
             text.contains("delegation_reconcile_duration_seconds_count{controller=\"grants\"} 1")
         );
         assert!(text.contains("delegation_leader 1"));
+        assert!(
+            text.contains("delegation_grant_queue_wait_seconds_count{lane=\"revocation\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("delegation_grant_queue_depth{lane=\"routine\"} 9000"),
+            "{text}"
+        );
         assert!(text.contains("delegation_events_dropped_total 1"), "{text}");
         assert!(text.ends_with("# EOF\n"));
     }

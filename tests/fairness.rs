@@ -2,7 +2,7 @@
 //! another namespace's revocations. The operator here watches every namespace, so it runs on a
 //! control plane of this test's own (it would otherwise meet every other test's grants).
 //!
-//! Not a timed assertion: the test compares orders. Both namespaces' work goes through the same
+//! Not timed assertions: the tests compare orders. Both namespaces' work goes through the same
 //! operator at `--concurrency 1`, so a loaded machine slows both alike.
 
 mod support;
@@ -22,6 +22,8 @@ use support::{private_control_plane::PrivateControlPlane, *};
 const BURST: usize = 500;
 /// Grants of the quiet namespace deleted, and as many suspended, once the burst waits.
 const REVOKED: usize = 5;
+/// Suspended grants (their tokens already revoked) that a tenant edits all at once.
+const EDITED: usize = 300;
 
 const AGENT: &str = r#"
 apiVersion: delegation.nhi.dev/v1alpha1
@@ -43,6 +45,12 @@ fn grant(name: &str) -> DelegationGrant {
                  "audience": "https://tickets.example.com", "tokenTTL": "10m"},
     }))
     .unwrap()
+}
+
+fn suspended_grant(name: &str) -> DelegationGrant {
+    let mut grant = grant(name);
+    grant.spec.suspended = Some(true);
+    grant
 }
 
 /// How many grants of the namespace are not Ready (yet).
@@ -195,5 +203,93 @@ async fn a_burst_in_one_namespace_does_not_hold_back_another_namespaces_revocati
         || async { (not_ready(&busy_grants).await == 0).then_some(()) },
     )
     .await;
+    drop(operator);
+}
+
+/// A tenant edits hundreds of its suspended grants (tokens long revoked) at once, then another
+/// namespace asks for a new grant: the edits wait their namespace's turn, and the new grant is
+/// issued before most of them are looked at. Had a suspended grant without a token still counted as
+/// a revocation, every edit would have gone first.
+#[tokio::test]
+async fn editing_suspended_grants_gains_no_priority_over_another_namespaces_issuance() {
+    let cp = PrivateControlPlane::start("fairness-edits");
+    cp.install().await;
+    let client = cp.client().await;
+    let editor = Fixture {
+        client: client.clone(),
+        ns: fresh_namespace(&client, "fair-editor").await,
+        operator: None,
+    };
+    let other = Fixture {
+        client: client.clone(),
+        ns: fresh_namespace(&client, "fair-other").await,
+        operator: None,
+    };
+    let operator_ns = other.operator_namespace();
+    create_namespace(&client, &operator_ns).await;
+    editor.apply(AGENT).await;
+    other.apply(AGENT).await;
+    // One replica: no Lease to lose on a machine too loaded to renew it in time.
+    let operator = Operator::start_watching_all(
+        &cp.kubeconfig,
+        &operator_ns,
+        &["--concurrency", "1", "--leader-election=false"],
+    );
+
+    // Suspended from the start: refused, never issued. The operator's record says so once it has
+    // looked at each (Ready=False for its generation).
+    let edited = editor.grants();
+    let names: Vec<String> = (0..EDITED).map(|i| format!("suspended-{i:03}")).collect();
+    futures::stream::iter(&names)
+        .map(|name| {
+            let api = edited.clone();
+            async move {
+                api.create(&PostParams::default(), &suspended_grant(name))
+                    .await
+                    .unwrap()
+            }
+        })
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let acknowledged = || async {
+        let grants = edited.list(&ListParams::default()).await.unwrap().items;
+        grants.iter().filter(|g| revoked(g)).count()
+    };
+    wait_for(
+        "every suspended grant refused",
+        Duration::from_secs(600),
+        || async { (acknowledged().await == EDITED).then_some(()) },
+    )
+    .await;
+
+    // The edits: each a new generation the operator acknowledges once it has looked at it.
+    futures::stream::iter(&names)
+        .map(|name| editor.patch_grant(name, json!({"spec": {"tokenTTL": "11m"}})))
+        .buffer_unordered(16)
+        .collect::<Vec<_>>()
+        .await;
+    let waiting = EDITED - acknowledged().await;
+    other
+        .grants()
+        .create(&PostParams::default(), &grant("wanted"))
+        .await
+        .unwrap();
+    other
+        .wait_ready_within("wanted", "True", Some("Issued"), Duration::from_secs(600))
+        .await;
+    let still_waiting = EDITED - acknowledged().await;
+    eprintln!(
+        "{waiting} of the {EDITED} edits waited when the other namespace's grant was created; \
+         {still_waiting} still did once it was issued"
+    );
+    // Turns: the new grant goes after at most a few edits (its own reconciles alternate with them).
+    // As revocations, all the edits went first.
+    assert!(
+        still_waiting * 2 >= waiting && waiting > 0,
+        "the other namespace's grant waited behind the edits of suspended grants: {} of the \
+         {waiting} edits waiting when it was created were done before it was issued",
+        waiting - still_waiting
+    );
     drop(operator);
 }

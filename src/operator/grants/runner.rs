@@ -1,16 +1,22 @@
 //! The grant controller's loop, in place of kube's `Controller`: every trigger of a grant (its own
 //! watch events, its token Secrets', an approval naming it, a wake-up) goes into a
 //! [`FairQueue`](crate::fair_queue::FairQueue), which admits at most `--concurrency` reconciles at
-//! once: deletions and suspensions first, and otherwise namespace by namespace in turns. kube's controller serves one queue for every namespace (and, once saturated, picks among
-//! the waiting in no particular order): 10,000 grants arriving in one namespace were reconciled
-//! before, or mixed at random with, another namespace's deletion.
+//! once besides revocations (deletions and suspensions: first, and in slots of their own), and
+//! otherwise namespace by namespace in turns. kube's controller serves one queue for every
+//! namespace (and, once saturated, picks among the waiting in no particular order): 10,000 grants
+//! arriving in one namespace were reconciled before, or mixed at random with, another namespace's
+//! deletion. How long grants wait, and how many, is on `/metrics` by lane.
 //!
 //! A waiting grant costs its key only; its reconcile is made and boxed when it is admitted. A
 //! reconcile that asks to be looked at again does so through the grant's alarm
 //! ([`Context::look_again`]), as does a failed one ([`super::retry_after`]). Built by
 //! `operator::run`.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    future::Future,
+    sync::Arc,
+    time::{Duration, Instant},
+};
 
 use futures::{FutureExt, Stream, StreamExt, future::BoxFuture, stream::FuturesUnordered};
 use k8s_openapi::api::core::v1::Secret;
@@ -23,7 +29,7 @@ use tracing::Instrument;
 
 use crate::{
     api::{DelegationApproval, DelegationGrant},
-    fair_queue::{FairQueue, Lane, Tenanted},
+    fair_queue::{Admitted, FairQueue, Lane, Tenanted},
     operator::{caches::context::Context, error::Result},
 };
 
@@ -130,7 +136,7 @@ pub async fn run(
     ctx: Arc<Context>,
     shutdown: impl Future<Output = ()>,
 ) {
-    let mut queue = FairQueue::new(usize::from(ctx.settings.concurrency));
+    let mut queue: Queue = FairQueue::new(usize::from(ctx.settings.concurrency));
     let mut running: FuturesUnordered<BoxFuture<'static, Finished>> = FuturesUnordered::new();
     let triggers = triggers.fuse();
     // Nothing runs before the caches hold the cluster (triggers queue meanwhile).
@@ -146,9 +152,10 @@ pub async fn run(
         if caches_ready {
             admit(&mut queue, &mut running, &ctx);
         }
+        report_depth(&queue);
         tokio::select! {
             trigger = triggers.next() => match trigger {
-                Some(Trigger { grant, lane }) => queue.push(grant, lane),
+                Some(Trigger { grant, lane }) => queue.push(grant, lane, Instant::now()),
                 None => break,
             },
             Some((grant, version, outcome)) = running.next(), if !running.is_empty() => {
@@ -169,13 +176,22 @@ pub async fn run(
     }
 }
 
+/// The grants waiting, each stamped with when it was asked for.
+type Queue = FairQueue<GrantKey, Instant>;
+
 /// Starts every reconcile the queue admits now. A grant no longer in the cache (deleted) is done.
 fn admit(
-    queue: &mut FairQueue<GrantKey>,
+    queue: &mut Queue,
     running: &mut FuturesUnordered<BoxFuture<'static, Finished>>,
     ctx: &Arc<Context>,
 ) {
-    while let Some(key) = queue.admit() {
+    while let Some(Admitted {
+        item: key,
+        lane,
+        queued,
+    }) = queue.admit()
+    {
+        crate::metrics::metrics().observe_queue_wait(lane.as_str(), queued.elapsed().as_secs_f64());
         let Some(grant) = ctx.grants.get(&key.object_ref()) else {
             queue.done(&key);
             continue;
@@ -191,6 +207,13 @@ fn admit(
             .instrument(span)
             .boxed(),
         );
+    }
+}
+
+/// The queue's depth per lane, for `/metrics`.
+fn report_depth(queue: &Queue) {
+    for lane in Lane::ALL {
+        crate::metrics::metrics().report_queue_depth(lane.as_str(), queue.waiting_in(lane));
     }
 }
 
