@@ -500,6 +500,24 @@ mod tests {
         assert_eq!(*read, expected);
     }
 
+    #[test]
+    fn a_forged_status_larger_than_lz4s_window_still_reads_back_and_so_do_its_neighbours() {
+        let cache = GrantCache::default();
+        let mut huge = ready_grant("team", 0);
+        let conditions = huge.status.as_mut().unwrap().conditions.as_mut().unwrap();
+        conditions[0].message = "forged ".repeat(40_000);
+        cache.apply(&watcher::Event::Apply(huge.clone()));
+        // Packed against the 280 KB dictionary the forged grant became, then against the next one.
+        let after: Vec<_> = (1..4).map(|i| ready_grant("team", i)).collect();
+        for g in &after {
+            cache.apply(&watcher::Event::Apply(g.clone()));
+        }
+        assert_eq!(get(&cache, "team", "grant-00000").as_deref(), Some(&huge));
+        for g in &after {
+            assert_eq!(get(&cache, "team", &g.name_any()).as_deref(), Some(g));
+        }
+    }
+
     /// Any text a tenant may write, including what JSON escapes.
     fn hostile_text() -> impl Strategy<Value = String> {
         prop_oneof![
