@@ -133,7 +133,7 @@ async fn a_burst_in_one_namespace_does_not_hold_back_another_namespaces_revocati
     let operator = start();
     wait_for(
         "the operator to work on the burst",
-        Duration::from_secs(120),
+        Duration::from_secs(600),
         || async { (not_ready(&busy_grants).await < BURST).then_some(()) },
     )
     .await;
