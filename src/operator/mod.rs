@@ -13,7 +13,8 @@
 //! - [`publishing`]: what verifiers read — signing keys and the JWKS, the Token Status Lists, the
 //!   fence before an overwrite, and the guard that puts them back when edited.
 //! - [`caches`]: what reconciles read — the shared context, the watches that fill the caches, the
-//!   dependency index, the interner, the Secret cache, the stamping policies.
+//!   compressed grants cache, the dependency index, the interner, the Secret cache, the stamping
+//!   policies.
 //! - [`reporting`]: what the operator says — Kubernetes Events and the JSON audit trail.
 //! - [`error`], [`readiness`]: the error type and what `/readyz` reports.
 
