@@ -43,9 +43,10 @@ Not a test: nothing here asserts a time.
 
 Memory diagnostics: BENCH_OPERATOR_BINARY=PATH runs that build instead of building the release one
 (e.g. a saved copy, to compare two builds side by side on one control plane); BENCH_MALLOC_TRIM=1 also
-reports the RSS after glibc's `malloc_trim(0)` (needs gdb), which tells live heap from memory the
-allocator merely keeps; MALLOC_* variables set in the environment reach the operator and are printed
-with the figures. BENCH_CLEANUP=0 leaves what the run created (for a control plane thrown away next:
+reports the RSS after glibc's `malloc_trim(0)` (needs gdb; it tells live heap from memory the
+allocator merely keeps, for a build on glibc's malloc: the operator's own build uses jemalloc, whose
+settings are compiled in from .cargo/config.toml); _RJEM_MALLOC_CONF (jemalloc's settings at run time)
+and MALLOC_* variables set in the environment reach the operator and are printed with the figures. BENCH_CLEANUP=0 leaves what the run created (for a control plane thrown away next:
 cleaning up 100,000 grants takes long).
 """
 
@@ -790,7 +791,7 @@ def main():
     bare_ns = f"{ns}-bare"
     mem_ns = f"{ns}-mem"
     # The allocator's settings change the memory figures: name them beside the figures.
-    results = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}
+    results = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "_RJEM_MALLOC_"))}
     scale = int(os.environ.get("BENCH_GRANTS", "0"))
     try:
         if os.environ.get("BENCH_ONLY") == "holding":
