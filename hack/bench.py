@@ -291,6 +291,21 @@ def apiserver_requests(api):
 REVIEWS = ("subjectaccessreviews", "selfsubjectaccessreviews", "localsubjectaccessreviews", "tokenreviews")
 
 
+def writes_at_rest(api, seconds=20):
+    """The writes the apiserver served over `seconds`: Lease renewals, all others, and which those
+    others were ("VERB resource": count), so that a stray write names itself."""
+    def writes():
+        return {k: v for k, v in apiserver_requests(api).items()
+                if k.split(" ")[0] in WRITE_VERBS and k.split(" ")[1] not in REVIEWS}
+    before = writes()
+    time.sleep(seconds)
+    after = writes()
+    grown = {k: int(v - before.get(k, 0)) for k, v in after.items() if v > before.get(k, 0)}
+    leases = sum(n for k, n in grown.items() if k.endswith(" leases"))
+    others = {k: n for k, n in grown.items() if not k.endswith(" leases")}
+    return {"lease_renewals": leases, "other": sum(others.values()), "which": others}
+
+
 def apiserver_writes(api):
     """The apiserver's count of write requests so far, as (lease writes, all other writes); reviews
     are not writes."""
@@ -562,10 +577,7 @@ def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
         if os.environ.get("BENCH_MALLOC_TRIM"):
             out["rss_after_malloc_trim_mib"] = trimmed_rss_mib(operator.pid)
         # Nothing is due for hours (12-hour tokens renew after about 8).
-        leases0, writes0 = apiserver_writes(api)
-        time.sleep(20)
-        leases1, writes1 = apiserver_writes(api)
-        out["writes_in_20s_at_rest"] = {"lease_renewals": leases1 - leases0, "other": writes1 - writes0}
+        out["writes_in_20s_at_rest"] = writes_at_rest(api)
 
         before = token_ids(state_dir, ns)
         operator.kill()
@@ -585,11 +597,7 @@ def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
         rss, hwm = rss_kib(operator.pid)
         out["rss_after_restart_mib"] = round(rss / 1024, 1)
         out["peak_rss_during_restart_mib"] = round(hwm / 1024, 1)
-        leases0, writes0 = apiserver_writes(api)
-        time.sleep(20)
-        leases1, writes1 = apiserver_writes(api)
-        out["writes_in_20s_at_rest_after_restart"] = {"lease_renewals": leases1 - leases0,
-                                                      "other": writes1 - writes0}
+        out["writes_in_20s_at_rest_after_restart"] = writes_at_rest(api)
         return out
     finally:
         operator.terminate()
@@ -864,11 +872,7 @@ def main():
         # Nothing is due for minutes (10m tokens renew after about 6): count every write for 20 s,
         # from 10 s on (an agent's activeGrants alone is written up to 10 s after its last change).
         time.sleep(10)
-        leases0, writes0 = apiserver_writes(api)
-        time.sleep(20)
-        leases1, writes1 = apiserver_writes(api)
-        results["writes_in_20s_idle_with_1000_grants"] = {"lease_renewals": leases1 - leases0,
-                                                          "other": writes1 - writes0}
+        results["writes_in_20s_idle_with_1000_grants"] = writes_at_rest(api)
         results["rss_with_1000_grants_mib"] = round(rss / 1024, 1)
         results["peak_rss_mib"] = round(hwm / 1024, 1)
         if os.environ.get("BENCH_MALLOC_TRIM"):
