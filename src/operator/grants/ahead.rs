@@ -101,7 +101,14 @@ pub(super) async fn withdraw_unused(
     planned: Option<Planned>,
 ) {
     if let (Some(planned), Some(uid)) = (planned, grant.uid()) {
-        ctx.status_lists.withdraw(&uid, &planned.jti).await;
+        ctx.status_lists
+            .withdraw(
+                &ctx.keys,
+                &uid,
+                &planned.jti,
+                crate::operator::now().as_second(),
+            )
+            .await;
     }
 }
 
@@ -162,7 +169,9 @@ pub(super) async fn plan_first_token(
         Ok(status_ref) => status_ref,
         Err(e) => {
             // Recorded in memory but not written: given back like any unused plan.
-            ctx.status_lists.withdraw(&uid, &jti).await;
+            ctx.status_lists
+                .withdraw(&ctx.keys, &uid, &jti, now.as_second())
+                .await;
             return Err(e);
         }
     };

@@ -82,7 +82,9 @@ pub(super) async fn issue(
         Err(e) => {
             // A planned entry that was not signed is given back, never left VALID and unused.
             if let (Some(jti), Some(uid)) = (planned_jti, grant.uid()) {
-                ctx.status_lists.withdraw(&uid, &jti).await;
+                ctx.status_lists
+                    .withdraw(&ctx.keys, &uid, &jti, now.as_second())
+                    .await;
             }
             return Err(e);
         }

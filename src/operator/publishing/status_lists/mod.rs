@@ -336,11 +336,24 @@ impl StatusLists {
     }
 
     /// Gives back the entry recorded for `jti`, a token planned for `grant_uid` and never minted: it
-    /// is no longer the grant's, and INVALID from the next write on (nothing is written for it alone;
-    /// no token carries it, and a restart before that write finds it as one of the grant's records,
-    /// revoked with them).
-    pub async fn withdraw(&self, grant_uid: &str, jti: &str) {
-        self.inner.lock().await.withdraw(grant_uid, jti);
+    /// is no longer the grant's, and INVALID. Written with the group commit under way (in a burst,
+    /// with other grants' records), which this waits for: left for a later flush, it would be the
+    /// one write of an operator otherwise at rest. No token carries the entry, so a failed write is
+    /// only logged; the next flush carries it, and a restart before that finds it as one of the
+    /// grant's records, revoked with them.
+    pub async fn withdraw(&self, keys: &KeyStore, grant_uid: &str, jti: &str, now: i64) {
+        let (before, after) = {
+            let mut inner = self.inner.lock().await;
+            let before = inner.version;
+            inner.withdraw(grant_uid, jti);
+            (before, inner.version)
+        };
+        if after == before {
+            return;
+        }
+        if let Err(e) = self.commit(keys, now, after).await {
+            tracing::warn!(error = %e, "could not write a withdrawn status-list entry yet; the next write carries it");
+        }
     }
 
     /// The in-memory part of [`revoke_grant`](Self::revoke_grant): how many entries changed, and

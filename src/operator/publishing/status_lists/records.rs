@@ -376,7 +376,7 @@ mod tests {
         );
         assert!(
             inner.version > version,
-            "the change waits for the next write"
+            "the change is written by the next flush (the shell's withdraw runs one at once)"
         );
         assert_eq!(inner.registry.status(&planned).unwrap(), Status::Invalid);
         assert_eq!(inner.registry.status(&current).unwrap(), Status::Valid);
