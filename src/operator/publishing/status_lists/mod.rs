@@ -404,9 +404,11 @@ impl StatusLists {
     }
 
     /// Retires lists whose tokens have all expired, forgets expired tokens, and re-signs Status List
-    /// Tokens that are due. Writes only what is due.
+    /// Tokens that are due. Writes only what is due: bookkeeping that changes no status (expired or
+    /// revoked records forgotten, records moved to the open shard) rides along with the next write,
+    /// so that an operator at rest writes nothing.
     pub async fn maintain(&self, keys: &KeyStore, now: i64) -> Result<()> {
-        {
+        let version = {
             let mut inner = self.inner.lock().await;
             let retired = inner.registry.prune(now);
             // Forgetting expired tokens alone is not worth a write: it rides along with the next one.
@@ -417,9 +419,15 @@ impl StatusLists {
                 inner.version += 1;
             }
             inner.report_usage();
-        }
-        // Always flushed: a Status List Token may be due for re-signing with nothing changed.
+            inner.version
+        };
         let mut flushed = self.flushed.lock().await;
+        // A change not yet written (a retired list, a failed flush), or a Status List Token due for
+        // signing again with nothing changed.
+        let active = keys.active_kid()?;
+        if *flushed >= version && !self.inner.lock().await.publication_due(&active, now) {
+            return Ok(());
+        }
         *flushed = self.flush(keys, now, false).await?;
         Ok(())
     }

@@ -173,6 +173,41 @@ impl Inner {
         }
     }
 
+    /// The Status List Token published for list `uri` (under `key`), if it may stay: it carries
+    /// `claim`, has more than half its life left, and the key that signs now signed it.
+    fn still_good(
+        &self,
+        key: &str,
+        uri: &str,
+        claim: &Value,
+        active: &str,
+        now: i64,
+    ) -> Option<&Published> {
+        self.published.get(key).filter(|p| {
+            p.uri == uri
+                && p.claim == *claim
+                && p.exp - now > RESIGN_WHEN_LEFT_SECS
+                && p.kid == active
+        })
+    }
+
+    /// Whether a flush would publish anything: a list opened, changed or retired, or a Status List
+    /// Token due for signing again (half its life gone, or signed by a key that no longer signs).
+    pub(super) fn publication_due(&self, active: &str, now: i64) -> bool {
+        let mut live = 0;
+        for (uri, list) in self.registry.lists() {
+            live += 1;
+            let key = data_key(uri);
+            if self
+                .still_good(&key, uri, &list.to_claim(), active, now)
+                .is_none()
+            {
+                return true;
+            }
+        }
+        self.published.len() != live
+    }
+
     /// What a flush must write now. Takes the dirty shards (a shard changed later is dirty again
     /// for the next flush); signs what needs signing (new or changed lists, tokens with less than
     /// half their life left, tokens of a key that no longer signs) and drops retired lists.
@@ -206,13 +241,7 @@ impl Inner {
         for (uri, list) in self.registry.lists() {
             let key = data_key(uri);
             let claim = list.to_claim();
-            let fresh = self.published.get(&key).filter(|p| {
-                p.uri == uri
-                    && p.claim == claim
-                    && p.exp - now > RESIGN_WHEN_LEFT_SECS
-                    && p.kid == active
-            });
-            let signed = match fresh {
+            let signed = match self.still_good(&key, uri, &claim, &active, now) {
                 Some(p) => p.clone(),
                 None => {
                     publish = true;
@@ -317,6 +346,60 @@ mod tests {
             version: 0,
             budget: NamespaceBudget::new(usize::MAX),
         }
+    }
+
+    /// Maintenance publishes only what is due: nothing while every list's token carries its
+    /// statuses, has more than half its life left and was signed by the key that signs now; and
+    /// bookkeeping that changes no status (records moved or forgotten) makes nothing due.
+    #[test]
+    pub(super) fn publication_is_due_only_for_a_change_of_status_age_or_key() {
+        let mut inner = empty_inner(0);
+        assert!(
+            !inner.publication_due("k1", 100),
+            "no list, nothing to publish"
+        );
+        let status_ref = inner.registry.allocate(100, 700).unwrap().status_ref;
+        assert!(inner.publication_due("k1", 100), "a new list is published");
+        let sign = |inner: &Inner, at: i64| {
+            let (uri, list) = inner.registry.lists().next().unwrap();
+            (
+                data_key(uri),
+                Published {
+                    uri: uri.to_owned(),
+                    token: "signed".into(),
+                    claim: list.to_claim(),
+                    exp: at + LIST_TOKEN_LIFETIME_SECS,
+                    kid: "k1".into(),
+                },
+            )
+        };
+        let (key, published) = sign(&inner, 100);
+        inner.published.insert(key.clone(), published);
+        assert!(!inner.publication_due("k1", 100), "published and fresh");
+
+        inner.edit_open("uid-1", |h| h.push(Held::new("a", 700, 0, status_ref.idx)));
+        inner.tokens.forget_expired(800);
+        assert!(
+            !inner.publication_due("k1", 100),
+            "records written or forgotten change no status"
+        );
+        assert!(inner.publication_due("k2", 100), "another key signs now");
+        assert!(
+            inner.publication_due("k1", 100 + LIST_TOKEN_LIFETIME_SECS - RESIGN_WHEN_LEFT_SECS),
+            "half its life is gone"
+        );
+        inner.registry.revoke(&status_ref).unwrap();
+        assert!(inner.publication_due("k1", 100), "a status changed");
+        let (_, resigned) = sign(&inner, 100);
+        inner.published.insert(key.clone(), resigned);
+        assert!(!inner.publication_due("k1", 100));
+        inner
+            .published
+            .insert("gone.jwt".into(), inner.published[&key].clone());
+        assert!(
+            inner.publication_due("k1", 100),
+            "a list no longer live is still published"
+        );
     }
 
     /// Records go to the open shard; a grant whose tokens were written by different flushes has
