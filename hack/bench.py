@@ -291,33 +291,28 @@ def apiserver_requests(api):
 REVIEWS = ("subjectaccessreviews", "selfsubjectaccessreviews", "localsubjectaccessreviews", "tokenreviews")
 
 
+def write_counts(api):
+    """The apiserver's count of write requests so far, by "VERB resource"; reviews are not writes."""
+    return {k: v for k, v in apiserver_requests(api).items()
+            if k.split(" ")[0] in WRITE_VERBS and k.split(" ")[1] not in REVIEWS}
+
+
 def writes_at_rest(api, seconds=20):
     """The writes the apiserver served over `seconds`: Lease renewals, all others, and which those
     others were ("VERB resource": count), so that a stray write names itself."""
-    def writes():
-        return {k: v for k, v in apiserver_requests(api).items()
-                if k.split(" ")[0] in WRITE_VERBS and k.split(" ")[1] not in REVIEWS}
-    before = writes()
+    before = write_counts(api)
     time.sleep(seconds)
-    after = writes()
-    grown = {k: int(v - before.get(k, 0)) for k, v in after.items() if v > before.get(k, 0)}
-    leases = sum(n for k, n in grown.items() if k.endswith(" leases"))
+    grown = {k: int(v - before.get(k, 0)) for k, v in write_counts(api).items() if v > before.get(k, 0)}
     others = {k: n for k, n in grown.items() if not k.endswith(" leases")}
-    return {"lease_renewals": leases, "other": sum(others.values()), "which": others}
+    return {"lease_renewals": sum(grown.values()) - sum(others.values()), "other": sum(others.values()),
+            "which": others}
 
 
 def apiserver_writes(api):
-    """The apiserver's count of write requests so far, as (lease writes, all other writes); reviews
-    are not writes."""
-    leases = other = 0
-    for key, value in apiserver_requests(api).items():
-        if key.split(" ")[0] not in WRITE_VERBS or key.split(" ")[1] in REVIEWS:
-            continue
-        if key.endswith(" leases"):
-            leases += value
-        else:
-            other += value
-    return int(leases), int(other)
+    """The apiserver's count of write requests so far, as (lease writes, all other writes)."""
+    counts = write_counts(api)
+    leases = sum(v for k, v in counts.items() if k.endswith(" leases"))
+    return int(leases), int(sum(counts.values()) - leases)
 
 
 def rss_kib(pid):
