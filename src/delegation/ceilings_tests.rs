@@ -185,7 +185,8 @@ fn a_grant_within_a_policy_is_allowed_by_it() {
         Ceiling {
             policy: "payments".into(),
             approval_required: false,
-            ends_at: None
+            ends_at: None,
+            max_token_ttl: Some(std::time::Duration::from_secs(15 * 60)),
         }
     );
     let star = policy("everyone", AUD, &["*"], &["payments:read"]);
