@@ -745,6 +745,14 @@ fn table() -> Vec<(&'static str, Case, Expected)> {
             Err((InvalidRequest, TOO_LONG)),
         ),
         (
+            "the new actor's maxTokenTTL unreadable",
+            hop().with(|c| {
+                c.world
+                    .edit("summarizer", |a| a.max_token_ttl = Duration::from("soon"))
+            }),
+            Err((UnauthorizedClient, AGENT_INVALID)),
+        ),
+        (
             "a token with a second left",
             hop().with(|c| c.subject.exp = NOW + 1),
             Ok(()),
@@ -793,6 +801,7 @@ fn every_reason_is_in_the_table() {
         AUDIENCE_UNDECLARED,
         GRANT_LIFETIME_ENDED,
         BEYOND_POLICY,
+        AGENT_INVALID,
         ZERO_LIFETIME,
         SUBJECT_EXPIRING,
         TOO_LONG,
