@@ -66,6 +66,10 @@ enum TokenCommand {
     /// who authorised, each actor, scopes, audience, expiry, revoked or not. Never prints the token.
     /// Exits 0 when it is valid, 1 when it is not, 2 when it could not be checked.
     Inspect(cli::inspect::InspectArgs),
+    /// Exchange a token for a narrower one at the issuer's token endpoint (RFC 8693), proving your
+    /// workload with your pod's projected ServiceAccount token. Writes the new token to
+    /// --output-file (0600) or stdout; never logs it.
+    Exchange(cli::exchange::ExchangeArgs),
 }
 
 #[derive(Subcommand)]
@@ -209,6 +213,11 @@ struct RunArgs {
     /// suits production.
     #[arg(long, default_value_t = status_list::DEFAULT_LIST_CAPACITY)]
     status_list_size: usize,
+    /// The longest an exchanged token lives (RFC 8693 token exchange at <issuer>/token, served with
+    /// the verification endpoints). It is also never longer than the token it was exchanged from,
+    /// the agent's maxTokenTTL and the AudiencePolicy's.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    max_exchanged_token_ttl: std::time::Duration,
     #[command(flatten)]
     callers: CallerLimitArgs,
     /// Log format on stderr (audit records always go to stdout as JSON lines).
@@ -269,6 +278,15 @@ struct ServeArgs {
     /// Its private key (PEM), e.g. the mounted `tls.key`.
     #[arg(long)]
     tls_key_file: std::path::PathBuf,
+    /// Also serve RFC 8693 token exchange at <issuer>/token. The server then signs, so it must be
+    /// allowed to read the signing keys Secret (and to list and watch AgentIdentities,
+    /// AudiencePolicies and DelegationGrants); without it, it may read no Secret at all.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    token_exchange: bool,
+    /// The longest an exchanged token lives (with --token-exchange). It is also never longer than
+    /// the token it was exchanged from, the agent's maxTokenTTL and the AudiencePolicy's.
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    max_exchanged_token_ttl: std::time::Duration,
     #[command(flatten)]
     callers: CallerLimitArgs,
     /// Log format on stderr.
@@ -296,6 +314,7 @@ fn main() -> ExitCode {
         Command::Approve(args) => decide(args, Decision::Approve),
         Command::Reject(args) => decide(args, Decision::Reject),
         Command::Token(TokenCommand::Inspect(args)) => cli::inspect::run(args),
+        Command::Token(TokenCommand::Exchange(args)) => cli::exchange::run(args),
         Command::Tree(args) => cli::tree::run(args),
         Command::Keys(KeysCommand::Revoke {
             kids,
@@ -461,7 +480,8 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
 }
 
 /// The verification server: the endpoints alone, under an identity that reads two ConfigMaps and
-/// asks the apiserver about callers, and nothing else.
+/// asks the apiserver about callers, and nothing else (with --token-exchange, also the signing keys
+/// Secret and the objects an exchange is decided on).
 async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
     let config = config(args.kubeconfig.as_deref()).await?;
     let client = kube::Client::try_from(config.clone())?;
@@ -479,6 +499,13 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
         verification: Some(endpoints::published::JwksSource::PublishedConfigMap),
         algorithm: args.algorithm.parse::<Algorithm>()?,
         reviews,
+        // Without --token-exchange it may read no Secret, so it cannot sign.
+        exchange: args
+            .token_exchange
+            .then_some(endpoints::token::ExchangeSettings {
+                max_ttl: args.max_exchanged_token_ttl,
+                namespace: None,
+            }),
     };
     // Never leading: ready once the certificate and the published JWKS are loaded.
     let readiness = std::sync::Arc::new(operator::Readiness::default());
@@ -547,6 +574,10 @@ fn endpoint_settings(
             .then_some(endpoints::published::JwksSource::SigningKeys),
         algorithm,
         reviews,
+        exchange: Some(endpoints::token::ExchangeSettings {
+            max_ttl: args.max_exchanged_token_ttl,
+            namespace: args.namespace.clone(),
+        }),
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Metrics {
     pub grant_queue_wait: Family<LaneLabels, Histogram>,
     pub grant_queue_depth: Family<LaneLabels, Gauge<i64, AtomicI64>>,
     pub introspections: Family<ResultLabels, Counter>,
+    /// RFC 8693 token exchanges, by result (`exchanged`, or the refusal's reason label).
+    pub token_exchanges: Family<ResultLabels, Counter>,
     pub caller_reviews: Family<ReviewLabels, Counter>,
     pub caller_review_cache_hits: Family<ReviewLabels, Counter>,
     pub rate_limited: Family<PathLabels, Counter>,
@@ -134,6 +136,7 @@ impl Metrics {
         );
         let grant_queue_depth = Family::<LaneLabels, Gauge<i64, AtomicI64>>::default();
         let introspections = Family::<ResultLabels, Counter>::default();
+        let token_exchanges = Family::<ResultLabels, Counter>::default();
         let caller_reviews = Family::<ReviewLabels, Counter>::default();
         let caller_review_cache_hits = Family::<ReviewLabels, Counter>::default();
         let rate_limited = Family::<PathLabels, Counter>::default();
@@ -189,6 +192,11 @@ impl Metrics {
             "introspection_requests",
             "RFC 7662 introspection requests, by result (active, inactive, unauthenticated, bad_request, rate_limited, error)",
             introspections.clone(),
+        );
+        registry.register(
+            "token_exchanges",
+            "RFC 8693 token exchanges at <issuer>/token, by result (exchanged, or why it was refused: wider_scope, not_an_actor, subject_revoked, ...)",
+            token_exchanges.clone(),
         );
         registry.register(
             "caller_reviews",
@@ -258,6 +266,7 @@ impl Metrics {
             grant_queue_wait,
             grant_queue_depth,
             introspections,
+            token_exchanges,
             caller_reviews,
             caller_review_cache_hits,
             rate_limited,

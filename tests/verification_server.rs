@@ -60,14 +60,15 @@ struct ChartVerifierIdentity {
 }
 
 impl ChartVerifierIdentity {
-    async fn apply(client: &Client, namespace: &str) -> Self {
+    /// Renders it with the chart's values changed by `values` (`--set` arguments).
+    async fn apply(client: &Client, namespace: &str, values: &[&str]) -> Self {
         let release = format!("vs-{}", &namespace[namespace.len() - 8..]);
-        let docs = helm::template(
-            &release,
-            namespace,
-            &["--show-only", "templates/verifier-rbac.yaml"],
-        )
-        .unwrap_or_else(|e| panic!("helm template: {e}"));
+        let mut args = vec!["--show-only", "templates/verifier-rbac.yaml"];
+        for value in values {
+            args.extend(["--set", value]);
+        }
+        let docs = helm::template(&release, namespace, &args)
+            .unwrap_or_else(|e| panic!("helm template: {e}"));
         let account = docs
             .iter()
             .find(|d| d["kind"] == "ServiceAccount")
@@ -134,8 +135,14 @@ struct VerificationServer {
 
 impl VerificationServer {
     /// Starts it with `kubeconfig` (the ServiceAccount's) and the TLS Secret's certificate and key
-    /// written to private files, as the kubelet mounts them.
-    fn start(kubeconfig: &std::path::Path, namespace: &str, issuer: &str, tls: &Secret) -> Self {
+    /// written to private files, as the kubelet mounts them, and `extra` flags.
+    fn start(
+        kubeconfig: &std::path::Path,
+        namespace: &str,
+        issuer: &str,
+        tls: &Secret,
+        extra: &[&str],
+    ) -> Self {
         let dir = std::env::temp_dir().join("delegation-operator-tests");
         std::fs::create_dir_all(&dir).unwrap();
         let stamp = uuid::Uuid::new_v4().simple().to_string();
@@ -158,6 +165,7 @@ impl VerificationServer {
             .arg(&files[0])
             .arg("--tls-key-file")
             .arg(&files[1])
+            .args(extra)
             .env("RUST_LOG", "info,delegation_operator=debug")
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
@@ -298,12 +306,12 @@ async fn a_separate_verification_server_serves_what_the_controller_publishes_and
     }
 
     // The server, under the chart's verifier identity, its certificate from files.
-    let identity = ChartVerifierIdentity::apply(&f.client, &operator_ns).await;
+    let identity = ChartVerifierIdentity::apply(&f.client, &operator_ns, &[]).await;
     let kubeconfig =
         service_account_kubeconfig(&f.client, &identity.namespace, &identity.name).await;
     let verifier_client = client_of(&kubeconfig).await;
     let tls = f.serving_certificate().await;
-    let server = VerificationServer::start(&kubeconfig, &operator_ns, &issuer, &tls);
+    let server = VerificationServer::start(&kubeconfig, &operator_ns, &issuer, &tls, &[]);
     wait_status(&trust, &issuer, "/readyz", 200).await;
     trust.wait_discovery(&f, &issuer).await;
 
@@ -339,6 +347,10 @@ async fn a_separate_verification_server_serves_what_the_controller_publishes_and
     assert_eq!(
         discovery["introspection_endpoint"],
         format!("{issuer}/introspect")
+    );
+    assert!(
+        discovery.get("token_endpoint").is_none(),
+        "it cannot sign, so it serves no token endpoint"
     );
     assert_eq!(served_status(&trust, &issuer, &token).await, "Valid");
 

@@ -15,6 +15,8 @@ pub struct Endpoints {
     /// `https://host:port`, without a trailing slash.
     origin: String,
     jwks_uri: String,
+    /// The RFC 8693 token endpoint, when the issuer serves one.
+    token_endpoint: Option<String>,
 }
 
 /// The DER certificates of a PEM file (every `CERTIFICATE` block; at least one).
@@ -66,6 +68,7 @@ impl Endpoints {
             client,
             origin,
             jwks_uri: String::new(),
+            token_endpoint: None,
         };
         let discovery_url = format!(
             "{}{path}/.well-known/openid-configuration",
@@ -88,7 +91,45 @@ impl Endpoints {
             .as_str()
             .ok_or_else(|| format!("{discovery_url} has no jwks_uri"))?
             .to_owned();
+        endpoints.token_endpoint = discovery["token_endpoint"].as_str().map(str::to_owned);
         Ok(endpoints)
+    }
+
+    /// POSTs the form `fields` to the discovered token endpoint (on the issuer's origin only) and
+    /// returns the HTTP status and the JSON body, error bodies included.
+    pub async fn exchange(&self, fields: &[(&str, &str)]) -> Result<(u16, Value), String> {
+        let url = self
+            .token_endpoint
+            .as_deref()
+            .ok_or("the issuer's discovery document names no token_endpoint: this endpoint does not serve token exchange (the operator's `run` serves it with its verification endpoints)")?;
+        let (origin, _) = split_https_url(url)?;
+        if origin != self.origin {
+            return Err(format!(
+                "{url} is not on the issuer's origin {}",
+                self.origin
+            ));
+        }
+        let mut body = form_urlencoded::Serializer::new(String::new());
+        for (name, value) in fields {
+            body.append_pair(name, value);
+        }
+        let request = http::Request::post(&url[origin.len()..])
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
+            .header(http::header::ACCEPT, "application/json")
+            .body(body.finish().into_bytes())
+            .map_err(|e| format!("{url}: {e}"))?;
+        let (status, text) = match self.client.request_text(request).await {
+            Ok(text) => (200, text),
+            // kube keeps a body it cannot read as a Kubernetes Status in the message.
+            Err(kube::Error::Api(status)) => (status.code, status.message),
+            Err(e) => return Err(format!("POST {url}: {e}")),
+        };
+        let json = serde_json::from_str(&text)
+            .map_err(|_| format!("POST {url}: HTTP {status} with a body that is not JSON"))?;
+        Ok((status, json))
     }
 
     /// The JWKS at the discovered `jwks_uri`.

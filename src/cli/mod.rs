@@ -1,7 +1,8 @@
 //! Commands for people, beside the operator itself: approving and rejecting grants, revoking keys,
-//! inspecting a token ([`inspect`]) and showing a namespace's grants as a tree ([`tree`]). The binary
+//! inspecting a token ([`inspect`]), exchanging one for a narrower one ([`exchange`]) and showing a namespace's grants as a tree ([`tree`]). The binary
 //! also works as a kubectl plugin: installed as `kubectl-delegation`, it is `kubectl delegation ...`.
 
+pub mod exchange;
 mod https;
 pub mod inspect;
 pub mod tree;

@@ -24,7 +24,7 @@ use super::{
     Reason, Refusal,
     chain::{Uncovered, add, describe_detail, missing_from, uncovered_detail},
 };
-use crate::api::{AudiencePolicy, DelegationGrant};
+use crate::api::{AudiencePolicy, AuthorizationDetail, DelegationGrant, Duration};
 
 /// What the applicable AudiencePolicy adds to a grant it allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +35,38 @@ pub struct Ceiling {
     pub approval_required: bool,
     /// When the grant's lifetime under that policy ends; no token outlives it. `None`: no limit.
     pub ends_at: Option<Timestamp>,
+    /// That policy's `maxTokenTTL`: a token exchange that asks no particular lifetime is shortened
+    /// to it. (`None` only for a ceiling not read from a policy.)
+    pub max_token_ttl: Option<std::time::Duration>,
+}
+
+/// What a token is asked for, as the AudiencePolicies judge it: a grant's spec, or a token exchange.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CeilingQuestion<'a> {
+    pub audience: &'a str,
+    /// The namespace of the grant the token belongs to.
+    pub namespace: &'a str,
+    pub scopes: &'a [String],
+    pub details: Option<&'a [AuthorizationDetail]>,
+    /// The token lifetime asked (a grant's `tokenTTL`). `None`: no particular lifetime; the caller
+    /// keeps within the applying policy's [`Ceiling::max_token_ttl`] itself.
+    pub ttl: Option<&'a Duration>,
+    /// When the grant was created, to count each policy's `maxGrantLifetime` from.
+    pub created: Option<Timestamp>,
+}
+
+impl<'a> CeilingQuestion<'a> {
+    /// The question a grant (in `namespace`) asks.
+    pub fn of_grant(grant: &'a DelegationGrant, namespace: &'a str) -> Self {
+        Self {
+            audience: &grant.spec.audience,
+            namespace,
+            scopes: &grant.spec.scopes,
+            details: grant.spec.authorization_details.as_deref(),
+            ttl: Some(&grant.spec.token_ttl),
+            created: grant.metadata.creation_timestamp.as_ref().map(|t| t.0),
+        }
+    }
 }
 
 /// Why one policy does not allow a grant.
@@ -55,11 +87,21 @@ pub fn ceiling(
     policies: &[Arc<AudiencePolicy>],
     now: Timestamp,
 ) -> Result<Ceiling, Refusal> {
-    let audience = &grant.spec.audience;
+    ceiling_for(&CeilingQuestion::of_grant(grant, namespace), policies, now)
+}
+
+/// Checks what `question` asks against the AudiencePolicies; `policies` may hold policies of other
+/// audiences, which are ignored.
+pub fn ceiling_for(
+    question: &CeilingQuestion,
+    policies: &[Arc<AudiencePolicy>],
+    now: Timestamp,
+) -> Result<Ceiling, Refusal> {
+    let (audience, namespace) = (question.audience, question.namespace);
     let mut declared: Vec<&AudiencePolicy> = policies
         .iter()
         .map(|p| p.as_ref())
-        .filter(|p| &p.spec.audience == audience)
+        .filter(|p| p.spec.audience == audience)
         .collect();
     declared.sort_by(|a, b| a.metadata.name.cmp(&b.metadata.name));
     let matching: Vec<&AudiencePolicy> = declared
@@ -73,7 +115,7 @@ pub fn ceiling(
     let mut allowed = Vec::new();
     let mut beyond = Vec::new();
     for policy in matching {
-        match allows(policy, grant, now) {
+        match allows(policy, question, now) {
             Ok(ceiling) => allowed.push(ceiling),
             Err(b) => beyond.push(b),
         }
@@ -160,14 +202,14 @@ fn refusal(audience: &str, namespace: &str, beyond: &[Beyond]) -> Refusal {
 /// Whether one policy (already known to list the namespace) allows all of the grant.
 fn allows(
     policy: &AudiencePolicy,
-    grant: &DelegationGrant,
+    question: &CeilingQuestion,
     now: Timestamp,
 ) -> Result<Ceiling, Beyond> {
     let spec = &policy.spec;
     let name = policy.metadata.name.clone().unwrap_or_default();
     let mut problems = Vec::new();
 
-    let scopes = missing_from(&grant.spec.scopes, &spec.allowed_scopes);
+    let scopes = missing_from(question.scopes, &spec.allowed_scopes);
     if !scopes.is_empty() {
         problems.push(format!(
             "scopes {scopes:?} are not in its allowedScopes {:?}",
@@ -175,11 +217,7 @@ fn allows(
         ));
     }
 
-    let wanted = grant
-        .spec
-        .authorization_details
-        .as_deref()
-        .unwrap_or_default();
+    let wanted = question.details.unwrap_or_default();
     match spec.allowed_authorization_details.as_deref().filter(|d| !d.is_empty()) {
         None if !wanted.is_empty() => problems.push(
             "the grant lists authorizationDetails, and the policy allows none (it has no allowedAuthorizationDetails)"
@@ -200,20 +238,23 @@ fn allows(
         },
     }
 
-    match (grant.spec.token_ttl.parse(), spec.max_token_ttl.parse()) {
-        (Ok(ttl), Ok(max)) if ttl <= max => {}
-        (Ok(_), Ok(_)) => problems.push(format!(
+    let max_token_ttl = spec.max_token_ttl.parse();
+    match (question.ttl.map(Duration::parse), &max_token_ttl) {
+        (Some(Ok(ttl)), Ok(max)) if ttl <= *max => {}
+        (None, Ok(_)) => {}
+        (Some(Ok(_)), Ok(_)) => problems.push(format!(
             "tokenTTL {} exceeds its maxTokenTTL {}",
-            grant.spec.token_ttl, spec.max_token_ttl
+            question.ttl.map(Duration::as_str).unwrap_or_default(),
+            spec.max_token_ttl
         )),
-        (Err(e), _) => problems.push(format!("spec.tokenTTL: {e}")),
+        (Some(Err(e)), _) => problems.push(format!("spec.tokenTTL: {e}")),
         (_, Err(e)) => problems.push(format!("its maxTokenTTL cannot be read: {e}")),
     }
 
     let mut ends_at = None;
     if let Some(lifetime) = &spec.max_grant_lifetime {
-        match (lifetime.parse(), grant.metadata.creation_timestamp.as_ref()) {
-            (Ok(lifetime), Some(created)) => ends_at = Some(add(created.0, lifetime)),
+        match (lifetime.parse(), question.created) {
+            (Ok(lifetime), Some(created)) => ends_at = Some(add(created, lifetime)),
             (Err(e), _) => problems.push(format!("its maxGrantLifetime cannot be read: {e}")),
             // Only an object that never went through the apiserver lacks one: fail closed.
             (Ok(_), None) => problems.push(
@@ -231,9 +272,10 @@ fn allows(
                 .as_ref()
                 .is_some_and(|r| match &r.scopes {
                     None => true,
-                    Some(scopes) => grant.spec.scopes.iter().any(|s| scopes.contains(s)),
+                    Some(scopes) => question.scopes.iter().any(|s| scopes.contains(s)),
                 }),
             ends_at,
+            max_token_ttl: max_token_ttl.ok(),
         })
     } else {
         Err(Beyond {

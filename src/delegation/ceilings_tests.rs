@@ -185,11 +185,42 @@ fn a_grant_within_a_policy_is_allowed_by_it() {
         Ceiling {
             policy: "payments".into(),
             approval_required: false,
-            ends_at: None
+            ends_at: None,
+            max_token_ttl: Some(std::time::Duration::from_secs(15 * 60)),
         }
     );
     let star = policy("everyone", AUD, &["*"], &["payments:read"]);
     assert!(check(&grant(&["payments:read"], "1m"), vec![star]).is_ok());
+}
+
+#[test]
+fn a_question_without_a_lifetime_is_told_the_policys_max_token_ttl() {
+    let g = grant(&["payments:read"], "1h");
+    let question = CeilingQuestion {
+        ttl: None,
+        ..CeilingQuestion::of_grant(&g, NS)
+    };
+    let policies = vec![Arc::new(policy("payments", AUD, &[NS], &["payments:read"]))];
+    // The grant's own hour is beyond the policy's fifteen minutes; a question of no lifetime is not.
+    assert_eq!(
+        ceiling(&g, NS, &policies, now()).unwrap_err().reason,
+        Reason::DeniedBeyondPolicy
+    );
+    let allowed = ceiling_for(&question, &policies, now()).unwrap();
+    assert_eq!(
+        allowed.max_token_ttl,
+        Some(std::time::Duration::from_secs(15 * 60))
+    );
+    // An unreadable maxTokenTTL still fails closed.
+    let mut broken = policy("payments", AUD, &[NS], &["payments:read"]);
+    broken.spec.max_token_ttl = Duration::from("soon");
+    let refusal = ceiling_for(&question, &[Arc::new(broken)], now()).unwrap_err();
+    assert_eq!(refusal.reason, Reason::DeniedBeyondPolicy);
+    assert!(
+        refusal.message.contains("its maxTokenTTL cannot be read"),
+        "{}",
+        refusal.message
+    );
 }
 
 #[test]

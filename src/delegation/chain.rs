@@ -568,23 +568,67 @@ fn check_hop(
         ));
     }
     // Every agent above this hop bounds how many hops may follow it.
-    for (above, ancestor) in lineage[..index].iter().enumerate() {
-        let hops_below = index - above;
-        let agent_name = &ancestor.spec.actor_ref.name;
-        let max_depth = lookup
-            .agent(agent_name)
-            .and_then(|a| a.spec.delegation.as_ref().map(|d| d.max_depth))
-            .map_or(0, |d| usize::try_from(d).unwrap_or(0));
-        if hops_below > max_depth {
-            return Err(Refusal::new(
-                Reason::DeniedDepth,
-                format!(
-                    "AgentIdentity {agent_name:?} allows {max_depth} further hop(s) below it (spec.delegation.maxDepth) but this grant would be {hops_below} below it"
-                ),
-            ));
-        }
+    let actors: Vec<&str> = lineage[..=index]
+        .iter()
+        .map(|g| g.spec.actor_ref.name.as_str())
+        .collect();
+    if let Err(TooDeep {
+        agent,
+        max_depth,
+        hops_below,
+    }) = within_depths(&actors, |name| max_depth_of(lookup.agent(name).as_deref()))
+    {
+        return Err(Refusal::new(
+            Reason::DeniedDepth,
+            format!(
+                "AgentIdentity {agent:?} allows {max_depth} further hop(s) below it (spec.delegation.maxDepth) but this grant would be {hops_below} below it"
+            ),
+        ));
     }
     Ok(ceiling)
+}
+
+/// An agent above the last of a chain whose `maxDepth` the chain exceeds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct TooDeep {
+    /// The agent's name.
+    pub agent: String,
+    /// Its `spec.delegation.maxDepth`.
+    pub max_depth: usize,
+    /// How far below it the last agent of the chain would be.
+    pub hops_below: usize,
+}
+
+/// Whether the last of `actors` (agent names, root-most first, the new one last) is within the
+/// `maxDepth` of every agent above it: the first, root-most, agent it is too far below, if any. The
+/// one depth rule for a hop of grants and a hop by token exchange.
+pub(crate) fn within_depths(
+    actors: &[&str],
+    max_depth_of: impl Fn(&str) -> usize,
+) -> Result<(), TooDeep> {
+    let Some(last) = actors.len().checked_sub(1) else {
+        return Ok(());
+    };
+    for (above, agent) in actors[..last].iter().enumerate() {
+        let hops_below = last - above;
+        let max_depth = max_depth_of(agent);
+        if hops_below > max_depth {
+            return Err(TooDeep {
+                agent: (*agent).to_owned(),
+                max_depth,
+                hops_below,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// How many hops an agent allows below it: its `spec.delegation.maxDepth`, 0 when it has no
+/// delegation policy or does not exist.
+pub(crate) fn max_depth_of(agent: Option<&AgentIdentity>) -> usize {
+    agent
+        .and_then(|a| a.spec.delegation.as_ref().map(|d| d.max_depth))
+        .map_or(0, |d| usize::try_from(d).unwrap_or(0))
 }
 
 /// The most `authorizationDetails` may take in a token once encoded: tokens travel in HTTP headers,

@@ -121,6 +121,22 @@ pub struct DelegationRecord {
     /// Who approved it, when its agent requires approval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub approved_by: Option<String>,
+    /// For a hop made by token exchange (RFC 8693): the workload that proved possession of the
+    /// parent token and asked for this one. Absent for a hop made by a DelegationGrant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<Workload>,
+}
+
+/// The workload that proved possession of the parent token in a token exchange, as its pod-bound
+/// ServiceAccount token named it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Workload {
+    /// Its ServiceAccount's Kubernetes user name: `system:serviceaccount:<namespace>:<name>`.
+    pub service_account: String,
+    /// The pod it ran in, by name.
+    pub pod: String,
+    /// That pod's uid: a pod re-created under the same name is another workload.
+    pub pod_uid: String,
 }
 
 /// A delegating party.
@@ -146,6 +162,7 @@ pub fn delegation_records(chain: &[ChainLink]) -> Vec<DelegationRecord> {
                 scope: to.scopes.clone().unwrap_or_default().join(" "),
                 requested_by: to.requested_by.clone(),
                 approved_by: to.approved_by.clone(),
+                workload: None,
             }
         })
         .collect()
@@ -319,6 +336,7 @@ mod tests {
                     scope: "read write".into(),
                     requested_by: Some("mallory".into()),
                     approved_by: None,
+                    workload: None,
                 }]
             },
             |c| c.grant.uid = "other".into(),

@@ -305,6 +305,13 @@ pub fn render_inspection(inspection: &Inspection, now: i64) -> String {
                 "requested by {}",
                 hop.requested_by.as_deref().unwrap_or("(not recorded)")
             )];
+            // A token exchange: the pod that proved possession of the parent token.
+            if let Some(workload) = &hop.workload {
+                who.push(format!(
+                    "exchanged by pod {} (uid {})",
+                    workload.pod, workload.pod_uid
+                ));
+            }
             if let Some(approver) = &hop.approved_by {
                 who.push(format!("approved by {approver}"));
             }
@@ -745,6 +752,31 @@ status      VALID  (index 17 of https://issuer.test/statuslists/s/0)
 verdict: VALID
 ";
         assert_eq!(render_inspection(&inspection, NOW), expected);
+    }
+
+    /// A hop made by token exchange names the pod that proved possession of the parent token.
+    #[test]
+    fn an_exchanged_hop_names_its_pod() {
+        let mut claims = three_hop_claims();
+        claims["delegation_chain"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({
+                "delegator": {"kind": "AgentIdentity", "sub": "agent:demo/notifier"},
+                "delegate": "agent:demo/notifier", "grant": "g3", "scope": "tickets:read",
+                "requested_by": "system:serviceaccount:demo:notifier",
+                "workload": {"service_account": "system:serviceaccount:demo:notifier",
+                             "pod": "notifier-5f7c", "pod_uid": "p-1"},
+            }));
+        let d = decoded(claims);
+        let inspection = inspection(Some(&d), Ok(()), Ok(()), StatusState::Valid, vec![]);
+        let text = render_inspection(&inspection, NOW);
+        assert!(
+            text.contains(
+                "            4. agent:demo/notifier -> agent:demo/notifier  (grant g3, scopes tickets:read)\n               requested by system:serviceaccount:demo:notifier, exchanged by pod notifier-5f7c (uid p-1)\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

@@ -12,7 +12,9 @@
 //! - `/.well-known/openid-configuration` — discovery (OIDC Discovery 1.0 / RFC 8414 fields);
 //! - `/.well-known/jwks.json` — the public keys (`application/jwk-set+json`, cached 15 s at most);
 //! - `/statuslists/<id>/<n>` — a Token Status List (`application/statuslist+jwt`);
-//! - `/introspect` — RFC 7662 (see [`introspect`]).
+//! - `/introspect` — RFC 7662 (see [`introspect`]);
+//! - `/token` — RFC 8693 token exchange (see [`token`]), where the process may sign: `run`, not
+//!   `serve`.
 //!
 //! At the root: `/metrics` (Prometheus text format), `/healthz`, `/readyz`.
 //!
@@ -24,6 +26,7 @@ pub mod limits;
 pub mod published;
 pub mod reviews;
 pub mod tls;
+pub mod token;
 
 use std::{
     net::{IpAddr, SocketAddr},
@@ -70,6 +73,9 @@ pub struct EndpointSettings {
     pub algorithm: Algorithm,
     /// The limits on apiserver reviews made for callers.
     pub reviews: ReviewSettings,
+    /// Serve `POST <issuer>/token` (RFC 8693 token exchange) beside the verification routes. Only a
+    /// process that may read the signing keys Secret can: `run`, never `serve`.
+    pub exchange: Option<token::ExchangeSettings>,
 }
 
 pub const JWKS_PATH: &str = "/.well-known/jwks.json";
@@ -100,6 +106,8 @@ struct AppState {
     readiness: Arc<Readiness>,
     /// Whether the verification routes are served (and so the JWKS must be loaded to be ready).
     verifies: bool,
+    /// The token endpoint, where served.
+    exchange: Option<Arc<token::Exchange>>,
 }
 
 /// Binds the listener and loads the serving certificate (failing at once if either is impossible),
@@ -121,6 +129,18 @@ pub async fn start(
         ))
     })?;
     let published = Arc::new(Published::default());
+    let verifies = settings.verification.is_some();
+    let (exchange, exchange_watches) = match settings.exchange.clone().filter(|_| verifies) {
+        Some(exchange) => {
+            let (state, watches) = token::Exchange::start(
+                client.clone(),
+                settings.operator_namespace.clone(),
+                exchange,
+            );
+            (Some(state), Some(watches))
+        }
+        None => (None, None),
+    };
     let state = Arc::new(AppState {
         reviews: Reviews::new(review_client, settings.reviews.clone()),
         issuer: settings.issuer.trim_end_matches('/').to_owned(),
@@ -128,13 +148,16 @@ pub async fn start(
         published: published.clone(),
         cert: cert.clone(),
         readiness,
-        verifies: settings.verification.is_some(),
+        verifies,
+        exchange,
     });
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
     let router = router(state, &settings.issuer);
     // The bound address: with port 0 the system picked one, and whoever started us needs to know it.
     let bound = listener.local_addr().unwrap_or(settings.address);
-    let serving = if settings.verification.is_some() {
+    let serving = if exchange_watches.is_some() {
+        "serving discovery, JWKS, status lists, introspection, token exchange and metrics over HTTPS"
+    } else if verifies {
         "serving discovery, JWKS, status lists, introspection and metrics over HTTPS"
     } else {
         "serving only probes and metrics over HTTPS (the verification endpoints run apart)"
@@ -151,10 +174,16 @@ pub async fn start(
             .await;
         }
     };
+    let exchange_watches = async move {
+        if let Some(watches) = exchange_watches {
+            watches.await;
+        }
+    };
     Ok(async move {
         tokio::join!(
             tls::watch(client_for_tls, settings.tls, cert),
             documents,
+            exchange_watches,
             accept(listener, acceptor, router),
         );
     })
@@ -168,7 +197,7 @@ fn router(state: Arc<AppState>, issuer: &str) -> Router {
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
     let routes = if state.verifies {
-        with_verification(root, issuer)
+        with_verification(root, issuer, state.exchange.is_some())
     } else {
         root
     };
@@ -179,8 +208,12 @@ fn router(state: Arc<AppState>, issuer: &str) -> Router {
 }
 
 /// Adds discovery, JWKS, status lists and introspection under the issuer URL's path.
-fn with_verification(root: Router<Arc<AppState>>, issuer: &str) -> Router<Arc<AppState>> {
-    let verification = Router::new()
+fn with_verification(
+    root: Router<Arc<AppState>>,
+    issuer: &str,
+    exchanges: bool,
+) -> Router<Arc<AppState>> {
+    let mut verification = Router::new()
         .route(DISCOVERY_PATH, get(discovery))
         .route(JWKS_PATH, get(jwks))
         .route(
@@ -188,6 +221,9 @@ fn with_verification(root: Router<Arc<AppState>>, issuer: &str) -> Router<Arc<Ap
             get(status_list),
         )
         .route(INTROSPECTION_PATH, post(introspection));
+    if exchanges {
+        verification = verification.route(token::TOKEN_PATH, post(token_exchange));
+    }
     let base = issuer_path(issuer);
     if base.is_empty() {
         root.merge(verification)
@@ -279,8 +315,8 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
     }
 }
 
-/// The discovery document. Only what a pure token issuer has (like kube-apiserver's own issuer):
-/// no authorization or token endpoint, since tokens come from grants, not from an OAuth flow.
+/// The discovery document. What a token issuer has (like kube-apiserver's own issuer): no
+/// authorization endpoint, since tokens come from grants, not from an OAuth flow.
 ///
 /// `id_token_signing_alg_values_supported` names the algorithm the operator is configured with
 /// (`--algorithm`) and, besides it, only the algorithm of any key still in the published key set
@@ -294,7 +330,15 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, router: Router) {
 /// pruned, only the configured algorithm remains. The configured one is listed from the start, before
 /// any key of it signs (a key signs only after it is published, and a revocation's fresh key is of the
 /// configured algorithm).
-pub fn discovery_document(issuer: &str, algorithm: Algorithm, jwks: Option<&Value>) -> Value {
+///
+/// Where this process serves token exchange (`exchanges`), discovery names its `token_endpoint` and
+/// the one grant type it serves (RFC 8414).
+pub fn discovery_document(
+    issuer: &str,
+    algorithm: Algorithm,
+    jwks: Option<&Value>,
+    exchanges: bool,
+) -> Value {
     let issuer = issuer.trim_end_matches('/');
     let mut algorithms = vec![algorithm];
     let published = jwks
@@ -308,7 +352,7 @@ pub fn discovery_document(issuer: &str, algorithm: Algorithm, jwks: Option<&Valu
         }
     }
     let algorithms: Vec<String> = algorithms.iter().map(Algorithm::to_string).collect();
-    json!({
+    let mut document = json!({
         "issuer": issuer,
         "jwks_uri": format!("{issuer}{JWKS_PATH}"),
         "introspection_endpoint": format!("{issuer}{INTROSPECTION_PATH}"),
@@ -316,12 +360,22 @@ pub fn discovery_document(issuer: &str, algorithm: Algorithm, jwks: Option<&Valu
         "response_types_supported": ["id_token"],
         "subject_types_supported": ["public"],
         "id_token_signing_alg_values_supported": algorithms,
-    })
+    });
+    if exchanges {
+        document["token_endpoint"] = json!(format!("{issuer}{}", token::TOKEN_PATH));
+        document["grant_types_supported"] = json!([token::TOKEN_EXCHANGE_GRANT]);
+    }
+    document
 }
 
 async fn discovery(State(state): State<Arc<AppState>>) -> Response {
     let jwks = state.published.jwks();
-    let document = discovery_document(&state.issuer, state.algorithm, jwks.as_ref());
+    let document = discovery_document(
+        &state.issuer,
+        state.algorithm,
+        jwks.as_ref(),
+        state.exchange.is_some(),
+    );
     let mut response = Json(document).into_response();
     cache_for(&mut response, 300);
     response
@@ -412,6 +466,54 @@ async fn introspection(
     response
 }
 
+/// RFC 8693 token exchange; see [`token`]. Every answer is `no-store` (RFC 6749 §5.1).
+async fn token_exchange(
+    State(state): State<Arc<AppState>>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
+) -> Response {
+    let Some(exchange) = state.exchange.as_ref() else {
+        return StatusCode::NOT_FOUND.into_response();
+    };
+    let answer = match form {
+        Ok(Form(fields)) => {
+            token::handle(
+                exchange,
+                &state.reviews,
+                &state.published,
+                &state.issuer,
+                client_address(peer),
+                &fields,
+            )
+            .await
+        }
+        Err(_) => token::Answer::Refused {
+            error: "invalid_request",
+            description: "expected an application/x-www-form-urlencoded body (RFC 8693 §2.1)"
+                .into(),
+        },
+    };
+    let mut response = match answer {
+        token::Answer::Issued(body) => Json(body).into_response(),
+        token::Answer::Refused { error, description } => (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": error, "error_description": description})),
+        )
+            .into_response(),
+        token::Answer::Busy(Refusal::RateLimited(wait)) => {
+            return too_many_requests(token::TOKEN_PATH, wait);
+        }
+        token::Answer::Busy(Refusal::Unavailable) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"error": "temporarily_unavailable", "error_description": "try again"})),
+        )
+            .into_response(),
+    };
+    set(&mut response, header::CACHE_CONTROL, "no-store");
+    set(&mut response, header::PRAGMA, "no-cache");
+    response
+}
+
 /// The credentials of `Authorization: Bearer <token>` (the scheme is case-insensitive, RFC 6750).
 fn bearer_token(headers: &HeaderMap) -> Option<&str> {
     let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
@@ -493,6 +595,7 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
         (!state.cert.is_loaded()).then_some("no serving certificate"),
         (state.verifies && !state.published.is_loaded()).then_some("the JWKS is not published yet"),
         (!state.readiness.controllers_ready()).then_some("the caches are still listing"),
+        state.exchange.as_ref().and_then(|e| e.not_ready()),
     ]
     .into_iter()
     .flatten()
@@ -555,7 +658,7 @@ mod tests {
     /// under the issuer.
     #[test]
     fn discovery_agrees_with_the_issuer() {
-        let doc = discovery_document("https://127.0.0.1:8443/", Algorithm::ES256, None);
+        let doc = discovery_document("https://127.0.0.1:8443/", Algorithm::ES256, None, true);
         assert_eq!(doc["issuer"], "https://127.0.0.1:8443");
         assert_eq!(
             doc["jwks_uri"],
@@ -571,6 +674,14 @@ mod tests {
                 .unwrap()
                 .contains(&json!("ES256"))
         );
+        assert_eq!(doc["token_endpoint"], "https://127.0.0.1:8443/token");
+        assert_eq!(
+            doc["grant_types_supported"],
+            json!(["urn:ietf:params:oauth:grant-type:token-exchange"])
+        );
+        let without = discovery_document("https://127.0.0.1:8443/", Algorithm::ES256, None, false);
+        assert!(without.get("token_endpoint").is_none());
+        assert!(without.get("grant_types_supported").is_none());
     }
 
     /// The published key set of a keyring whose keys were generated with `algs`, the first active.
@@ -590,7 +701,7 @@ mod tests {
         for alg in [Algorithm::ES256, Algorithm::EdDSA] {
             let keys = jwks_of(&[alg, alg]);
             for jwks in [None, Some(&keys)] {
-                let doc = discovery_document("https://issuer.example", alg, jwks);
+                let doc = discovery_document("https://issuer.example", alg, jwks, false);
                 assert_eq!(
                     doc["id_token_signing_alg_values_supported"],
                     json!([alg.to_string()]),
@@ -605,12 +716,22 @@ mod tests {
     #[test]
     fn during_an_algorithm_switch_discovery_lists_both() {
         let keys = jwks_of(&[Algorithm::ES256, Algorithm::EdDSA]);
-        let doc = discovery_document("https://issuer.example", Algorithm::EdDSA, Some(&keys));
+        let doc = discovery_document(
+            "https://issuer.example",
+            Algorithm::EdDSA,
+            Some(&keys),
+            false,
+        );
         assert_eq!(
             doc["id_token_signing_alg_values_supported"],
             json!(["EdDSA", "ES256"])
         );
-        let doc = discovery_document("https://issuer.example", Algorithm::ES256, Some(&keys));
+        let doc = discovery_document(
+            "https://issuer.example",
+            Algorithm::ES256,
+            Some(&keys),
+            false,
+        );
         assert_eq!(
             doc["id_token_signing_alg_values_supported"],
             json!(["ES256", "EdDSA"])

@@ -64,6 +64,16 @@ impl Published {
         self.0.read().ok().and_then(|d| d.lists.get(key).cloned())
     }
 
+    /// Runs `verify` on the JWKS and the Status List Tokens in place (no copy of the lists per
+    /// request); `None` before the JWKS is loaded.
+    pub fn with_documents<T>(
+        &self,
+        verify: impl FnOnce(&Value, &BTreeMap<String, String>) -> T,
+    ) -> Option<T> {
+        let docs = self.0.read().ok()?;
+        Some(verify(docs.jwks.as_ref()?, &docs.lists))
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.0.read().is_ok_and(|d| d.jwks.is_some())
     }
@@ -176,7 +186,7 @@ pub async fn watch(
 }
 
 /// Hands every version of the object `name` to `apply`, retrying a failed watch with backoff.
-async fn watch_one<K>(api: Api<K>, name: &str, apply: impl Fn(K))
+pub(crate) async fn watch_one<K>(api: Api<K>, name: &str, apply: impl Fn(K))
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
 {

@@ -149,7 +149,10 @@ impl Reviews {
             })
             .and_then(|s| s.user);
         count_review("TokenReview", answer(user.is_some()));
-        let ttl = self.ttl(user.is_some());
+        let ttl = match user.is_some() {
+            true => within_validity(self.ttl(true), token, unix_now()),
+            false => self.ttl(false),
+        };
         remember(&self.authentications, key, user.clone(), ttl);
         Ok(user)
     }
@@ -264,6 +267,26 @@ impl Reviews {
     }
 }
 
+/// How long an acceptance of `token` may be reused: `ttl`, but never past the token's own `exp` (a
+/// JWT's, read unverified: the apiserver has just accepted it, and the value can only shorten the
+/// reuse). A token without `exp` (a legacy Secret-based ServiceAccount token never expires) gets `ttl`.
+fn within_validity(ttl: Duration, token: &str, now_unix: i64) -> Duration {
+    let exp =
+        crate::verification::unverified_claims(token).and_then(|claims| claims["exp"].as_i64());
+    match exp {
+        None => ttl,
+        Some(exp) => ttl.min(Duration::from_secs(
+            u64::try_from(exp.saturating_sub(now_unix)).unwrap_or(0),
+        )),
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
 /// The budget's bucket: `--review-rate` a second, one second's worth at once.
 fn budget_rate(settings: &ReviewSettings) -> Rate {
     let burst = settings.per_second.ceil().clamp(1.0, f64::from(u32::MAX)) as u32;
@@ -350,6 +373,26 @@ mod tests {
             ..settings
         };
         assert_eq!(budget_rate(&slow).burst, 1.0);
+    }
+
+    /// An acceptance is reused for the cache's time, never past the token's `exp`, and not at all
+    /// once it has passed.
+    #[test]
+    fn an_acceptance_is_not_reused_past_the_tokens_expiry() {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+        let jwt = |claims: &str| format!("e30.{}.sig", URL_SAFE_NO_PAD.encode(claims));
+        let ttl = Duration::from_secs(10);
+        assert_eq!(
+            within_validity(ttl, &jwt(r#"{"exp":1004}"#), 1000),
+            Duration::from_secs(4)
+        );
+        assert_eq!(within_validity(ttl, &jwt(r#"{"exp":2000}"#), 1000), ttl);
+        assert_eq!(
+            within_validity(ttl, &jwt(r#"{"exp":999}"#), 1000),
+            Duration::ZERO
+        );
+        assert_eq!(within_validity(ttl, &jwt(r#"{"sub":"x"}"#), 1000), ttl);
+        assert_eq!(within_validity(ttl, "not a jwt", 1000), ttl);
     }
 
     #[test]

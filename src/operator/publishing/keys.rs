@@ -494,6 +494,13 @@ pub fn jwks_of_secret(secret: &Secret) -> std::result::Result<serde_json::Value,
     keys_from_secret(secret).map(|keys| keys.jwks())
 }
 
+/// The signing keyring of the keys Secret (active key first), checked as at start-up: what a token
+/// endpoint that is not the leader signs with. The key published to succeed the active one is left
+/// out: it signs only once the leader makes it active. Reasons never quote key material.
+pub fn keyring_of_secret(secret: &Secret) -> std::result::Result<Keyring, String> {
+    keys_from_secret(secret).map(|keys| keys.ring)
+}
+
 fn keys_from_secret(secret: &Secret) -> std::result::Result<Keys, String> {
     let data = secret.data.clone().unwrap_or_default();
     let bytes = data
