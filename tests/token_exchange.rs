@@ -358,8 +358,12 @@ async fn deleting_the_grant_revokes_every_token_exchanged_from_it() {
         assert_eq!(pyjwt[*name].status.as_deref(), Some("INVALID"), "{name}");
     }
     // And none of them is exchanged any more.
-    x.refused(&Exchange::form(&to_c, &x.c.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&to_c, &x.c.token, &[]),
+        INVALID_GRANT,
+        "subject_revoked",
+    )
+    .await;
 }
 
 // ---- the subject token ---------------------------------------------------------------------------
@@ -370,30 +374,47 @@ async fn deleting_the_grant_revokes_every_token_exchanged_from_it() {
 #[tokio::test]
 async fn a_subject_token_of_another_issuer_is_refused() {
     let x = Exchange::start("xchg-issuer").await;
-    x.refused(&Exchange::form(&x.a.token, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&x.a.token, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_invalid",
+    )
+    .await;
     let claims = unverified_claims(&x.grant_token);
     let stranger = SigningKey::generate(Algorithm::ES256, now()).unwrap();
     let ours = stranger.sign(&claims).unwrap();
-    x.refused(&Exchange::form(&ours, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&ours, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_invalid",
+    )
+    .await;
     let kid = support::verifiers::unverified_header(&x.grant_token)["kid"].clone();
     let claiming_our_kid = with_header(&ours, |h| h["kid"] = kid.clone());
-    x.refused(
+    x.refused_because(
         &Exchange::form(&claiming_our_kid, &x.a.token, &[]),
         INVALID_GRANT,
+        "subject_invalid",
     )
     .await;
     let mut elsewhere = claims.clone();
     elsewhere["iss"] = "https://issuer.elsewhere.example".into();
     let elsewhere = stranger.sign(&elsewhere).unwrap();
-    x.refused(&Exchange::form(&elsewhere, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&elsewhere, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_invalid",
+    )
+    .await;
     let uri = claims["status"]["status_list"]["uri"].as_str().unwrap();
     let list = x.trust.get(uri).await.unwrap();
     let list_token = String::from_utf8(list.body).unwrap().trim().to_owned();
-    x.refused(&Exchange::form(&list_token, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&list_token, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_invalid",
+    )
+    .await;
 }
 
 /// Forged subject tokens: a tampered payload (wider scope, another actor), `alg: none`, HS256 keyed
@@ -423,8 +444,12 @@ async fn a_forged_subject_token_is_refused() {
         with_header(g, |h| h["kid"] = "not-a-published-key".into()),
     ];
     for token in &forged {
-        x.refused(&Exchange::form(token, &x.a.token, &[]), INVALID_GRANT)
-            .await;
+        x.refused_because(
+            &Exchange::form(token, &x.a.token, &[]),
+            INVALID_GRANT,
+            "subject_invalid",
+        )
+        .await;
     }
 }
 
@@ -453,8 +478,12 @@ async fn a_token_whose_act_was_stripped_or_reordered_is_refused() {
         .remove(1);
     for forged in [stripped, reordered, record_dropped] {
         let token = signed_with_the_real_key(&x, &forged).await;
-        x.refused(&Exchange::form(&token, &x.c.token, &[]), INVALID_GRANT)
-            .await;
+        x.refused_because(
+            &Exchange::form(&token, &x.c.token, &[]),
+            INVALID_GRANT,
+            "act_mismatch",
+        )
+        .await;
     }
 }
 
@@ -474,9 +503,10 @@ async fn an_expired_subject_token_is_refused() {
         || async { (now() > expires + 1).then_some(()) },
     )
     .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &x.a.token, &[]),
         INVALID_GRANT,
+        "subject_invalid",
     )
     .await;
 }
@@ -495,8 +525,12 @@ async fn a_revoked_subject_token_is_refused() {
     })
     .await;
     wait_served(&x, &[&old], "Invalid").await;
-    x.refused(&Exchange::form(&old, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&old, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_revoked",
+    )
+    .await;
     x.exchanged(&new, &x.a, Step::Narrowing, &[]).await;
 }
 
@@ -509,10 +543,18 @@ async fn a_subject_token_naming_a_suspended_agent_is_refused() {
     x.f.patch_agent("b", json!({"spec": {"suspended": true}}))
         .await;
     wait_agent_reason(&x, "b", "Suspended").await;
-    x.refused(&Exchange::form(&to_b, &x.b.token, &[]), INVALID_GRANT)
-        .await;
-    x.refused(&Exchange::form(&to_b, &x.c.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&to_b, &x.b.token, &[]),
+        INVALID_GRANT,
+        "agent_suspended",
+    )
+    .await;
+    x.refused_because(
+        &Exchange::form(&to_b, &x.c.token, &[]),
+        INVALID_GRANT,
+        "agent_suspended",
+    )
+    .await;
 
     x.f.patch_agent("a", json!({"spec": {"suspended": true}}))
         .await;
@@ -525,9 +567,10 @@ async fn a_subject_token_naming_a_suspended_agent_is_refused() {
     )
     .await;
     wait_served(&x, &[&x.grant_token], "Invalid").await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &x.a.token, &[]),
         INVALID_GRANT,
+        "subject_revoked",
     )
     .await;
 }
@@ -546,19 +589,22 @@ async fn another_audience_or_resource_is_refused() {
         ("audience", "https://undeclared.example.com"),
         ("resource", "https://undeclared.example.com/api"),
     ] {
-        x.refused(
+        x.refused_because(
             &Exchange::form(g, actor, &[(field, value)]),
             "invalid_target",
+            "other_audience",
         )
         .await;
     }
-    x.refused(
+    // Two different targets: a token is for one (RFC 8707 §2: invalid_target).
+    x.refused_because(
         &Exchange::form(
             g,
             actor,
             &[("audience", AUDIENCE), ("resource", OTHER_AUDIENCE)],
         ),
-        INVALID_REQUEST,
+        "invalid_target",
+        "several_audiences",
     )
     .await;
     let (token, _) = x
@@ -578,9 +624,10 @@ async fn another_audience_or_resource_is_refused() {
     x.f.wait_ready_within("payments", "True", None, Duration::from_secs(60))
         .await;
     let payments = x.f.token_in("payments-token").await.unwrap();
-    x.refused(
+    x.refused_because(
         &Exchange::form(&payments, actor, &[("audience", AUDIENCE)]),
         "invalid_target",
+        "other_audience",
     )
     .await;
 }
@@ -593,14 +640,16 @@ async fn another_audience_or_resource_is_refused() {
 async fn an_actor_token_of_another_workload_is_refused() {
     let x = Exchange::start("xchg-stranger").await;
     let stranger = x.workload("sa-x").await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &stranger.token, &[]),
         UNAUTHORIZED_CLIENT,
+        "not_an_actor",
     )
     .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &x.c.token, &[]),
         UNAUTHORIZED_CLIENT,
+        "not_an_actor",
     )
     .await;
 }
@@ -613,9 +662,10 @@ async fn an_actor_token_bound_to_no_pod_is_refused() {
     let unbound =
         request_service_account_token_for(&x.f.client, x.ns(), "sa-a", None, &[&x.issuer.url])
             .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &unbound, &[]),
         UNAUTHORIZED_CLIENT,
+        "actor_not_pod_bound",
     )
     .await;
 }
@@ -696,15 +746,17 @@ async fn an_actor_token_minted_by_impersonating_the_service_account_is_refused()
         },
     )
     .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &minted, &[]),
         UNAUTHORIZED_CLIENT,
+        "actor_not_pod_bound",
     )
     .await;
 }
 
 /// A pod-bound token for the issuer's audience of a ServiceAccount named like the agent's, in another
-/// namespace: refused, and the answer does not name that namespace.
+/// namespace: refused, and the answer does not name the token's namespace (another tenant's, seen
+/// from the caller; the caller's own namespace may be named).
 #[tokio::test]
 async fn an_actor_token_of_another_namespace_is_refused() {
     let x = Exchange::start("xchg-other-ns").await;
@@ -718,12 +770,11 @@ async fn an_actor_token_of_another_namespace_is_refused() {
         &[&x.issuer.url],
     )
     .await;
-    x.refused_with(
+    x.refused_because_without(
         &Exchange::form(&x.grant_token, &token, &[]),
-        &[UNAUTHORIZED_CLIENT],
-        &[],
-        true,
-        &[&other],
+        UNAUTHORIZED_CLIENT,
+        "other_namespace",
+        &[x.ns()],
     )
     .await;
 }
@@ -735,17 +786,19 @@ async fn an_actor_token_for_another_audience_is_refused() {
     let x = Exchange::start("xchg-actor-aud").await;
     let apiserver =
         request_service_account_token(&x.f.client, x.ns(), "sa-a", Some(&x.a.pod)).await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &apiserver, &[]),
         UNAUTHORIZED_CLIENT,
+        "actor_not_accepted",
     )
     .await;
     let resource_server =
         request_service_account_token_for(&x.f.client, x.ns(), "sa-a", Some(&x.a.pod), &[AUDIENCE])
             .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &resource_server, &[]),
         UNAUTHORIZED_CLIENT,
+        "actor_not_accepted",
     )
     .await;
 }
@@ -754,9 +807,10 @@ async fn an_actor_token_for_another_audience_is_refused() {
 #[tokio::test]
 async fn subject_and_actor_swapped_are_refused() {
     let x = Exchange::start("xchg-swapped").await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.a.token, &x.grant_token, &[]),
         INVALID_GRANT,
+        "subject_invalid",
     )
     .await;
 }
@@ -774,33 +828,36 @@ async fn a_wider_scope_is_refused() {
         "tickets:close",
         "tickets:read payments:execute",
     ] {
-        x.refused(
+        x.refused_because(
             &Exchange::form(g, &x.a.token, &[("scope", scope)]),
             "invalid_scope",
+            "wider_scope",
         )
         .await;
     }
     let (read_only, _) = x
         .exchanged(g, &x.a, Step::Narrowing, &[("scope", "tickets:read")])
         .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&read_only, &x.a.token, &[("scope", "tickets:write")]),
         "invalid_scope",
+        "wider_scope",
     )
     .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(
             &read_only,
             &x.b.token,
             &[("scope", "tickets:read tickets:write")],
         ),
         "invalid_scope",
+        "wider_scope",
     )
     .await;
 }
 
 /// RFC 9396 details beyond the subject's (more actions, another type) are refused; narrower ones are
-/// issued, and cannot be widened back. Details that are not a JSON array are a malformed request.
+/// issued, and cannot be widened back. Details that are not a JSON array of details are refused too.
 #[tokio::test]
 async fn more_authorization_details_are_refused() {
     let setup = ExchangeSetup {
@@ -812,17 +869,22 @@ async fn more_authorization_details_are_refused() {
     let more = json!([{"type": "ticket", "actions": ["read", "write", "close"]}]).to_string();
     let other = json!([{"type": "payment_initiation", "actions": ["execute"]}]).to_string();
     for details in [&more, &other] {
-        x.refused(
+        x.refused_because(
             &Exchange::form(g, &x.a.token, &[("authorization_details", details)]),
             "invalid_authorization_details",
+            "wider_details",
         )
         .await;
     }
-    x.refused(
-        &Exchange::form(g, &x.a.token, &[("authorization_details", "{not json")]),
-        INVALID_REQUEST,
-    )
-    .await;
+    // Not a JSON array of details: RFC 9396 §5 answers invalid_authorization_details.
+    for malformed in ["{not json", r#"{"type": "ticket"}"#] {
+        x.refused_because(
+            &Exchange::form(g, &x.a.token, &[("authorization_details", malformed)]),
+            "invalid_authorization_details",
+            "malformed_details",
+        )
+        .await;
+    }
     let read = json!([{"type": "ticket", "actions": ["read"]}]);
     let (narrow, _) = x
         .exchanged(
@@ -834,9 +896,10 @@ async fn more_authorization_details_are_refused() {
         .await;
     assert_eq!(unverified_claims(&narrow)["authorization_details"], read);
     let back = json!([{"type": "ticket", "actions": ["read", "write"]}]).to_string();
-    x.refused(
+    x.refused_because(
         &Exchange::form(&narrow, &x.a.token, &[("authorization_details", &back)]),
         "invalid_authorization_details",
+        "wider_details",
     )
     .await;
 }
@@ -848,10 +911,16 @@ async fn more_authorization_details_are_refused() {
 async fn a_longer_life_is_refused_also_through_re_exchange() {
     let x = Exchange::start("xchg-life").await;
     let g = &x.grant_token;
-    for expires_in in ["3600", "0", "-5", "soon"] {
-        x.refused(
+    for (expires_in, reason) in [
+        ("3600", "too_long"),
+        ("0", "zero_lifetime"),
+        ("-5", "malformed_request"),
+        ("soon", "malformed_request"),
+    ] {
+        x.refused_because(
             &Exchange::form(g, &x.a.token, &[("expires_in", expires_in)]),
             INVALID_REQUEST,
+            reason,
         )
         .await;
     }
@@ -863,14 +932,16 @@ async fn a_longer_life_is_refused_also_through_re_exchange() {
         "{}",
         body["expires_in"]
     );
-    x.refused(
+    x.refused_because(
         &Exchange::form(&minute, &x.a.token, &[("expires_in", "300")]),
         INVALID_REQUEST,
+        "too_long",
     )
     .await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&minute, &x.b.token, &[("expires_in", "300")]),
         INVALID_REQUEST,
+        "too_long",
     )
     .await;
     let (again, _) = x.exchanged(&minute, &x.a, Step::Narrowing, &[]).await;
@@ -892,8 +963,12 @@ async fn circular_delegation_is_refused() {
     };
     let x = Exchange::start_with("xchg-cycle", setup, &[]).await;
     let (to_b, _) = x.exchanged(&x.grant_token, &x.b, Step::Hop("b"), &[]).await;
-    x.refused(&Exchange::form(&to_b, &x.a.token, &[]), UNAUTHORIZED_CLIENT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&to_b, &x.a.token, &[]),
+        UNAUTHORIZED_CLIENT,
+        "circular",
+    )
+    .await;
 }
 
 /// a allows one hop below it: a→b works, b→c (two below a) is refused although b lists c.
@@ -909,8 +984,12 @@ async fn depth_past_max_depth_is_refused() {
     };
     let x = Exchange::start_with("xchg-depth", setup, &[]).await;
     let (to_b, _) = x.exchanged(&x.grant_token, &x.b, Step::Hop("b"), &[]).await;
-    x.refused(&Exchange::form(&to_b, &x.c.token, &[]), UNAUTHORIZED_CLIENT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&to_b, &x.c.token, &[]),
+        UNAUTHORIZED_CLIENT,
+        "too_deep",
+    )
+    .await;
     // b's own workload may still narrow it: the refusal was the depth's.
     x.exchanged(&to_b, &x.b, Step::Narrowing, &[]).await;
 }
@@ -925,19 +1004,29 @@ async fn a_subject_token_is_refused_after_its_grant_was_deleted() {
         .exchanged(&x.grant_token, &x.a, Step::Narrowing, &[])
         .await;
     delete_grant(&x, &[&x.grant_token, &narrowed]).await;
-    x.refused(
+    x.refused_because(
         &Exchange::form(&x.grant_token, &x.a.token, &[]),
         INVALID_GRANT,
+        "subject_revoked",
     )
     .await;
-    x.refused(&Exchange::form(&narrowed, &x.a.token, &[]), INVALID_GRANT)
-        .await;
-    x.refused(&Exchange::form(&narrowed, &x.b.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&narrowed, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_revoked",
+    )
+    .await;
+    x.refused_because(
+        &Exchange::form(&narrowed, &x.b.token, &[]),
+        INVALID_GRANT,
+        "subject_revoked",
+    )
+    .await;
 }
 
 /// The grant deleted and created again under the same name: the old token (another grant uid) is
-/// refused, the new grant's token is exchanged.
+/// refused, the new grant's token is exchanged; a VALID token naming the old grant's uid is refused
+/// for that alone.
 #[tokio::test]
 async fn a_subject_token_of_a_re_created_grant_is_refused() {
     let x = Exchange::start("xchg-recreated").await;
@@ -952,9 +1041,25 @@ async fn a_subject_token_of_a_re_created_grant_is_refused() {
         unverified_claims(&new)["delegation.nhi.dev/grant"]["uid"],
         old_uid
     );
-    x.refused(&Exchange::form(&old, &x.a.token, &[]), INVALID_GRANT)
-        .await;
+    x.refused_because(
+        &Exchange::form(&old, &x.a.token, &[]),
+        INVALID_GRANT,
+        "subject_revoked",
+    )
+    .await;
     x.exchanged(&new, &x.a, Step::Narrowing, &[]).await;
+
+    // The new grant's token, VALID in the list, re-signed with the operator's key naming the old
+    // grant's uid (an insider's forgery): the grant it names is gone.
+    let mut claims = unverified_claims(&new);
+    claims["delegation.nhi.dev/grant"]["uid"] = old_uid.clone();
+    let forged = signed_with_the_real_key(&x, &claims).await;
+    x.refused_because(
+        &Exchange::form(&forged, &x.a.token, &[]),
+        INVALID_GRANT,
+        "grant_gone",
+    )
+    .await;
 }
 
 // ---- the request itself --------------------------------------------------------------------------
@@ -967,22 +1072,39 @@ async fn malformed_requests_are_refused() {
     let (g, actor) = (x.grant_token.as_str(), x.a.token.as_str());
     let mut other_grant_type = Exchange::form(g, actor, &[]);
     other_grant_type[0].1 = "authorization_code";
-    x.refused(&other_grant_type, "unsupported_grant_type").await;
+    x.refused_because(
+        &other_grant_type,
+        "unsupported_grant_type",
+        "unsupported_grant_type",
+    )
+    .await;
     let without = |field: &str| -> Vec<(&str, &str)> {
         Exchange::form(g, actor, &[])
             .into_iter()
             .filter(|(k, _)| !k.starts_with(field))
             .collect()
     };
-    x.refused(&without("actor_token"), INVALID_REQUEST).await;
-    x.refused(&without("subject_token"), INVALID_REQUEST).await;
+    x.refused_because(
+        &without("actor_token"),
+        INVALID_REQUEST,
+        "malformed_request",
+    )
+    .await;
+    x.refused_because(
+        &without("subject_token"),
+        INVALID_REQUEST,
+        "malformed_request",
+    )
+    .await;
     let mut id_token = Exchange::form(g, actor, &[]);
     id_token[2].1 = "urn:ietf:params:oauth:token-type:id_token";
-    x.refused(&id_token, INVALID_REQUEST).await;
+    x.refused_because(&id_token, INVALID_REQUEST, "malformed_request")
+        .await;
     let mut actor_type = Exchange::form(g, actor, &[]);
     actor_type[4].1 = ACCESS_TOKEN_TYPE;
-    x.refused(&actor_type, INVALID_REQUEST).await;
-    x.refused(
+    x.refused_because(&actor_type, INVALID_REQUEST, "malformed_request")
+        .await;
+    x.refused_because(
         &Exchange::form(
             g,
             actor,
@@ -992,6 +1114,7 @@ async fn malformed_requests_are_refused() {
             )],
         ),
         INVALID_REQUEST,
+        "malformed_request",
     )
     .await;
 }

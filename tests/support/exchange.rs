@@ -424,6 +424,44 @@ impl Exchange {
         audited: bool,
         forbidden: &[&str],
     ) -> Value {
+        self.refused_checked(form, codes, None, statuses, audited, forbidden)
+            .await
+    }
+
+    /// The usual refusal: HTTP 400 with `code`, audited.
+    pub async fn refused(&self, form: &[(&str, &str)], code: &str) -> Value {
+        self.refused_checked(form, &[code], None, &[], true, &[])
+            .await
+    }
+
+    /// [`Exchange::refused`], and the `ExchangeRefused` audit line gives `reason` (the refusal is the
+    /// rule under test's, not an earlier one's that answers the same code).
+    pub async fn refused_because(&self, form: &[(&str, &str)], code: &str, reason: &str) -> Value {
+        self.refused_checked(form, &[code], Some(reason), &[], true, &[])
+            .await
+    }
+
+    /// [`Exchange::refused_because`] with words the answer must not contain.
+    pub async fn refused_because_without(
+        &self,
+        form: &[(&str, &str)],
+        code: &str,
+        reason: &str,
+        forbidden: &[&str],
+    ) -> Value {
+        self.refused_checked(form, &[code], Some(reason), &[], true, forbidden)
+            .await
+    }
+
+    async fn refused_checked(
+        &self,
+        form: &[(&str, &str)],
+        codes: &[&str],
+        reason: Option<&str>,
+        statuses: &[u16],
+        audited: bool,
+        forbidden: &[&str],
+    ) -> Value {
         let minted_before = self.exchanged_lines();
         let refused_before = self.audit_lines("ExchangeRefused").len();
         let reply = self.post(form).await;
@@ -431,6 +469,7 @@ impl Exchange {
             reply,
             form,
             codes,
+            reason,
             statuses,
             audited,
             forbidden,
@@ -470,6 +509,7 @@ impl Exchange {
             reply,
             &form,
             codes,
+            None,
             statuses,
             audited,
             &[],
@@ -479,17 +519,13 @@ impl Exchange {
         .await
     }
 
-    /// The usual refusal: HTTP 400 with `code`, audited.
-    pub async fn refused(&self, form: &[(&str, &str)], code: &str) -> Value {
-        self.refused_with(form, &[code], &[], true, &[]).await
-    }
-
     #[allow(clippy::too_many_arguments)]
     async fn check_refusal(
         &self,
         reply: HttpResponse,
         form: &[(&str, &str)],
         codes: &[&str],
+        reason: Option<&str>,
         statuses: &[u16],
         audited: bool,
         forbidden: &[&str],
@@ -559,13 +595,16 @@ impl Exchange {
         };
         if audited {
             let line = wait_for(
-                &format!("an ExchangeRefused audit line ({want})"),
+                &format!("an ExchangeRefused audit line ({want}, reason {reason:?})"),
                 Duration::from_secs(15),
                 || async {
                     self.audit_lines("ExchangeRefused")
                         .into_iter()
                         .skip(refused_before)
-                        .find(|l| l["error"].as_str().is_some_and(|e| codes.contains(&e)))
+                        .find(|l| {
+                            l["error"].as_str().is_some_and(|e| codes.contains(&e))
+                                && reason.is_none_or(|r| l["reason"] == r)
+                        })
                 },
             )
             .await;
