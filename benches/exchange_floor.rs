@@ -10,6 +10,11 @@
 //! shape (new `jti` and times). Measured on 1 thread and on 2 (std threads sharing the key and the
 //! JWKS), and verify alone and sign alone on 1 thread, each for `FLOOR_SECONDS` (default 3) after a
 //! warm-up of a second.
+//!
+//! Measured on the 2-core machine while idle (2026-12-06, commit 78e059a, two runs): 1,479 and 1,605
+//! exchanges/s on 1 thread, 3,077 and 3,061 on 2; verify 333 µs, sign 283–286 µs (a p256 sign is
+//! ~100 µs, but jsonwebtoken parses the PKCS#8 key, deriving its public point, for every token). With
+//! the machine busy building, about 1,000/s on either.
 
 use std::{
     hint::black_box,
