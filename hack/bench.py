@@ -34,6 +34,10 @@ with its default values (`chart_flags`: --concurrency, leader election, TTL limi
     deletion's DELETE -> grant gone (p50/p99/max), the load average then, how long grants waited in
     the operator's fair queue over the deletions, by lane (from its /metrics, read with a
     ServiceAccount token allowed `get /metrics`), and how much of the burst was still waiting.
+  - the token-exchange floor (benches/exchange_floor.rs, no cluster; BENCH_ONLY=exchange_floor runs only
+    this, BENCH_EXCHANGE_FLOOR=0 skips it): verify one ES256 access token and sign another with the
+    operator's own code, exchanges per second on 1 and 2 threads, and a verify and a sign alone in µs;
+    taken first, before the control plane starts, as the yardstick an exchange endpoint is a ratio of.
 
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
@@ -542,6 +546,15 @@ def cache_footprint(count):
     return json.loads(out)
 
 
+def exchange_floor():
+    """Exchanges per second of a bare loop that verifies one ES256 access token and signs another, on 1
+    and 2 threads, and a verify and a sign alone (benches/exchange_floor.rs: the operator's own signing
+    code, no TLS or HTTP). Printed only: nothing asserts a rate."""
+    out = subprocess.run(["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_floor"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["exchange_floor"]
+
+
 def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
     """The goal's figures at `count` grants, with the chart's default flags, for a fresh operator
     watching only `ns`: its RSS once `count` grants POSTed at once are all Ready, the writes while
@@ -756,6 +769,9 @@ def fairness_under_burst(binary, count, deletes=600, per_second=10):
 
 
 def main():
+    if os.environ.get("BENCH_ONLY") == "exchange_floor":
+        print(json.dumps({"exchange_floor": exchange_floor()}, indent=2))
+        return
     if os.environ.get("BENCH_ONLY") == "fairness":
         binary = os.environ.get("BENCH_OPERATOR_BINARY")
         if not binary:
@@ -764,6 +780,10 @@ def main():
         scale = int(os.environ.get("BENCH_GRANTS", "1000"))
         print(json.dumps({f"fairness_{scale}_grants_burst": fairness_under_burst(binary, scale)}, indent=2))
         return
+    # First, before this run starts the control plane and any operator, so that it has the cores.
+    floor = None
+    if not os.environ.get("BENCH_ONLY") and os.environ.get("BENCH_EXCHANGE_FLOOR", "1") != "0":
+        floor = exchange_floor()
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
     bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines() if l.startswith("export PATH=")][0]
@@ -795,6 +815,8 @@ def main():
     mem_ns = f"{ns}-mem"
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "_RJEM_MALLOC_"))}
+    if floor:
+        results["exchange_floor"] = floor
     scale = int(os.environ.get("BENCH_GRANTS", "0"))
     try:
         if os.environ.get("BENCH_ONLY") == "holding":
