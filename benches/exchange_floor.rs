@@ -23,7 +23,9 @@ use std::{
 };
 
 use delegation_operator::{
-    delegation::claims::{AccessTokenClaims, DelegationRecord, GrantReference, Party, nest_actors},
+    delegation::claims::{
+        AccessTokenClaims, DelegationRecord, GrantReference, Party, Workload, nest_actors,
+    },
     signing::{self, Algorithm, Keyring, SigningKey},
 };
 use serde_json::{Value, json};
@@ -46,6 +48,12 @@ fn claims(jti: u64, iat: i64) -> AccessTokenClaims {
         scope: "tickets:read tickets:comment".into(),
         requested_by: Some("alice@example.com".into()),
         approved_by: (i == 1).then(|| "carol@example.com".into()),
+        // The last hop as a token exchange makes it: the pod that proved possession.
+        workload: (i == 2).then(|| Workload {
+            service_account: format!("system:serviceaccount:{NAMESPACE}:audit-agent"),
+            pod: "audit-agent-6b8f9c7d5-x2x9q".into(),
+            pod_uid: "0f5a3c1e-8d2b-4f6a-9c7e-1b3d5f7a9c2e".into(),
+        }),
     };
     AccessTokenClaims {
         iss: "https://delegation-operator.delegation-system.svc".into(),
