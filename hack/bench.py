@@ -903,13 +903,13 @@ spec:
         requests_path = os.path.join(work, "requests.json")
         with open(os.open(requests_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
             json.dump(requests, f)
-        rss_before = rss_kib(server.pid) / 1024
+        rss_before = rss_kib(server.pid)[0] / 1024
         load = json.loads(subprocess.run(
             ["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_load"], cwd=ROOT,
             env={**os.environ, "EXCHANGE_ISSUER": issuer, "EXCHANGE_CA": os.path.join(work, "ca.crt"),
                  "EXCHANGE_REQUESTS": requests_path},
             capture_output=True, text=True, check=True).stdout)["exchange_load"]
-        rss_after = rss_kib(server.pid) / 1024
+        rss_after, peak = (kib / 1024 for kib in rss_kib(server.pid))
         issued = load["answers_by_status"].get("200", 0)
 
         # Lineage: tokens exchanged from grants that are then deleted.
@@ -966,7 +966,7 @@ spec:
             "server": "serve --token-exchange=true (the chart's verifier with verifier.tokenExchange.enabled)",
             "controller_flags": " ".join(chart_flags()),
             "load": load,
-            "server_rss_mib_before_after": [round(rss_before, 1), round(rss_after, 1)],
+            "server_rss_mib_before_after_peak": [round(rss_before, 1), round(rss_after, 1), round(peak, 1)],
             "server_bytes_per_exchanged_token": round((rss_after - rss_before) * 1048576 / max(issued, 1), 2),
             "lineage_tokens": len(lineage),
             "lineage_invalid_seen": len(latencies),
