@@ -34,6 +34,17 @@ with its default values (`chart_flags`: --concurrency, leader election, TTL limi
     deletion's DELETE -> grant gone (p50/p99/max), the load average then, how long grants waited in
     the operator's fair queue over the deletions, by lane (from its /metrics, read with a
     ServiceAccount token allowed `get /metrics`), and how much of the burst was still waiting.
+  - the token-exchange floor (benches/exchange_floor.rs, no cluster; BENCH_ONLY=exchange_floor runs only
+    this, BENCH_EXCHANGE_FLOOR=0 skips it): verify one ES256 access token and sign another with the
+    operator's own code, exchanges per second on 1 and 2 threads, and a verify and a sign alone in µs;
+    taken first, before the control plane starts, as the yardstick an exchange endpoint is a ratio of.
+
+  - exchange (BENCH_ONLY=exchange, BENCH_GRANTS=N, default 10,000; a control plane of its own): the
+    token endpoint as the chart runs it with verifier.tokenExchange.enabled (`serve
+    --token-exchange` beside the controller with the chart's flags), with N grants Ready: exchanges a
+    second over 16 keep-alive HTTPS connections (benches/exchange_load.rs), p50/p99, the server's RSS
+    before and after; then 1,000 tokens exchanged from 100 grants, the grants deleted at 100/s, and
+    DELETE -> INVALID in the status list the server serves, per exchanged token.
 
 Figures include kubectl's own start-up (`kubectl_overhead_s`: an apply of an unchanged grant plus a wait
 on a Ready one), and everything shares the machine's cores with etcd and kube-apiserver. Batches are
@@ -542,6 +553,15 @@ def cache_footprint(count):
     return json.loads(out)
 
 
+def exchange_floor():
+    """Exchanges per second of a bare loop that verifies one ES256 access token and signs another, on 1
+    and 2 threads, and a verify and a sign alone (benches/exchange_floor.rs: the operator's own signing
+    code, no TLS or HTTP). Printed only: nothing asserts a rate."""
+    out = subprocess.run(["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_floor"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out)["exchange_floor"]
+
+
 def holding(binary, kubeconfig, kubectl, state_dir, ns, count):
     """The goal's figures at `count` grants, with the chart's default flags, for a fresh operator
     watching only `ns`: its RSS once `count` grants POSTed at once are all Ready, the writes while
@@ -755,7 +775,235 @@ def fairness_under_burst(binary, count, deletes=600, per_second=10):
         subprocess.run(["rm", "-rf", env["CONTROL_PLANE_DIR"]])
 
 
+EXCHANGE_AGENT = """apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: bench-agent}
+spec:
+  owner: {kind: Group, name: bench}
+  serviceAccountName: bench-agent
+  allowedScopes: [tickets:read]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+"""
+
+
+def status_of(list_token, idx):
+    """The status at `idx` of a Status List Token's list (read unverified: the bench times what the
+    server serves; the tests verify it)."""
+    import base64
+    import zlib
+
+    payload = list_token.split(".")[1]
+    claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    bits, lst = claims["status_list"]["bits"], claims["status_list"]["lst"]
+    data = zlib.decompress(base64.urlsafe_b64decode(lst + "=" * (-len(lst) % 4)))
+    per_byte = 8 // bits
+    return (data[idx // per_byte] >> ((idx % per_byte) * bits)) & ((1 << bits) - 1)
+
+
+def exchange_under_load(binary, count, pods=100, lineage_grants=100, per_grant=10):
+    """The token endpoint as the chart runs it with verifier.tokenExchange.enabled (`serve
+    --token-exchange`, beside the controller with the chart's flags), with `count` grants Ready, on a
+    control plane of its own: exchanges a second over keep-alive HTTPS (benches/exchange_load.rs,
+    `pods` pods' pod-bound tokens), p50/p99, the server's RSS before and after; then lineage
+    revocation: `per_grant` tokens exchanged from each of `lineage_grants` grants, the grants deleted
+    at 100/s, and for each exchanged token the seconds from its grant's DELETE until the status list
+    the server serves says INVALID at its entry."""
+    import threading
+
+    script = os.path.join(ROOT, "hack/control-plane.sh")
+    env = dict(os.environ, CONTROL_PLANE_DIR=tempfile.mkdtemp(prefix="bench-exchange-cp-"))
+    kubeconfig = subprocess.run([script, "start"], env=env, capture_output=True, text=True,
+                                check=True).stdout.strip()
+    work = tempfile.mkdtemp(prefix="bench-exchange-")
+    os.chmod(work, 0o700)
+    processes = []
+    try:
+        env_lines = subprocess.run([script, "env"], env=env, capture_output=True, text=True, check=True).stdout
+        bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines()
+                   if l.startswith("export PATH=")][0]
+        kubectl = [os.path.join(bin_dir, "kubectl"), "--kubeconfig", kubeconfig]
+        state_dir = os.path.dirname(kubeconfig)
+        sh(*kubectl, "apply", "--server-side", "-f", os.path.join(ROOT, "crds"))
+        sh(*kubectl, "wait", "--for=condition=Established", "crd", "--all", "--timeout=60s")
+        ns, op_ns = "ex-bench", "ex-op"
+        for namespace in (ns, op_ns):
+            sh(*kubectl, "create", "namespace", namespace)
+        install_admission_policies(kubectl, binary, ns)
+        sh(*kubectl, "-n", ns, "create", "serviceaccount", "bench-agent")
+        sh(*kubectl, "-n", ns, "apply", "-f", "-", stdin=EXCHANGE_AGENT)
+        controller_port, port = free_port(), free_port()
+        issuer = f"https://127.0.0.1:{port}"
+        log = open(os.path.join(work, "controller.log"), "w")
+        processes.append(subprocess.Popen(
+            [binary, "run", "--kubeconfig", kubeconfig, "--operator-namespace", op_ns, *chart_flags(),
+             "--issuer", issuer, "--verification-endpoints=false",
+             "--https-address", f"127.0.0.1:{controller_port}", "--tls-self-signed=true"],
+            stdout=subprocess.DEVNULL, stderr=log))
+        t0 = time.monotonic()
+        post_grants(state_dir, ns, "ex", count)
+        wait_all_ready(state_dir, ns, count, 3600)
+        ready_s = round(time.monotonic() - t0, 1)
+
+        # The server, its certificate from the controller's self-signed TLS Secret, as mounted.
+        for _ in range(240):
+            tls = json.loads(sh(*kubectl, "-n", op_ns, "get", "secret", "delegation-operator-tls",
+                                "-o", "json", check=False) or "{}")
+            if tls.get("data"):
+                break
+            time.sleep(0.25)
+        import base64
+        for key in ("tls.crt", "tls.key", "ca.crt"):
+            path = os.path.join(work, key)
+            with open(os.open(path, os.O_WRONLY | os.O_CREAT, 0o600), "wb") as f:
+                f.write(base64.b64decode(tls["data"][key]))
+        serve_log = open(os.path.join(work, "serve.log"), "w")
+        server = subprocess.Popen(
+            [binary, "serve", "--kubeconfig", kubeconfig, "--operator-namespace", op_ns, "--issuer", issuer,
+             "--https-address", f"127.0.0.1:{port}", "--tls-cert-file", os.path.join(work, "tls.crt"),
+             "--tls-key-file", os.path.join(work, "tls.key"), "--token-exchange=true"],
+            stdout=subprocess.DEVNULL, stderr=serve_log)
+        processes.append(server)
+        ctx = ssl.create_default_context(cafile=os.path.join(work, "ca.crt"))
+
+        def https(method, path, body=None):
+            conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
+            headers = {"Content-Type": "application/x-www-form-urlencoded"} if body else {}
+            conn.request(method, path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
+
+        for _ in range(600):
+            try:
+                if https("GET", "/readyz")[0] == 200:
+                    break
+            except OSError:
+                pass
+            time.sleep(0.1)
+
+        # Pods running as the agent's ServiceAccount, and a token bound to each, for the issuer.
+        pod_docs = "\n---\n".join(
+            f"""apiVersion: v1
+kind: Pod
+metadata: {{name: agent-{i:03d}}}
+spec:
+  serviceAccountName: bench-agent
+  containers: [{{name: agent, image: registry.invalid/agent}}]""" for i in range(pods))
+        sh(*kubectl, "-n", ns, "apply", "-f", "-", stdin=pod_docs)
+        actors = [sh(*kubectl, "-n", ns, "create", "token", "bench-agent", "--audience", issuer,
+                     "--bound-object-kind", "Pod", "--bound-object-name", f"agent-{i:03d}",
+                     "--duration", "1h").strip() for i in range(pods)]
+
+        def grant_token(name):
+            out = sh(*kubectl, "-n", ns, "get", "secret", f"{name}-token", "-o", "jsonpath={.data.token}")
+            return base64.b64decode(out).decode()
+
+        requests = [{"subject": grant_token(f"ex-{i:05d}"), "actor": actors[i], "scope": "tickets:read"}
+                    for i in range(pods)]
+        requests_path = os.path.join(work, "requests.json")
+        with open(os.open(requests_path, os.O_WRONLY | os.O_CREAT, 0o600), "w") as f:
+            json.dump(requests, f)
+        rss_before = rss_kib(server.pid)[0] / 1024
+        load = json.loads(subprocess.run(
+            ["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_load"], cwd=ROOT,
+            env={**os.environ, "EXCHANGE_ISSUER": issuer, "EXCHANGE_CA": os.path.join(work, "ca.crt"),
+                 "EXCHANGE_REQUESTS": requests_path},
+            capture_output=True, text=True, check=True).stdout)["exchange_load"]
+        rss_after, peak = (kib / 1024 for kib in rss_kib(server.pid))
+        issued = load["answers_by_status"].get("200", 0)
+
+        # Lineage: tokens exchanged from grants that are then deleted.
+        import urllib.parse
+        lineage = []  # (grant, uri, idx)
+        for g in range(lineage_grants):
+            name = f"ex-{count - 1 - g:05d}"
+            subject = grant_token(name)
+            for _ in range(per_grant):
+                status, body = https("POST", "/token", urllib.parse.urlencode({
+                    "grant_type": "urn:ietf:params:oauth:grant-type:token-exchange",
+                    "subject_token": subject,
+                    "subject_token_type": "urn:ietf:params:oauth:token-type:access_token",
+                    "actor_token": actors[g % pods],
+                    "actor_token_type": "urn:ietf:params:oauth:token-type:jwt"}))
+                if status != 200:
+                    raise RuntimeError(f"lineage exchange: HTTP {status} {body[:200]!r}")
+                token = json.loads(body)["access_token"]
+                payload = token.split(".")[1]
+                claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+                ref = claims["status"]["status_list"]
+                lineage.append((name, ref["uri"], ref["idx"]))
+        deleted_at, invalid_at = {}, {}
+        done = threading.Event()
+
+        def watch_lists():
+            paths = {uri: uri.removeprefix(issuer) for _, uri, _ in lineage}
+            while not done.is_set():
+                lists = {uri: https("GET", path)[1].decode() for uri, path in paths.items()}
+                now = time.monotonic()
+                for i, (name, uri, idx) in enumerate(lineage):
+                    if i not in invalid_at and name in deleted_at and status_of(lists[uri], idx) != 0:
+                        invalid_at[i] = now
+                if len(invalid_at) == len(lineage):
+                    done.set()
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=watch_lists)
+        watcher.start()
+        api = Api(state_dir)
+        names = sorted({name for name, _, _ in lineage})
+        t_start = time.monotonic()
+        for k, name in enumerate(names):
+            time.sleep(max(0.0, t_start + k / 100 - time.monotonic()))
+            deleted_at[name] = time.monotonic()
+            api.request("DELETE", f"/apis/delegation.nhi.dev/v1alpha1/namespaces/{ns}/delegationgrants/{name}")
+        done.wait(120)
+        done.set()
+        watcher.join()
+        latencies = sorted(invalid_at[i] - deleted_at[name] for i, (name, _, _) in enumerate(lineage)
+                           if i in invalid_at)
+        return {
+            "grants_ready": count, "grants_all_ready_s": ready_s,
+            "server": "serve --token-exchange=true (the chart's verifier with verifier.tokenExchange.enabled)",
+            "controller_flags": " ".join(chart_flags()),
+            "load": load,
+            "server_rss_mib_before_after_peak": [round(rss_before, 1), round(rss_after, 1), round(peak, 1)],
+            "server_bytes_per_exchanged_token": round((rss_after - rss_before) * 1048576 / max(issued, 1), 2),
+            "lineage_tokens": len(lineage),
+            "lineage_invalid_seen": len(latencies),
+            "lineage_delete_to_invalid_served": percentiles(latencies) if latencies else None,
+        }
+    finally:
+        for process in processes:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+        subprocess.run([script, "stop"], env=env, capture_output=True)
+        subprocess.run(["rm", "-rf", env["CONTROL_PLANE_DIR"], work])
+
+
 def main():
+    if os.environ.get("BENCH_ONLY") == "exchange_floor":
+        print(json.dumps({"exchange_floor": exchange_floor()}, indent=2))
+        return
+    if os.environ.get("BENCH_ONLY") == "exchange":
+        binary = os.environ.get("BENCH_OPERATOR_BINARY")
+        if not binary:
+            subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+            binary = os.path.join(ROOT, "target/release/delegation-operator")
+        # Built before the clock starts: the load generator's first run would compile it.
+        subprocess.run(["cargo", "bench", "--quiet", "--locked", "--no-run", "--bench", "exchange_load"],
+                       cwd=ROOT, check=True, capture_output=True)
+        # The yardstick first, with the machine's cores to itself.
+        floor = exchange_floor()
+        scale = int(os.environ.get("BENCH_GRANTS", "10000"))
+        result = exchange_under_load(binary, scale)
+        result["exchange_floor"] = floor
+        result["ratio_to_floor_2_threads"] = round(
+            result["load"]["exchanges_per_s"] / floor["threads_2_per_s"], 2)
+        print(json.dumps({f"exchange_{scale}_grants": result}, indent=2))
+        return
     if os.environ.get("BENCH_ONLY") == "fairness":
         binary = os.environ.get("BENCH_OPERATOR_BINARY")
         if not binary:
@@ -764,6 +1012,10 @@ def main():
         scale = int(os.environ.get("BENCH_GRANTS", "1000"))
         print(json.dumps({f"fairness_{scale}_grants_burst": fairness_under_burst(binary, scale)}, indent=2))
         return
+    # First, before this run starts the control plane and any operator, so that it has the cores.
+    floor = None
+    if not os.environ.get("BENCH_ONLY") and os.environ.get("BENCH_EXCHANGE_FLOOR", "1") != "0":
+        floor = exchange_floor()
     kubeconfig = sh(os.path.join(ROOT, "hack/control-plane.sh"), "start").strip()
     env_lines = sh(os.path.join(ROOT, "hack/control-plane.sh"), "env")
     bin_dir = [l.split("=", 1)[1].split(":")[0] for l in env_lines.splitlines() if l.startswith("export PATH=")][0]
@@ -795,6 +1047,8 @@ def main():
     mem_ns = f"{ns}-mem"
     # The allocator's settings change the memory figures: name them beside the figures.
     results = {k: v for k, v in os.environ.items() if k.startswith(("MALLOC_", "_RJEM_MALLOC_"))}
+    if floor:
+        results["exchange_floor"] = floor
     scale = int(os.environ.get("BENCH_GRANTS", "0"))
     try:
         if os.environ.get("BENCH_ONLY") == "holding":

@@ -287,6 +287,10 @@ struct ServeArgs {
     /// the token it was exchanged from, the agent's maxTokenTTL and the AudiencePolicy's.
     #[arg(long, default_value = "15m", value_parser = parse_duration)]
     max_exchanged_token_ttl: std::time::Duration,
+    /// With --token-exchange: exchange only tokens of grants in this namespace, the operator's
+    /// --namespace (default: all namespaces).
+    #[arg(long)]
+    namespace: Option<String>,
     #[command(flatten)]
     callers: CallerLimitArgs,
     /// Log format on stderr.
@@ -504,7 +508,7 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             .token_exchange
             .then_some(endpoints::token::ExchangeSettings {
                 max_ttl: args.max_exchanged_token_ttl,
-                namespace: None,
+                namespace: args.namespace.clone(),
             }),
     };
     // Never leading: ready once the certificate and the published JWKS are loaded.
