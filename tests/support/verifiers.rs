@@ -138,8 +138,12 @@ impl Trust {
     /// error when the request did not complete (a server may cut a body over its limit short).
     pub async fn exchange_raw(&self, issuer: &str, body: &str) -> Result<HttpResponse, String> {
         let url = format!("{issuer}/token");
+        // An exchange asks the apiserver (TokenReview): more time than a GET on a loaded machine (the
+        // last --max-time wins).
         self.curl(
             &[
+                "--max-time",
+                "30",
                 "-H",
                 "Content-Type: application/x-www-form-urlencoded",
                 "--data-binary",
