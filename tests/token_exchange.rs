@@ -29,7 +29,7 @@ use serde_json::{Value, json};
 use support::{
     exchange::{
         ACCESS_TOKEN_TYPE, AUDIENCE, Exchange, ExchangeSetup, GRANT, GRANT_TYPE, JWT_TYPE,
-        OTHER_AUDIENCE, Step,
+        OTHER_AUDIENCE, Step, scrubbed,
     },
     verifiers::{
         Verifier, alg_none, hs256_with_public_key, unverified_claims, verify_with, verify_with_all,
@@ -71,9 +71,14 @@ async fn accepted_by_all(x: &Exchange, tokens: &[(&str, &str, Vec<String>)]) {
 /// list (one published version) for all of them — verified with the served JWKS by the operator's own
 /// verification code: "Valid", "Invalid" or "Suspended".
 async fn served_statuses(x: &Exchange, tokens: &[&str]) -> Vec<String> {
+    served_statuses_at(x, &x.issuer.url, tokens).await
+}
+
+/// [`served_statuses`] as the replica listening at `base` serves them (the `uri`s name the issuer).
+async fn served_statuses_at(x: &Exchange, base: &str, tokens: &[&str]) -> Vec<String> {
     let jwks = x
         .trust
-        .get(&format!("{}/.well-known/jwks.json", x.issuer.url))
+        .get(&format!("{base}/.well-known/jwks.json"))
         .await
         .unwrap()
         .json();
@@ -85,8 +90,9 @@ async fn served_statuses(x: &Exchange, tokens: &[&str]) -> Vec<String> {
         if lists.contains_key(&key) {
             continue;
         }
-        let list = x.trust.get(uri).await.unwrap();
-        assert_eq!(list.status, 200, "{uri}");
+        let served_at = format!("{base}{}", uri.strip_prefix(x.issuer.url.as_str()).unwrap());
+        let list = x.trust.get(&served_at).await.unwrap();
+        assert_eq!(list.status, 200, "{served_at}");
         assert_eq!(list.content_type, "application/statuslist+jwt");
         lists.insert(key, String::from_utf8(list.body).unwrap());
     }
@@ -102,11 +108,16 @@ async fn served_statuses(x: &Exchange, tokens: &[&str]) -> Vec<String> {
 
 /// Waits until every token reads `status` in one fetch of the served list.
 async fn wait_served(x: &Exchange, tokens: &[&str], status: &str) {
+    wait_served_at(x, &x.issuer.url, tokens, status).await;
+}
+
+/// [`wait_served`] at the replica listening at `base`.
+async fn wait_served_at(x: &Exchange, base: &str, tokens: &[&str], status: &str) {
     wait_for(
-        &format!("the served status list to say {status} for every token"),
+        &format!("the status list served at {base} to say {status} for every token"),
         Duration::from_secs(60),
         || async {
-            let statuses = served_statuses(x, tokens).await;
+            let statuses = served_statuses_at(x, base, tokens).await;
             statuses.iter().all(|s| s == status).then_some(())
         },
     )
@@ -1141,4 +1152,84 @@ async fn an_oversize_body_is_refused() {
     .await;
     x.exchanged(g, &x.a, Step::Narrowing, &[("scope", "tickets:read")])
         .await;
+}
+
+/// Every replica answers exchanges, not only the leader (a standby has no caches of the operator's:
+/// its token endpoint keeps watches of its own and signs with the keys Secret's active key); and a
+/// lineage is revoked across a kill -9 of the leader: the replica that takes over revokes the grant's
+/// token, and with it every token exchanged from it, whichever replica exchanged them.
+#[tokio::test]
+async fn every_replica_exchanges_and_a_lineage_outlives_a_leader_kill() {
+    let mut x = Exchange::start("exchange-failover").await;
+    let port = free_port();
+    let second_url = format!("https://127.0.0.1:{port}");
+    let address = format!("127.0.0.1:{port}");
+    let second = Operator::start(
+        &x.f.ns,
+        &x.f.operator_namespace(),
+        &["--issuer", &x.issuer.url, "--https-address", &address],
+    );
+    // Both replicas answer discovery and are ready (the second once its token endpoint has read
+    // the signing keys and listed what it decides on).
+    wait_for(
+        "the second replica's /readyz",
+        Duration::from_secs(60),
+        || async {
+            x.trust
+                .get(&format!("{second_url}/readyz"))
+                .await
+                .ok()
+                .filter(|r| r.status == 200)
+        },
+    )
+    .await;
+
+    // One exchange at each replica: a narrowing at the first, a hop from it at the second.
+    let (narrowed, _) = x
+        .exchanged(
+            &x.grant_token,
+            &x.a,
+            Step::Narrowing,
+            &[("scope", "tickets:read")],
+        )
+        .await;
+    let hop_form = Exchange::form(&narrowed, &x.b.token, &[]);
+    let reply = x.trust.exchange(&second_url, &hop_form).await;
+    assert_eq!(reply.status, 200, "{}", scrubbed(&reply.body));
+    let hopped = reply.json()["access_token"].as_str().unwrap().to_owned();
+    x.check_issued(&narrowed, &hopped, &x.b, Step::Hop("b"));
+    let lineage = [x.grant_token.as_str(), narrowed.as_str(), hopped.as_str()];
+    wait_served(&x, &lineage, "Valid").await;
+
+    // kill -9 whichever replica leads; the other takes over and revokes the grant's lineage.
+    let first = x.f.operator.take().expect("the first operator");
+    let first_leads = first.audit().iter().any(|r| r["action"] == "Issued");
+    let survivor_url;
+    if first_leads {
+        first.stop();
+        x.f.operator = Some(second);
+        survivor_url = second_url.clone();
+    } else {
+        second.stop();
+        x.f.operator = Some(first);
+        survivor_url = x.issuer.url.clone();
+    }
+    x.f.grants()
+        .delete(GRANT, &Default::default())
+        .await
+        .unwrap();
+    x.f.wait_grant_gone(
+        GRANT,
+        "the grant released by the new leader",
+        Duration::from_secs(90),
+    )
+    .await;
+    wait_served_at(&x, &survivor_url, &lineage, "Invalid").await;
+    // The survivor refuses the lineage from then on.
+    let again = x
+        .trust
+        .exchange(&survivor_url, &Exchange::form(&hopped, &x.b.token, &[]))
+        .await;
+    assert_eq!(again.status, 400);
+    assert_eq!(again.json()["error"], "invalid_grant");
 }

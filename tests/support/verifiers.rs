@@ -223,30 +223,13 @@ impl HttpResponse {
     }
 }
 
-/// `application/x-www-form-urlencoded` (the WHATWG encoding: unreserved bytes as they are, space as
-/// `+`, everything else `%XX`).
+/// An `application/x-www-form-urlencoded` body (the operator's own dependency does the encoding).
 pub fn form_urlencoded(form: &[(&str, &str)]) -> String {
-    fn encode(out: &mut String, s: &str) {
-        for b in s.bytes() {
-            match b {
-                b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'*' => {
-                    out.push(b as char)
-                }
-                b' ' => out.push('+'),
-                _ => out.push_str(&format!("%{b:02X}")),
-            }
-        }
+    let mut body = ::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form {
+        body.append_pair(name, value);
     }
-    let mut out = String::new();
-    for (i, (k, v)) in form.iter().enumerate() {
-        if i > 0 {
-            out.push('&');
-        }
-        encode(&mut out, k);
-        out.push('=');
-        encode(&mut out, v);
-    }
-    out
+    body.finish()
 }
 
 fn write_private(path: &Path, content: &str) {
