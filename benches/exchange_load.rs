@@ -30,7 +30,10 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 fn body(request: &Value) -> Vec<u8> {
     let mut form = form_urlencoded::Serializer::new(String::new());
     form.append_pair("grant_type", GRANT_TYPE)
-        .append_pair("subject_token", request["subject"].as_str().unwrap_or_default())
+        .append_pair(
+            "subject_token",
+            request["subject"].as_str().unwrap_or_default(),
+        )
         .append_pair("subject_token_type", ACCESS_TOKEN)
         .append_pair("actor_token", request["actor"].as_str().unwrap_or_default())
         .append_pair("actor_token_type", JWT);
@@ -47,7 +50,12 @@ fn own_cpu_seconds() -> f64 {
         .rsplit_once(')')
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
-    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     // utime and stime, in clock ticks (100 a second on Linux).
     (ticks(11) + ticks(12)) / 100.0
 }
@@ -74,7 +82,10 @@ async fn work(
             return worker;
         }
         let request = http::Request::post(&path)
-            .header(http::header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .header(
+                http::header::CONTENT_TYPE,
+                "application/x-www-form-urlencoded",
+            )
             .body(body.clone())
             .expect("a request");
         let status = match client.request_text(request).await {
