@@ -98,12 +98,13 @@ impl Exchange {
             },
             counter: counter.clone(),
         });
-        let counts = async move {
+        // Boxed: its kube calls make a large future, kept off the stack of whoever polls this one.
+        let counts = Box::pin(async move {
             if settings.create_counts_configmap {
                 counter.create_configmap().await;
             }
             counter.publish().await;
-        };
+        });
         let running = async move {
             futures::join!(
                 signer::watch(client, &operator_namespace, signer),
