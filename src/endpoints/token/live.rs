@@ -70,8 +70,8 @@ fn live(minute: u32, now: i64) -> bool {
 /// One grant's counts.
 #[derive(Debug)]
 struct Tracked {
-    /// `<namespace>/<name>/<uid>`, as published.
-    key: Box<str>,
+    /// `<namespace>/<name>` (the uid is the map's key).
+    grant: Box<str>,
     /// (expiry minute, tokens), by minute.
     buckets: Vec<(u32, u32)>,
 }
@@ -130,7 +130,7 @@ impl LiveCounts {
             self.make_room(now);
         }
         let tracked = self.grants.entry(id).or_insert_with(|| Tracked {
-            key: format!("{namespace}/{name}/{uid}").into_boxed_str(),
+            grant: format!("{namespace}/{name}").into_boxed_str(),
             buckets: Vec::new(),
         });
         match tracked.buckets.binary_search_by_key(&minute, |(m, _)| *m) {
@@ -174,23 +174,20 @@ impl LiveCounts {
 
     fn entry_of_at_most(&self, now: i64, most: usize) -> Entry {
         let mut until = 0;
-        let mut counted: Vec<(u64, &str)> = Vec::new();
-        for t in self.grants.values() {
+        let mut counted: Vec<(u64, String)> = Vec::new();
+        for (id, t) in &self.grants {
             let n = t.live_count(now);
             if n > 0 {
-                counted.push((n, &t.key));
+                counted.push((n, format!("{}/{id}", t.grant)));
                 until = until.max(i64::from(t.last_minute()) * 60);
             }
         }
         let omitted = counted.len().saturating_sub(most) as u64;
-        counted.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(b.1)));
+        counted.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
         counted.truncate(most);
         Entry {
             until,
-            grants: counted
-                .into_iter()
-                .map(|(n, key)| (key.to_owned(), n))
-                .collect(),
+            grants: counted.into_iter().map(|(n, key)| (key, n)).collect(),
             omitted,
         }
     }
