@@ -6,6 +6,8 @@
 //! stay in the JWKS until every token they signed has expired, so rotation never invalidates a
 //! token that was already handed out.
 
+mod es256;
+
 use std::cmp::Reverse;
 use std::fmt;
 use std::str::FromStr;
@@ -100,8 +102,9 @@ pub enum SigningError {
     InvalidClaims,
 }
 
-/// One signing key pair. The private key lives only inside `encoding` (zeroized on drop by
-/// jsonwebtoken); the public JWK is always derived from it, never read from storage.
+/// One signing key pair. The private key lives in `encoding` (its PKCS#8, as stored; zeroized on
+/// drop by jsonwebtoken) and, for ES256, in `es256`, the `ring` key pair tokens are signed with;
+/// the public JWK is always derived from it, never read from storage.
 #[derive(Clone)]
 pub struct SigningKey {
     kid: String,
@@ -109,6 +112,8 @@ pub struct SigningKey {
     created_at: i64,
     retired_at: Option<i64>,
     encoding: EncodingKey,
+    /// Parsed once per key (ES256 only); EdDSA signs through jsonwebtoken with `encoding`.
+    es256: Option<es256::KeyPair>,
     jwk: Value,
 }
 
@@ -132,7 +137,14 @@ impl SigningKey {
         created_at: i64,
         retired_at: Option<i64>,
     ) -> Result<Self, &'static str> {
-        let mut jwk = public_members(alg, der)?;
+        let (mut jwk, es256) = match alg {
+            Algorithm::ES256 => {
+                let key = p256::ecdsa::SigningKey::from_pkcs8_der(der)
+                    .map_err(|_| "not a PKCS#8 P-256 private key")?;
+                (p256_public_members(&key)?, Some(es256::key_pair(&key)?))
+            }
+            Algorithm::EdDSA => (ed25519_public_members(der)?, None),
+        };
         let kid = thumbprint(&jwk).map_err(|_| "cannot compute thumbprint")?;
         jwk["kid"] = kid.clone().into();
         jwk["alg"] = alg.as_str().into();
@@ -147,6 +159,7 @@ impl SigningKey {
             created_at,
             retired_at,
             encoding,
+            es256,
             jwk,
         })
     }
@@ -173,15 +186,7 @@ impl SigningKey {
 
     /// Signs claims into a compact JWT with header {alg, typ: "at+jwt", kid}.
     pub fn sign<T: Serialize>(&self, claims: &T) -> Result<String, SigningError> {
-        let mut header = Header::new(self.alg.jwt());
-        header.typ = Some(TOKEN_TYP.to_owned());
-        header.kid = Some(self.kid.clone());
-        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| {
-            SigningError::Signing(match e.kind() {
-                ErrorKind::Json(_) => "claims could not be serialized",
-                _ => "signature creation failed",
-            })
-        })
+        self.sign_typed(claims, TOKEN_TYP)
     }
 }
 
@@ -203,9 +208,13 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// Signs claims into a compact JWT with header {alg, typ: `typ`, kid}.
     pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String, SigningError> {
+        install_crypto_provider();
         let mut header = Header::new(self.alg.jwt());
         header.typ = Some(typ.to_owned());
         header.kid = Some(self.kid.clone());
+        if let Some(pair) = &self.es256 {
+            return es256::encode(pair, &header, claims);
+        }
         jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| {
             SigningError::Signing(match e.kind() {
                 ErrorKind::Json(_) => "claims could not be serialized",
@@ -213,6 +222,13 @@ impl SigningKey {
             })
         })
     }
+}
+
+/// Makes jsonwebtoken verify (and sign) ES256 with `ring`, once per process; returns whether its
+/// provider is ours. Every function here that signs or verifies calls it first, so nothing else
+/// has to; it loses only to a provider installed earlier, which stays in use (logged once).
+pub fn install_crypto_provider() -> bool {
+    es256::install()
 }
 
 fn random(buf: &mut [u8]) -> Result<(), SigningError> {
@@ -232,24 +248,20 @@ fn p256_key() -> Result<p256::ecdsa::SigningKey, SigningError> {
     Err(SigningError::KeyGeneration("no valid P-256 scalar drawn"))
 }
 
-/// The thumbprint's required members; also validates that `der` really is a key of type `alg`.
-fn public_members(alg: Algorithm, der: &[u8]) -> Result<Value, &'static str> {
-    Ok(match alg {
-        Algorithm::ES256 => {
-            let key = p256::ecdsa::SigningKey::from_pkcs8_der(der)
-                .map_err(|_| "not a PKCS#8 P-256 private key")?;
-            let point = key.verifying_key().to_sec1_point(false);
-            let (Some(x), Some(y)) = (point.x(), point.y()) else {
-                return Err("public key is the identity point");
-            };
-            json!({"kty": "EC", "crv": "P-256", "x": b64url(x), "y": b64url(y)})
-        }
-        Algorithm::EdDSA => {
-            let key = ed25519_dalek::SigningKey::from_pkcs8_der(der)
-                .map_err(|_| "not a PKCS#8 Ed25519 private key")?;
-            json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(key.verifying_key().as_bytes())})
-        }
-    })
+/// The thumbprint's required members of a P-256 key.
+fn p256_public_members(key: &p256::ecdsa::SigningKey) -> Result<Value, &'static str> {
+    let point = key.verifying_key().to_sec1_point(false);
+    let (Some(x), Some(y)) = (point.x(), point.y()) else {
+        return Err("public key is the identity point");
+    };
+    Ok(json!({"kty": "EC", "crv": "P-256", "x": b64url(x), "y": b64url(y)}))
+}
+
+/// The thumbprint's required members; also validates that `der` really is an Ed25519 key.
+fn ed25519_public_members(der: &[u8]) -> Result<Value, &'static str> {
+    let key = ed25519_dalek::SigningKey::from_pkcs8_der(der)
+        .map_err(|_| "not a PKCS#8 Ed25519 private key")?;
+    Ok(json!({"kty": "OKP", "crv": "Ed25519", "x": b64url(key.verifying_key().as_bytes())}))
 }
 
 fn b64url(bytes: impl AsRef<[u8]>) -> String {
@@ -425,6 +437,7 @@ pub fn verify(
     audience: &str,
     leeway_secs: u64,
 ) -> Result<Value, SigningError> {
+    install_crypto_provider();
     let header = jsonwebtoken::decode_header(token).map_err(|_| SigningError::MalformedToken)?;
     // RFC 9068 §4 allows the full media type as well.
     if !matches!(header.typ.as_deref(), Some("at+jwt" | "application/at+jwt")) {
@@ -471,6 +484,7 @@ pub fn verify(
 /// returns its claims: the key is picked by `kid` with the JWK's own `alg`, `sub` must equal `uri`,
 /// and `iat` and `exp` are required, so a list can be neither forged nor replayed under another uri.
 pub fn verify_status_list(token: &str, jwks: &Value, uri: &str) -> Result<Value, SigningError> {
+    install_crypto_provider();
     let header = jsonwebtoken::decode_header(token).map_err(|_| SigningError::MalformedToken)?;
     if header.typ.as_deref() != Some(crate::status_list::STATUS_LIST_TYP) {
         return Err(SigningError::WrongType);
@@ -551,6 +565,7 @@ mod tests {
 
     /// Signs with `key`'s private key and alg, but with a header kid/typ chosen by the test.
     fn forge(key: &SigningKey, kid: &str, typ: &str) -> String {
+        install_crypto_provider();
         let mut header = Header::new(key.alg.jwt());
         (header.typ, header.kid) = (Some(typ.into()), Some(kid.into()));
         jsonwebtoken::encode(&header, &claims(AUD, now() + 300), &key.encoding).unwrap()
@@ -802,6 +817,119 @@ mod tests {
                 "{debug}"
             );
         }
+    }
+
+    /// A key as the previous release wrote it to its Secret (generated and PKCS#8-encoded by
+    /// `p256`; a throwaway test key), and a token signed as that release signed them (same layout,
+    /// `p256` with its RFC 6979 nonce), valid until 2100.
+    const P256_STORED: &str = r#"[{"kid":"cfx4P_gWbOwr1s_cd1o0gOXj8z8JS0bdcUOhljGRorE","alg":"ES256","createdAt":1700000000,"retiredAt":null,"privateKeyPkcs8":"MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgWKjBkvnAqOgiKnO/elu4NhwstvAaRIIAU4zwbq5WN3KhRANCAASAWX9xGJ8pIS4ULDP+h+aU39d8jUR5sW/q3/BXLHdqH+SumnGOLJ/pbLxFeLfGQOYpsgRbSp+MamedwI/pYFsJ"}]"#;
+    const P256_TOKEN: &str = "eyJ0eXAiOiJhdCtqd3QiLCJhbGciOiJFUzI1NiIsImtpZCI6ImNmeDRQX2dXYk93cjFzX2NkMW8wZ09Yajh6OEpTMGJkY1VPaGxqR1JvckUifQ.eyJhdWQiOiJodHRwczovL2FwaS5leGFtcGxlLmNvbSIsImV4cCI6NDEwMjQ0NDgwMCwiaXNzIjoiaHR0cHM6Ly9vcGVyYXRvciIsInN1YiI6ImFsaWNlIn0.LumjeT34Gex2KrPqv25yeSl6AauD646GGZnqrx2mMOhWT8whA5mTxscf1BBBWiQr-YDd6lze4kT73qBT9F6vnQ";
+
+    /// The published JWK as a `p256` verifying key: what a RustCrypto resource server uses.
+    fn p256_verifying_key(jwk: &Value) -> p256::ecdsa::VerifyingKey {
+        let coordinate = |name| URL_SAFE_NO_PAD.decode(jwk[name].as_str().unwrap()).unwrap();
+        let point = [&[4u8][..], &coordinate("x"), &coordinate("y")].concat();
+        p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap()
+    }
+
+    #[test]
+    fn ring_is_jsonwebtokens_provider_once_signing_is_used() {
+        assert!(install_crypto_provider());
+        assert!(install_crypto_provider(), "a second call changes nothing");
+        assert!(es256::is_default());
+    }
+
+    #[test]
+    fn es256_token_signed_with_ring_verifies_with_p256() {
+        use p256::ecdsa::signature::Verifier;
+        let key = SigningKey::generate(Algorithm::ES256, now()).unwrap();
+        let c = claims(AUD, now() + 300);
+        let token = key.sign(&c).unwrap();
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+        p256_verifying_key(&key.public_jwk())
+            .verify(message.as_bytes(), &signature)
+            .unwrap();
+
+        // Header and payload laid out byte for byte as jsonwebtoken::encode does.
+        let mut header = Header::new(jsonwebtoken::Algorithm::ES256);
+        (header.typ, header.kid) = (Some("at+jwt".into()), Some(key.kid().into()));
+        let by_jsonwebtoken = jsonwebtoken::encode(&header, &c, &key.encoding).unwrap();
+        assert_eq!(by_jsonwebtoken.rsplit_once('.').unwrap().0, message);
+    }
+
+    #[test]
+    fn es256_token_signed_with_p256_verifies_with_ring() {
+        use p256::ecdsa::signature::Signer;
+        let ring = ring(Algorithm::ES256);
+        let stored = &ring.to_stored()[0];
+        let der = STANDARD.decode(&stored.private_key_pkcs8).unwrap();
+        let p256_key = p256::ecdsa::SigningKey::from_pkcs8_der(&der).unwrap();
+        let c = claims(AUD, now() + 300);
+        let by_ring = ring.active().sign(&c).unwrap();
+        let message = by_ring.rsplit_once('.').unwrap().0;
+        let signature: p256::ecdsa::Signature = p256_key.sign(message.as_bytes());
+        let by_p256 = format!("{message}.{}", b64url(signature.to_bytes()));
+        assert!(es256::is_default());
+        assert_eq!(verify(&by_p256, &ring.jwks(), AUD, 0).unwrap(), c);
+
+        let mut wrong = signature.to_bytes();
+        wrong[10] ^= 1;
+        let tampered = format!("{message}.{}", b64url(wrong));
+        assert_err!(verify(&tampered, &ring.jwks(), AUD, 0), E::BadSignature);
+    }
+
+    #[test]
+    fn key_stored_by_p256_release_loads_signs_and_its_tokens_verify() {
+        use p256::ecdsa::signature::Verifier;
+        let stored: Vec<StoredKey> = serde_json::from_str(P256_STORED).unwrap();
+        let ring = Keyring::from_stored(&stored).unwrap();
+        assert_eq!(
+            serde_json::to_string(&ring.to_stored()).unwrap(),
+            P256_STORED,
+            "stored unchanged"
+        );
+        let old = verify(P256_TOKEN, &ring.jwks(), AUD, 0).unwrap();
+        assert_eq!(old, claims(AUD, 4_102_444_800));
+
+        let token = ring.active().sign(&claims(AUD, now() + 300)).unwrap();
+        assert!(verify(&token, &ring.jwks(), AUD, 0).is_ok());
+        let (message, signature) = token.rsplit_once('.').unwrap();
+        let signature = URL_SAFE_NO_PAD.decode(signature).unwrap();
+        let signature = p256::ecdsa::Signature::from_slice(&signature).unwrap();
+        let der = STANDARD.decode(&stored[0].private_key_pkcs8).unwrap();
+        let p256_key = p256::ecdsa::SigningKey::from_pkcs8_der(&der).unwrap();
+        p256_key
+            .verifying_key()
+            .verify(message.as_bytes(), &signature)
+            .unwrap();
+    }
+
+    #[test]
+    fn es256_signatures_use_a_fresh_nonce_each_time() {
+        // ring randomizes the nonce (hedged with the key and the message), where p256 derived
+        // it from them alone (RFC 6979): the same claims sign differently, and both verify.
+        let ring = ring(Algorithm::ES256);
+        let c = claims(AUD, now() + 300);
+        let (a, b) = (
+            ring.active().sign(&c).unwrap(),
+            ring.active().sign(&c).unwrap(),
+        );
+        assert_ne!(a, b);
+        assert_eq!(a.rsplit_once('.').unwrap().0, b.rsplit_once('.').unwrap().0);
+        for token in [a, b] {
+            assert_eq!(verify(&token, &ring.jwks(), AUD, 0).unwrap(), c);
+        }
+    }
+
+    #[test]
+    fn off_curve_es256_key_in_jwks_is_unusable_not_a_bad_signature() {
+        let ring = ring(Algorithm::ES256);
+        let token = ring.active().sign(&claims(AUD, now() + 300)).unwrap();
+        let mut jwks = ring.jwks();
+        jwks["keys"][0]["y"] = jwks["keys"][0]["x"].clone();
+        assert_err!(verify(&token, &jwks, AUD, 0), E::InvalidJwk(_));
     }
 
     #[test]

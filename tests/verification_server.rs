@@ -426,3 +426,157 @@ async fn a_separate_verification_server_serves_what_the_controller_publishes_and
         "the verification server was refused something:\n{log}"
     );
 }
+
+const EXCHANGING_AGENT_AND_GRANT: &str = r#"
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: AgentIdentity
+metadata: {name: triage}
+spec:
+  owner: {kind: Group, name: platform}
+  serviceAccountName: triage
+  allowedScopes: [tickets:read, tickets:comment]
+  allowedAudiences: [https://tickets.example.com]
+  maxTokenTTL: 15m
+---
+apiVersion: delegation.nhi.dev/v1alpha1
+kind: DelegationGrant
+metadata: {name: tickets}
+spec:
+  principal: {kind: User, name: alice@example.com}
+  actorRef: {name: triage}
+  scopes: [tickets:read, tickets:comment]
+  audience: https://tickets.example.com
+  tokenTTL: 10m
+"#;
+
+/// With `verifier.tokenExchange.enabled`, the verification server serves token exchange under the
+/// chart's verifier RBAC for it, and nothing more: it signs with the controller's active key (the
+/// one Secret it may read), decides from its own watches, and still reads no other Secret and
+/// writes nothing.
+#[tokio::test]
+async fn with_token_exchange_the_verification_server_signs_under_the_charts_rights_alone() {
+    let controller = format!("https://127.0.0.1:{}", free_port());
+    let issuer = format!("https://127.0.0.1:{}", free_port());
+    let f = Fixture::start(
+        "verification-exchange",
+        &[
+            "--issuer",
+            &issuer,
+            "--https-address",
+            controller.trim_start_matches("https://"),
+            "--verification-endpoints=false",
+        ],
+    )
+    .await;
+    let operator_ns = f.operator_namespace();
+    let trust = Trust::from_operator(&f).await;
+    let identity = ChartVerifierIdentity::apply(
+        &f.client,
+        &operator_ns,
+        &["verifier.tokenExchange.enabled=true"],
+    )
+    .await;
+    let kubeconfig =
+        service_account_kubeconfig(&f.client, &identity.namespace, &identity.name).await;
+    let verifier_client = client_of(&kubeconfig).await;
+    let tls = f.serving_certificate().await;
+    let server = VerificationServer::start(
+        &kubeconfig,
+        &operator_ns,
+        &issuer,
+        &tls,
+        &["--token-exchange=true"],
+    );
+    wait_status(&trust, &issuer, "/readyz", 200).await;
+    let discovery = trust
+        .get(&format!("{issuer}/.well-known/openid-configuration"))
+        .await
+        .unwrap()
+        .json();
+    assert_eq!(discovery["token_endpoint"], format!("{issuer}/token"));
+
+    f.apply(EXCHANGING_AGENT_AND_GRANT).await;
+    f.wait_ready("tickets", "True", Some("Issued")).await;
+    let token = f.token_in("tickets-token").await.expect("a token");
+    let pod = pod_running_as(&f.client, &f.ns, "triage").await;
+    let actor =
+        request_service_account_token_for(&f.client, &f.ns, "triage", Some(&pod), &[&issuer]).await;
+    let reply = trust
+        .exchange(
+            &issuer,
+            &[
+                (
+                    "grant_type",
+                    "urn:ietf:params:oauth:grant-type:token-exchange",
+                ),
+                ("subject_token", &token),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token",
+                ),
+                ("actor_token", &actor),
+                ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+                ("scope", "tickets:read"),
+            ],
+        )
+        .await;
+    assert_eq!(reply.status, 200, "the exchange was refused");
+    let exchanged = reply.json()["access_token"].as_str().unwrap().to_owned();
+    let jwks = trust
+        .get(&format!("{issuer}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json();
+    let claims = signing::verify(&exchanged, &jwks, AUDIENCE, 0)
+        .expect("the exchanged token verifies with the published JWKS");
+    assert_eq!(claims["scope"], "tickets:read");
+    assert_eq!(
+        claims["delegation_chain"][1]["workload"]["pod"],
+        pod.metadata.name.clone().unwrap()
+    );
+    assert_eq!(served_status(&trust, &issuer, &exchanged).await, "Valid");
+
+    // One Secret by name, nothing else: not the TLS Secret, not a token, no list; and no write.
+    let operator_secrets: Api<Secret> = Api::namespaced(verifier_client.clone(), &operator_ns);
+    let tenant_secrets: Api<Secret> = Api::namespaced(verifier_client.clone(), &f.ns);
+    assert!(forbidden(
+        operator_secrets.get("delegation-operator-tls").await
+    ));
+    assert!(forbidden(tenant_secrets.get("tickets-token").await));
+    assert!(forbidden(tenant_secrets.list(&ListParams::default()).await));
+    assert!(forbidden(
+        operator_secrets
+            .patch(
+                "delegation-operator-signing-keys",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await
+    ));
+    let grants: Api<delegation_operator::api::DelegationGrant> =
+        Api::namespaced(verifier_client.clone(), &f.ns);
+    assert!(forbidden(
+        grants
+            .patch(
+                "tickets",
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"metadata": {"labels": {"x": "y"}}})),
+            )
+            .await
+    ));
+
+    // The grant suspended: the exchanged token is revoked with it, as served.
+    f.patch_grant("tickets", json!({"spec": {"suspended": true}}))
+        .await;
+    wait_for(
+        "the exchanged token to read INVALID",
+        Duration::from_secs(30),
+        || async { (served_status(&trust, &issuer, &exchanged).await == "Invalid").then_some(()) },
+    )
+    .await;
+    let log = server.log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the verification server was refused something:\n{log}"
+    );
+}

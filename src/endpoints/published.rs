@@ -11,8 +11,8 @@
 //! named by its RFC 7638 thumbprint.
 
 use std::{
-    collections::BTreeMap,
-    sync::{Arc, RwLock},
+    collections::{BTreeMap, HashMap},
+    sync::{Arc, Mutex, RwLock},
 };
 
 use futures::StreamExt;
@@ -23,9 +23,14 @@ use kube::{
 };
 use serde_json::Value;
 
-use crate::operator::{
-    publishing::keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY, KEYS_SECRET_NAME, jwks_of_secret},
-    publishing::status_lists,
+use crate::{
+    operator::{
+        publishing::keys::{JWKS_CONFIGMAP_NAME, JWKS_DATA_KEY, KEYS_SECRET_NAME, jwks_of_secret},
+        publishing::status_lists,
+    },
+    signing,
+    status_list::{Status, StatusList, TokenStatusRef, data_key},
+    verification::VerifyError,
 };
 
 /// Where the served JWKS comes from.
@@ -42,6 +47,11 @@ struct Documents {
     jwks: Option<Value>,
     /// Status List Tokens by ConfigMap key (`<serial>.jwt`).
     lists: BTreeMap<String, String>,
+    /// Each list of `lists` once verified against `jwks` and decoded, with the Status List Token it
+    /// was read from: a token's status is then a bit lookup, not a signature check and an inflate per
+    /// request (the token endpoint answers thousands a second). Emptied when the JWKS changes, and a
+    /// list is read again when its token changes.
+    decoded: Mutex<HashMap<String, (String, Arc<StatusList>)>>,
 }
 
 /// The latest published JWKS and Status List Tokens.
@@ -74,6 +84,44 @@ impl Published {
         Some(verify(docs.jwks.as_ref()?, &docs.lists))
     }
 
+    /// The status of a verified token (its claims) in the published lists: the list it points to
+    /// must be published and verify against the published JWKS, as [`crate::verification::status_of`]
+    /// requires, but each version of a list is verified and decoded once.
+    pub fn status_of(&self, claims: &Value) -> Result<Status, VerifyError> {
+        let reference = claims
+            .get("status")
+            .and_then(TokenStatusRef::from_status_claim)
+            .ok_or(VerifyError::NoStatus)?;
+        let key = data_key(&reference.uri);
+        let docs = self.0.read().map_err(|_| VerifyError::StatusListMissing)?;
+        let jwks = docs.jwks.as_ref().ok_or(VerifyError::StatusListMissing)?;
+        let token = docs.lists.get(&key).ok_or(VerifyError::StatusListMissing)?;
+        let known = docs.decoded.lock().ok().and_then(|decoded| {
+            decoded
+                .get(&key)
+                .filter(|(t, _)| t == token)
+                .map(|(_, l)| l.clone())
+        });
+        let list = match known {
+            Some(list) => list,
+            None => {
+                let list_claims = signing::verify_status_list(token, jwks, &reference.uri)
+                    .map_err(VerifyError::StatusListInvalid)?;
+                let list = list_claims
+                    .get("status_list")
+                    .and_then(|claim| StatusList::from_claim(claim).ok())
+                    .map(Arc::new)
+                    .ok_or(VerifyError::StatusListMalformed)?;
+                if let Ok(mut decoded) = docs.decoded.lock() {
+                    decoded.insert(key, (token.clone(), list.clone()));
+                }
+                list
+            }
+        };
+        list.get(reference.idx)
+            .map_err(|_| VerifyError::StatusListMalformed)
+    }
+
     pub fn is_loaded(&self) -> bool {
         self.0.read().is_ok_and(|d| d.jwks.is_some())
     }
@@ -84,6 +132,10 @@ impl Published {
         }
         if let Ok(mut docs) = self.0.write() {
             docs.lists = cm.data.clone().unwrap_or_default();
+            let Documents { lists, decoded, .. } = &mut *docs;
+            if let Ok(decoded) = decoded.get_mut() {
+                decoded.retain(|key, _| lists.contains_key(key));
+            }
         }
     }
 
@@ -113,6 +165,12 @@ impl Published {
 
     fn set_jwks(&self, jwks: Value) {
         if let Ok(mut docs) = self.0.write() {
+            if docs.jwks.as_ref() != Some(&jwks)
+                && let Ok(decoded) = docs.decoded.get_mut()
+            {
+                // A key gone from the set may have signed a list: verify every list again.
+                decoded.clear();
+            }
             docs.jwks = Some(jwks);
         }
     }
@@ -255,6 +313,68 @@ mod tests {
             ),
             ..Default::default()
         }
+    }
+
+    /// A token's status is read from the published list as it is now: a new version of the list is
+    /// verified and read again, a list that does not verify against the key set is refused, and so
+    /// is one signed by a key that left the set.
+    #[test]
+    fn statuses_follow_each_published_version_of_a_list() {
+        use crate::status_list::{
+            STATUS_LIST_TYP, Status, StatusList, data_key, status_list_claims,
+        };
+        let key = SigningKey::generate(Algorithm::ES256, 1).unwrap();
+        let jwks = Keyring::new(key.clone()).jwks();
+        let uri = "https://issuer.example/statuslists/s/0";
+        let now = 1_800_000_000;
+        let list_token = |invalid: bool, signer: &SigningKey| {
+            let mut list = StatusList::new(16);
+            if invalid {
+                list.set(3, Status::Invalid).unwrap();
+            }
+            let claims = status_list_claims(uri, &list, now, Some(now + 3600), None);
+            signer.sign_typed(&claims, STATUS_LIST_TYP).unwrap()
+        };
+        let published = Published::default();
+        published.set_jwks(jwks.clone());
+        let lists =
+            |token: String| configmap(status_lists::CONFIGMAP_NAME, &[(&data_key(uri), token)]);
+        let claims = json!({"status": {"status_list": {"idx": 3, "uri": uri}}});
+        assert!(matches!(
+            published.status_of(&claims),
+            Err(VerifyError::StatusListMissing)
+        ));
+        published.apply_lists(&lists(list_token(false, &key)));
+        assert_eq!(published.status_of(&claims).unwrap(), Status::Valid);
+        assert_eq!(
+            published.status_of(&claims).unwrap(),
+            Status::Valid,
+            "from the decoded list"
+        );
+        published.apply_lists(&lists(list_token(true, &key)));
+        assert_eq!(
+            published.status_of(&claims).unwrap(),
+            Status::Invalid,
+            "the new version"
+        );
+        let stranger = SigningKey::generate(Algorithm::ES256, 2).unwrap();
+        published.apply_lists(&lists(list_token(false, &stranger)));
+        assert!(matches!(
+            published.status_of(&claims),
+            Err(VerifyError::StatusListInvalid(_))
+        ));
+        // A list read under one key set is read again under the next.
+        published.apply_lists(&lists(list_token(false, &key)));
+        assert_eq!(published.status_of(&claims).unwrap(), Status::Valid);
+        published.set_jwks(Keyring::new(stranger).jwks());
+        assert!(matches!(
+            published.status_of(&claims),
+            Err(VerifyError::StatusListInvalid(_))
+        ));
+        assert!(matches!(
+            published.status_of(&json!({})),
+            Err(VerifyError::NoStatus)
+        ));
     }
 
     /// A planted edit of the ConfigMap is not served: the last good key set stays.

@@ -6,6 +6,7 @@
 //! local control plane themselves (idempotent; `hack/control-plane.sh stop` ends it).
 #![allow(dead_code)] // each test binary uses a different part of this module
 
+pub mod exchange;
 pub mod gitops;
 pub mod helm;
 pub mod private_control_plane;
@@ -1679,12 +1680,27 @@ pub async fn request_service_account_token(
     name: &str,
     pod: Option<&k8s_openapi::api::core::v1::Pod>,
 ) -> String {
+    request_service_account_token_for(admin, namespace, name, pod, &[]).await
+}
+
+/// [`request_service_account_token`] for `audiences` (empty: the apiserver's own), as a projected
+/// ServiceAccount token volume with `audience:` set is: `client` makes the TokenRequest (the admin,
+/// or anyone allowed `create` on `serviceaccounts/token`).
+pub async fn request_service_account_token_for(
+    client: &Client,
+    namespace: &str,
+    name: &str,
+    pod: Option<&k8s_openapi::api::core::v1::Pod>,
+    audiences: &[&str],
+) -> String {
     use k8s_openapi::api::{
         authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec},
         core::v1::ServiceAccount,
     };
     let request = TokenRequest {
         spec: Some(TokenRequestSpec {
+            audiences: (!audiences.is_empty())
+                .then(|| audiences.iter().map(|a| a.to_string()).collect()),
             expiration_seconds: Some(3600),
             bound_object_ref: pod.map(|pod| BoundObjectReference {
                 kind: Some("Pod".into()),
@@ -1696,7 +1712,7 @@ pub async fn request_service_account_token(
         }),
         ..Default::default()
     };
-    Api::<ServiceAccount>::namespaced(admin.clone(), namespace)
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
         .create_token_request(name, &PostParams::default(), &request)
         .await
         .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{name}: {e}"))

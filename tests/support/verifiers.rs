@@ -124,12 +124,46 @@ impl Trust {
         result.expect("introspection request")
     }
 
+    /// RFC 8693 token exchange: POSTs `form` (URL-encoded here) to `{issuer}/token` as
+    /// `application/x-www-form-urlencoded`. The body goes through curl's stdin, so no token is ever on
+    /// a command line.
+    pub async fn exchange(&self, issuer: &str, form: &[(&str, &str)]) -> HttpResponse {
+        let body = form_urlencoded(form);
+        self.exchange_raw(issuer, &body)
+            .await
+            .unwrap_or_else(|e| panic!("POST {issuer}/token: {e}"))
+    }
+
+    /// [`Trust::exchange`] with a body given as it is sent (for malformed and oversize bodies); curl's
+    /// error when the request did not complete (a server may cut a body over its limit short).
+    pub async fn exchange_raw(&self, issuer: &str, body: &str) -> Result<HttpResponse, String> {
+        let url = format!("{issuer}/token");
+        // An exchange asks the apiserver (TokenReview): more time than a GET on a loaded machine (the
+        // last --max-time wins).
+        self.curl(
+            &[
+                "--max-time",
+                "30",
+                "-H",
+                "Content-Type: application/x-www-form-urlencoded",
+                "--data-binary",
+                "@-",
+                &url,
+            ],
+            Some(body),
+        )
+        .await
+    }
+
     /// curl with the CA; writes `stdin` (a token, never on the command line) to it.
     async fn curl(&self, args: &[&str], stdin: Option<&str>) -> Result<HttpResponse, String> {
         let mut child = tokio::process::Command::new("curl")
             .args(["-sS", "--max-time", "10", "--cacert"])
             .arg(&self.ca_path)
-            .args(["-w", "\n%{http_code} %{content_type}"])
+            .args([
+                "-w",
+                "\n%{http_code}\t%header{cache-control}\t%{content_type}",
+            ])
             .args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -149,10 +183,14 @@ impl Trust {
         }
         let split = out.stdout.iter().rposition(|b| *b == b'\n').unwrap();
         let trailer = String::from_utf8_lossy(&out.stdout[split + 1..]).into_owned();
-        let (status, content_type) = trailer.split_once(' ').unwrap_or((&trailer, ""));
+        let mut fields = trailer.splitn(3, '\t');
+        let status = fields.next().unwrap_or_default();
+        let cache_control = fields.next().unwrap_or_default();
+        let content_type = fields.next().unwrap_or_default();
         Ok(HttpResponse {
             status: status.parse().unwrap_or(0),
             content_type: content_type.to_owned(),
+            cache_control: cache_control.to_owned(),
             body: out.stdout[..split].to_vec(),
         })
     }
@@ -168,6 +206,8 @@ impl Drop for Trust {
 pub struct HttpResponse {
     pub status: u16,
     pub content_type: String,
+    /// The `Cache-Control` header, empty when there is none.
+    pub cache_control: String,
     pub body: Vec<u8>,
 }
 
@@ -181,6 +221,15 @@ impl HttpResponse {
             )
         })
     }
+}
+
+/// An `application/x-www-form-urlencoded` body (the operator's own dependency does the encoding).
+pub fn form_urlencoded(form: &[(&str, &str)]) -> String {
+    let mut body = ::form_urlencoded::Serializer::new(String::new());
+    for (name, value) in form {
+        body.append_pair(name, value);
+    }
+    body.finish()
 }
 
 fn write_private(path: &Path, content: &str) {

@@ -36,6 +36,7 @@ use crate::{
         reviews::{Charge, Refusal, Reviews},
     },
     operator::reporting::audit::{self, ExchangeAction, ExchangeRecord, WorkloadRecord},
+    signing,
     status_list::Status,
     verification::{self, VerifyError},
 };
@@ -430,9 +431,15 @@ fn verify_subject(
     token: &str,
 ) -> Result<AccessTokenClaims, Outcome> {
     let invalid = |reason, what: &str| Refused::new("invalid_grant", reason, what);
+    let audience = verification::unverified_audience(token).unwrap_or_default();
     let verified = published
-        .with_documents(|jwks, lists| verification::verify(token, jwks, lists, None, 0))
-        .ok_or(Outcome::Busy(Refusal::Unavailable))?;
+        .with_documents(|jwks, _| signing::verify(token, jwks, &audience, 0))
+        .ok_or(Outcome::Busy(Refusal::Unavailable))?
+        .map_err(VerifyError::Token)
+        .and_then(|claims| {
+            let status = published.status_of(&claims)?;
+            Ok(verification::Verified { claims, status })
+        });
     let verified = verified.map_err(|e| match e {
         VerifyError::Token(_) => invalid(
             "subject_invalid",

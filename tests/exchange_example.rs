@@ -1,0 +1,200 @@
+//! `examples/token-exchange/` end to end: its objects applied as written, and its agent
+//! (`agent.py`, standard-library Python) run as a process with what the kubelet would mount into
+//! its Pod — the grant's token from the grant's Secret, a ServiceAccount token bound to that Pod
+//! for the issuer's audience, the issuer's CA — against the live token endpoint. Each task gets a
+//! token with only its scopes, which names the Pod in its chain; deleting the grant revokes them.
+
+mod support;
+
+use std::{path::Path, process::Stdio, time::Duration};
+
+use delegation_operator::signing;
+use k8s_openapi::api::core::v1::Pod;
+use kube::{Api, api::PostParams};
+use serde_json::Value;
+use support::{
+    verifiers::{Trust, start_https_operator},
+    *,
+};
+
+const AUDIENCE: &str = "https://tickets.example.com";
+
+fn example() -> std::path::PathBuf {
+    repo_root().join("examples/token-exchange")
+}
+
+/// Creates the example's objects in the fixture's namespace, as `kubectl apply -f` would.
+async fn apply_example(f: &Fixture) -> Pod {
+    let mut pod = None;
+    for doc in load_documents(&example().join("agent.yaml")) {
+        let kind = doc.types.as_ref().unwrap().kind.clone();
+        let name = doc.metadata.name.clone().unwrap();
+        match kind.as_str() {
+            "ServiceAccount" => ensure_service_account(&f.client, &f.ns, &name).await,
+            "Pod" => {
+                let spec: Pod =
+                    serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
+                let created = Api::<Pod>::namespaced(f.client.clone(), &f.ns)
+                    .create(&PostParams::default(), &spec)
+                    .await
+                    .unwrap_or_else(|e| panic!("the example's Pod: {e}"));
+                pod = Some(created);
+            }
+            _ => {
+                create_document(&f.client, &f.ns, &doc)
+                    .await
+                    .unwrap_or_else(|e| panic!("the example's {kind} {name}: {e}"));
+            }
+        }
+    }
+    pod.expect("the example has a Pod")
+}
+
+/// The value of the environment variable `name` of the example Pod's container.
+fn pod_env(pod: &Pod, name: &str) -> String {
+    pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| panic!("the example Pod sets {name}"))
+}
+
+fn write_private(path: &Path, content: &str) {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .unwrap();
+    std::io::Write::write_all(&mut file, content.as_bytes()).unwrap();
+}
+
+/// Runs the example agent with the mounted files of `dir`; its exit code and JSON lines.
+async fn run_agent(issuer: &str, trust: &Trust, dir: &Path, tasks: &str) -> (i32, Vec<Value>) {
+    let out = tokio::process::Command::new("python3")
+        .arg(example().join("agent.py"))
+        .env("DELEGATION_ISSUER", issuer)
+        .env("DELEGATION_CA", &trust.ca_path)
+        .env("GRANT_TOKEN_FILE", dir.join("grant-token"))
+        .env("ACTOR_TOKEN_FILE", dir.join("delegation-issuer"))
+        .env("TASKS", tasks)
+        .env("TOKEN_DIR", dir.join("tokens"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .output()
+        .await
+        .expect("python3 runs the example agent");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "the agent printed a line that is not JSON ({e}): {l}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        })
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
+}
+
+#[tokio::test]
+async fn the_example_agent_narrows_its_grants_token_per_task() {
+    let (f, issuer, trust) = start_https_operator("exchange-example", &[]).await;
+    let pod = apply_example(&f).await;
+    f.wait_ready("alice-triage-session", "True", Some("Issued"))
+        .await;
+
+    // What the kubelet mounts: the grant's Secret, the projected token bound to the Pod.
+    let dir = std::env::temp_dir().join(format!("exchange-example-{}", f.ns));
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::create_dir(dir.join("tokens")).unwrap();
+    let grant_token = f
+        .token_in("alice-triage-session-token")
+        .await
+        .expect("the grant's token");
+    write_private(&dir.join("grant-token"), &grant_token);
+    let actor = request_service_account_token_for(
+        &f.client,
+        &f.ns,
+        "ticket-triage",
+        Some(&pod),
+        &[&issuer.url],
+    )
+    .await;
+    write_private(&dir.join("delegation-issuer"), &actor);
+
+    // The tasks exactly as the example Pod asks for them.
+    let tasks = pod_env(&pod, "TASKS");
+    let (code, lines) = run_agent(&issuer.url, &trust, &dir, &tasks).await;
+    assert_eq!(code, 0, "the agent succeeded: {lines:?}");
+    let agent = format!("agent:{}/ticket-triage", f.ns);
+    let expected = [("summarise", "tickets:read"), ("reply", "tickets:comment")];
+    assert_eq!(lines.len(), expected.len(), "{lines:?}");
+    let jwks = f.jwks().await;
+    let pod_uid = pod.metadata.uid.clone().unwrap();
+    for (line, (task, scope)) in lines.iter().zip(expected) {
+        assert_eq!(line["task"], task);
+        assert_eq!(line["scope"], scope);
+        assert_eq!(line["expires_in"], 60);
+        assert_eq!(line["actors"], serde_json::json!([agent]));
+        let token =
+            std::fs::read_to_string(dir.join("tokens").join(format!("{task}.token"))).unwrap();
+        let claims =
+            signing::verify(&token, &jwks, AUDIENCE, 0).expect("the task's token verifies");
+        assert_eq!(claims["scope"], scope, "only the task's scope");
+        assert_eq!(claims["jti"], line["jti"]);
+        assert_eq!(
+            claims["exp"].as_i64().unwrap() - claims["iat"].as_i64().unwrap(),
+            60
+        );
+        let hop = claims["delegation_chain"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()
+            .clone();
+        assert_eq!(
+            hop["workload"]["pod"], "ticket-triage",
+            "the chain names the pod"
+        );
+        assert_eq!(hop["workload"]["pod_uid"], pod_uid.as_str());
+        assert_eq!(
+            hop["requested_by"],
+            format!("system:serviceaccount:{}:ticket-triage", f.ns)
+        );
+        let grant_claims = signing::verify(&grant_token, &jwks, AUDIENCE, 0).unwrap();
+        assert_eq!(
+            claims["status"], grant_claims["status"],
+            "the grant token's entry"
+        );
+    }
+    let exchanged: Vec<Value> = f
+        .operator()
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "Exchanged")
+        .collect();
+    assert_eq!(exchanged.len(), 2, "one audit line per task");
+    assert!(
+        exchanged.iter().all(
+            |r| r["workload"]["pod"] == "ticket-triage" && r["grant"] == "alice-triage-session"
+        )
+    );
+
+    // The grant deleted: its lineage is revoked, and the agent is refused from then on.
+    f.delete_grant("alice-triage-session").await;
+    f.wait_grant_gone("alice-triage-session", "deleted", Duration::from_secs(60))
+        .await;
+    std::fs::remove_dir_all(dir.join("tokens")).unwrap();
+    std::fs::create_dir(dir.join("tokens")).unwrap();
+    let (code, lines) = run_agent(&issuer.url, &trust, &dir, "late=tickets:read:30").await;
+    assert_eq!(code, 1, "{lines:?}");
+    assert_eq!(lines[0]["refused"], "invalid_grant", "{lines:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
