@@ -54,6 +54,8 @@ pub const MAX_TRACKED_GRANTS: usize = 100_000;
 pub const MAX_PUBLISHED_GRANTS: usize = 1_000;
 /// How often a replica writes its entry, at most.
 pub const PUBLISH_PERIOD: Duration = Duration::from_secs(30);
+/// How long a write may take before it is given up (and tried again at the next tick).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long after its `until` an entry of another replica is removed by a writer.
 const STALE_AFTER_SECS: i64 = 3_600;
 
@@ -329,7 +331,11 @@ impl Counter {
             },
             ..Default::default()
         };
-        match self.api.create(&PostParams::default(), &cm).await {
+        let params = PostParams {
+            field_manager: Some(self.manager.clone()),
+            ..Default::default()
+        };
+        match self.api.create(&params, &cm).await {
             Ok(_) => tracing::info!(configmap = CONFIGMAP_NAME, "created"),
             Err(kube::Error::Api(status)) if status.is_already_exists() => {}
             Err(e) => tracing::warn!(
@@ -357,7 +363,11 @@ impl Counter {
             if !published.due(&entry) {
                 continue;
             }
-            match self.apply(Some(&entry)).await {
+            // A write that does not answer in time counts as failed and is tried at the next tick.
+            let written = tokio::time::timeout(WRITE_TIMEOUT, self.apply(Some(&entry)))
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("timed out".into())));
+            match written {
                 Ok(cm) => {
                     published.written(&entry);
                     warned = false;
