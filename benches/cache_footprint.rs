@@ -13,6 +13,7 @@ use std::{alloc::System, collections::HashMap, time::Duration};
 use delegation_operator::{
     api::DelegationGrant,
     delegation::record::{HeldToken, TokenRecord},
+    endpoints::token::live::LiveCounts,
     operator::{
         caches::{
             context::{SecretTokenIds, key},
@@ -268,6 +269,40 @@ fn main() {
             }
         }),
     );
+    // The live exchanged-token counts of a replica serving /token (endpoints::token::live): one
+    // exchanged token per grant, and the worst case for the default 15-minute exchanged tokens,
+    // tokens expiring in each of 16 minutes.
+    let mut one = LiveCounts::default();
+    out.insert(
+        "exchange_counts_one_minute".into(),
+        per_grant(n, || {
+            for g in &grants {
+                let (ns, name, uid) = (
+                    g.metadata.namespace.as_deref().unwrap_or_default(),
+                    g.metadata.name.as_deref().unwrap_or_default(),
+                    g.metadata.uid.as_deref().unwrap_or_default(),
+                );
+                one.record(ns, name, uid, 1_796_000_300, 1_796_000_000);
+            }
+        }),
+    );
+    let mut sixteen = LiveCounts::default();
+    out.insert(
+        "exchange_counts_sixteen_minutes".into(),
+        per_grant(n, || {
+            for g in &grants {
+                let (ns, name, uid) = (
+                    g.metadata.namespace.as_deref().unwrap_or_default(),
+                    g.metadata.name.as_deref().unwrap_or_default(),
+                    g.metadata.uid.as_deref().unwrap_or_default(),
+                );
+                for minute in 0..16 {
+                    sixteen.record(ns, name, uid, 1_796_000_030 + 60 * minute, 1_796_000_000);
+                }
+            }
+        }),
+    );
+    assert_eq!((one.tracked(), sixteen.tracked()), (n, n));
     out.insert("grants".into(), json!(n));
     out.insert("size_of".into(), json!({
         "grant": std::mem::size_of::<DelegationGrant>(),

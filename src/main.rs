@@ -468,7 +468,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     };
     operator::check_prerequisites(&client, &settings).await?;
     let readiness = std::sync::Arc::new(operator::Readiness::default());
-    let serve = endpoints::start(
+    let (serve, exchange) = endpoints::start(
         client.clone(),
         review_client,
         endpoint_settings(&args, &issuer, settings.algorithm, reviews),
@@ -476,11 +476,34 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
     )
     .await?;
     // Every replica serves its endpoints; the operator itself writes only while leading.
-    tokio::select! {
-        outcome = operator::run(client, settings, readiness) => outcome?,
-        _ = serve => {}
+    let outcome = tokio::select! {
+        outcome = operator::run(client, settings, readiness) => outcome,
+        _ = serve => Ok(()),
+    };
+    withdraw_exchange_counts(exchange).await;
+    Ok(outcome?)
+}
+
+/// Removes this replica's exchanged-token counts as it stops (readers would otherwise show them
+/// until they expire), giving up after 2 s.
+async fn withdraw_exchange_counts(exchange: Option<std::sync::Arc<endpoints::token::Exchange>>) {
+    if let Some(exchange) = exchange {
+        let _ = tokio::time::timeout(
+            std::time::Duration::from_secs(2),
+            exchange.withdraw_counts(),
+        )
+        .await;
     }
-    Ok(())
+}
+
+/// This replica's identity: `explicit` (`$POD_NAME`), else host name and process id.
+fn replica_identity(explicit: Option<String>) -> String {
+    explicit.unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_owned())
+            .unwrap_or_else(|_| "delegation-operator".into());
+        format!("{host}-{}", std::process::id())
+    })
 }
 
 /// The verification server: the endpoints alone, under an identity that reads two ConfigMaps and
@@ -509,16 +532,20 @@ async fn serve(args: ServeArgs) -> Result<(), Box<dyn std::error::Error>> {
             .then_some(endpoints::token::ExchangeSettings {
                 max_ttl: args.max_exchanged_token_ttl,
                 namespace: args.namespace.clone(),
+                identity: replica_identity(std::env::var("POD_NAME").ok()),
+                create_counts_configmap: false,
             }),
     };
     // Never leading: ready once the certificate and the published JWKS are loaded.
     let readiness = std::sync::Arc::new(operator::Readiness::default());
-    let serving = endpoints::start(client, review_client, settings, readiness).await?;
-    // It holds no state: on SIGTERM it simply stops (exit 0), as the kubelet expects.
+    let (serving, exchange) = endpoints::start(client, review_client, settings, readiness).await?;
+    // It holds no state: on SIGTERM it withdraws its exchanged-token counts and stops (exit 0), as
+    // the kubelet expects.
     tokio::select! {
         _ = serving => {}
         _ = operator::shutdown_signal() => tracing::info!("stopping on a termination signal"),
     }
+    withdraw_exchange_counts(exchange).await;
     Ok(())
 }
 
@@ -581,6 +608,8 @@ fn endpoint_settings(
         exchange: Some(endpoints::token::ExchangeSettings {
             max_ttl: args.max_exchanged_token_ttl,
             namespace: args.namespace.clone(),
+            identity: replica_identity(args.leader_election_identity.clone()),
+            create_counts_configmap: true,
         }),
     }
 }
@@ -628,12 +657,7 @@ fn leader_election(
         )
         .into());
     }
-    let identity = args.leader_election_identity.clone().unwrap_or_else(|| {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_owned())
-            .unwrap_or_else(|_| "delegation-operator".into());
-        format!("{host}-{}", std::process::id())
-    });
+    let identity = replica_identity(args.leader_election_identity.clone());
     Ok(Some(operator::LeaderElectionSettings {
         identity,
         lease_duration: lease,

@@ -701,6 +701,67 @@ fn the_verification_servers_rbac_reads_no_secret_and_writes_nothing() {
     }
 }
 
+/// With token exchange on, the verification server may write exactly one thing: its own counts of
+/// live exchanged tokens, `get` and `patch` on ConfigMap `delegation-operator-exchanges` in the
+/// release namespace (no create: the chart creates it, with no data of its own). Off, it has no
+/// right on it at all.
+#[test]
+fn with_token_exchange_the_verifier_may_patch_only_the_exchange_counts() {
+    let counts = |docs: &[Value]| -> Vec<(String, Rule)> {
+        rules_bound_to(docs, "ops", "rel-delegation-operator-verifier")
+            .into_iter()
+            .filter(|(_, (_, resources, _, names))| {
+                resources.iter().any(|r| r == "configmaps")
+                    && names.iter().any(|n| n == "delegation-operator-exchanges")
+            })
+            .collect()
+    };
+    for args in [
+        &["--set", "verifier.tokenExchange.enabled=true"][..],
+        &[
+            "--set",
+            "verifier.tokenExchange.enabled=true",
+            "--set",
+            "watchNamespace=team-a",
+        ],
+    ] {
+        let docs = render(args);
+        assert_eq!(
+            counts(&docs),
+            vec![(
+                "ops".into(),
+                (
+                    vec!["".into()],
+                    vec!["configmaps".into()],
+                    vec!["get".into(), "patch".into()],
+                    vec!["delegation-operator-exchanges".into()]
+                )
+            )],
+            "{args:?}"
+        );
+        for (_, (_, resources, verbs, _)) in
+            rules_bound_to(&docs, "ops", "rel-delegation-operator-verifier")
+        {
+            if resources.iter().any(|r| r == "configmaps") {
+                assert!(
+                    !verbs
+                        .iter()
+                        .any(|v| v == "create" || v == "update" || v == "delete")
+                );
+            }
+        }
+    }
+    let docs = render(&[]);
+    assert!(counts(&docs).is_empty());
+    let cm = find(&docs, "ConfigMap", "delegation-operator-exchanges");
+    assert_eq!(cm["metadata"]["namespace"], "ops");
+    assert!(cm.get("data").is_none_or(|d| d.is_null()), "{cm}");
+    assert_eq!(
+        cm["metadata"]["labels"]["app.kubernetes.io/instance"], "rel",
+        "labelled like the chart's other objects: {cm}"
+    );
+}
+
 /// The rules of every Role and ClusterRole bound to ServiceAccount `namespace`/`name` in `docs`, with
 /// the namespace each applies in ("" for cluster-wide).
 fn rules_bound_to(docs: &[Value], namespace: &str, name: &str) -> Vec<(String, Rule)> {

@@ -394,11 +394,14 @@ fn namespace_of<K: kube::Resource>(o: &K) -> String {
 /// The grants and agents as a tree, `kubectl tree` style: each principal, the grants naming it, and
 /// below each grant the grants whose `parentGrantRef` names it; then the agents. Every grant
 /// appears exactly once: a grant whose parent is missing hangs under a `(missing)` node, and grants
-/// that only reach each other in a cycle under `(cycle)`. `now` is Unix seconds;
-/// `show_namespace` adds a NAMESPACE column (for all namespaces).
+/// that only reach each other in a cycle under `(cycle)`. `exchanged` maps a grant's uid to the
+/// live tokens exchanged from its token (RFC 8693): a grant with some has a line
+/// `exchanged: N live` below it (counts only: nothing of a token is ever shown). `now` is Unix
+/// seconds; `show_namespace` adds a NAMESPACE column (for all namespaces).
 pub fn render_tree(
     grants: &[DelegationGrant],
     agents: &[AgentIdentity],
+    exchanged: &BTreeMap<String, u64>,
     now: i64,
     show_namespace: bool,
 ) -> String {
@@ -410,7 +413,17 @@ pub fn render_tree(
         .map(|a| (namespace_of(a), name_of(a)))
         .collect();
     let mut rows = Vec::new();
+    let context = Walk {
+        ns: "",
+        now,
+        agent_suspended: &agent_suspended,
+        exchanged,
+    };
     for ns in &namespaces {
+        let context = Walk {
+            ns: ns.as_str(),
+            ..context
+        };
         let in_ns: Vec<&DelegationGrant> =
             grants.iter().filter(|g| &namespace_of(*g) == ns).collect();
         let names: BTreeSet<String> = in_ns.iter().map(|g| name_of(*g)).collect();
@@ -443,16 +456,7 @@ pub fn render_tree(
         let mut ns_rows = Vec::new();
         for ((_, label), list) in &roots {
             ns_rows.push(root_row(ns, label));
-            walk(
-                list,
-                "",
-                &children,
-                &mut seen,
-                &mut ns_rows,
-                ns,
-                now,
-                &agent_suspended,
-            );
+            walk(list, "", &children, &mut seen, &mut ns_rows, &context);
         }
         // Whatever was not reached hangs in a cycle of parentGrantRefs.
         let cycle: Vec<&DelegationGrant> = in_ns
@@ -466,16 +470,7 @@ pub fn render_tree(
             cycle.sort_by_key(|g| name_of(*g));
             // Entered at its first member; the walk stops where it comes round again.
             for g in cycle {
-                walk(
-                    &[g],
-                    "",
-                    &children,
-                    &mut seen,
-                    &mut ns_rows,
-                    ns,
-                    now,
-                    &agent_suspended,
-                );
+                walk(&[g], "", &children, &mut seen, &mut ns_rows, &context);
             }
         }
         rows.extend(ns_rows);
@@ -559,16 +554,23 @@ fn root_row(ns: &str, label: &str) -> Row {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What every row of one namespace's tree is drawn with.
+#[derive(Clone, Copy)]
+struct Walk<'a> {
+    ns: &'a str,
+    now: i64,
+    agent_suspended: &'a BTreeSet<(String, String)>,
+    /// Live exchanged tokens by grant uid.
+    exchanged: &'a BTreeMap<String, u64>,
+}
+
 fn walk(
     list: &[&DelegationGrant],
     indent: &str,
     children: &BTreeMap<String, Vec<&DelegationGrant>>,
     seen: &mut BTreeSet<String>,
     rows: &mut Vec<Row>,
-    ns: &str,
-    now: i64,
-    agent_suspended: &BTreeSet<(String, String)>,
+    context: &Walk<'_>,
 ) {
     for (i, g) in list.iter().enumerate() {
         let name = name_of(*g);
@@ -584,20 +586,38 @@ fn walk(
         rows.push(grant_row(
             g,
             &format!("{indent}{branch}"),
-            ns,
-            now,
-            agent_suspended,
+            context.ns,
+            context.now,
+            context.agent_suspended,
         ));
-        if let Some(kids) = children.get(&name) {
+        let kids = children.get(&name);
+        let live = g
+            .metadata
+            .uid
+            .as_ref()
+            .and_then(|uid| context.exchanged.get(uid))
+            .copied()
+            .unwrap_or(0);
+        if live > 0 {
+            // Below the grant's name, with the line down to its children when it has some.
+            let down = if kids.is_some_and(|k| k.iter().any(|k| !seen.contains(&name_of(*k)))) {
+                "│ "
+            } else {
+                "  "
+            };
+            rows.push(root_row(
+                context.ns,
+                &format!("{indent}{further}{down}exchanged: {live} live"),
+            ));
+        }
+        if let Some(kids) = kids {
             walk(
                 kids,
                 &format!("{indent}{further}"),
                 children,
                 seen,
                 rows,
-                ns,
-                now,
-                agent_suspended,
+                context,
             );
         }
     }
@@ -1044,12 +1064,21 @@ AgentIdentity/notifier [suspended]   False   Suspended   Group/platform   0     
 AgentIdentity/orchestrator           True    Valid       Group/platform   1        tickets:read
 AgentIdentity/summarizer             True    Valid       Group/platform   1        tickets:read
 ";
-        assert_eq!(render_tree(&grants, &agents, NOW, false), expected);
+        assert_eq!(
+            render_tree(&grants, &agents, &BTreeMap::new(), NOW, false),
+            expected
+        );
 
         // All namespaces: a NAMESPACE column, each namespace its own trees.
         let mut other = grant("g1", alice, "orchestrator", json!({}));
         other.metadata.namespace = Some("apps".into());
-        let text = render_tree(&[grants[1].clone(), other], &[], NOW, true);
+        let text = render_tree(
+            &[grants[1].clone(), other],
+            &[],
+            &BTreeMap::new(),
+            NOW,
+            true,
+        );
         assert_eq!(
             text,
             "\
@@ -1060,5 +1089,64 @@ demo        User/alice@example.com
 demo        └─DelegationGrant/g1     True    Issued   orchestrator   tickets:read   in 9m
 "
         );
+    }
+    /// Live exchanged tokens show as a count below their grant, drawn into the tree; a grant
+    /// without any, or without a uid, shows nothing more.
+    #[test]
+    fn live_exchanged_tokens_show_as_a_count_below_their_grant() {
+        let alice = json!({"principal": {"kind": "User", "name": "alice@example.com"}});
+        let with_uid = |mut g: DelegationGrant, uid: &str| {
+            g.metadata.uid = Some(uid.into());
+            g
+        };
+        let grants = vec![
+            with_uid(
+                grant(
+                    "g1",
+                    alice.clone(),
+                    "orchestrator",
+                    ready("True", "Issued", Some(540)),
+                ),
+                "u-1",
+            ),
+            with_uid(
+                grant(
+                    "g2",
+                    parent("g1"),
+                    "summarizer",
+                    ready("True", "Issued", Some(300)),
+                ),
+                "u-2",
+            ),
+            with_uid(
+                grant(
+                    "g3",
+                    parent("g2"),
+                    "notifier",
+                    ready("True", "Issued", Some(240)),
+                ),
+                "u-3",
+            ),
+            with_uid(grant("quiet", alice, "notifier", json!({})), "u-4"),
+        ];
+        let exchanged = BTreeMap::from([
+            ("u-1".to_owned(), 3),
+            ("u-3".to_owned(), 12),
+            ("u-4".to_owned(), 0),
+            ("u-other".to_owned(), 7),
+        ]);
+        let expected = "\
+NAME                         READY   REASON   AGENT          SCOPES         EXPIRES
+User/alice@example.com
+├─DelegationGrant/g1         True    Issued   orchestrator   tickets:read   in 9m
+│ │ exchanged: 3 live
+│ └─DelegationGrant/g2       True    Issued   summarizer     tickets:read   in 5m
+│   └─DelegationGrant/g3     True    Issued   notifier       tickets:read   in 4m
+│       exchanged: 12 live
+└─DelegationGrant/quiet      -       -        notifier       tickets:read   -
+";
+        let text = render_tree(&grants, &[], &exchanged, NOW, false);
+        assert_eq!(text, expected);
+        assert!(!text.contains("u-other") && !text.contains("u-1"));
     }
 }

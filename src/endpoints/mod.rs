@@ -113,12 +113,13 @@ struct AppState {
 /// Binds the listener and loads the serving certificate (failing at once if either is impossible),
 /// then serves until the process stops. `review_client` makes the apiserver reviews of callers: give
 /// it a `Client` of its own, so that they never share a connection pool with the operator's writes.
+/// Also returns the token endpoint, where served, to withdraw its counts when the process stops.
 pub async fn start(
     client: Client,
     review_client: Client,
     settings: EndpointSettings,
     readiness: Arc<Readiness>,
-) -> Result<impl Future<Output = ()>> {
+) -> Result<(impl Future<Output = ()>, Option<Arc<token::Exchange>>)> {
     let cert = Arc::new(ServingCert::default());
     tls::load(&client, &settings.tls, &cert).await?;
     let client_for_tls = client.clone();
@@ -149,7 +150,7 @@ pub async fn start(
         cert: cert.clone(),
         readiness,
         verifies,
-        exchange,
+        exchange: exchange.clone(),
     });
     let acceptor = TlsAcceptor::from(Arc::new(tls::server_config(cert.clone())?));
     let router = router(state, &settings.issuer);
@@ -179,14 +180,15 @@ pub async fn start(
             watches.await;
         }
     };
-    Ok(async move {
+    let serving = async move {
         tokio::join!(
             tls::watch(client_for_tls, settings.tls, cert),
             documents,
             exchange_watches,
             accept(listener, acceptor, router),
         );
-    })
+    };
+    Ok((serving, exchange))
 }
 
 /// The routes: probes and metrics at the root and, when this listener verifies, the verification

@@ -16,6 +16,7 @@
 //! lineage is revoked with it (they are per-task tokens, at most `--max-exchanged-token-ttl` long).
 
 pub mod directory;
+pub mod live;
 pub mod signer;
 pub mod workload;
 
@@ -59,6 +60,11 @@ pub struct ExchangeSettings {
     pub max_ttl: std::time::Duration,
     /// Watch only this namespace's agents and grants (`run --namespace`).
     pub namespace: Option<String>,
+    /// This replica's identity (`$POD_NAME`, else host name and process id): its key in the
+    /// exchanged-token counts ([`live`]).
+    pub identity: String,
+    /// Create the counts ConfigMap when it is missing (`run` may; the verification server may not).
+    pub create_counts_configmap: bool,
 }
 
 /// The token endpoint's own state.
@@ -66,6 +72,8 @@ pub struct Exchange {
     signer: Arc<Signer>,
     directory: Arc<Directory>,
     limits: ExchangeLimits,
+    /// The live tokens this replica exchanged, per grant, for `tree`.
+    counter: Arc<live::Counter>,
 }
 
 impl Exchange {
@@ -78,20 +86,39 @@ impl Exchange {
         let signer = Arc::new(Signer::default());
         let (directory, directory_watches) =
             Directory::start(client.clone(), settings.namespace.as_deref());
+        let counter = Arc::new(live::Counter::new(
+            client.clone(),
+            &operator_namespace,
+            &settings.identity,
+        ));
         let exchange = Arc::new(Self {
             signer: signer.clone(),
             directory,
             limits: ExchangeLimits {
                 max_ttl: settings.max_ttl,
             },
+            counter: counter.clone(),
+        });
+        // Boxed: its kube calls make a large future, kept off the stack of whoever polls this one.
+        let counts = Box::pin(async move {
+            if settings.create_counts_configmap {
+                counter.create_configmap().await;
+            }
+            counter.publish().await;
         });
         let running = async move {
             futures::join!(
                 signer::watch(client, &operator_namespace, signer),
-                directory_watches
+                directory_watches,
+                counts
             );
         };
         (exchange, running)
+    }
+
+    /// Removes this replica's exchanged-token counts from the ConfigMap (the process is stopping).
+    pub async fn withdraw_counts(&self) {
+        self.counter.withdraw().await;
     }
 
     /// Why this replica cannot answer exchanges yet, if it cannot.
@@ -299,6 +326,12 @@ pub async fn handle(
     match outcome {
         Ok((token, claims)) => {
             attempt.record_issued(&claims);
+            exchange.counter.record(
+                &claims.grant.namespace,
+                &claims.grant.name,
+                &claims.grant.uid,
+                claims.exp,
+            );
             Answer::Issued(json!({
                 "access_token": token,
                 "issued_token_type": ACCESS_TOKEN_TYPE,
