@@ -21,8 +21,10 @@ use support::{
     *,
 };
 
-/// How long the exchanged tokens live: short, so the test sees their count go.
-const EXCHANGED_LIFETIME: u64 = 15;
+/// How long the exchanged tokens live: short, so the test sees their count go, and longer than the
+/// replica's 30 s between writes, so that the first write after the exchanges still counts them
+/// (with 15 s, a write that came after the end of their minute found them expired: a flaky test).
+const EXCHANGED_LIFETIME: u64 = 45;
 
 /// `tree -n <ns> --operator-namespace <op-ns>` as the holder of `kubeconfig`: whether it succeeded,
 /// stdout and stderr.
