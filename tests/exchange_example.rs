@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::{Api, api::PostParams};
 use serde_json::Value;
 use support::{
-    verifiers::{Trust, start_https_operator},
+    verifiers::{Trust, start_https_operator, write_private},
     *,
 };
 
@@ -60,17 +60,6 @@ fn pod_env(pod: &Pod, name: &str) -> String {
         .find(|e| e.name == name)
         .and_then(|e| e.value.clone())
         .unwrap_or_else(|| panic!("the example Pod sets {name}"))
-}
-
-fn write_private(path: &Path, content: &str) {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .unwrap();
-    std::io::Write::write_all(&mut file, content.as_bytes()).unwrap();
 }
 
 /// Runs the example agent with the mounted files of `dir`; its exit code and JSON lines.

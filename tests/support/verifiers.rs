@@ -232,7 +232,8 @@ pub fn form_urlencoded(form: &[(&str, &str)]) -> String {
     body.finish()
 }
 
-fn write_private(path: &Path, content: &str) {
+/// Writes `content` to a new file only its owner may read (0600), as a token file should be.
+pub fn write_private(path: &Path, content: &str) {
     use std::os::unix::fs::OpenOptionsExt;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
