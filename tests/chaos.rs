@@ -19,8 +19,8 @@
 //! many control-plane restarts (1 in the test suite); `make chaos` runs more of both. `CHAOS_SEED`
 //! (printed by every run) replays a run's choices.
 //!
-//! What happens to the operator when the apiserver goes away: with the tests' lease timings (3 s
-//! lease, 2 s renew deadline) it cannot renew its lease, stops writing and exits non-zero ("lost the
+//! What happens to the operator when the apiserver goes away: with the tests' lease timings (8 s
+//! lease, 6 s renew deadline) it cannot renew its lease, stops writing and exits non-zero ("lost the
 //! leader lease"); started again while the apiserver is still down it exits at start-up. The
 //! restart test supervises it as the kubelet would — it starts the operator again a second after
 //! every exit — and prints each exit.

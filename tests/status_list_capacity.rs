@@ -98,7 +98,7 @@ async fn published_lists(client: &Client, operator_ns: &str) -> Vec<StatusList> 
         .collect()
 }
 
-/// The one operator of a test needs no lease; with the tests' short lease timings (3 s) a loaded
+/// The one operator of a test needs no lease; with the tests' short lease timings (8 s) a loaded
 /// machine can keep it from renewing in time, and it would stop, failing a test that is not about
 /// leader election.
 const NO_ELECTION: &[&str] = &["--leader-election=false"];

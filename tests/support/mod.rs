@@ -953,12 +953,14 @@ pub async fn kubectl(args: &[&str]) -> std::process::Output {
 // ---- running the operator --------------------------------------------------------------------
 
 /// Leader election timings of the operators the tests start: short, so that a successor started after
-/// a kill takes over within seconds.
+/// a kill takes over within seconds, with room for a renewal that is slow on a loaded machine (with a
+/// 2 s deadline, one renewal slower than that on a machine loaded by two CPU burners and the suite
+/// made a test's only operator give up its lease and exit).
 pub const LEASE_TIMINGS: [&str; 6] = [
     "--leader-election-lease-duration",
-    "3s",
+    "8s",
     "--leader-election-renew-deadline",
-    "2s",
+    "6s",
     "--leader-election-retry-period",
     "1s",
 ];
