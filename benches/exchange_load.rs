@@ -101,7 +101,13 @@ async fn work(
 }
 
 fn main() {
-    let issuer = std::env::var("EXCHANGE_ISSUER").expect("EXCHANGE_ISSUER");
+    // `cargo test --all-targets` runs every bench once too; without an endpoint there is no load.
+    let Ok(issuer) = std::env::var("EXCHANGE_ISSUER") else {
+        eprintln!(
+            "exchange_load: EXCHANGE_ISSUER is not set (hack/bench.py sets it); nothing to load"
+        );
+        return;
+    };
     let ca = std::fs::read_to_string(std::env::var("EXCHANGE_CA").expect("EXCHANGE_CA"))
         .expect("the CA file");
     let requests: Vec<Value> = serde_json::from_str(
