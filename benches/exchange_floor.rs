@@ -104,9 +104,13 @@ fn claims(jti: u64, iat: i64) -> AccessTokenClaims {
             uid: "6f1c2b0e-3d4a-4e5f-8a9b-0c1d2e3f4a5b".into(),
         },
         status: Some(json!({"status_list": {
-            "idx": 4711,
+            "idx": 4712,
             "uri": "https://delegation-operator.delegation-system.svc/statuslists/payments/3",
         }})),
+        lineage: Some(delegation_operator::status_list::LineageEntries {
+            first: 4713,
+            count: 7,
+        }),
     }
 }
 

@@ -199,8 +199,9 @@ struct RunArgs {
     /// and the operator's Service names.
     #[arg(long = "tls-dns-name")]
     tls_dns_names: Vec<String>,
-    /// Status-list entries one namespace may hold: every token issued in it takes one until all the
-    /// tokens of its list have expired (about the token lifetime plus an hour). A namespace at its
+    /// Status-list entries one namespace may hold: every token issued in it takes one (with the
+    /// entries reserved for the tokens exchanged from it) until all the tokens of its list have
+    /// expired (about the token lifetime plus an hour). A namespace at its
     /// budget has its grants refused (DeniedStatusListBudget) until entries free up; other
     /// namespaces are not affected.
     #[arg(long, default_value_t = status_list::budget::DEFAULT_ENTRIES_PER_NAMESPACE)]
@@ -209,7 +210,8 @@ struct RunArgs {
     /// lists open as demand needs them and retire when their tokens have expired.
     #[arg(long, default_value_t = status_list::DEFAULT_MAX_LISTS)]
     status_list_max_lists: usize,
-    /// Entries per status list. For tests (small lists make growth cheap to exercise); the default
+    /// Tokens per status list (each takes its own entry and 7 for the tokens exchanged from it).
+    /// For tests (small lists make growth cheap to exercise); the default
     /// suits production.
     #[arg(long, default_value_t = status_list::DEFAULT_LIST_CAPACITY)]
     status_list_size: usize,

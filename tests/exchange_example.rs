@@ -158,10 +158,16 @@ async fn the_example_agent_narrows_its_grants_token_per_task() {
             format!("system:serviceaccount:{}:ticket-triage", f.ns)
         );
         let grant_claims = signing::verify(&grant_token, &jwks, AUDIENCE, 0).unwrap();
-        assert_eq!(
-            claims["status"], grant_claims["status"],
-            "the grant token's entry"
+        let own = &claims["status"]["status_list"];
+        let root = &grant_claims["status"]["status_list"];
+        let first = grant_claims["lineage"]["first"].as_u64().unwrap();
+        let count = grant_claims["lineage"]["count"].as_u64().unwrap();
+        assert_eq!(own["uri"], root["uri"], "the grant token's list");
+        assert!(
+            (first..first + count).contains(&own["idx"].as_u64().unwrap()),
+            "its own entry, in the grant token's lineage: {claims}"
         );
+        assert_eq!(claims["lineage"], grant_claims["lineage"]);
     }
     let exchanged: Vec<Value> = f
         .operator()

@@ -309,9 +309,10 @@ async fn a_hop_nests_act_and_an_exchanged_token_hops_again() {
     .await;
 }
 
-/// Lineage revocation: grant token → narrowing → hop a→b → hop b→c, all carrying the grant token's
-/// `status` reference; the grant is deleted, and every one of them reads INVALID in one fetch of the
-/// served status list (the same publish), for the operator's verification code and for PyJWT.
+/// Lineage revocation: grant token → narrowing → hop a→b → hop b→c, each with its own status entry
+/// among those reserved after the grant token's (its `lineage`); the grant is deleted, and every one
+/// of them reads INVALID in one fetch of the served status list (the same publish), for the
+/// operator's verification code and for PyJWT.
 #[tokio::test]
 async fn deleting_the_grant_revokes_every_token_exchanged_from_it() {
     let x = Exchange::start("xchg-lineage").await;
@@ -331,12 +332,29 @@ async fn deleting_the_grant_revokes_every_token_exchanged_from_it() {
         ("to-b", to_b.as_str()),
         ("to-c", to_c.as_str()),
     ];
-    let status = unverified_claims(&x.grant_token)["status"].clone();
-    for (name, token) in &lineage {
+    // Each has its own entry: one of those the operator reserved after the grant token's own.
+    let grant_claims = unverified_claims(&x.grant_token);
+    let root = &grant_claims["status"]["status_list"];
+    let reserved = &grant_claims["lineage"];
+    let first = reserved["first"].as_u64().unwrap();
+    let count = reserved["count"].as_u64().unwrap();
+    assert_eq!(
+        (first, count),
+        (root["idx"].as_u64().unwrap() + 1, 7),
+        "seven entries right after the grant token's own: {grant_claims}"
+    );
+    for (name, token) in &lineage[1..] {
+        let claims = unverified_claims(token);
+        let own = &claims["status"]["status_list"];
+        assert_eq!(own["uri"], root["uri"], "{name}: the grant token's list");
+        let idx = own["idx"].as_u64().unwrap();
+        assert!(
+            (first..first + count).contains(&idx),
+            "{name}: its own entry {idx}, in the grant token's lineage {reserved}"
+        );
         assert_eq!(
-            unverified_claims(token)["status"],
-            status,
-            "{name} carries the grant token's status reference"
+            claims["lineage"], *reserved,
+            "{name} names the same lineage"
         );
     }
     let tokens: Vec<&str> = lineage.iter().map(|(_, t)| *t).collect();
@@ -577,7 +595,8 @@ async fn a_subject_token_naming_a_suspended_agent_is_refused() {
         Duration::from_secs(60),
     )
     .await;
-    wait_served(&x, &[&x.grant_token], "Invalid").await;
+    // The grant token and, in the same served list, the token exchanged from it.
+    wait_served(&x, &[&x.grant_token, &to_b], "Invalid").await;
     x.refused_because(
         &Exchange::form(&x.grant_token, &x.a.token, &[]),
         INVALID_GRANT,

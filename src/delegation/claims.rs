@@ -101,6 +101,12 @@ pub struct AccessTokenClaims {
     /// token's index ([`crate::status_list::TokenStatusRef::status_claim`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<serde_json::Value>,
+    /// The status-list entries (in the list of `status`) reserved for the tokens exchanged from the
+    /// grant's token, at any depth: `{"first": N, "count": K}`. A token exchanged from this one
+    /// takes one of them as its own `status` entry and carries the same `lineage`; revoking the
+    /// grant's token revokes them all in the same publish ([`crate::status_list::LineageEntries`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lineage: Option<crate::status_list::LineageEntries>,
 }
 
 /// One hop of a delegation as the token records it.
@@ -253,6 +259,7 @@ pub fn build_claims(
         delegation_chain: delegation_records(&resolution.chain),
         grant,
         status: None,
+        lineage: None,
     })
 }
 
@@ -295,6 +302,7 @@ mod tests {
                 uid: "u".into(),
             },
             status: None,
+            lineage: None,
         }
     }
 

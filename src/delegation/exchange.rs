@@ -7,8 +7,8 @@
 //! `reason` label and a description that names only the caller's own namespace and ServiceAccount,
 //! the agents of the token's own chain and what was asked:
 //! 1. The grant the token names still exists with the same uid (`grant_gone`).
-//! 2. The token carries a status claim (`no_status`), and its `act` is its `delegation_chain`
-//!    (`act_mismatch`).
+//! 2. The token carries a status claim (`no_status`) and entries reserved for its lineage
+//!    (`no_lineage`), and its `act` is its `delegation_chain` (`act_mismatch`).
 //! 3. Every agent of the chain exists and is not suspended (`agent_missing`, `agent_suspended`).
 //! 4. The caller runs in the token's namespace (`other_namespace`).
 //! 5. The caller runs the current actor (a *narrowing*: the actor stays) or exactly one agent the
@@ -28,9 +28,12 @@
 //! 11. The lifetime is within the token's remaining life and every limit (`zero_lifetime`,
 //!     `subject_expiring`, `too_long`).
 //!
-//! Authority only narrows: asking for more is refused, never silently cut down. The new token
-//! points at the subject's status-list entry (the grant token's), so revoking the grant token
-//! revokes every token exchanged from it in one publish, and no exchange outlives its subject.
+//! Authority only narrows: asking for more is refused, never silently cut down. The new token gets
+//! its own status-list entry, one of the entries the operator reserved after the grant token's own
+//! when it minted it (the token's `lineage` claim, [`LineageEntries`]): revoking or suspending the
+//! grant token does the same to every entry of its lineage in the same publish, so every token
+//! exchanged from it, at any depth, follows it with no record kept per exchange; and no exchange
+//! outlives its subject.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
@@ -46,6 +49,7 @@ use super::{
     claims::{AccessTokenClaims, Actor, DelegationRecord, Party, Workload},
 };
 use crate::api::{AgentIdentity, AudiencePolicy, AuthorizationDetail, agent_subject};
+use crate::status_list::{LineageEntries, TokenStatusRef};
 
 /// The longest an exchanged token lives unless `--max-exchanged-token-ttl` says otherwise.
 pub const DEFAULT_MAX_EXCHANGED_TTL: Duration = Duration::from_secs(15 * 60);
@@ -162,6 +166,7 @@ impl ErrorCode {
 pub mod reason {
     pub const GRANT_GONE: &str = "grant_gone";
     pub const NO_STATUS: &str = "no_status";
+    pub const NO_LINEAGE: &str = "no_lineage";
     pub const ACT_MISMATCH: &str = "act_mismatch";
     pub const AGENT_MISSING: &str = "agent_missing";
     pub const AGENT_SUSPENDED: &str = "agent_suspended";
@@ -219,13 +224,7 @@ pub fn decide<D: Directory>(
     facts: &ExchangeFacts<'_, D>,
 ) -> Result<AccessTokenClaims, ExchangeRefusal> {
     let created = grant_is_live(facts)?;
-    let status = facts.subject.status.clone().ok_or_else(|| {
-        ExchangeRefusal::new(
-            ErrorCode::InvalidGrant,
-            reason::NO_STATUS,
-            "the token carries no status claim, so its revocation could not be followed to an exchanged token; only tokens with a status-list entry may be exchanged",
-        )
-    })?;
+    let status = own_status_entry(facts)?;
     let chain = actor_chain(facts.subject)?;
     let current = chain_agents_stand(facts, &chain)?;
     same_namespace(facts)?;
@@ -243,6 +242,56 @@ pub fn decide<D: Directory>(
     Ok(claims(
         facts, &new_actor, audience, scopes, details, status, lifetime,
     ))
+}
+
+/// Rule 2, first half: the new token's own status-list entry, in the subject's lineage. The
+/// subject's `lineage` must cover its own entry (it is the lineage's root or one of its entries),
+/// so a token can only ever point into the lineage of the grant token it descends from.
+fn own_status_entry<D: Directory>(
+    facts: &ExchangeFacts<'_, D>,
+) -> Result<(TokenStatusRef, LineageEntries), ExchangeRefusal> {
+    let subject = facts.subject;
+    let status = subject
+        .status
+        .as_ref()
+        .and_then(TokenStatusRef::from_status_claim)
+        .ok_or_else(|| {
+            ExchangeRefusal::new(
+                ErrorCode::InvalidGrant,
+                reason::NO_STATUS,
+                "the token carries no status claim, so its revocation could not be followed to an exchanged token; only tokens with a status-list entry may be exchanged",
+            )
+        })?;
+    let no_lineage = || {
+        ExchangeRefusal::new(
+            ErrorCode::InvalidGrant,
+            reason::NO_LINEAGE,
+            "the token has no status-list entries reserved for the tokens exchanged from it (it was minted before this operator version reserved them); it can be exchanged once the operator has rotated it, or re-create its grant",
+        )
+    };
+    let lineage = subject
+        .lineage
+        .filter(|l| l.admits(status.idx))
+        .ok_or_else(no_lineage)?;
+    let idx = lineage
+        .entry_for(seed_of(&facts.jti))
+        .ok_or_else(no_lineage)?;
+    Ok((
+        TokenStatusRef {
+            idx,
+            uri: status.uri,
+        },
+        lineage,
+    ))
+}
+
+/// A seed from a token id: the same on every replica and every start (SHA-256, not a std hasher).
+fn seed_of(jti: &str) -> u64 {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(jti.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 /// Rule 1: the grant is the one the token was minted for. Returns when it was created.
@@ -815,7 +864,7 @@ fn claims<D: Directory>(
     audience: String,
     scopes: Vec<String>,
     authorization_details: Option<Vec<AuthorizationDetail>>,
-    status: serde_json::Value,
+    (status, lineage): (TokenStatusRef, LineageEntries),
     lifetime: i64,
 ) -> AccessTokenClaims {
     let subject = facts.subject;
@@ -867,7 +916,8 @@ fn claims<D: Directory>(
         authorization_details,
         delegation_chain,
         grant: subject.grant.clone(),
-        status: Some(status),
+        status: Some(status.status_claim()),
+        lineage: Some(lineage),
     }
 }
 

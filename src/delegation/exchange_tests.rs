@@ -197,8 +197,18 @@ fn grant_token() -> AccessTokenClaims {
             name: "g".into(),
             uid: "uid-g".into(),
         },
-        status: Some(serde_json::json!({"status_list": {"idx": 7, "uri": STATUS_URI}})),
+        status: Some(serde_json::json!({"status_list": {"idx": 8, "uri": STATUS_URI}})),
+        lineage: Some(LINEAGE),
     }
+}
+
+/// The grant token's lineage: the entries right after its own (8).
+const LINEAGE: LineageEntries = LineageEntries { first: 9, count: 7 };
+
+/// The status entry a token carries, and whether it is one of the grant token's lineage.
+fn in_lineage(token: &AccessTokenClaims) -> bool {
+    let entry = TokenStatusRef::from_status_claim(token.status.as_ref().unwrap()).unwrap();
+    entry.uri == STATUS_URI && LINEAGE.contains(entry.idx) && token.lineage == Some(LINEAGE)
 }
 
 #[derive(Clone)]
@@ -378,6 +388,26 @@ fn table() -> Vec<(&'static str, Case, Expected)> {
             "no status claim",
             narrowing().with(|c| c.subject.status = None),
             Err((InvalidGrant, NO_STATUS)),
+        ),
+        (
+            "no lineage (a token minted before lineages)",
+            narrowing().with(|c| c.subject.lineage = None),
+            Err((InvalidGrant, NO_LINEAGE)),
+        ),
+        (
+            "a lineage that does not hold the token's own entry",
+            narrowing().with(|c| {
+                c.subject.lineage = Some(LineageEntries {
+                    first: 100,
+                    count: 7,
+                })
+            }),
+            Err((InvalidGrant, NO_LINEAGE)),
+        ),
+        (
+            "an empty lineage",
+            narrowing().with(|c| c.subject.lineage = Some(LineageEntries { first: 9, count: 0 })),
+            Err((InvalidGrant, NO_LINEAGE)),
         ),
         (
             "act with an actor the chain lacks",
@@ -876,7 +906,12 @@ fn a_narrowing_keeps_the_actor_and_records_the_workload() {
     assert_eq!(token.aud, AUD);
     assert_eq!((token.iat, token.nbf, token.exp), (NOW, NOW, NOW + 540));
     assert_eq!(token.jti, "jti-new");
-    assert_eq!(token.status, subject.status);
+    assert!(
+        in_lineage(&token),
+        "its own entry, in the grant token's lineage: {:?}",
+        token.status
+    );
+    assert_ne!(token.status, subject.status);
     assert_eq!(
         (&token.iss, &token.sub, &token.grant),
         (&subject.iss, &subject.sub, &subject.grant)
@@ -915,7 +950,7 @@ fn a_hop_nests_act_one_deeper_and_records_the_hop() {
         record.workload.as_ref().map(|w| w.pod.as_str()),
         Some("summarizer-sa-pod")
     );
-    assert_eq!(token.status, grant_token().status);
+    assert!(in_lineage(&token));
     // summarizer's maxTokenTTL is ten minutes; the token had nine left.
     assert_eq!(token.exp, NOW + 540);
 }
@@ -942,7 +977,10 @@ fn an_exchanged_token_exchanges_again_keeping_its_nested_act_and_never_living_lo
         serde_json::json!({"sub": "agent:support/archiver", "act": {"sub": "agent:support/summarizer",
             "act": {"sub": "agent:support/triage"}}})
     );
-    assert_eq!(second.status, grant_token().status);
+    assert!(
+        in_lineage(&narrowed) && in_lineage(&second),
+        "every depth in the root's lineage"
+    );
     assert!(second.exp <= narrowed.exp && narrowed.exp <= first.exp);
     // Asking for longer than the subject has left is refused, not granted.
     let later = Case::new("archiver-sa")
@@ -1107,7 +1145,7 @@ fn any_subject() -> impl Strategy<Value = AccessTokenClaims> {
 
 proptest! {
     /// Whatever is asked, a token an exchange yields is within its subject: no more scopes, the
-    /// same audience, no later expiry, details covered, the same status entry, principal, issuer
+    /// same audience, no later expiry, details covered, an entry of the grant token's lineage, the same principal, issuer
     /// and grant, and exactly one more hop on record.
     #[test]
     fn every_exchanged_token_is_within_its_subject(
@@ -1130,7 +1168,7 @@ proptest! {
                 let details = token.authorization_details.clone().unwrap_or_default();
                 prop_assert!(crate::delegation::chain::uncovered_detail(&details, ceiling).is_none());
             }
-            prop_assert_eq!(&token.status, &subject.status);
+            prop_assert!(in_lineage(&token), "{:?}", token.status);
             prop_assert_eq!(token.delegation_chain.len(), subject.delegation_chain.len() + 1);
             prop_assert_eq!(&token.delegation_chain[..subject.delegation_chain.len()], &subject.delegation_chain[..]);
             prop_assert_eq!((&token.sub, &token.iss, &token.grant), (&subject.sub, &subject.iss, &subject.grant));

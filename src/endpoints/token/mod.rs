@@ -8,12 +8,14 @@
 //! expiry, and status VALID in the published Token Status List), asks the apiserver who the actor
 //! is ([`workload`]), and signs what the pure decision ([`crate::delegation::exchange`]) allows.
 //!
-//! **Lineage**: an exchanged token carries its subject's `status` claim verbatim, so every token
-//! exchanged from a grant's token, at any depth, shares that token's status-list entry. Revoking or
-//! suspending the grant's token (grant deleted or refused, agent suspended, authority lost) flips
-//! them all in the same signed publish, and nothing per exchange needs to be written, persisted or
-//! recovered after a crash. The price: an exchanged token cannot be revoked on its own; its
-//! lineage is revoked with it (they are per-task tokens, at most `--max-exchanged-token-ttl` long).
+//! **Lineage**: when the operator mints a grant's token it reserves the status-list entries right
+//! after the token's own for its lineage (the token's `lineage` claim, seven by default). An
+//! exchanged token takes one of them as its own `status` entry (chosen by its `jti`) and carries
+//! the same `lineage`, at any depth. Revoking or suspending the grant's token (grant deleted or
+//! refused, agent suspended, authority lost) flips its entry and every entry of its lineage in the
+//! same signed publish, and nothing per exchange needs to be written, persisted or recovered after a
+//! crash: the lineage was persisted with the grant token's own entry. One exchanged token can be
+//! revoked alone by flipping its entry, which also revokes the few siblings that drew the same one.
 
 pub mod directory;
 pub mod live;

@@ -270,6 +270,7 @@ pub(super) async fn mint(
         }
     };
     claims.status = Some(status_ref.status_claim());
+    claims.lineage = ctx.status_lists.lineage_of(&status_ref).await;
     let signed = ctx.keys.sign(&claims)?;
     Ok(Minted {
         jti,

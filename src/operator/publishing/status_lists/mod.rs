@@ -59,8 +59,8 @@ use crate::operator::{
     publishing::keys::KeyStore,
 };
 use crate::status_list::{
-    DEFAULT_LIST_CAPACITY, DEFAULT_MAX_LISTS, Registry, RegistryConfig, RegistryError,
-    RegistryState, TokenStatusRef,
+    DEFAULT_LIST_CAPACITY, DEFAULT_MAX_LISTS, LineageEntries, Registry, RegistryConfig,
+    RegistryError, RegistryState, TokenStatusRef,
     budget::{DEFAULT_ENTRIES_PER_NAMESPACE, NamespaceBudget},
 };
 
@@ -95,11 +95,12 @@ const MAX_STATE_BYTES: usize = 1_000_000;
 /// How large the lists are and how their capacity is shared (the operator's flags).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Capacity {
-    /// Entries per new list.
+    /// Tokens per new list (each with its own entry and its lineage's).
     pub list_size: usize,
     /// Safety limit on live lists (memory, and the one Secret and ConfigMap they are kept in).
     pub max_lists: usize,
-    /// Entries one namespace may hold in lists that have not retired.
+    /// Tokens' entries one namespace may hold in lists that have not retired (a token's lineage
+    /// entries come with it).
     pub budget_per_namespace: usize,
 }
 
@@ -302,6 +303,12 @@ impl StatusLists {
         // entry must survive a restart so that it can be revoked while it lives.
         self.commit(keys, now, version).await?;
         Ok(status_ref)
+    }
+
+    /// The entries reserved for the lineage of the token whose entry is `status_ref` (the tokens
+    /// that will be exchanged from it), for its `lineage` claim; none in a list opened without them.
+    pub async fn lineage_of(&self, status_ref: &TokenStatusRef) -> Option<LineageEntries> {
+        self.inner.lock().await.registry.lineage_of(status_ref)
     }
 
     /// The tokens the operator recorded minting for `grant_uid` that have not expired, as `(jti, exp)`:

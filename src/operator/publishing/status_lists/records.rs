@@ -492,7 +492,11 @@ mod tests {
         );
         assert_eq!(inner.registry.usage().allocated, 2, "no entry spent on it");
         let other = inner.allocate_within_budget("quiet", 100, 700).unwrap();
-        assert_eq!(other.idx, 2, "the next entry, never a reused one");
+        assert_eq!(
+            other.idx,
+            2 * (1 + crate::status_list::DEFAULT_LINEAGE_ENTRIES),
+            "the next token's entry (each token has its lineage's after it), never a reused one"
+        );
         let retires = inner.registry.retires_at(&first.uri).unwrap();
         inner.registry.prune(retires);
         inner.budget.release_retired(retires);
