@@ -141,10 +141,20 @@ fn an_independent_python_decoder_reads_the_same_statuses() {
     let (token, uri, list) = status_list_token(&registry, &ring);
     let file = TempFile::with(&token);
 
-    // Every issued index, a few thousand random ones across the whole list (unused ones are
-    // VALID), and the first index past the end.
+    // Every issued token's entry and its lineage's (which follow it), with the status each must
+    // have; then a few thousand random indices across the whole list (unused ones are VALID), and
+    // the first index past the end.
+    let mut expected: Vec<(usize, Status)> = Vec::new();
+    for (status_ref, status) in &issued {
+        assert_eq!(status_ref.uri, uri);
+        let lineage = registry
+            .lineage_of(status_ref)
+            .expect("a lineage by default");
+        expected.push((status_ref.idx, *status));
+        expected.extend((lineage.first..lineage.first + lineage.count).map(|idx| (idx, *status)));
+    }
     let mut rng = Rng(42);
-    let mut indices: Vec<usize> = (0..issued.len()).collect();
+    let mut indices: Vec<usize> = expected.iter().map(|(idx, _)| *idx).collect();
     indices.extend((0..3000).map(|_| rng.below(list.len())));
     indices.push(list.len());
 
@@ -166,15 +176,9 @@ fn an_independent_python_decoder_reads_the_same_statuses() {
             None => assert_eq!(line, "out-of-range", "index {idx}"),
         }
     }
-    // What the registry was told is what Python reads.
-    for ((status_ref, status), line) in issued.iter().zip(&lines[1..]) {
-        assert_eq!(status_ref.uri, uri);
-        assert_eq!(
-            line,
-            &status.value().to_string(),
-            "index {}",
-            status_ref.idx
-        );
+    // What the registry was told is what Python reads, for each token and its lineage.
+    for ((idx, status), line) in expected.iter().zip(&lines[1..]) {
+        assert_eq!(line, &status.value().to_string(), "index {idx}");
     }
     let [valid, invalid, suspended] = seen;
     assert!(valid > 3000 && invalid > 500 && suspended > 200, "{seen:?}");

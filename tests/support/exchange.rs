@@ -301,7 +301,8 @@ impl Exchange {
         (token, body)
     }
 
-    /// The issued token against its subject: `typ: at+jwt`, same `sub`, `iss`, grant and `status`;
+    /// The issued token against its subject: `typ: at+jwt`, same `sub`, `iss`, grant and `lineage`,
+    /// and its own `status` entry among the lineage's, in the subject's list;
     /// `act` unchanged (narrowing) or nested one deeper (hop); `client_id` the current actor;
     /// `delegation_chain` the subject's records plus one naming the proven workload; `exp` within
     /// the subject's.
@@ -309,12 +310,23 @@ impl Exchange {
         let header = super::verifiers::unverified_header(issued);
         assert_eq!(header["typ"], "at+jwt", "{header}");
         let (s, t) = (unverified_claims(subject), unverified_claims(issued));
-        for claim in ["sub", "iss", "delegation.nhi.dev/grant", "status"] {
+        for claim in ["sub", "iss", "delegation.nhi.dev/grant", "lineage"] {
             assert_eq!(
                 t[claim], s[claim],
                 "{claim} is copied from the subject token"
             );
         }
+        let (own, lineage) = (&t["status"]["status_list"], &t["lineage"]);
+        assert_eq!(
+            own["uri"], s["status"]["status_list"]["uri"],
+            "the subject's list"
+        );
+        let (first, count) = (lineage["first"].as_u64(), lineage["count"].as_u64());
+        let idx = own["idx"].as_u64();
+        assert!(
+            matches!((first, count, idx), (Some(f), Some(c), Some(i)) if (f..f + c).contains(&i)),
+            "its own entry {idx:?} is one of its lineage's {lineage}"
+        );
         assert!(
             t["status"]["status_list"]["uri"].is_string(),
             "an exchanged token has a status"
