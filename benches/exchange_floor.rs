@@ -111,6 +111,7 @@ fn claims(jti: u64, iat: i64) -> AccessTokenClaims {
             first: 4713,
             count: 7,
         }),
+        cnf: None,
     }
 }
 

@@ -17,6 +17,7 @@ pub mod admission;
 pub mod api;
 pub mod cli;
 pub mod delegation;
+pub mod dpop;
 pub mod endpoints;
 pub mod fair_queue;
 pub mod metrics;

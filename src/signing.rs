@@ -208,14 +208,29 @@ impl fmt::Debug for SigningKey {
 impl SigningKey {
     /// Signs claims into a compact JWT with header {alg, typ: `typ`, kid}.
     pub fn sign_typed<T: Serialize>(&self, claims: &T, typ: &str) -> Result<String, SigningError> {
-        install_crypto_provider();
         let mut header = Header::new(self.alg.jwt());
         header.typ = Some(typ.to_owned());
         header.kid = Some(self.kid.clone());
+        self.sign_with(&header, claims)
+    }
+
+    /// Signs a DPoP proof (RFC 9449 §4.2): header {alg, typ: `dpop+jwt`, jwk: this key's public
+    /// half}, for a client proving possession of this key.
+    pub fn sign_proof<T: Serialize>(&self, claims: &T) -> Result<String, SigningError> {
+        let mut header = Header::new(self.alg.jwt());
+        header.typ = Some(crate::dpop::PROOF_TYP.to_owned());
+        let jwk = serde_json::from_value(self.public_jwk())
+            .map_err(|_| SigningError::InvalidJwk("the public key is not a JWK"))?;
+        header.jwk = Some(jwk);
+        self.sign_with(&header, claims)
+    }
+
+    fn sign_with<T: Serialize>(&self, header: &Header, claims: &T) -> Result<String, SigningError> {
+        install_crypto_provider();
         if let Some(pair) = &self.es256 {
-            return es256::encode(pair, &header, claims);
+            return es256::encode(pair, header, claims);
         }
-        jsonwebtoken::encode(&header, claims, &self.encoding).map_err(|e| {
+        jsonwebtoken::encode(header, claims, &self.encoding).map_err(|e| {
             SigningError::Signing(match e.kind() {
                 ErrorKind::Json(_) => "claims could not be serialized",
                 _ => "signature creation failed",
@@ -478,6 +493,28 @@ pub fn verify(
             _ => SigningError::MalformedToken,
         })?;
     Ok(data.claims)
+}
+
+/// Verifies a compact JWT signed by the key it carries (`jwk`), such as a DPoP proof, with `alg`
+/// (which the header must name) and returns its claims. No claim is required here: the caller checks
+/// what its kind of token needs.
+pub fn verify_embedded(token: &str, alg: Algorithm, jwk: &Value) -> Result<Value, SigningError> {
+    install_crypto_provider();
+    let key = decoding_key(alg, jwk)?;
+    let mut validation = Validation::new(alg.jwt());
+    validation.validate_aud = false;
+    validation.validate_exp = false;
+    validation.required_spec_claims.clear();
+    jsonwebtoken::decode::<Value>(token, &key, &validation)
+        .map(|data| data.claims)
+        .map_err(|e| match e.kind() {
+            ErrorKind::InvalidSignature => SigningError::BadSignature,
+            ErrorKind::InvalidAlgorithm => SigningError::AlgorithmMismatch,
+            ErrorKind::InvalidEcdsaKey
+            | ErrorKind::InvalidEddsaKey
+            | ErrorKind::InvalidKeyFormat => SigningError::InvalidJwk("public key is unusable"),
+            _ => SigningError::MalformedToken,
+        })
 }
 
 /// Verifies a Status List Token (`typ: statuslist+jwt`) published for `uri` against a JWKS and

@@ -107,6 +107,10 @@ pub struct AccessTokenClaims {
     /// grant's token revokes them all in the same publish ([`crate::status_list::LineageEntries`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lineage: Option<crate::status_list::LineageEntries>,
+    /// For a token bound to a key (DPoP, RFC 9449): `{"jkt": "<RFC 7638 thumbprint>"}`. Whoever
+    /// presents it must also send a DPoP proof signed by that key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<crate::dpop::Confirmation>,
 }
 
 /// One hop of a delegation as the token records it.
@@ -260,6 +264,7 @@ pub fn build_claims(
         grant,
         status: None,
         lineage: None,
+        cnf: None,
     })
 }
 
@@ -303,6 +308,7 @@ mod tests {
             },
             status: None,
             lineage: None,
+            cnf: None,
         }
     }
 

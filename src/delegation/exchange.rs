@@ -8,7 +8,9 @@
 //! the agents of the token's own chain and what was asked:
 //! 1. The grant the token names still exists with the same uid (`grant_gone`).
 //! 2. The token carries a status claim (`no_status`) and entries reserved for its lineage
-//!    (`no_lineage`), and its `act` is its `delegation_chain` (`act_mismatch`).
+//!    (`no_lineage`), its `act` is its `delegation_chain` (`act_mismatch`), and a token bound to a
+//!    key (DPoP `cnf.jkt`) comes with a proof by that key (`proof_required`, `proof_key_mismatch`).
+//!    The new token is bound to the proof's key when a proof came.
 //! 3. Every agent of the chain exists and is not suspended (`agent_missing`, `agent_suspended`).
 //! 4. The caller runs in the token's namespace (`other_namespace`).
 //! 5. The caller runs the current actor (a *narrowing*: the actor stays) or exactly one agent the
@@ -136,6 +138,9 @@ pub struct ExchangeFacts<'a, D: Directory> {
     pub now: Timestamp,
     /// A fresh token id chosen by the shell.
     pub jti: String,
+    /// The thumbprint of the key of the DPoP proof sent with the request, once the shell checked
+    /// the proof (RFC 9449 §4.3, replay included); `None` without one.
+    pub proof_key: Option<String>,
 }
 
 /// The OAuth error codes an exchange is refused with (RFC 6749 §5.2, RFC 8693 §2.2.2, RFC 9396 §5).
@@ -147,6 +152,7 @@ pub enum ErrorCode {
     InvalidScope,
     UnauthorizedClient,
     InvalidAuthorizationDetails,
+    InvalidDpopProof,
 }
 
 impl ErrorCode {
@@ -158,6 +164,7 @@ impl ErrorCode {
             ErrorCode::InvalidScope => "invalid_scope",
             ErrorCode::UnauthorizedClient => "unauthorized_client",
             ErrorCode::InvalidAuthorizationDetails => "invalid_authorization_details",
+            ErrorCode::InvalidDpopProof => "invalid_dpop_proof",
         }
     }
 }
@@ -167,6 +174,8 @@ pub mod reason {
     pub const GRANT_GONE: &str = "grant_gone";
     pub const NO_STATUS: &str = "no_status";
     pub const NO_LINEAGE: &str = "no_lineage";
+    pub const PROOF_REQUIRED: &str = "proof_required";
+    pub const PROOF_KEY_MISMATCH: &str = "proof_key_mismatch";
     pub const ACT_MISMATCH: &str = "act_mismatch";
     pub const AGENT_MISSING: &str = "agent_missing";
     pub const AGENT_SUSPENDED: &str = "agent_suspended";
@@ -226,6 +235,7 @@ pub fn decide<D: Directory>(
     let created = grant_is_live(facts)?;
     let status = own_status_entry(facts)?;
     let chain = actor_chain(facts.subject)?;
+    let binding = binding(facts)?;
     let current = chain_agents_stand(facts, &chain)?;
     same_namespace(facts)?;
     let new_actor = new_actor(facts, &chain, current)?;
@@ -239,9 +249,11 @@ pub fn decide<D: Directory>(
     let details = details_within(facts)?;
     let ceiling = policies_allow(facts, &new_actor, &audience, &scopes, &details, created)?;
     let lifetime = lifetime(facts, &new_actor, &ceiling)?;
-    Ok(claims(
+    let mut claims = claims(
         facts, &new_actor, audience, scopes, details, status, lifetime,
-    ))
+    );
+    claims.cnf = binding;
+    Ok(claims)
 }
 
 /// Rule 2, first half: the new token's own status-list entry, in the subject's lineage. The
@@ -283,6 +295,27 @@ fn own_status_entry<D: Directory>(
         },
         lineage,
     ))
+}
+
+/// Rule 2, last: possession of a bound subject token's key. A subject bound to a key (`cnf.jkt`)
+/// is exchanged only with a DPoP proof by that key, so a copied bound token is worth nothing; the
+/// new token is bound to the proof's key, if a proof came, so a bound lineage stays bound.
+fn binding<D: Directory>(
+    facts: &ExchangeFacts<'_, D>,
+) -> Result<Option<crate::dpop::Confirmation>, ExchangeRefusal> {
+    match (&facts.subject.cnf, &facts.proof_key) {
+        (Some(_), None) => Err(ExchangeRefusal::new(
+            ErrorCode::InvalidDpopProof,
+            reason::PROOF_REQUIRED,
+            "the subject_token is bound to a key (its cnf.jkt): send a DPoP proof signed by that key in the DPoP header, with ath the hash of the subject_token",
+        )),
+        (Some(bound), Some(key)) if bound.jkt != *key => Err(ExchangeRefusal::new(
+            ErrorCode::InvalidDpopProof,
+            reason::PROOF_KEY_MISMATCH,
+            "the DPoP proof is signed by another key than the one the subject_token is bound to (its cnf.jkt); only the holder of that key can exchange it",
+        )),
+        (_, key) => Ok(key.clone().map(|jkt| crate::dpop::Confirmation { jkt })),
+    }
 }
 
 /// A seed from a token id: the same on every replica and every start (SHA-256, not a std hasher).
@@ -918,6 +951,7 @@ fn claims<D: Directory>(
         grant: subject.grant.clone(),
         status: Some(status.status_claim()),
         lineage: Some(lineage),
+        cnf: None,
     }
 }
 

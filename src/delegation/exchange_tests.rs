@@ -199,7 +199,48 @@ fn grant_token() -> AccessTokenClaims {
         },
         status: Some(serde_json::json!({"status_list": {"idx": 8, "uri": STATUS_URI}})),
         lineage: Some(LINEAGE),
+        cnf: None,
     }
+}
+
+fn bound_to(jkt: &str) -> crate::dpop::Confirmation {
+    crate::dpop::Confirmation { jkt: jkt.into() }
+}
+
+#[test]
+fn a_proof_binds_the_new_token_and_a_bound_lineage_stays_bound() {
+    // Unbound subject, no proof: a bearer token, as before.
+    assert_eq!(narrowing().decide().unwrap().cnf, None);
+    // Unbound subject with a proof: bound to the proof's key.
+    let bound = narrowing()
+        .with(|c| c.proof_key = Some("key-a".into()))
+        .decide()
+        .unwrap();
+    assert_eq!(bound.cnf, Some(bound_to("key-a")));
+    // A hop from an unbound token binds to the key of whoever exchanged it.
+    let hopped = hop()
+        .with(|c| c.proof_key = Some("key-b".into()))
+        .decide()
+        .unwrap();
+    assert_eq!(hopped.cnf, Some(bound_to("key-b")));
+    // Bound subject, proof by its key: the new token is bound to that key too.
+    let again = Case::new("triage-sa")
+        .with(|c| {
+            c.subject = bound.clone();
+            c.proof_key = Some("key-a".into());
+        })
+        .decide()
+        .unwrap();
+    assert_eq!(again.cnf, Some(bound_to("key-a")));
+    // A bound token handed to the next agent's workload, which holds another key: refused.
+    let stolen = Case::new("summarizer-sa")
+        .with(|c| {
+            c.subject = bound.clone();
+            c.proof_key = Some("key-b".into());
+        })
+        .decide()
+        .unwrap_err();
+    assert_eq!(stolen.reason, reason::PROOF_KEY_MISMATCH);
 }
 
 /// The grant token's lineage: the entries right after its own (8).
@@ -219,6 +260,8 @@ struct Case {
     request: ExchangeRequest,
     world: World,
     limits: ExchangeLimits,
+    /// The thumbprint of the DPoP proof's key, if one came.
+    proof_key: Option<String>,
 }
 
 impl Case {
@@ -239,6 +282,7 @@ impl Case {
             request: ExchangeRequest::default(),
             world: world(),
             limits: ExchangeLimits::default(),
+            proof_key: None,
         }
     }
 
@@ -252,6 +296,7 @@ impl Case {
             limits: &self.limits,
             now: now(),
             jti: "jti-new".into(),
+            proof_key: self.proof_key.clone(),
         })
     }
 
@@ -388,6 +433,19 @@ fn table() -> Vec<(&'static str, Case, Expected)> {
             "no status claim",
             narrowing().with(|c| c.subject.status = None),
             Err((InvalidGrant, NO_STATUS)),
+        ),
+        (
+            "a bound token without a proof",
+            narrowing().with(|c| c.subject.cnf = Some(bound_to("key-a"))),
+            Err((InvalidDpopProof, PROOF_REQUIRED)),
+        ),
+        (
+            "a bound token with a proof by another key",
+            narrowing().with(|c| {
+                c.subject.cnf = Some(bound_to("key-a"));
+                c.proof_key = Some("key-b".into());
+            }),
+            Err((InvalidDpopProof, PROOF_KEY_MISMATCH)),
         ),
         (
             "no lineage (a token minted before lineages)",
@@ -1084,6 +1142,7 @@ fn the_lifetime_is_the_least_of_every_limit() {
         limits: &case.limits,
         now: facts_now,
         jti: "j".into(),
+        proof_key: None,
     })
     .unwrap();
     assert_eq!(late, Ok(NOW + 2));

@@ -213,7 +213,13 @@ pub fn active_response(claims: Value) -> Value {
         _ => Default::default(),
     };
     body.insert("active".into(), true.into());
-    body.insert("token_type".into(), "Bearer".into());
+    // A token bound to a key (its `cnf`, returned as it is) is used with DPoP (RFC 9449 §6.2).
+    let token_type = if body.get("cnf").is_some_and(|cnf| cnf.get("jkt").is_some()) {
+        crate::dpop::TOKEN_TYPE
+    } else {
+        "Bearer"
+    };
+    body.insert("token_type".into(), token_type.into());
     Value::Object(body)
 }
 
@@ -307,6 +313,12 @@ mod tests {
         assert_eq!(body["active"], true);
         assert_eq!(body["token_type"], "Bearer");
         assert_eq!(body["act"]["sub"], "agent");
+        assert_eq!(body["token_type"], "Bearer");
+        let bound = active_response(json!({"sub": "alice", "cnf": {"jkt": "thumb"}}));
+        assert_eq!(
+            (&bound["token_type"], &bound["cnf"]["jkt"]),
+            (&json!("DPoP"), &json!("thumb"))
+        );
         assert_eq!(inactive(), json!({"active": false}));
     }
 

@@ -366,6 +366,7 @@ pub fn discovery_document(
     if exchanges {
         document["token_endpoint"] = json!(format!("{issuer}{}", token::TOKEN_PATH));
         document["grant_types_supported"] = json!([token::TOKEN_EXCHANGE_GRANT]);
+        document["dpop_signing_alg_values_supported"] = json!(crate::dpop::ALGORITHMS);
     }
     document
 }
@@ -472,6 +473,7 @@ async fn introspection(
 async fn token_exchange(
     State(state): State<Arc<AppState>>,
     peer: Option<Extension<ConnectInfo<SocketAddr>>>,
+    headers: HeaderMap,
     form: Result<Form<Vec<(String, String)>>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let Some(exchange) = state.exchange.as_ref() else {
@@ -485,6 +487,7 @@ async fn token_exchange(
                 &state.published,
                 &state.issuer,
                 client_address(peer),
+                token::dpop_header(&headers),
                 &fields,
             )
             .await
@@ -680,6 +683,10 @@ mod tests {
         assert_eq!(
             doc["grant_types_supported"],
             json!(["urn:ietf:params:oauth:grant-type:token-exchange"])
+        );
+        assert_eq!(
+            doc["dpop_signing_alg_values_supported"],
+            json!(["ES256", "EdDSA"])
         );
         let without = discovery_document("https://127.0.0.1:8443/", Algorithm::ES256, None, false);
         assert!(without.get("token_endpoint").is_none());

@@ -219,6 +219,18 @@ impl Exchange {
         self.trust.exchange(&self.issuer.url, form).await
     }
 
+    /// POSTs a form to the token endpoint with extra headers (`DPoP`).
+    pub async fn post_with(&self, form: &[(&str, &str)], headers: &[(&str, &str)]) -> HttpResponse {
+        self.trust
+            .exchange_with(&self.issuer.url, form, headers)
+            .await
+    }
+
+    /// The token endpoint's URL, as a DPoP proof's `htu` names it.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/token", self.issuer.url)
+    }
+
     /// How many `Exchanged` audit lines the operator wrote so far.
     pub fn exchanged_lines(&self) -> usize {
         self.audit_lines("Exchanged").len()
@@ -257,7 +269,22 @@ impl Exchange {
         caller: &Workload,
         step: Step<'_>,
     ) -> (String, Value) {
-        let reply = self.post(form).await;
+        self.exchanged_with(form, None, subject, caller, step).await
+    }
+
+    /// [`Exchange::exchanged_form`] with a DPoP proof in the `DPoP` header: the token is bound to the
+    /// proof's key (`cnf.jkt`, `token_type` DPoP, the audit line's `boundTo`). `proof` is the proof
+    /// and its key's thumbprint.
+    pub async fn exchanged_with(
+        &self,
+        form: &[(&str, &str)],
+        proof: Option<(&str, &str)>,
+        subject: &str,
+        caller: &Workload,
+        step: Step<'_>,
+    ) -> (String, Value) {
+        let headers: Vec<(&str, &str)> = proof.iter().map(|(p, _)| ("DPoP", *p)).collect();
+        let reply = self.post_with(form, &headers).await;
         assert_eq!(
             reply.status,
             200,
@@ -281,8 +308,24 @@ impl Exchange {
             .expect("an access_token")
             .to_owned();
         assert_eq!(body["issued_token_type"], ACCESS_TOKEN_TYPE);
-        assert_eq!(body["token_type"], "Bearer");
         let claims = unverified_claims(&token);
+        match proof {
+            None => {
+                assert_eq!(body["token_type"], "Bearer");
+                assert!(
+                    claims.get("cnf").is_none(),
+                    "no proof, no binding: {claims}"
+                );
+            }
+            Some((_, jkt)) => {
+                assert_eq!(body["token_type"], "DPoP");
+                assert_eq!(
+                    claims["cnf"],
+                    json!({"jkt": jkt}),
+                    "bound to the proof's key"
+                );
+            }
+        }
         assert_eq!(body["scope"], claims["scope"], "the answer names the scope");
         let expires_in = body["expires_in"].as_i64().expect("expires_in");
         let left =
@@ -297,7 +340,12 @@ impl Exchange {
             "an exchange mints a new token, it does not echo the subject"
         );
         self.check_issued(subject, &token, caller, step);
-        self.check_audit(subject, &token, caller).await;
+        let line = self.check_audit(subject, &token, caller).await;
+        assert_eq!(
+            line.get("boundTo").and_then(Value::as_str),
+            proof.map(|(_, jkt)| jkt),
+            "the audit line names the key the token is bound to"
+        );
         (token, body)
     }
 
@@ -381,7 +429,7 @@ impl Exchange {
     }
 
     /// The `Exchanged` audit line of `issued`: its jti, the subject's, the proven workload; no token.
-    async fn check_audit(&self, subject: &str, issued: &str, caller: &Workload) {
+    async fn check_audit(&self, subject: &str, issued: &str, caller: &Workload) -> Value {
         let jti = unverified_claims(issued)["jti"].clone();
         let line = wait_for(
             "the Exchanged audit line",
@@ -421,6 +469,7 @@ impl Exchange {
                 "the audit line carries a token"
             );
         }
+        line
     }
 
     /// POSTs `form` and expects a refusal with `code`: HTTP 400 (`statuses` lists any other allowed,
@@ -465,6 +514,18 @@ impl Exchange {
             .await
     }
 
+    /// [`Exchange::refused_because`] for a request with extra headers (a `DPoP` proof).
+    pub async fn refused_because_with(
+        &self,
+        form: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        code: &str,
+        reason: &str,
+    ) -> Value {
+        self.refused_checked_with(form, headers, &[code], Some(reason), &[], true, &[])
+            .await
+    }
+
     async fn refused_checked(
         &self,
         form: &[(&str, &str)],
@@ -474,9 +535,24 @@ impl Exchange {
         audited: bool,
         forbidden: &[&str],
     ) -> Value {
+        self.refused_checked_with(form, &[], codes, reason, statuses, audited, forbidden)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn refused_checked_with(
+        &self,
+        form: &[(&str, &str)],
+        headers: &[(&str, &str)],
+        codes: &[&str],
+        reason: Option<&str>,
+        statuses: &[u16],
+        audited: bool,
+        forbidden: &[&str],
+    ) -> Value {
         let minted_before = self.exchanged_lines();
         let refused_before = self.audit_lines("ExchangeRefused").len();
-        let reply = self.post(form).await;
+        let reply = self.post_with(form, headers).await;
         self.check_refusal(
             reply,
             form,

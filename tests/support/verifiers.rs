@@ -137,22 +137,57 @@ impl Trust {
     /// [`Trust::exchange`] with a body given as it is sent (for malformed and oversize bodies); curl's
     /// error when the request did not complete (a server may cut a body over its limit short).
     pub async fn exchange_raw(&self, issuer: &str, body: &str) -> Result<HttpResponse, String> {
+        self.exchange_raw_with(issuer, body, &[]).await
+    }
+
+    /// [`Trust::exchange`] with extra request headers (`DPoP: <proof>`), passed to curl in a private
+    /// file so that no proof is on a command line.
+    pub async fn exchange_with(
+        &self,
+        issuer: &str,
+        form: &[(&str, &str)],
+        headers: &[(&str, &str)],
+    ) -> HttpResponse {
+        let body = form_urlencoded(form);
+        self.exchange_raw_with(issuer, &body, headers)
+            .await
+            .unwrap_or_else(|e| panic!("POST {issuer}/token: {e}"))
+    }
+
+    async fn exchange_raw_with(
+        &self,
+        issuer: &str,
+        body: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpResponse, String> {
         let url = format!("{issuer}/token");
+        let file = std::env::temp_dir().join(format!("{}.headers", uuid::Uuid::new_v4()));
+        let lines: String = headers
+            .iter()
+            .map(|(name, value)| format!("{name}: {value}\n"))
+            .collect();
+        write_private(&file, &lines);
+        let header_arg = format!("@{}", file.display());
         // An exchange asks the apiserver (TokenReview): more time than a GET on a loaded machine (the
         // last --max-time wins).
-        self.curl(
-            &[
-                "--max-time",
-                "30",
-                "-H",
-                "Content-Type: application/x-www-form-urlencoded",
-                "--data-binary",
-                "@-",
-                &url,
-            ],
-            Some(body),
-        )
-        .await
+        let result = self
+            .curl(
+                &[
+                    "--max-time",
+                    "30",
+                    "-H",
+                    "Content-Type: application/x-www-form-urlencoded",
+                    "-H",
+                    &header_arg,
+                    "--data-binary",
+                    "@-",
+                    &url,
+                ],
+                Some(body),
+            )
+            .await;
+        let _ = std::fs::remove_file(&file);
+        result
     }
 
     /// curl with the CA; writes `stdin` (a token, never on the command line) to it.
@@ -691,4 +726,75 @@ pub async fn introspection_caller(
         token,
         rbac_name: name,
     }
+}
+
+/// A DPoP proof made by the npm package `jose` (`tests/verifiers/node/dpop.mjs prove`), as a client
+/// independent of ours would: for `htm` and `htu`, with `ath` of `token` when given, signed by
+/// `key` (a private JWK; a new ES256 key when `None`). Returns the key, its thumbprint and the proof.
+pub async fn jose_proof(
+    key: Option<&Value>,
+    htm: &str,
+    htu: &str,
+    token: Option<&str>,
+) -> (Value, String, String) {
+    let out = run_dpop_script(
+        &[],
+        &serde_json::json!({"key": key, "htm": htm, "htu": htu, "token": token}),
+        "prove",
+    )
+    .await;
+    (
+        out["key"].clone(),
+        out["jkt"].as_str().unwrap().to_owned(),
+        out["proof"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// A resource server written with `jose` checks `token` (against the issuer's JWKS) presented with
+/// `proof` for a request `htm htu` (`tests/verifiers/node/dpop.mjs check`): whether it accepts, and
+/// why not.
+pub async fn jose_checks_dpop(
+    issuer: &str,
+    ca: &Path,
+    audience: &str,
+    token: &str,
+    proof: &str,
+    (htm, htu): (&str, &str),
+) -> (bool, String) {
+    let ca = ca.to_string_lossy();
+    let out = run_dpop_script(
+        &["--issuer", issuer, "--ca", &ca, "--audience", audience],
+        &serde_json::json!({"token": token, "proof": proof, "htm": htm, "htu": htu}),
+        "check",
+    )
+    .await;
+    (
+        out["accepted"].as_bool().unwrap(),
+        out["reason"].as_str().unwrap_or_default().to_owned(),
+    )
+}
+
+async fn run_dpop_script(args: &[&str], input: &Value, mode: &str) -> Value {
+    use tokio::io::AsyncWriteExt;
+    let dir = verifiers_dir();
+    let mut child = tokio::process::Command::new("node")
+        .arg(repo_root().join("tests/verifiers/node/dpop.mjs"))
+        .arg(mode)
+        .args(args)
+        .env("JOSE_DIR", dir.join("node"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node runs dpop.mjs");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(input.to_string().as_bytes()).await.unwrap();
+    drop(stdin);
+    let out = child.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "dpop.mjs {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("dpop.mjs prints JSON")
 }

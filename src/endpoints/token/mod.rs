@@ -33,6 +33,7 @@ use crate::{
         claims::AccessTokenClaims,
         exchange::{self, ExchangeFacts, ExchangeLimits, ExchangeRequest, ProvenWorkload},
     },
+    dpop,
     endpoints::{
         published::Published,
         reviews::{Charge, Refusal, Reviews},
@@ -71,6 +72,8 @@ pub struct ExchangeSettings {
 
 /// The token endpoint's own state.
 pub struct Exchange {
+    /// The DPoP proofs this replica accepted within their `iat` window (RFC 9449 §11.1).
+    replay: std::sync::Mutex<dpop::ReplayCache>,
     signer: Arc<Signer>,
     directory: Arc<Directory>,
     limits: ExchangeLimits,
@@ -94,6 +97,7 @@ impl Exchange {
             &settings.identity,
         ));
         let exchange = Arc::new(Self {
+            replay: std::sync::Mutex::new(dpop::ReplayCache::new(dpop::DEFAULT_REPLAY_CAPACITY)),
             signer: signer.clone(),
             directory,
             limits: ExchangeLimits {
@@ -163,6 +167,27 @@ impl Refused {
             reason,
             description: description.into(),
         }
+    }
+}
+
+/// The request's `DPoP` header (RFC 9449 §4.1): none, exactly one, or something no proof can be.
+pub enum DpopHeader {
+    Absent,
+    One(String),
+    /// More than one, or not visible ASCII.
+    Unusable,
+}
+
+/// Reads the `DPoP` header of a request.
+pub fn dpop_header(headers: &axum::http::HeaderMap) -> DpopHeader {
+    let mut values = headers.get_all("dpop").iter();
+    match (values.next(), values.next()) {
+        (None, _) => DpopHeader::Absent,
+        (Some(value), None) => match value.to_str() {
+            Ok(text) => DpopHeader::One(text.trim().to_owned()),
+            Err(_) => DpopHeader::Unusable,
+        },
+        (Some(_), Some(_)) => DpopHeader::Unusable,
     }
 }
 
@@ -312,6 +337,7 @@ pub async fn handle(
     published: &Published,
     issuer: &str,
     address: Option<std::net::IpAddr>,
+    dpop: DpopHeader,
     fields: &[(String, String)],
 ) -> Answer {
     let mut attempt = Attempt::default();
@@ -321,6 +347,7 @@ pub async fn handle(
         published,
         issuer,
         address,
+        &dpop,
         fields,
         &mut attempt,
     )
@@ -337,7 +364,7 @@ pub async fn handle(
             Answer::Issued(json!({
                 "access_token": token,
                 "issued_token_type": ACCESS_TOKEN_TYPE,
-                "token_type": "Bearer",
+                "token_type": if claims.cnf.is_some() { dpop::TOKEN_TYPE } else { "Bearer" },
                 "expires_in": claims.exp.saturating_sub(claims.iat),
                 "scope": claims.scope,
             }))
@@ -364,12 +391,14 @@ impl From<Refused> for Outcome {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn answer(
     exchange: &Exchange,
     reviews: &Reviews,
     published: &Published,
     issuer: &str,
     address: Option<std::net::IpAddr>,
+    dpop: &DpopHeader,
     fields: &[(String, String)],
     attempt: &mut Attempt,
 ) -> Result<(String, AccessTokenClaims), Outcome> {
@@ -379,6 +408,7 @@ async fn answer(
     let parsed = parse(fields)?;
     let subject = verify_subject(published, issuer, &parsed.subject_token)?;
     attempt.subject = Some(subject.clone());
+    let proof = check_proof(dpop, issuer, &parsed.subject_token, &subject)?;
     let mut charge = Charge::new(address);
     let caller =
         match workload::prove_workload(reviews, &mut charge, issuer, &parsed.actor_token).await {
@@ -397,6 +427,10 @@ async fn answer(
     // unauthenticated traffic, and does not count against its address.
     reviews.accepted(&mut charge);
     attempt.caller = Some(caller);
+    // Remembered only now, so that unauthenticated traffic cannot fill the replay cache.
+    if let Some(proof) = &proof {
+        remember_proof(exchange, proof)?;
+    }
     let caller = attempt.caller.as_ref().expect("just set");
     let grant = exchange
         .directory
@@ -410,6 +444,7 @@ async fn answer(
         limits: &exchange.limits,
         now: Timestamp::now(),
         jti: uuid::Uuid::new_v4().to_string(),
+        proof_key: proof.map(|p| p.jkt),
     };
     let claims = exchange::decide(&facts).map_err(|refusal| {
         Refused::new(refusal.code.as_str(), refusal.reason, refusal.description)
@@ -423,6 +458,57 @@ async fn answer(
         None => return Err(Outcome::Busy(Refusal::Unavailable)),
     };
     Ok((token, claims))
+}
+
+/// The request's DPoP proof, checked (RFC 9449 §4.3) for a `POST` to this endpoint, with `ath` the
+/// hash of the subject token (required when the subject token is bound); replay is checked later.
+fn check_proof(
+    header: &DpopHeader,
+    issuer: &str,
+    subject_token: &str,
+    subject: &AccessTokenClaims,
+) -> Result<Option<dpop::Proof>, Outcome> {
+    let refused = |description: String| {
+        Outcome::Refused(Refused::new(
+            "invalid_dpop_proof",
+            "proof_invalid",
+            description,
+        ))
+    };
+    let proof = match header {
+        DpopHeader::Absent => return Ok(None),
+        DpopHeader::Unusable => {
+            return Err(refused(
+                "send exactly one DPoP header holding one proof JWT (RFC 9449 §4.1)".into(),
+            ));
+        }
+        DpopHeader::One(proof) => proof,
+    };
+    let request = dpop::Request {
+        method: "POST",
+        uri: &format!("{issuer}{TOKEN_PATH}"),
+        token: Some(subject_token),
+        require_ath: subject.cnf.is_some(),
+        now: Timestamp::now().as_second(),
+    };
+    dpop::check_proof(proof, &request)
+        .map(Some)
+        .map_err(|e| refused(e.to_string()))
+}
+
+/// Records a proof as used; refuses one used before.
+fn remember_proof(exchange: &Exchange, proof: &dpop::Proof) -> Result<(), Outcome> {
+    let now = Timestamp::now().as_second();
+    let remembered = match exchange.replay.lock() {
+        Ok(mut cache) => cache.remember(proof, now),
+        // A panic elsewhere while holding it: refuse rather than skip the check.
+        Err(_) => Err(dpop::ProofError::ReplayCacheFull),
+    };
+    match remembered {
+        Ok(()) => Ok(()),
+        Err(dpop::ProofError::ReplayCacheFull) => Err(Outcome::Busy(Refusal::Unavailable)),
+        Err(e) => Err(Refused::new("invalid_dpop_proof", "proof_replayed", e.to_string()).into()),
+    }
 }
 
 /// The subject token's claims, if it is a token of this issuer that is valid now and VALID in the
@@ -501,6 +587,7 @@ impl Attempt {
         record.token_ids = vec![&issued.jti];
         record.expires_at = expires_at;
         record.status_list = issued.status.as_ref();
+        record.bound_to = issued.cnf.as_ref().map(|cnf| cnf.jkt.as_str());
         audit::record_exchange(&record);
     }
 
@@ -541,6 +628,7 @@ impl Attempt {
             audience: token.map(|t| t.aud.as_str()),
             subject_token_id: self.subject.as_ref().map(|s| s.jti.as_str()),
             token_ids: Vec::new(),
+            bound_to: None,
             expires_at: None,
             status_list: None,
         }

@@ -126,6 +126,9 @@ pub struct ExchangeRecord<'a> {
     pub subject_token_id: Option<&'a str>,
     /// The id of the issued token.
     pub token_ids: Vec<&'a str>,
+    /// The thumbprint of the key the issued token is bound to (DPoP `cnf.jkt`), if it is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bound_to: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub expires_at: Option<String>,
     /// The issued token's status entry: its lineage's (the grant token's), so that revoking the grant
