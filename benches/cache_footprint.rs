@@ -303,6 +303,27 @@ fn main() {
         }),
     );
     assert_eq!((one.tracked(), sixteen.tracked()), (n, n));
+    // The token endpoint's DPoP replay cache: one entry per proof accepted in the last minute (per
+    // proof, not per grant: `n` proofs of 16 keys, within one minute).
+    let mut replay = delegation_operator::dpop::ReplayCache::new(n);
+    let proofs: Vec<delegation_operator::dpop::Proof> = (0..n)
+        .map(|i| delegation_operator::dpop::Proof {
+            jkt: format!("key-{:02}", i % 16),
+            jti: uid(i, 0xd),
+            iat: 1_796_000_000 + (i % 60) as i64,
+        })
+        .collect();
+    out.insert(
+        "dpop_replay_cache_per_proof".into(),
+        per_grant(n, || {
+            for proof in &proofs {
+                replay
+                    .remember(proof, 1_796_000_000)
+                    .expect("room for every proof");
+            }
+        }),
+    );
+    assert_eq!(replay.len(), n);
     out.insert("grants".into(), json!(n));
     out.insert("size_of".into(), json!({
         "grant": std::mem::size_of::<DelegationGrant>(),

@@ -8,7 +8,9 @@
 //! `i` uses request `i mod n` of `EXCHANGE_REQUESTS`: a JSON array of `{"subject": <token>, "actor":
 //! <pod-bound ServiceAccount token>, "scope": <scopes>}`. Prints the rate, latency percentiles, the
 //! answers by HTTP status, and the CPU seconds the generator itself used (it shares the machine with
-//! the server).
+//! the server). With `EXCHANGE_DPOP=1` each worker has a key of its own (ES256) and sends a fresh
+//! DPoP proof (RFC 9449) with every exchange, so every token it gets is bound to its key: the cost
+//! of a DPoP-checked exchange against an unbound one.
 
 use std::time::{Duration, Instant};
 
@@ -65,10 +67,22 @@ struct Worker {
     by_status: std::collections::BTreeMap<u16, u64>,
 }
 
+/// A fresh DPoP proof by `key` for a POST to `htu`.
+fn proof(key: &delegation_operator::signing::SigningKey, htu: &str) -> String {
+    let iat = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    key.sign_proof(
+        &json!({"jti": uuid::Uuid::new_v4().to_string(), "htm": "POST", "htu": htu, "iat": iat}),
+    )
+    .expect("a proof")
+}
+
 async fn work(
     client: kube::Client,
     path: String,
     body: Vec<u8>,
+    dpop: Option<(delegation_operator::signing::SigningKey, String)>,
     measure_from: Instant,
     until: Instant,
 ) -> Worker {
@@ -81,13 +95,14 @@ async fn work(
         if started >= until {
             return worker;
         }
-        let request = http::Request::post(&path)
-            .header(
-                http::header::CONTENT_TYPE,
-                "application/x-www-form-urlencoded",
-            )
-            .body(body.clone())
-            .expect("a request");
+        let mut request = http::Request::post(&path).header(
+            http::header::CONTENT_TYPE,
+            "application/x-www-form-urlencoded",
+        );
+        if let Some((key, htu)) = &dpop {
+            request = request.header("DPoP", proof(key, htu));
+        }
+        let request = request.body(body.clone()).expect("a request");
         let status = match client.request_text(request).await {
             Ok(_) => 200,
             Err(kube::Error::Api(status)) => status.code,
@@ -120,6 +135,7 @@ fn main() {
     let seconds: f64 = env_or("EXCHANGE_SECONDS", 20.0);
     let warmup: f64 = env_or("EXCHANGE_WARMUP_SECONDS", 3.0);
     let threads: usize = env_or("EXCHANGE_THREADS", 1);
+    let dpop = env_or("EXCHANGE_DPOP", 0) == 1;
 
     let origin_end = issuer[8..].find('/').map_or(issuer.len(), |i| i + 8);
     let (origin, base_path) = issuer.split_at(origin_end);
@@ -143,10 +159,19 @@ fn main() {
         let handles: Vec<_> = (0..connections)
             .map(|i| {
                 let body = body(&requests[i % requests.len()]);
+                let key = dpop.then(|| {
+                    let key = delegation_operator::signing::SigningKey::generate(
+                        delegation_operator::signing::Algorithm::ES256,
+                        0,
+                    )
+                    .expect("a key");
+                    (key, format!("{}/token", issuer.trim_end_matches('/')))
+                });
                 tokio::spawn(work(
                     client.clone(),
                     path.clone(),
                     body,
+                    key,
                     measure_from,
                     until,
                 ))
@@ -182,6 +207,7 @@ fn main() {
         "{}",
         json!({"exchange_load": {
             "connections": connections,
+            "dpop": dpop,
             "seconds": (elapsed * 10.0).round() / 10.0,
             "exchanges_per_s": (ok as f64 / elapsed).round(),
             "p50_ms": (at(0.50) * 100.0).round() / 100.0,

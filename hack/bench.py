@@ -43,7 +43,9 @@ with its default values (`chart_flags`: --concurrency, leader election, TTL limi
     token endpoint as the chart runs it with verifier.tokenExchange.enabled (`serve
     --token-exchange` beside the controller with the chart's flags), with N grants Ready: exchanges a
     second over 4, 8 and 16 keep-alive HTTPS connections (benches/exchange_load.rs), p50/p99, the
-    server's RSS before and after, the ratio to the floor; then 1,000 tokens exchanged from 100
+    server's RSS before and after, the ratio to the floor; the same on 4 connections without and with
+    a fresh DPoP proof per request (EXCHANGE_DPOP=1: the cost of proof of possession, as ratios);
+    then 1,000 tokens exchanged from 100
     grants, the grants deleted at 100/s, and DELETE -> INVALID in the status list the server
     serves, per exchanged token.
 
@@ -907,15 +909,28 @@ spec:
         rss_before = rss_kib(server.pid)[0] / 1024
         # The same load on 4, 8 and 16 connections: with more requests in flight the rate grows
         # until the cores are busy, and then each request waits longer for its turn.
-        loads = {}
-        for connections in (4, 8, 16):
-            loads[connections] = json.loads(subprocess.run(
+        def load(connections, dpop=False):
+            return json.loads(subprocess.run(
                 ["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_load"], cwd=ROOT,
                 env={**os.environ, "EXCHANGE_ISSUER": issuer, "EXCHANGE_CA": os.path.join(work, "ca.crt"),
-                     "EXCHANGE_REQUESTS": requests_path, "EXCHANGE_CONNECTIONS": str(connections)},
+                     "EXCHANGE_REQUESTS": requests_path, "EXCHANGE_CONNECTIONS": str(connections),
+                     "EXCHANGE_DPOP": "1" if dpop else "0"},
                 capture_output=True, text=True, check=True).stdout)["exchange_load"]
+
+        loads = {}
+        for connections in (4, 8, 16):
+            loads[connections] = load(connections)
+        # DPoP: every request with a fresh proof by its worker's key (verified, replay-checked, and
+        # the token bound to it), against the same load without, back to back on 4 connections.
+        bearer, dpop = load(4), load(4, dpop=True)
+        dpop_vs_bearer = {
+            "bearer": bearer, "dpop": dpop,
+            "p50_ratio": round(dpop["p50_ms"] / max(bearer["p50_ms"], 1e-9), 2),
+            "p99_ratio": round(dpop["p99_ms"] / max(bearer["p99_ms"], 1e-9), 2),
+            "rate_ratio": round(bearer["exchanges_per_s"] / max(dpop["exchanges_per_s"], 1), 2),
+        }
         rss_after, peak = (kib / 1024 for kib in rss_kib(server.pid))
-        issued = sum(load["answers_by_status"].get("200", 0) for load in loads.values())
+        issued = sum(l["answers_by_status"].get("200", 0) for l in [*loads.values(), bearer, dpop])
 
         # Lineage: tokens exchanged from grants that are then deleted.
         import urllib.parse
@@ -971,6 +986,7 @@ spec:
             "server": "serve --token-exchange=true (the chart's verifier with verifier.tokenExchange.enabled)",
             "controller_flags": " ".join(chart_flags()),
             "load_by_connections": loads,
+            "dpop_vs_bearer_4_connections": dpop_vs_bearer,
             "server_rss_mib_before_after_peak": [round(rss_before, 1), round(rss_after, 1), round(peak, 1)],
             "server_bytes_per_exchanged_token": round((rss_after - rss_before) * 1048576 / max(issued, 1), 2),
             "lineage_tokens": len(lineage),

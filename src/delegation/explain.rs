@@ -347,6 +347,15 @@ pub fn render_inspection(inspection: &Inspection, now: i64) -> String {
             line("not before", &when(c.nbf, now));
         }
         line("expires", &when(c.exp, now));
+        if let Some(cnf) = &c.cnf {
+            line(
+                "bound to",
+                &format!(
+                    "key {} (DPoP, RFC 9449): usable only with a proof signed by that key",
+                    cnf.jkt
+                ),
+            );
+        }
     }
     let mut status = inspection.status.state.label();
     if let (Some(uri), Some(idx)) = (&inspection.status.uri, inspection.status.idx) {
@@ -797,6 +806,21 @@ verdict: VALID
             ),
             "{text}"
         );
+        // A DPoP-bound token names the key's thumbprint.
+        let mut bound = three_hop_claims();
+        bound["cnf"] = json!({"jkt": "0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I"});
+        let d = decoded(bound);
+        let text = render_inspection(
+            &super::inspection(Some(&d), Ok(()), Ok(()), StatusState::Valid, vec![]),
+            NOW,
+        );
+        assert!(
+            text.contains(
+                "bound to    key 0ZcOCORZNYy-DWpqq30jZyJGHTN0d2HglBV3uiguA4I (DPoP, RFC 9449)"
+            ),
+            "{text}"
+        );
+        assert!(!render_inspection(&inspection, NOW).contains("bound to"));
     }
 
     #[test]
