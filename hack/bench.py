@@ -338,6 +338,13 @@ def rss_kib(pid):
     return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
+def cpu_seconds(pid):
+    """User plus system CPU seconds a process has used (/proc/PID/stat, 100 ticks a second)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / 100
+
+
 def trimmed_rss_mib(pid):
     """Diagnostic (BENCH_MALLOC_TRIM=1): the RSS after asking glibc to hand back the free memory it
     holds (gdb calls `malloc_trim(0)` in the operator). What remains is live heap plus code; the
@@ -910,12 +917,19 @@ spec:
         # The same load on 4, 8 and 16 connections: with more requests in flight the rate grows
         # until the cores are busy, and then each request waits longer for its turn.
         def load(connections, dpop=False):
-            return json.loads(subprocess.run(
+            cpu_before = cpu_seconds(server.pid)
+            result = json.loads(subprocess.run(
                 ["cargo", "bench", "--quiet", "--locked", "--bench", "exchange_load"], cwd=ROOT,
                 env={**os.environ, "EXCHANGE_ISSUER": issuer, "EXCHANGE_CA": os.path.join(work, "ca.crt"),
                      "EXCHANGE_REQUESTS": requests_path, "EXCHANGE_CONNECTIONS": str(connections),
                      "EXCHANGE_DPOP": "1" if dpop else "0"},
                 capture_output=True, text=True, check=True).stdout)["exchange_load"]
+            # The server's own CPU per answered request (warm-up included in both counts).
+            answered = sum(result["answers_by_status"].values())
+            result["server_cpu_us_per_exchange"] = round(
+                (cpu_seconds(server.pid) - cpu_before) * 1e6 / max(answered, 1)
+                * result["seconds"] / (result["seconds"] + float(os.environ.get("EXCHANGE_WARMUP_SECONDS", 3))), 1)
+            return result
 
         loads = {}
         for connections in (4, 8, 16):
@@ -928,6 +942,8 @@ spec:
             "p50_ratio": round(dpop["p50_ms"] / max(bearer["p50_ms"], 1e-9), 2),
             "p99_ratio": round(dpop["p99_ms"] / max(bearer["p99_ms"], 1e-9), 2),
             "rate_ratio": round(bearer["exchanges_per_s"] / max(dpop["exchanges_per_s"], 1), 2),
+            "server_cpu_ratio": round(dpop["server_cpu_us_per_exchange"]
+                                      / max(bearer["server_cpu_us_per_exchange"], 1e-9), 2),
         }
         rss_after, peak = (kib / 1024 for kib in rss_kib(server.pid))
         issued = sum(l["answers_by_status"].get("200", 0) for l in [*loads.values(), bearer, dpop])
