@@ -15,10 +15,11 @@
 
 import { createHash } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { request } from 'node:https';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+
+import { getJSON } from './https_json.mjs';
 
 const joseDir = join(process.env.JOSE_DIR ?? '', 'node_modules', 'jose');
 const joseManifest = JSON.parse(readFileSync(join(joseDir, 'package.json'), 'utf8'));
@@ -32,23 +33,6 @@ const { values: args } = parseArgs({
 const input = JSON.parse(readFileSync(0, 'utf8'));
 
 const ath = (token) => createHash('sha256').update(token).digest('base64url');
-
-function getJSON(url, ca) {
-  if (!url.startsWith('https://')) throw new Error(`refusing a non-https URL: ${url}`);
-  return new Promise((resolve, reject) => {
-    const req = request(url, { ca, timeout: 20000, headers: { accept: 'application/json' } }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (chunk) => { body += chunk; });
-      res.on('end', () => {
-        if (res.statusCode !== 200) return reject(new Error(`GET ${url}: ${res.statusCode}`));
-        try { resolve(JSON.parse(body)); } catch (e) { reject(e); }
-      });
-    });
-    req.on('error', reject);
-    req.end();
-  });
-}
 
 async function prove() {
   let privateJwk = input.key;

@@ -9,10 +9,11 @@
 // {"name", "accepted", "reason", "sub", "jti", "actors"}. Tokens are never printed.
 
 import { readFileSync } from 'node:fs';
-import { request } from 'node:https';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
 import { parseArgs } from 'node:util';
+
+import { getJSON } from './https_json.mjs';
 
 // jose is installed by hack/verifiers.sh into a cache, not next to this file.
 const joseDir = join(process.env.JOSE_DIR ?? '', 'node_modules', 'jose');
@@ -28,35 +29,17 @@ if (!args.issuer || !args.ca || !args.audience) {
 }
 const ca = readFileSync(args.ca, 'utf8');
 
-function getJSON(url) {
-  if (!url.startsWith('https://')) throw new Error(`refusing a non-https URL: ${url}`);
-  return new Promise((resolve, reject) => {
-    const req = request(url, { ca, timeout: 20000, headers: { accept: 'application/json' } }, (res) => {
-      let body = '';
-      res.setEncoding('utf8');
-      res.on('data', (chunk) => { body += chunk; });
-      res.on('end', () => {
-        if (res.statusCode !== 200) return reject(new Error(`GET ${url}: ${res.statusCode}`));
-        try { resolve(JSON.parse(body)); } catch (e) { reject(e); }
-      });
-    });
-    req.on('timeout', () => req.destroy(new Error(`GET ${url}: timeout`)));
-    req.on('error', reject);
-    req.end();
-  });
-}
-
 function actors(payload) {
   const chain = [];
   for (let act = payload.act; act && typeof act === 'object'; act = act.act) chain.push(act.sub);
   return chain;
 }
 
-const discovery = await getJSON(`${args.issuer.replace(/\/$/, '')}/.well-known/openid-configuration`);
+const discovery = await getJSON(`${args.issuer.replace(/\/$/, '')}/.well-known/openid-configuration`, ca);
 if (discovery.issuer !== args.issuer) {
   throw new Error(`discovery names issuer ${discovery.issuer}, expected ${args.issuer}`);
 }
-const jwks = jose.createLocalJWKSet(await getJSON(discovery.jwks_uri));
+const jwks = jose.createLocalJWKSet(await getJSON(discovery.jwks_uri, ca));
 
 const chunks = [];
 for await (const chunk of process.stdin) chunks.push(chunk);
