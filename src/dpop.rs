@@ -256,6 +256,12 @@ impl ReplayCache {
 
     /// Records `proof` as used; refuses one seen before within its window.
     pub fn remember(&mut self, proof: &Proof, now: i64) -> Result<(), ProofError> {
+        // Checked again at this `now` (the proof's `iat` was checked a TokenReview earlier): an
+        // entry is forgotten only once no proof with its `iat` can be accepted any more.
+        let age = now.saturating_sub(proof.iat);
+        if age > IAT_PAST_SECS {
+            return Err(ProofError::Time(-age));
+        }
         self.forget_before(now);
         let id = proof_id(proof);
         if self.seen.contains_key(&id) {

@@ -311,6 +311,24 @@ fn a_proof_is_accepted_once_within_its_window() {
     assert_eq!(cache.len(), 1, "the two old proofs were forgotten");
 }
 
+/// A proof checked just inside its window and remembered just after it (a TokenReview in between)
+/// is refused, never accepted because its first use was forgotten meanwhile.
+#[test]
+fn a_proof_remembered_after_its_window_is_refused_not_replayed() {
+    let mut cache = ReplayCache::new(10);
+    let proof = Proof {
+        jkt: "k".into(),
+        jti: "p".into(),
+        iat: NOW,
+    };
+    assert_eq!(cache.remember(&proof, NOW + 10), Ok(()));
+    // The replay passed check_proof at NOW + 60; the review took two seconds.
+    assert_eq!(
+        cache.remember(&proof, NOW + IAT_PAST_SECS + 2),
+        Err(ProofError::Time(-IAT_PAST_SECS - 2))
+    );
+}
+
 #[test]
 fn a_full_replay_cache_refuses_rather_than_forgets() {
     let mut cache = ReplayCache::new(3);
@@ -328,7 +346,11 @@ fn a_full_replay_cache_refuses_rather_than_forgets() {
     );
     assert_eq!(cache.remember(&proof(0), NOW), Err(ProofError::Replayed));
     // Room again once the window has passed.
-    assert_eq!(cache.remember(&proof(3), NOW + IAT_PAST_SECS + 1), Ok(()));
+    let later = Proof {
+        iat: NOW + IAT_PAST_SECS + 1,
+        ..proof(3)
+    };
+    assert_eq!(cache.remember(&later, NOW + IAT_PAST_SECS + 1), Ok(()));
 }
 
 proptest! {

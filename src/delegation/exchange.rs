@@ -278,7 +278,7 @@ fn own_status_entry<D: Directory>(
         ExchangeRefusal::new(
             ErrorCode::InvalidGrant,
             reason::NO_LINEAGE,
-            "the token has no status-list entries reserved for the tokens exchanged from it (it was minted before this operator version reserved them); it can be exchanged once the operator has rotated it, or re-create its grant",
+            "the token has no status-list entries reserved for the tokens exchanged from it (it was minted before this operator version reserved them); the next token of its grant will have them (at its rotation; or re-create the grant)",
         )
     };
     let lineage = subject
