@@ -131,6 +131,26 @@ impl SigningKey {
         Self::from_pkcs8(alg, doc.as_bytes(), now, None).map_err(SigningError::KeyGeneration)
     }
 
+    /// A key from a PKCS#8 PEM file (`-----BEGIN PRIVATE KEY-----`, as `openssl genpkey` writes it),
+    /// P-256 (ES256) or Ed25519 (EdDSA), e.g. a client's DPoP key.
+    pub fn from_pkcs8_pem(pem: &str) -> Result<Self, SigningError> {
+        let body: String = pem
+            .lines()
+            .map(str::trim)
+            .skip_while(|l| *l != "-----BEGIN PRIVATE KEY-----")
+            .skip(1)
+            .take_while(|l| *l != "-----END PRIVATE KEY-----")
+            .collect();
+        let der = Zeroizing::new(
+            STANDARD
+                .decode(body)
+                .map_err(|_| SigningError::KeyGeneration("not a PKCS#8 PEM private key"))?,
+        );
+        Self::from_pkcs8(Algorithm::ES256, &der, 0, None)
+            .or_else(|_| Self::from_pkcs8(Algorithm::EdDSA, &der, 0, None))
+            .map_err(|_| SigningError::KeyGeneration("not a P-256 or Ed25519 PKCS#8 private key"))
+    }
+
     fn from_pkcs8(
         alg: Algorithm,
         der: &[u8],

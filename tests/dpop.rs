@@ -269,3 +269,82 @@ async fn bad_proofs_are_refused_and_mint_nothing() {
     )
     .await;
 }
+
+/// `delegation-operator token exchange --dpop-key`: the CLI binds the token it gets to a PKCS#8 PEM
+/// key (made by `openssl genpkey`); a bound token is exchanged by the CLI only with that key.
+#[tokio::test]
+async fn the_cli_binds_with_a_dpop_key_and_needs_it_for_a_bound_token() {
+    let x = Exchange::start("dpop-cli").await;
+    let dir = std::env::temp_dir().join(format!("dpop-cli-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    let key_file = dir.join("key.pem");
+    let made = std::process::Command::new("openssl")
+        .args([
+            "genpkey",
+            "-algorithm",
+            "EC",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-out",
+        ])
+        .arg(&key_file)
+        .output()
+        .expect("openssl makes a key");
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let pem = std::fs::read_to_string(&key_file).unwrap();
+    let jkt = thumbprint(&SigningKey::from_pkcs8_pem(&pem).unwrap());
+    let (grant_file, actor_file) = (dir.join("grant"), dir.join("actor"));
+    support::verifiers::write_private(&grant_file, &x.grant_token);
+    support::verifiers::write_private(&actor_file, &x.a.token);
+
+    let cli = |subject: &std::path::Path, key: Option<&std::path::Path>, out: &str| {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_delegation-operator"));
+        command
+            .args(["token", "exchange", "--issuer-url", &x.issuer.url, "--ca"])
+            .arg(&x.trust.ca_path)
+            .arg("--subject-token-file")
+            .arg(subject)
+            .arg("--actor-token-file")
+            .arg(&actor_file)
+            .args(["--scope", "tickets:read", "--output-file"])
+            .arg(dir.join(out));
+        if let Some(key) = key {
+            command.arg("--dpop-key").arg(key);
+        }
+        command.output().expect("the CLI runs")
+    };
+    let bound = cli(&grant_file, Some(&key_file), "bound");
+    assert!(
+        bound.status.success(),
+        "{}",
+        String::from_utf8_lossy(&bound.stderr)
+    );
+    let stderr = String::from_utf8_lossy(&bound.stderr);
+    assert!(stderr.contains("DPoP token"), "{stderr}");
+    let token = std::fs::read_to_string(dir.join("bound")).unwrap();
+    let claims = support::verifiers::unverified_claims(token.trim());
+    assert_eq!(claims["cnf"], json!({"jkt": jkt}), "bound to the PEM key");
+
+    // The bound token, exchanged again: refused without the key, issued with it.
+    let without = cli(&dir.join("bound"), None, "again-without");
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert_eq!(without.status.code(), Some(1), "refused: {stderr}");
+    assert!(stderr.contains("invalid_dpop_proof"), "{stderr}");
+    assert!(!dir.join("again-without").exists(), "nothing written");
+    let with = cli(&dir.join("bound"), Some(&key_file), "again");
+    assert!(
+        with.status.success(),
+        "{}",
+        String::from_utf8_lossy(&with.stderr)
+    );
+    let again = std::fs::read_to_string(dir.join("again")).unwrap();
+    assert_eq!(
+        support::verifiers::unverified_claims(again.trim())["cnf"],
+        json!({"jkt": jkt})
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}

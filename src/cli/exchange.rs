@@ -42,6 +42,11 @@ pub struct ExchangeArgs {
     /// Write the issued token to this file (created, mode 0600) instead of stdout.
     #[arg(long)]
     pub output_file: Option<PathBuf>,
+    /// Bind the new token to this key with a DPoP proof (RFC 9449): a PKCS#8 PEM private key,
+    /// P-256 or Ed25519 (`openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256`). Needed
+    /// to exchange a token bound to that key; the new one is bound to it too.
+    #[arg(long)]
+    pub dpop_key: Option<PathBuf>,
 }
 
 pub fn run(args: ExchangeArgs) -> ExitCode {
@@ -67,6 +72,17 @@ pub fn run(args: ExchangeArgs) -> ExitCode {
 async fn exchange(args: &ExchangeArgs) -> Result<ExitCode, String> {
     let subject = read_token(&args.subject_token_file, "--subject-token-file")?;
     let actor = read_token(&args.actor_token_file, "--actor-token-file")?;
+    let dpop_key = match &args.dpop_key {
+        Some(path) => {
+            let pem = std::fs::read_to_string(path)
+                .map_err(|e| format!("--dpop-key {}: {e}", path.display()))?;
+            Some(
+                crate::signing::SigningKey::from_pkcs8_pem(&pem)
+                    .map_err(|e| format!("--dpop-key {}: {e}", path.display()))?,
+            )
+        }
+        None => None,
+    };
     let endpoints = Endpoints::discover(&args.issuer_url, args.ca.as_deref()).await?;
     let expires_in = args.expires_in.map(|s| s.to_string());
     let mut fields = vec![
@@ -89,7 +105,7 @@ async fn exchange(args: &ExchangeArgs) -> Result<ExitCode, String> {
             fields.push((name, value));
         }
     }
-    let (status, body) = endpoints.exchange(&fields).await?;
+    let (status, body) = endpoints.exchange(&fields, dpop_key.as_ref()).await?;
     let Some(token) = body["access_token"].as_str().filter(|_| status == 200) else {
         let error = body["error"].as_str().unwrap_or("no error code");
         let description = body["error_description"].as_str().unwrap_or_default();
@@ -101,9 +117,10 @@ async fn exchange(args: &ExchangeArgs) -> Result<ExitCode, String> {
         None => println!("{token}"),
     }
     eprintln!(
-        "issued: scope {:?}, expires in {}s",
+        "issued: scope {:?}, expires in {}s, {} token",
         body["scope"].as_str().unwrap_or_default(),
-        body["expires_in"]
+        body["expires_in"],
+        body["token_type"].as_str().unwrap_or("Bearer")
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -97,7 +97,11 @@ impl Endpoints {
 
     /// POSTs the form `fields` to the discovered token endpoint (on the issuer's origin only) and
     /// returns the HTTP status and the JSON body, error bodies included.
-    pub async fn exchange(&self, fields: &[(&str, &str)]) -> Result<(u16, Value), String> {
+    pub async fn exchange(
+        &self,
+        fields: &[(&str, &str)],
+        dpop: Option<&crate::signing::SigningKey>,
+    ) -> Result<(u16, Value), String> {
         let url = self
             .token_endpoint
             .as_deref()
@@ -113,21 +117,31 @@ impl Endpoints {
         for (name, value) in fields {
             body.append_pair(name, value);
         }
-        let request = http::Request::post(&url[origin.len()..])
+        let mut request = http::Request::post(&url[origin.len()..])
             .header(
                 http::header::CONTENT_TYPE,
                 "application/x-www-form-urlencoded",
             )
-            .header(http::header::ACCEPT, "application/json")
-            .body(body.finish().into_bytes())
+            .header(http::header::ACCEPT, "application/json");
+        if let Some(key) = dpop {
+            request = request.header("DPoP", dpop_proof(key, url, fields)?);
+        }
+        let request = request
+            .body(kube::client::Body::from(body.finish().into_bytes()))
             .map_err(|e| format!("{url}: {e}"))?;
-        let (status, text) = match self.client.request_text(request).await {
-            Ok(text) => (200, text),
-            // kube keeps a body it cannot read as a Kubernetes Status in the message.
-            Err(kube::Error::Api(status)) => (status.code, status.message),
-            Err(e) => return Err(format!("POST {url}: {e}")),
-        };
-        let json = serde_json::from_str(&text)
+        // Sent raw: kube would read an OAuth error body as a Kubernetes Status and lose it.
+        let response = self
+            .client
+            .send(request)
+            .await
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let status = response.status().as_u16();
+        let bytes = response
+            .into_body()
+            .collect_bytes()
+            .await
+            .map_err(|e| format!("POST {url}: {e}"))?;
+        let json = serde_json::from_slice(&bytes)
             .map_err(|_| format!("POST {url}: HTTP {status} with a body that is not JSON"))?;
         Ok((status, json))
     }
@@ -173,6 +187,26 @@ impl Endpoints {
             Err(e) => Err(format!("GET {url}: {e}")),
         }
     }
+}
+
+/// A DPoP proof (RFC 9449) by `key` for a POST of `fields` to `url`: `ath` is the hash of the
+/// `subject_token`, so that a bound subject token can be exchanged.
+fn dpop_proof(
+    key: &crate::signing::SigningKey,
+    url: &str,
+    fields: &[(&str, &str)],
+) -> Result<String, String> {
+    let mut claims = serde_json::json!({
+        "jti": uuid::Uuid::new_v4().to_string(),
+        "htm": "POST",
+        "htu": url,
+        "iat": k8s_openapi::jiff::Timestamp::now().as_second(),
+    });
+    if let Some((_, subject)) = fields.iter().find(|(name, _)| *name == "subject_token") {
+        claims["ath"] = crate::dpop::access_token_hash(subject).into();
+    }
+    key.sign_proof(&claims)
+        .map_err(|e| format!("signing the DPoP proof: {e}"))
 }
 
 #[cfg(test)]
