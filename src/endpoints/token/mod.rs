@@ -14,8 +14,9 @@
 //! the same `lineage`, at any depth. Revoking or suspending the grant's token (grant deleted or
 //! refused, agent suspended, authority lost) flips its entry and every entry of its lineage in the
 //! same signed publish, and nothing per exchange needs to be written, persisted or recovered after a
-//! crash: the lineage was persisted with the grant token's own entry. One exchanged token can be
-//! revoked alone by flipping its entry, which also revokes the few siblings that drew the same one.
+//! crash: the lineage was persisted with the grant token's own entry. The format lets one exchanged
+//! token be revoked alone (its entry flipped, with the siblings that drew the same one); no command
+//! does that yet.
 
 pub mod directory;
 pub mod live;
