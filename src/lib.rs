@@ -8,6 +8,7 @@
 //! - [`fair_queue`]: which grant is reconciled next — namespaces in turns, revocations first (pure).
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`operator`]: the kube-rs shell — controllers, Secrets, keys, revocations, audit.
+//! - [`sealing`]: a grant's token sealed in its status for Pod delivery (AES-256-GCM, bound to the grant).
 //! - [`signing`]: signing keys, JWKS and token verification.
 //! - [`status_list`]: the IETF Token Status List for revocation — the bit list, its claims, the index allocator.
 //! - [`verification`]: verifying a token as a resource server does (signature, claims, status list).
@@ -22,6 +23,7 @@ pub mod endpoints;
 pub mod fair_queue;
 pub mod metrics;
 pub mod operator;
+pub mod sealing;
 pub mod signing;
 pub mod status_list;
 pub mod verification;

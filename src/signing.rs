@@ -114,6 +114,8 @@ pub struct SigningKey {
     encoding: EncodingKey,
     /// Parsed once per key (ES256 only); EdDSA signs through jsonwebtoken with `encoding`.
     es256: Option<es256::KeyPair>,
+    /// The key that seals tokens for Pod delivery ([`crate::sealing`]), derived from the private key.
+    seal_key: Zeroizing<[u8; 32]>,
     jwk: Value,
 }
 
@@ -180,6 +182,7 @@ impl SigningKey {
             retired_at,
             encoding,
             es256,
+            seal_key: crate::sealing::derive_key(der),
             jwk,
         })
     }
@@ -202,6 +205,11 @@ impl SigningKey {
 
     pub fn public_jwk(&self) -> Value {
         self.jwk.clone()
+    }
+
+    /// The symmetric key this key pair seals tokens with (never leaves the process).
+    pub(crate) fn seal_key(&self) -> &[u8; 32] {
+        &self.seal_key
     }
 
     /// Signs claims into a compact JWT with header {alg, typ: "at+jwt", kid}.

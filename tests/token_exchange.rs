@@ -13,23 +13,14 @@ mod support;
 
 use std::time::Duration;
 
-use delegation_operator::{
-    signing::{Algorithm, Keyring, SigningKey, StoredKey},
-    verification,
-};
-use k8s_openapi::api::{
-    core::v1::{Secret, ServiceAccount},
-    rbac::v1::{Role, RoleBinding, RoleRef},
-};
-use kube::{
-    Api,
-    api::{ObjectMeta, PostParams},
-};
+use delegation_operator::signing::{Algorithm, Keyring, SigningKey, StoredKey};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 use serde_json::{Value, json};
 use support::{
     exchange::{
         ACCESS_TOKEN_TYPE, AUDIENCE, Exchange, ExchangeSetup, GRANT, GRANT_TYPE, JWT_TYPE,
-        OTHER_AUDIENCE, Step, scrubbed,
+        OTHER_AUDIENCE, Step, scrubbed, served_statuses, wait_served, wait_served_at,
     },
     verifiers::{
         Verifier, alg_none, hs256_with_public_key, unverified_claims, verify_with, verify_with_all,
@@ -65,63 +56,6 @@ async fn accepted_by_all(x: &Exchange, tokens: &[(&str, &str, Vec<String>)]) {
             );
         }
     }
-}
-
-/// The status of each token in the status list served over HTTPS at its `uri` — one fetch of the
-/// list (one published version) for all of them — verified with the served JWKS by the operator's own
-/// verification code: "Valid", "Invalid" or "Suspended".
-async fn served_statuses(x: &Exchange, tokens: &[&str]) -> Vec<String> {
-    served_statuses_at(x, &x.issuer.url, tokens).await
-}
-
-/// [`served_statuses`] as the replica listening at `base` serves them (the `uri`s name the issuer).
-async fn served_statuses_at(x: &Exchange, base: &str, tokens: &[&str]) -> Vec<String> {
-    let jwks = x
-        .trust
-        .get(&format!("{base}/.well-known/jwks.json"))
-        .await
-        .unwrap()
-        .json();
-    let mut lists = std::collections::BTreeMap::new();
-    for token in tokens {
-        let claims = unverified_claims(token);
-        let uri = claims["status"]["status_list"]["uri"].as_str().unwrap();
-        let key = delegation_operator::status_list::data_key(uri);
-        if lists.contains_key(&key) {
-            continue;
-        }
-        let served_at = format!("{base}{}", uri.strip_prefix(x.issuer.url.as_str()).unwrap());
-        let list = x.trust.get(&served_at).await.unwrap();
-        assert_eq!(list.status, 200, "{served_at}");
-        assert_eq!(list.content_type, "application/statuslist+jwt");
-        lists.insert(key, String::from_utf8(list.body).unwrap());
-    }
-    tokens
-        .iter()
-        .map(|token| {
-            let verified = verification::verify(token, &jwks, &lists, Some(AUDIENCE), 0)
-                .unwrap_or_else(|e| panic!("a token of the lineage does not verify: {e}"));
-            format!("{:?}", verified.status)
-        })
-        .collect()
-}
-
-/// Waits until every token reads `status` in one fetch of the served list.
-async fn wait_served(x: &Exchange, tokens: &[&str], status: &str) {
-    wait_served_at(x, &x.issuer.url, tokens, status).await;
-}
-
-/// [`wait_served`] at the replica listening at `base`.
-async fn wait_served_at(x: &Exchange, base: &str, tokens: &[&str], status: &str) {
-    wait_for(
-        &format!("the status list served at {base} to say {status} for every token"),
-        Duration::from_secs(60),
-        || async {
-            let statuses = served_statuses_at(x, base, tokens).await;
-            statuses.iter().all(|s| s == status).then_some(())
-        },
-    )
-    .await;
 }
 
 /// Deletes the grant and waits until it is gone and its token reads INVALID in the served list.
@@ -706,76 +640,7 @@ async fn an_actor_token_bound_to_no_pod_is_refused() {
 #[tokio::test]
 async fn an_actor_token_minted_by_impersonating_the_service_account_is_refused() {
     let x = Exchange::start("xchg-impersonated").await;
-    let ns = x.ns().to_owned();
-    // The ServiceAccount may mint its own tokens (so that the impersonated request is allowed).
-    let meta = ObjectMeta {
-        name: Some("sa-a-mints-itself".into()),
-        namespace: Some(ns.clone()),
-        ..Default::default()
-    };
-    let role = Role {
-        metadata: meta.clone(),
-        rules: Some(vec![rule(
-            "",
-            &["serviceaccounts/token"],
-            &["create"],
-            &["sa-a"],
-        )]),
-    };
-    Api::<Role>::namespaced(x.f.client.clone(), &ns)
-        .create(&PostParams::default(), &role)
-        .await
-        .unwrap();
-    let binding = RoleBinding {
-        metadata: meta,
-        role_ref: RoleRef {
-            api_group: Some("rbac.authorization.k8s.io".into()),
-            kind: "Role".into(),
-            name: "sa-a-mints-itself".into(),
-        },
-        subjects: Some(vec![service_account_subject(&ns, "sa-a")]),
-    };
-    Api::<RoleBinding>::namespaced(x.f.client.clone(), &ns)
-        .create(&PostParams::default(), &binding)
-        .await
-        .unwrap();
-    let as_sa = client_impersonating(
-        &x.a.username,
-        &[
-            "system:serviceaccounts",
-            &format!("system:serviceaccounts:{ns}"),
-        ],
-        None,
-        &[
-            ("authentication.kubernetes.io/pod-name", &[x.a.pod_name()]),
-            ("authentication.kubernetes.io/pod-uid", &[x.a.pod_uid()]),
-        ],
-    )
-    .await;
-    let request = k8s_openapi::api::authentication::v1::TokenRequest {
-        spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
-            audiences: Some(vec![x.issuer.url.clone()]),
-            expiration_seconds: Some(3600),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
-    let accounts = Api::<ServiceAccount>::namespaced(as_sa, &ns);
-    let minted = wait_for(
-        "the impersonated ServiceAccount to be allowed to mint its token",
-        RBAC_SETTLE_TIMEOUT,
-        || async {
-            match accounts
-                .create_token_request("sa-a", &PostParams::default(), &request)
-                .await
-            {
-                Ok(r) => r.status.and_then(|s| s.token),
-                Err(kube::Error::Api(s)) if s.code == 403 => None,
-                Err(e) => panic!("TokenRequest as the impersonated ServiceAccount: {e}"),
-            }
-        },
-    )
-    .await;
+    let minted = x.impersonated_actor_token().await;
     x.refused_because(
         &Exchange::form(&x.grant_token, &minted, &[]),
         UNAUTHORIZED_CLIENT,

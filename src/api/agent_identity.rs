@@ -5,7 +5,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AUDIENCE_MESSAGE, AUDIENCES_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, MAX_CONDITIONS,
-    SCOPE_PATTERN, lenient_status, strict_times,
+    SCOPE_PATTERN, TokenDelivery, lenient_status, strict_times,
 };
 
 /// A non-human identity (an AI agent, a service, an automation) that may receive delegated authority
@@ -79,6 +79,20 @@ pub struct AgentIdentitySpec {
     /// With `scopes`, only grants asking at least one of them do. Absent: no approval needed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub require_approval: Option<ApprovalRequirement>,
+
+    /// Where the tokens of grants to this agent go, unless a grant's own `tokenDelivery` says:
+    /// `Secret` (a Secret in the namespace) or `Pod` (no Secret: the agent's pods, running as
+    /// `serviceAccountName`, fetch them from the issuer's token endpoint). Absent: `Pod` when
+    /// `requireProofOfPossession` is true, else `Secret`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_delivery: Option<TokenDelivery>,
+
+    /// When true, every token this agent holds is bound to a key of its own (DPoP, RFC 9449
+    /// `cnf.jkt`): a token is handed out or exchanged only with a DPoP proof, and is worth nothing
+    /// without that key. Needs Pod delivery (a token in a Secret cannot be bound): a grant that
+    /// asks for Secret delivery is denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub require_proof_of_possession: Option<bool>,
 
     /// Kill switch. When true, every token naming this agent anywhere in its chain is revoked and no
     /// new one is issued until it is set back to false.
@@ -192,6 +206,11 @@ impl<'de> Deserialize<'de> for AgentIdentityStatus {
 }
 
 impl AgentIdentitySpec {
+    /// Whether every token of this agent must be bound to its key.
+    pub fn requires_proof_of_possession(&self) -> bool {
+        self.require_proof_of_possession.unwrap_or(false)
+    }
+
     /// Whether the kill switch is on.
     pub fn is_suspended(&self) -> bool {
         self.suspended.unwrap_or(false)

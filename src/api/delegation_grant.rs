@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     AUDIENCE_MESSAGE, AUDIENCE_RULE, DNS1123_SUBDOMAIN_PATTERN, Duration, LocalRef, MAX_CONDITIONS,
-    SCOPE_PATTERN, UserIdentity, duration_guard, fail_closed_time, lenient_status, strict_times,
+    SCOPE_PATTERN, TokenDelivery, UserIdentity, duration_guard, fail_closed_time, lenient_status,
+    strict_times,
 };
 
 /// `renewBefore < tokenTTL`, evaluated only when both are durations CEL can parse (each field's own
@@ -105,6 +106,9 @@ fn renew_before_rule() -> String {
     validation = Rule::new("self.actorRef == oldSelf.actorRef")
         .message("spec.actorRef is immutable: create a new grant instead")
         .field_path(".actorRef"),
+    validation = Rule::new("!has(self.secretName) || !has(self.tokenDelivery) || self.tokenDelivery != 'Pod'")
+        .message("spec.secretName names the Secret of Secret delivery; with tokenDelivery Pod no Secret is written, so leave it out")
+        .field_path(".secretName"),
     validation = Rule::new(renew_before_rule())
         .message("spec.renewBefore must be shorter than spec.tokenTTL")
         .field_path(".renewBefore")
@@ -182,8 +186,15 @@ pub struct DelegationGrantSpec {
     #[schemars(length(max = 8))]
     pub authorization_details: Option<Vec<AuthorizationDetail>>,
 
+    /// Where the token goes: `Secret` (a Secret in this namespace, see `secretName`) or `Pod` (no
+    /// Secret: the actor's pods, running as its `serviceAccountName`, fetch short-lived tokens from
+    /// the issuer's token endpoint with their pod-bound ServiceAccount token). Absent: the actor's
+    /// `tokenDelivery`, else `Secret`. Changing it replaces the token (and revokes the old one).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_delivery: Option<TokenDelivery>,
+
     /// Name of the Secret the token is written to. Defaults to `<grant name>-token`. The operator never
-    /// takes over a Secret it did not create.
+    /// takes over a Secret it did not create. Only for Secret delivery.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253), regex(pattern = DNS1123_SUBDOMAIN_PATTERN))]
     pub secret_name: Option<String>,
@@ -305,9 +316,16 @@ pub struct DelegationGrantStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub previous_token: Option<PreviousToken>,
 
-    /// The Secret holding the current token.
+    /// The Secret holding the current token (Secret delivery).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub secret_name: Option<String>,
+
+    /// Pod delivery: the current token, encrypted (AES-256-GCM) under a key only the operator holds
+    /// and bound to this grant's namespace, name and uid. Unreadable to anyone who can read this
+    /// status; the token endpoint opens it to hand the agent's pods narrower tokens of their own.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 32768))]
+    pub sealed_token: Option<String>,
 
     /// For a hop: the uid of the parent grant it was first resolved under. A parent deleted and
     /// re-created under the same name is not adopted.
@@ -331,6 +349,7 @@ struct StrictDelegationGrantStatus {
     token: Option<TokenStatus>,
     previous_token: Option<PreviousToken>,
     secret_name: Option<String>,
+    sealed_token: Option<String>,
     #[serde(rename = "parentGrantUID")]
     parent_grant_uid: Option<String>,
     approval: Option<ApprovalStatus>,
@@ -346,6 +365,7 @@ impl From<StrictDelegationGrantStatus> for DelegationGrantStatus {
             token,
             previous_token,
             secret_name,
+            sealed_token,
             parent_grant_uid,
             approval,
         } = s;
@@ -357,6 +377,7 @@ impl From<StrictDelegationGrantStatus> for DelegationGrantStatus {
             token,
             previous_token,
             secret_name,
+            sealed_token,
             parent_grant_uid,
             approval,
         }
@@ -526,6 +547,7 @@ mod tests {
                 expires_at: t(1_800_000_100),
             }),
             secret_name: Some("g-token".into()),
+            sealed_token: Some("v1.kid.nonce.sealed".into()),
             parent_grant_uid: Some("uid".into()),
             approval: Some(ApprovalStatus {
                 state: ApprovalState::Approved,

@@ -60,6 +60,18 @@ impl LocalRef {
     }
 }
 
+/// Where a grant's token goes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
+pub enum TokenDelivery {
+    /// A Secret in the grant's namespace (`spec.secretName`, default `<grant name>-token`): whoever
+    /// may read Secrets there may use the token.
+    Secret,
+    /// No Secret: the agent's pods fetch short-lived tokens from the issuer's token endpoint with
+    /// their pod-bound ServiceAccount token (projected for the issuer's audience); nothing else in
+    /// the namespace can fetch them, and a DPoP proof can bind them to the pod's own key.
+    Pod,
+}
+
 /// The condition type every resource of this operator reports.
 pub const CONDITION_READY: &str = "Ready";
 

@@ -1,5 +1,6 @@
 //! `token exchange`: trade a token this issuer minted for a narrower one at the issuer's RFC 8693
-//! token endpoint, as an agent does — for trying it out and for scripts. The caller proves which
+//! token endpoint, as an agent does — or, with `--grant`, fetch a token of a grant the operator
+//! delivers to its agent's pods — for trying it out and for scripts. The caller proves which
 //! workload it is with its pod's projected ServiceAccount token (audience: the issuer URL).
 //!
 //! The tokens read are never printed or put into an error message; the issued one goes to
@@ -8,7 +9,9 @@
 use std::{path::PathBuf, process::ExitCode};
 
 use super::https::Endpoints;
-use crate::endpoints::token::{ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT};
+use crate::endpoints::token::{
+    ACCESS_TOKEN_TYPE, GRANT_TOKEN_TYPE, JWT_TOKEN_TYPE, TOKEN_EXCHANGE_GRANT,
+};
 
 /// Exchange a token for a narrower one (RFC 8693) at the issuer's token endpoint. Exits 0 when a
 /// token was issued, 1 when the endpoint refused (its error on stderr), 2 when it could not ask.
@@ -22,8 +25,13 @@ pub struct ExchangeArgs {
     #[arg(long)]
     pub ca: Option<PathBuf>,
     /// File holding the token to exchange (e.g. the `token` key of a grant's Secret, mounted).
+    #[arg(long, required_unless_present = "grant", conflicts_with = "grant")]
+    pub subject_token_file: Option<PathBuf>,
+    /// Instead of exchanging a token you hold, fetch a token of this DelegationGrant (in your
+    /// pod's namespace), whose token the operator delivers to its agent's pods (`tokenDelivery:
+    /// Pod`).
     #[arg(long)]
-    pub subject_token_file: PathBuf,
+    pub grant: Option<String>,
     /// File holding your pod's projected ServiceAccount token for the issuer's audience.
     #[arg(long)]
     pub actor_token_file: PathBuf,
@@ -70,7 +78,11 @@ pub fn run(args: ExchangeArgs) -> ExitCode {
 }
 
 async fn exchange(args: &ExchangeArgs) -> Result<ExitCode, String> {
-    let subject = read_token(&args.subject_token_file, "--subject-token-file")?;
+    let (subject, subject_type) = match (&args.subject_token_file, &args.grant) {
+        (Some(path), _) => (read_token(path, "--subject-token-file")?, ACCESS_TOKEN_TYPE),
+        (None, Some(grant)) => (grant.clone(), GRANT_TOKEN_TYPE),
+        (None, None) => return Err("give --subject-token-file or --grant".into()),
+    };
     let actor = read_token(&args.actor_token_file, "--actor-token-file")?;
     let dpop_key = match &args.dpop_key {
         Some(path) => {
@@ -88,7 +100,7 @@ async fn exchange(args: &ExchangeArgs) -> Result<ExitCode, String> {
     let mut fields = vec![
         ("grant_type", TOKEN_EXCHANGE_GRANT),
         ("subject_token", subject.as_str()),
-        ("subject_token_type", ACCESS_TOKEN_TYPE),
+        ("subject_token_type", subject_type),
         ("actor_token", actor.as_str()),
         ("actor_token_type", JWT_TOKEN_TYPE),
     ];

@@ -202,7 +202,14 @@ fn dpop_proof(
         "htu": url,
         "iat": k8s_openapi::jiff::Timestamp::now().as_second(),
     });
-    if let Some((_, subject)) = fields.iter().find(|(name, _)| *name == "subject_token") {
+    // `ath` covers a token presented; a delivery presents none (its subject is a grant's name).
+    let delivery = fields.contains(&(
+        "subject_token_type",
+        crate::endpoints::token::GRANT_TOKEN_TYPE,
+    ));
+    if let Some((_, subject)) = fields.iter().find(|(name, _)| *name == "subject_token")
+        && !delivery
+    {
         claims["ath"] = crate::dpop::access_token_hash(subject).into();
     }
     key.sign_proof(&claims)

@@ -103,6 +103,7 @@ fn grant(scopes: &[&str], ttl: &str) -> DelegationGrant {
             renew_before: None,
             valid_until: None,
             authorization_details: None,
+            token_delivery: None,
             secret_name: None,
             suspended: None,
         },

@@ -10,6 +10,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 
 use super::ceilings::{self, Ceiling};
+use super::delivery::{Delivery, delivery_of};
 use super::record::TokenRecord;
 use crate::api::{
     AgentIdentity, AudiencePolicy, AuthorizationDetail, ChainLink, DelegationGrant, Principal,
@@ -133,6 +134,10 @@ pub enum Reason {
     /// A Secret of the grant's name exists and was not created by the operator for this grant: the
     /// operator never takes one over.
     SecretConflict,
+    /// The actor requires proof of possession and the grant asks for Secret delivery.
+    DeniedProofNeedsPodDelivery,
+    /// Pod delivery, and the actor names no ServiceAccount its pods would run as.
+    DeniedPodDeliveryNeedsServiceAccount,
 }
 
 impl Reason {
@@ -172,6 +177,8 @@ impl Reason {
             Reason::ApprovalPending => "ApprovalPending",
             Reason::ApprovalRejected => "ApprovalRejected",
             Reason::SecretConflict => "SecretConflict",
+            Reason::DeniedProofNeedsPodDelivery => "DeniedProofNeedsPodDelivery",
+            Reason::DeniedPodDeliveryNeedsServiceAccount => "DeniedPodDeliveryNeedsServiceAccount",
         }
     }
 
@@ -214,6 +221,8 @@ pub struct Resolution {
     /// No token may live past this: the earliest validUntil in the lineage, the parent token's
     /// expiry and the end of each hop's lifetime under its AudiencePolicy.
     pub not_after: Option<Timestamp>,
+    /// Where the token goes ([`super::delivery`]).
+    pub delivery: Delivery,
 }
 
 /// Resolves `grant` (in namespace `namespace`) against the other grants and agents of that namespace.
@@ -295,6 +304,16 @@ pub fn resolve(
         .as_ref()
         .map(|d| parse_duration_field(d, "spec.renewBefore"))
         .transpose()?;
+    let actor = lookup.agent(&grant.spec.actor_ref.name).ok_or_else(|| {
+        Refusal::new(
+            Reason::AgentMissing,
+            format!(
+                "AgentIdentity {:?} does not exist",
+                grant.spec.actor_ref.name
+            ),
+        )
+    })?;
+    let delivery = delivery_of(grant, &actor)?;
     Ok(Resolution {
         chain,
         principal,
@@ -304,6 +323,7 @@ pub fn resolve(
         token_ttl,
         renew_before,
         not_after,
+        delivery,
     })
 }
 

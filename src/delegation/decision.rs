@@ -62,7 +62,8 @@ pub struct Facts<'a> {
     /// The apiserver's answer on the grant's authority; `None` when not asked (a chain that does not
     /// resolve is refused without asking).
     pub authority: Option<&'a Result<Evidence, Unauthorized>>,
-    /// Who holds the grant's Secret and what it holds; `None` when not looked at (a refused grant).
+    /// Who holds the grant's Secret and what it holds (with Pod delivery: the sealed token in its
+    /// status, never foreign); `None` when not looked at (a refused grant).
     pub secret: Option<SecretHolder>,
     /// The substance ([`substance`]) of the token the operator itself minted (or read back and
     /// verified) for this grant uid; `None` when it remembers none. The status is not trusted for it.
@@ -289,13 +290,15 @@ pub fn supersedes_current(cause: IssueCause) -> bool {
 }
 
 /// Whether the status (Ready, with its chain, scopes, Secret and claims digest) was written for what
-/// the grant resolves to now. Timing fields are not compared: a shorter TTL or an earlier validUntil
+/// the grant resolves to now: a grant switched between Secret and Pod delivery gets a new token. Timing fields are not compared: a shorter TTL or an earlier validUntil
 /// is caught as a tightened limit, a longer one needs no new token.
 fn status_describes(facts: &Facts<'_>, resolution: &Resolution) -> bool {
     let Some(status) = facts.grant.status.as_ref() else {
         return false;
     };
-    let secret_name = facts.grant.spec.secret_name_or_default(&grant_name(facts));
+    // Secret delivery names its Secret; Pod delivery has none (its token is sealed in the status).
+    let secret_name = (!resolution.delivery.is_pod())
+        .then(|| facts.grant.spec.secret_name_or_default(&grant_name(facts)));
     let ready = ready_condition(status.conditions.as_deref()).is_some_and(|c| c.status == "True");
     let digest = status
         .token
@@ -304,7 +307,7 @@ fn status_describes(facts: &Facts<'_>, resolution: &Resolution) -> bool {
     ready
         && status.chain.as_ref() == Some(&resolution.chain)
         && status.effective_scopes.as_ref() == Some(&resolution.effective_scopes)
-        && status.secret_name.as_deref() == Some(secret_name.as_str())
+        && status.secret_name == secret_name
         && digest == Some(claims_digest(&facts.grant.spec).as_str())
 }
 

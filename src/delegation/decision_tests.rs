@@ -74,6 +74,8 @@ fn world() -> World {
             delegation: None,
             require_approval: None,
             suspended: None,
+            token_delivery: None,
+            require_proof_of_possession: None,
         },
         status: None,
     };
@@ -110,6 +112,7 @@ fn grant() -> DelegationGrant {
             renew_before: None,
             valid_until: None,
             authorization_details: None,
+            token_delivery: None,
             secret_name: None,
             suspended: None,
         },

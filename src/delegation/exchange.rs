@@ -16,6 +16,9 @@
 //! 5. The caller runs the current actor (a *narrowing*: the actor stays) or exactly one agent the
 //!    current actor lists in `delegation.allowedActors` (a *hop*: `act` nests one deeper)
 //!    (`not_an_actor`, `ambiguous_actor`).
+//!    A delivery (Pod delivery, the subject the grant's sealed token) is never a hop
+//!    (`not_the_agent`), and an agent that requires proof of possession gets a token only with a
+//!    DPoP proof (`proof_required`).
 //! 6. A hop is to an agent that is not suspended, not already in the chain, within every `maxDepth`
 //!    above it, and needs no approval (`agent_suspended`, `circular`, `too_deep`,
 //!    `approval_required`); no token records more than [`MAX_DELEGATION_RECORDS`] hops
@@ -141,6 +144,9 @@ pub struct ExchangeFacts<'a, D: Directory> {
     /// The thumbprint of the key of the DPoP proof sent with the request, once the shell checked
     /// the proof (RFC 9449 §4.3, replay included); `None` without one.
     pub proof_key: Option<String>,
+    /// A delivery (Pod delivery): the subject is the grant's own token, which the operator keeps
+    /// sealed and the caller never held; only its agent's pods may have a token of it.
+    pub delivery: bool,
 }
 
 /// The OAuth error codes an exchange is refused with (RFC 6749 §5.2, RFC 8693 §2.2.2, RFC 9396 §5).
@@ -181,6 +187,7 @@ pub mod reason {
     pub const AGENT_SUSPENDED: &str = "agent_suspended";
     pub const OTHER_NAMESPACE: &str = "other_namespace";
     pub const NOT_AN_ACTOR: &str = "not_an_actor";
+    pub const NOT_THE_AGENT: &str = "not_the_agent";
     pub const AMBIGUOUS_ACTOR: &str = "ambiguous_actor";
     pub const CIRCULAR: &str = "circular";
     pub const TOO_DEEP: &str = "too_deep";
@@ -239,6 +246,8 @@ pub fn decide<D: Directory>(
     let current = chain_agents_stand(facts, &chain)?;
     same_namespace(facts)?;
     let new_actor = new_actor(facts, &chain, current)?;
+    delivered_to_the_agent(facts, &new_actor)?;
+    proof_when_required(facts, &new_actor)?;
     let scopes = requested_scopes(facts);
     if new_actor.hop {
         hop_allowed(facts, &chain, &new_actor, &scopes)?;
@@ -513,6 +522,46 @@ fn new_actor<D: Directory>(
             ))
         }
     }
+}
+
+/// Rule 5, for a delivery: the caller runs the grant's own agent. A delivery hands out a token the
+/// caller never held, so it is never a hop: an agent the actor may delegate to gets its token by
+/// exchanging one its own pods were delivered, which it must hold first.
+fn delivered_to_the_agent<D: Directory>(
+    facts: &ExchangeFacts<'_, D>,
+    new_actor: &NewActor,
+) -> Result<(), ExchangeRefusal> {
+    if !facts.delivery || !new_actor.hop {
+        return Ok(());
+    }
+    let current = facts.subject.act.sub.as_str();
+    Err(ExchangeRefusal::new(
+        ErrorCode::UnauthorizedClient,
+        reason::NOT_THE_AGENT,
+        format!(
+            "only the pods of the grant's own agent ({current}) can fetch its token; ServiceAccount {:?} runs an agent it may delegate to, which must exchange a token the agent's pods hold",
+            facts.caller.service_account
+        ),
+    ))
+}
+
+/// Rule 5, last: an agent whose spec says `requireProofOfPossession` gets only key-bound tokens, so
+/// every token it is handed needs a DPoP proof.
+fn proof_when_required<D: Directory>(
+    facts: &ExchangeFacts<'_, D>,
+    new_actor: &NewActor,
+) -> Result<(), ExchangeRefusal> {
+    if facts.proof_key.is_some() || !new_actor.agent.spec.requires_proof_of_possession() {
+        return Ok(());
+    }
+    Err(ExchangeRefusal::new(
+        ErrorCode::InvalidDpopProof,
+        reason::PROOF_REQUIRED,
+        format!(
+            "AgentIdentity {:?} requires proof of possession: send a DPoP proof (RFC 9449) of the key its tokens are to be bound to, in the DPoP header",
+            new_actor.name
+        ),
+    ))
 }
 
 /// The scopes asked for, each once, in the order asked (the subject's when none are).

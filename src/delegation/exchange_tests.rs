@@ -70,6 +70,8 @@ fn agent(
             }),
             require_approval: None,
             suspended: None,
+            token_delivery: None,
+            require_proof_of_possession: None,
         },
         status: None,
     }
@@ -262,6 +264,8 @@ struct Case {
     limits: ExchangeLimits,
     /// The thumbprint of the DPoP proof's key, if one came.
     proof_key: Option<String>,
+    /// A delivery (Pod delivery) rather than an exchange.
+    delivery: bool,
 }
 
 impl Case {
@@ -283,6 +287,7 @@ impl Case {
             world: world(),
             limits: ExchangeLimits::default(),
             proof_key: None,
+            delivery: false,
         }
     }
 
@@ -297,6 +302,7 @@ impl Case {
             now: now(),
             jti: "jti-new".into(),
             proof_key: self.proof_key.clone(),
+            delivery: self.delivery,
         })
     }
 
@@ -1143,10 +1149,76 @@ fn the_lifetime_is_the_least_of_every_limit() {
         now: facts_now,
         jti: "j".into(),
         proof_key: None,
+        delivery: false,
     })
     .unwrap();
     assert_eq!(late, Ok(NOW + 2));
     assert!(token.exp <= case.subject.exp);
+}
+
+/// A delivery (Pod delivery) gives the grant's own agent's pod a narrower token of its own, and
+/// nobody else one: an agent the actor may delegate to is not its agent.
+#[test]
+fn a_delivery_goes_only_to_the_grants_own_agent() {
+    use ErrorCode::*;
+    use reason::*;
+    let delivery = |sa: &str| Case::new(sa).with(|c| c.delivery = true);
+    let token = delivery("triage-sa")
+        .decide()
+        .expect("the agent's pod gets one");
+    assert_eq!(token.act.sub, subject_of("triage"));
+    let record = token
+        .delegation_chain
+        .last()
+        .expect("a record of the delivery");
+    assert_eq!(
+        record.workload.as_ref().map(|w| w.pod.as_str()),
+        Some("triage-sa-pod")
+    );
+    let refused = delivery("summarizer-sa")
+        .decide()
+        .expect_err("a hop is no delivery");
+    assert_eq!(
+        (refused.code, refused.reason),
+        (UnauthorizedClient, NOT_THE_AGENT)
+    );
+    assert!(refused.description.contains("summarizer-sa"));
+    // The same ServiceAccount exchanging a token it holds may hop, as before.
+    assert!(hop().decide().is_ok());
+    for sa in ["lonely-sa", "unknown-sa"] {
+        let refused = delivery(sa).decide().expect_err("not an actor");
+        assert_eq!(refused.reason, NOT_AN_ACTOR);
+    }
+}
+
+/// An agent that requires proof of possession is handed no token without a DPoP proof, by
+/// delivery or exchange, and every token it gets is bound to the proof's key.
+#[test]
+fn an_agent_that_requires_proof_gets_only_bound_tokens() {
+    use ErrorCode::*;
+    use reason::*;
+    let requires = |c: &mut Case| {
+        c.world
+            .edit("triage", |a| a.require_proof_of_possession = Some(true))
+    };
+    for case in [
+        narrowing().with(requires),
+        narrowing().with(requires).with(|c| c.delivery = true),
+    ] {
+        let refused = case.decide().expect_err("no proof");
+        assert_eq!(
+            (refused.code, refused.reason),
+            (InvalidDpopProof, PROOF_REQUIRED)
+        );
+        assert!(refused.description.contains("triage"));
+        let bound = case
+            .with(|c| c.proof_key = Some("key-a".into()))
+            .decide()
+            .expect("with a proof");
+        assert_eq!(bound.cnf, Some(bound_to("key-a")));
+    }
+    // The hop's new agent does not require it: its token needs no proof.
+    assert!(hop().with(requires).decide().is_ok());
 }
 
 #[test]

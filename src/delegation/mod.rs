@@ -8,6 +8,7 @@
 //! - [`claims`]: the JWT claims of a token (RFC 9068 + RFC 8693 `act`).
 //! - [`conditions`]: the `Ready` condition, kstatus style.
 //! - [`decision`]: the one decision about a grant's token: refuse, keep or issue, and why.
+//! - [`delivery`]: where a grant's token goes (a Secret, or the agent's pods) and whether it is key-bound.
 //! - [`exchange`]: the one decision about an RFC 8693 token exchange: the narrower token, or why not.
 //! - [`limits`]: which grants of a namespace beyond `--max-grants-per-namespace` are refused.
 //! - [`record`]: what the operator itself minted and decided for a grant (a hop rests on its parent's).
@@ -20,6 +21,7 @@ pub mod chain;
 pub mod claims;
 pub mod conditions;
 pub mod decision;
+pub mod delivery;
 pub mod exchange;
 pub mod explain;
 pub mod limits;

@@ -151,6 +151,8 @@ fn agent(name: &str, scopes: &[&str], delegation: Option<(i32, &[&str])>) -> Age
             }),
             require_approval: None,
             suspended: None,
+            token_delivery: None,
+            require_proof_of_possession: None,
         },
         status: None,
     }
@@ -172,6 +174,7 @@ fn grant_spec(actor: &str, scopes: &[&str]) -> DelegationGrantSpec {
         renew_before: None,
         valid_until: None,
         authorization_details: None,
+        token_delivery: None,
         secret_name: None,
         suspended: None,
     }

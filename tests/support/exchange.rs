@@ -8,11 +8,19 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    core::v1::{Pod, ServiceAccount},
+    rbac::v1::{Role, RoleBinding, RoleRef},
+};
+use kube::{
+    Api,
+    api::{ObjectMeta, PostParams},
+};
 use serde_json::{Value, json};
 
 use super::{
-    Fixture, pod_running_as, request_service_account_token_for,
+    Fixture, RBAC_SETTLE_TIMEOUT, client_impersonating, pod_running_as,
+    request_service_account_token_for, rule, service_account_subject,
     verifiers::{HttpResponse, HttpsIssuer, Trust, start_https_operator, unverified_claims},
     wait_for,
 };
@@ -20,6 +28,8 @@ use super::{
 pub const GRANT_TYPE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 pub const JWT_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Pod delivery: the subject names a grant.
+pub const GRANT_TOKEN_TYPE: &str = "urn:delegation.nhi.dev:token-type:grant";
 
 /// The audience of the fixture's grant (declared for every test namespace).
 pub const AUDIENCE: &str = "https://tickets.example.com";
@@ -38,6 +48,10 @@ pub struct ExchangeSetup {
     pub token_ttl: String,
     /// The grant's `authorizationDetails`, if any.
     pub details: Option<Value>,
+    /// The grant's `tokenDelivery` (`None`: left out, Secret delivery unless agent `a` says).
+    pub token_delivery: Option<&'static str>,
+    /// Agent `a`'s `requireProofOfPossession`.
+    pub require_proof: bool,
 }
 
 impl Default for ExchangeSetup {
@@ -50,6 +64,8 @@ impl Default for ExchangeSetup {
             ],
             token_ttl: "10m".into(),
             details: None,
+            token_delivery: None,
+            require_proof: false,
         }
     }
 }
@@ -70,6 +86,9 @@ impl ExchangeSetup {
                 });
                 if let Some(d) = delegation {
                     spec["delegation"] = d.clone();
+                }
+                if *name == "a" && self.require_proof {
+                    spec["requireProofOfPossession"] = true.into();
                 }
                 let agent = json!({
                     "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "AgentIdentity",
@@ -92,6 +111,9 @@ impl ExchangeSetup {
         });
         if let Some(details) = &self.details {
             spec["authorizationDetails"] = details.clone();
+        }
+        if let Some(delivery) = self.token_delivery {
+            spec["tokenDelivery"] = delivery.into();
         }
         let grant = json!({
             "apiVersion": "delegation.nhi.dev/v1alpha1", "kind": "DelegationGrant",
@@ -136,7 +158,7 @@ pub struct Exchange {
     pub issuer: HttpsIssuer,
     pub trust: Trust,
     pub setup: ExchangeSetup,
-    /// The token in the grant's Secret.
+    /// The token in the grant's Secret; empty with Pod delivery (the operator keeps it sealed).
     pub grant_token: String,
     pub a: Workload,
     pub b: Workload,
@@ -154,10 +176,16 @@ impl Exchange {
         f.apply(&setup.grant()).await;
         f.wait_ready_within(GRANT, "True", None, Duration::from_secs(90))
             .await;
-        let grant_token = wait_for("the grant's token", Duration::from_secs(30), || async {
-            f.token_in(&format!("{GRANT}-token")).await
-        })
-        .await;
+        let pod_delivery = setup.token_delivery == Some("Pod")
+            || (setup.require_proof && setup.token_delivery.is_none());
+        let grant_token = if pod_delivery {
+            String::new()
+        } else {
+            wait_for("the grant's token", Duration::from_secs(30), || async {
+                f.token_in(&format!("{GRANT}-token")).await
+            })
+            .await
+        };
         let a = workload(&f, &issuer, "sa-a").await;
         let b = workload(&f, &issuer, "sa-b").await;
         let c = workload(&f, &issuer, "sa-c").await;
@@ -214,6 +242,102 @@ impl Exchange {
         form
     }
 
+    /// A token of agent a's ServiceAccount for the issuer's audience, minted by someone who may
+    /// impersonate it (with pod extras forged on the impersonation, naming its real pod): the
+    /// ServiceAccount's, but bound to no pod.
+    pub async fn impersonated_actor_token(&self) -> String {
+        let ns = self.ns().to_owned();
+        // The ServiceAccount may mint its own tokens (so that the impersonated request is allowed).
+        let meta = ObjectMeta {
+            name: Some("sa-a-mints-itself".into()),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        };
+        let role = Role {
+            metadata: meta.clone(),
+            rules: Some(vec![rule(
+                "",
+                &["serviceaccounts/token"],
+                &["create"],
+                &["sa-a"],
+            )]),
+        };
+        Api::<Role>::namespaced(self.f.client.clone(), &ns)
+            .create(&PostParams::default(), &role)
+            .await
+            .unwrap();
+        let binding = RoleBinding {
+            metadata: meta,
+            role_ref: RoleRef {
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                kind: "Role".into(),
+                name: "sa-a-mints-itself".into(),
+            },
+            subjects: Some(vec![service_account_subject(&ns, "sa-a")]),
+        };
+        Api::<RoleBinding>::namespaced(self.f.client.clone(), &ns)
+            .create(&PostParams::default(), &binding)
+            .await
+            .unwrap();
+        let as_sa = client_impersonating(
+            &self.a.username,
+            &[
+                "system:serviceaccounts",
+                &format!("system:serviceaccounts:{ns}"),
+            ],
+            None,
+            &[
+                (
+                    "authentication.kubernetes.io/pod-name",
+                    &[self.a.pod_name()],
+                ),
+                ("authentication.kubernetes.io/pod-uid", &[self.a.pod_uid()]),
+            ],
+        )
+        .await;
+        let request = k8s_openapi::api::authentication::v1::TokenRequest {
+            spec: Some(k8s_openapi::api::authentication::v1::TokenRequestSpec {
+                audiences: Some(vec![self.issuer.url.clone()]),
+                expiration_seconds: Some(3600),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let accounts = Api::<ServiceAccount>::namespaced(as_sa, &ns);
+        wait_for(
+            "the impersonated ServiceAccount to be allowed to mint its token",
+            RBAC_SETTLE_TIMEOUT,
+            || async {
+                match accounts
+                    .create_token_request("sa-a", &PostParams::default(), &request)
+                    .await
+                {
+                    Ok(r) => r.status.and_then(|s| s.token),
+                    Err(kube::Error::Api(s)) if s.code == 403 => None,
+                    Err(e) => panic!("TokenRequest as the impersonated ServiceAccount: {e}"),
+                }
+            },
+        )
+        .await
+    }
+
+    /// The form of a delivery (Pod delivery) of grant `grant`'s token to the holder of `actor`.
+    pub fn delivery_form<'a>(
+        grant: &'a str,
+        actor: &'a str,
+        extra: &[(&'a str, &'a str)],
+    ) -> Vec<(&'a str, &'a str)> {
+        let mut form = vec![
+            ("grant_type", GRANT_TYPE),
+            ("subject_token", grant),
+            ("subject_token_type", GRANT_TOKEN_TYPE),
+            ("actor_token", actor),
+            ("actor_token_type", JWT_TYPE),
+        ];
+        form.extend_from_slice(extra);
+        form
+    }
+
     /// POSTs a form to the token endpoint.
     pub async fn post(&self, form: &[(&str, &str)]) -> HttpResponse {
         self.trust.exchange(&self.issuer.url, form).await
@@ -231,9 +355,19 @@ impl Exchange {
         format!("{}/token", self.issuer.url)
     }
 
-    /// How many `Exchanged` audit lines the operator wrote so far.
+    /// How many tokens the endpoint minted so far: its `Exchanged` and `Delivered` audit lines.
     pub fn exchanged_lines(&self) -> usize {
-        self.audit_lines("Exchanged").len()
+        self.audit_lines("Exchanged").len() + self.audit_lines("Delivered").len()
+    }
+
+    /// The audit lines of refusals, of exchanges and deliveries.
+    fn refusal_lines(&self) -> Vec<Value> {
+        self.f
+            .operator()
+            .audit()
+            .into_iter()
+            .filter(|l| l["action"] == "ExchangeRefused" || l["action"] == "DeliveryRefused")
+            .collect()
     }
 
     /// The operator's audit lines with this `action`.
@@ -551,7 +685,7 @@ impl Exchange {
         forbidden: &[&str],
     ) -> Value {
         let minted_before = self.exchanged_lines();
-        let refused_before = self.audit_lines("ExchangeRefused").len();
+        let refused_before = self.refusal_lines().len();
         let reply = self.post_with(form, headers).await;
         self.check_refusal(
             reply,
@@ -578,7 +712,7 @@ impl Exchange {
         audited: bool,
     ) -> Value {
         let minted_before = self.exchanged_lines();
-        let refused_before = self.audit_lines("ExchangeRefused").len();
+        let refused_before = self.refusal_lines().len();
         let reply = match self.trust.exchange_raw(&self.issuer.url, body).await {
             Ok(reply) => reply,
             Err(e) => {
@@ -632,7 +766,9 @@ impl Exchange {
             &self.b.token,
             &self.c.token,
         ] {
-            secrets.push(known.as_str());
+            if !known.is_empty() {
+                secrets.push(known.as_str());
+            }
         }
         let text = String::from_utf8_lossy(&reply.body).into_owned();
         let want = codes.join(" or ");
@@ -686,7 +822,7 @@ impl Exchange {
                 &format!("an ExchangeRefused audit line ({want}, reason {reason:?})"),
                 Duration::from_secs(15),
                 || async {
-                    self.audit_lines("ExchangeRefused")
+                    self.refusal_lines()
                         .into_iter()
                         .skip(refused_before)
                         .find(|l| {
@@ -726,6 +862,64 @@ impl Exchange {
         }
         body
     }
+}
+
+/// The status of each token in the status list served over HTTPS at its `uri` — one fetch of the
+/// list (one published version) for all of them — verified with the served JWKS by the operator's own
+/// verification code: "Valid", "Invalid" or "Suspended".
+pub async fn served_statuses(x: &Exchange, tokens: &[&str]) -> Vec<String> {
+    served_statuses_at(x, &x.issuer.url, tokens).await
+}
+
+/// [`served_statuses`] as the replica listening at `base` serves them (the `uri`s name the issuer).
+pub async fn served_statuses_at(x: &Exchange, base: &str, tokens: &[&str]) -> Vec<String> {
+    let jwks = x
+        .trust
+        .get(&format!("{base}/.well-known/jwks.json"))
+        .await
+        .unwrap()
+        .json();
+    let mut lists = std::collections::BTreeMap::new();
+    for token in tokens {
+        let claims = unverified_claims(token);
+        let uri = claims["status"]["status_list"]["uri"].as_str().unwrap();
+        let key = delegation_operator::status_list::data_key(uri);
+        if lists.contains_key(&key) {
+            continue;
+        }
+        let served_at = format!("{base}{}", uri.strip_prefix(x.issuer.url.as_str()).unwrap());
+        let list = x.trust.get(&served_at).await.unwrap();
+        assert_eq!(list.status, 200, "{served_at}");
+        assert_eq!(list.content_type, "application/statuslist+jwt");
+        lists.insert(key, String::from_utf8(list.body).unwrap());
+    }
+    tokens
+        .iter()
+        .map(|token| {
+            let verified =
+                delegation_operator::verification::verify(token, &jwks, &lists, Some(AUDIENCE), 0)
+                    .unwrap_or_else(|e| panic!("a token of the lineage does not verify: {e}"));
+            format!("{:?}", verified.status)
+        })
+        .collect()
+}
+
+/// Waits until every token reads `status` in one fetch of the served list.
+pub async fn wait_served(x: &Exchange, tokens: &[&str], status: &str) {
+    wait_served_at(x, &x.issuer.url, tokens, status).await;
+}
+
+/// [`wait_served`] at the replica listening at `base`.
+pub async fn wait_served_at(x: &Exchange, base: &str, tokens: &[&str], status: &str) {
+    wait_for(
+        &format!("the status list served at {base} to say {status} for every token"),
+        Duration::from_secs(60),
+        || async {
+            let statuses = served_statuses_at(x, base, tokens).await;
+            statuses.iter().all(|s| s == status).then_some(())
+        },
+    )
+    .await;
 }
 
 /// A new pod running as `service_account` and its pod-bound token for `issuer`'s audience.

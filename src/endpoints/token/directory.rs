@@ -1,7 +1,8 @@
 //! What the token endpoint knows of the cluster, kept by watches of its own (every replica answers
 //! exchanges, and only the leader has the operator's caches): the AgentIdentities (who may act, and
 //! as which ServiceAccount), the AudiencePolicies (the ceilings), and of each DelegationGrant its
-//! metadata alone (uid, creation, deletion: whether the grant behind a token still stands).
+//! metadata (uid, creation, deletion: whether the grant behind a token still stands) and, for Pod
+//! delivery, the sealed token in its status.
 //!
 //! Whether a grant's token is still good is not read here: the Token Status List the leader
 //! publishes says so (a grant refused, suspended or deleted has its token revoked there first), and
@@ -15,12 +16,11 @@ use std::sync::{
 use futures::StreamExt;
 use kube::{
     Api, Client, ResourceExt,
-    api::PartialObjectMeta,
     runtime::{WatchStreamExt, reflector, reflector::ObjectRef, watcher},
 };
 
 use crate::{
-    api::{AgentIdentity, AudiencePolicy, DelegationGrant},
+    api::{AgentIdentity, AudiencePolicy, DelegationGrant, DelegationGrantStatus},
     delegation::exchange::{self, GrantState},
     operator::caches::prune::unread_metadata,
 };
@@ -29,7 +29,8 @@ use crate::{
 pub struct Directory {
     agents: reflector::Store<AgentIdentity>,
     policies: reflector::Store<AudiencePolicy>,
-    grants: reflector::Store<PartialObjectMeta<DelegationGrant>>,
+    /// Trimmed to their metadata and, for Pod delivery, their sealed token ([`trim_grant`]).
+    grants: reflector::Store<DelegationGrant>,
     listed: AtomicUsize,
 }
 
@@ -52,20 +53,27 @@ impl Directory {
             listed: AtomicUsize::new(0),
         });
         let agent_api: Api<AgentIdentity> = scoped(client.clone(), namespace);
-        let grant_api: Api<PartialObjectMeta<DelegationGrant>> = scoped(client.clone(), namespace);
+        let grant_api: Api<DelegationGrant> = scoped(client.clone(), namespace);
         let policy_api: Api<AudiencePolicy> = Api::all(client);
         let config = watcher::Config::default();
         let agents = follow(
             watcher(agent_api, config.clone()),
             agents_writer,
             directory.clone(),
+            |_| {},
         );
         let policies = follow(
             watcher(policy_api, config.clone()),
             policies_writer,
             directory.clone(),
+            |_| {},
         );
-        let grants = follow(watcher(grant_api, config), grants_writer, directory.clone());
+        let grants = follow(
+            watcher(grant_api, config),
+            grants_writer,
+            directory.clone(),
+            trim_grant,
+        );
         let running = async move {
             futures::join!(agents, policies, grants);
         };
@@ -88,6 +96,35 @@ impl Directory {
             },
         }
     }
+}
+
+impl Directory {
+    /// The uid and sealed token of the grant `namespace/name`, when it delivers to pods and stands.
+    pub fn sealed_token(&self, namespace: &str, name: &str) -> Option<(String, String)> {
+        let grant = self.grants.get(&ObjectRef::new(name).within(namespace))?;
+        if grant.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
+        let sealed = grant.status.as_ref()?.sealed_token.clone()?;
+        Some((grant.uid()?, sealed))
+    }
+}
+
+/// What the endpoint keeps of a grant: its metadata and its sealed token. The rest (scopes, details,
+/// the chain in its status) is read from the tokens themselves, never from the grant.
+fn trim_grant(grant: &mut DelegationGrant) {
+    let sealed_token = grant.status.take().and_then(|s| s.sealed_token);
+    grant.status = sealed_token.map(|sealed| DelegationGrantStatus {
+        sealed_token: Some(sealed),
+        ..Default::default()
+    });
+    let spec = &mut grant.spec;
+    spec.scopes = Vec::new();
+    spec.authorization_details = None;
+    spec.requester = None;
+    spec.authors = None;
+    spec.principal = None;
+    spec.valid_until = None;
 }
 
 impl exchange::Directory for Directory {
@@ -121,13 +158,17 @@ async fn follow<K>(
     events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
     mut writer: reflector::store::Writer<K>,
     directory: Arc<Directory>,
+    trim: fn(&mut K),
 ) where
     K: kube::Resource<DynamicType = ()> + Clone + Send + Sync + 'static,
 {
     let mut counted = false;
     events
         .default_backoff()
-        .modify(|object| unread_metadata(object.meta_mut()))
+        .modify(move |object| {
+            unread_metadata(object.meta_mut());
+            trim(object);
+        })
         .for_each(|event| {
             match event {
                 Ok(event) => {

@@ -17,6 +17,14 @@
 //! crash: the lineage was persisted with the grant token's own entry. The format lets one exchanged
 //! token be revoked alone (its entry flipped, with the siblings that drew the same one); no command
 //! does that yet.
+//!
+//! **Delivery** (a grant's `tokenDelivery: Pod`): the grant's token is never written to a Secret;
+//! the leader seals it in the grant's status ([`crate::sealing`]). The agent's pod asks with
+//! `subject_token_type` [`GRANT_TOKEN_TYPE`] and the grant's name as `subject_token`, and only its
+//! pod-bound ServiceAccount token as `actor_token`: the grant is looked up in the caller's own
+//! namespace, its token opened and verified like any subject token, and the same decision makes a
+//! narrowing for the pod (never a hop: `not_the_agent`), bound to the key of a DPoP proof if one
+//! came (required when the agent says `requireProofOfPossession`). Audit action `Delivered`.
 
 pub mod directory;
 pub mod live;
@@ -40,6 +48,7 @@ use crate::{
         reviews::{Charge, Refusal, Reviews},
     },
     operator::reporting::audit::{self, ExchangeAction, ExchangeRecord, WorkloadRecord},
+    sealing::GrantId,
     signing,
     status_list::Status,
     verification::{self, VerifyError},
@@ -52,6 +61,9 @@ pub const TOKEN_PATH: &str = "/token";
 pub const TOKEN_EXCHANGE_GRANT: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 pub const ACCESS_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:access_token";
 pub const JWT_TOKEN_TYPE: &str = "urn:ietf:params:oauth:token-type:jwt";
+/// Pod delivery: the `subject_token` names a DelegationGrant of the caller's namespace whose token
+/// the operator keeps sealed (RFC 8693 §3 leaves token types open to URIs like this one).
+pub const GRANT_TOKEN_TYPE: &str = "urn:delegation.nhi.dev:token-type:grant";
 /// Our tokens are a few KiB; a ServiceAccount token about one.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 /// Scopes one request may name (each is checked against lists of similar size).
@@ -192,9 +204,18 @@ pub fn dpop_header(headers: &axum::http::HeaderMap) -> DpopHeader {
     }
 }
 
+/// What the `subject_token` is.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Subject {
+    /// A token of this issuer, presented by its holder (an exchange).
+    Token(String),
+    /// The name of a DelegationGrant with Pod delivery in the caller's namespace (a delivery).
+    Grant(String),
+}
+
 /// A request, read.
 pub struct Parsed {
-    subject_token: String,
+    subject: Subject,
     actor_token: String,
     request: ExchangeRequest,
 }
@@ -247,8 +268,18 @@ pub fn parse(fields: &[(String, String)]) -> Result<Parsed, Refused> {
     let subject_token = token(
         "subject_token",
         "subject_token_type",
-        &[ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE],
+        &[ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, GRANT_TOKEN_TYPE],
     )?;
+    let subject = if field("subject_token_type") == Some(GRANT_TOKEN_TYPE) {
+        if !is_object_name(&subject_token) {
+            return Err(invalid(format!(
+                "with subject_token_type {GRANT_TOKEN_TYPE}, subject_token is the name of a DelegationGrant in your namespace"
+            )));
+        }
+        Subject::Grant(subject_token)
+    } else {
+        Subject::Token(subject_token)
+    };
     let actor_token = token("actor_token", "actor_token_type", &[JWT_TOKEN_TYPE])?;
     if let Some(wanted) = field("requested_token_type")
         && wanted != ACCESS_TOKEN_TYPE
@@ -287,7 +318,7 @@ pub fn parse(fields: &[(String, String)]) -> Result<Parsed, Refused> {
         })
         .transpose()?;
     Ok(Parsed {
-        subject_token,
+        subject,
         actor_token,
         request: ExchangeRequest {
             scopes,
@@ -324,6 +355,19 @@ fn scope_list(text: &str) -> Result<Vec<String>, Refused> {
         return Err(invalid("a scope holds a character RFC 6749 does not allow"));
     }
     Ok(scopes)
+}
+
+/// Whether `name` can be a Kubernetes object name (a DNS-1123 subdomain).
+fn is_object_name(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
 }
 
 /// At most 64 characters of untrusted text, for a description.
@@ -407,32 +451,40 @@ async fn answer(
         return Err(Outcome::Busy(Refusal::Unavailable));
     }
     let parsed = parse(fields)?;
-    let subject = verify_subject(published, issuer, &parsed.subject_token)?;
-    attempt.subject = Some(subject.clone());
-    let proof = check_proof(dpop, issuer, &parsed.subject_token, &subject)?;
-    let mut charge = Charge::new(address);
-    let caller =
-        match workload::prove_workload(reviews, &mut charge, issuer, &parsed.actor_token).await {
-            Err(refusal) => return Err(Outcome::Busy(refusal)),
-            Ok(Err(not_proven)) => {
-                return Err(Refused::new(
-                    "unauthorized_client",
-                    not_proven.reason(),
-                    not_proven.description(),
-                )
-                .into());
-            }
-            Ok(Ok(caller)) => caller,
-        };
-    // The caller is who it says it is: a refusal from here on is about what it asked, not about
-    // unauthenticated traffic, and does not count against its address.
-    reviews.accepted(&mut charge);
+    attempt.delivery = matches!(parsed.subject, Subject::Grant(_));
+    // An exchange's subject token is checked first (no apiserver call for a bad one); a delivery's
+    // is known only once the caller's namespace is.
+    let presented = match &parsed.subject {
+        Subject::Token(token) => {
+            let subject = verify_subject(published, issuer, token)?;
+            attempt.subject = Some(subject.clone());
+            Some((token.as_str(), subject))
+        }
+        Subject::Grant(_) => None,
+    };
+    let proof = check_proof(
+        dpop,
+        issuer,
+        presented.as_ref().map(|(token, _)| *token),
+        presented.as_ref().is_some_and(|(_, s)| s.cnf.is_some()),
+    )?;
+    let caller = prove_caller(reviews, address, issuer, &parsed.actor_token).await?;
     attempt.caller = Some(caller);
     // Remembered only now, so that unauthenticated traffic cannot fill the replay cache.
     if let Some(proof) = &proof {
         remember_proof(exchange, proof)?;
     }
     let caller = attempt.caller.as_ref().expect("just set");
+    let subject = match (presented, &parsed.subject) {
+        (Some((_, subject)), _) => subject,
+        (None, Subject::Grant(name)) => {
+            let token = sealed_grant_token(exchange, &caller.namespace, name)?;
+            let subject = verify_subject(published, issuer, &token)?;
+            attempt.subject = Some(subject.clone());
+            subject
+        }
+        (None, Subject::Token(_)) => unreachable!("a presented token was verified above"),
+    };
     let grant = exchange
         .directory
         .grant(&subject.grant.namespace, &subject.grant.name);
@@ -446,6 +498,7 @@ async fn answer(
         now: Timestamp::now(),
         jti: uuid::Uuid::new_v4().to_string(),
         proof_key: proof.map(|p| p.jkt),
+        delivery: attempt.delivery,
     };
     let claims = exchange::decide(&facts).map_err(|refusal| {
         Refused::new(refusal.code.as_str(), refusal.reason, refusal.description)
@@ -461,13 +514,70 @@ async fn answer(
     Ok((token, claims))
 }
 
+/// Proves who the caller is from its pod-bound ServiceAccount token (TokenReview, cached), counting
+/// a failure against its address.
+async fn prove_caller(
+    reviews: &Reviews,
+    address: Option<std::net::IpAddr>,
+    issuer: &str,
+    actor_token: &str,
+) -> Result<ProvenWorkload, Outcome> {
+    let mut charge = Charge::new(address);
+    match workload::prove_workload(reviews, &mut charge, issuer, actor_token).await {
+        Err(refusal) => Err(Outcome::Busy(refusal)),
+        Ok(Err(not_proven)) => Err(Refused::new(
+            "unauthorized_client",
+            not_proven.reason(),
+            not_proven.description(),
+        )
+        .into()),
+        Ok(Ok(caller)) => {
+            // The caller is who it says it is: a refusal from here on is about what it asked, not
+            // about unauthenticated traffic, and does not count against its address.
+            reviews.accepted(&mut charge);
+            Ok(caller)
+        }
+    }
+}
+
+/// The token of the caller's grant `name`, opened from the grant's status (Pod delivery). Only
+/// the grant's own namespace is looked in: the caller's, as the apiserver proved it.
+fn sealed_grant_token(exchange: &Exchange, namespace: &str, name: &str) -> Result<String, Outcome> {
+    let Some((uid, sealed)) = exchange.directory.sealed_token(namespace, name) else {
+        return Err(Refused::new(
+            "invalid_grant",
+            "not_delivered",
+            format!(
+                "no DelegationGrant {:?} in namespace {namespace:?} holds a token for Pod delivery: it does not exist, is not Ready, or delivers to a Secret",
+                truncated(name)
+            ),
+        )
+        .into());
+    };
+    let grant = GrantId {
+        namespace,
+        name,
+        uid: &uid,
+    };
+    exchange.signer.open(grant, &sealed).ok_or_else(|| {
+        // Altered, or sealed under a key this replica does not hold yet: the operator replaces a
+        // sealed token that does not open within seconds.
+        tracing::warn!(
+            namespace,
+            grant = name,
+            "a grant's sealed token does not open"
+        );
+        Outcome::Busy(Refusal::Unavailable)
+    })
+}
+
 /// The request's DPoP proof, checked (RFC 9449 §4.3) for a `POST` to this endpoint, with `ath` the
-/// hash of the subject token (required when the subject token is bound); replay is checked later.
+/// hash of the presented subject token (required when it is bound); replay is checked later.
 fn check_proof(
     header: &DpopHeader,
     issuer: &str,
-    subject_token: &str,
-    subject: &AccessTokenClaims,
+    presented: Option<&str>,
+    bound: bool,
 ) -> Result<Option<dpop::Proof>, Outcome> {
     let refused = |description: String| {
         Outcome::Refused(Refused::new(
@@ -488,8 +598,8 @@ fn check_proof(
     let request = dpop::Request {
         method: "POST",
         uri: &format!("{issuer}{TOKEN_PATH}"),
-        token: Some(subject_token),
-        require_ath: subject.cnf.is_some(),
+        token: presented,
+        require_ath: bound,
         now: Timestamp::now().as_second(),
     };
     dpop::check_proof(proof, &request)
@@ -575,6 +685,8 @@ fn verify_subject(
 /// What is known of an exchange by the time it ends, for its audit record.
 #[derive(Default)]
 struct Attempt {
+    /// A delivery (Pod delivery) rather than an exchange.
+    delivery: bool,
     subject: Option<AccessTokenClaims>,
     caller: Option<ProvenWorkload>,
 }
@@ -584,7 +696,18 @@ impl Attempt {
         let expires_at = Timestamp::from_second(issued.exp)
             .map(|t| t.to_string())
             .ok();
-        let mut record = self.record(ExchangeAction::Exchanged, "exchanged", Some(issued));
+        let (action, reason) = if self.delivery {
+            (ExchangeAction::Delivered, "delivered")
+        } else {
+            (ExchangeAction::Exchanged, "exchanged")
+        };
+        let delivered_to = self
+            .caller
+            .as_ref()
+            .filter(|_| self.delivery)
+            .map(|c| format!("delivered to pod {}/{}", c.namespace, c.pod_name));
+        let mut record = self.record(action, reason, Some(issued));
+        record.message = delivered_to.as_deref();
         record.token_ids = vec![&issued.jti];
         record.expires_at = expires_at;
         record.status_list = issued.status.as_ref();
@@ -593,7 +716,12 @@ impl Attempt {
     }
 
     fn record_refused(&self, refused: &Refused) {
-        let mut record = self.record(ExchangeAction::ExchangeRefused, refused.reason, None);
+        let action = if self.delivery {
+            ExchangeAction::DeliveryRefused
+        } else {
+            ExchangeAction::ExchangeRefused
+        };
+        let mut record = self.record(action, refused.reason, None);
         record.error = Some(refused.error);
         record.message = Some(&refused.description);
         audit::record_exchange(&record);
@@ -687,7 +815,7 @@ mod tests {
             ),
         ]);
         let parsed = parse(&form(&pairs)).expect("parsed");
-        assert_eq!(parsed.subject_token, "s.t.x");
+        assert_eq!(parsed.subject, Subject::Token("s.t.x".into()));
         assert_eq!(parsed.actor_token, "a.t.x");
         let request = parsed.request;
         assert_eq!(
@@ -771,6 +899,38 @@ mod tests {
         let mut pairs = without("subject_token");
         pairs.push(("subject_token", &long));
         assert_eq!(refusal(&pairs).error, "invalid_request");
+    }
+
+    /// A delivery names a grant: only a Kubernetes object name is taken.
+    #[test]
+    fn a_delivery_names_a_grant_by_a_valid_name() {
+        let delivery = |name: &str| {
+            let mut pairs: Vec<(&str, &str)> = base()
+                .into_iter()
+                .filter(|(k, _)| !k.starts_with("subject_token"))
+                .collect();
+            pairs.extend([
+                ("subject_token", name),
+                ("subject_token_type", GRANT_TOKEN_TYPE),
+            ]);
+            parse(&form(&pairs))
+        };
+        let parsed = delivery("triage.v2").expect("a grant name");
+        assert_eq!(parsed.subject, Subject::Grant("triage.v2".into()));
+        let long = "a".repeat(254);
+        for bad in [
+            "Triage",
+            "-x",
+            "x-",
+            "a..b",
+            "a/b",
+            "eyJ.x.y_z",
+            long.as_str(),
+        ] {
+            let refused = delivery(bad).err().expect("not a grant name");
+            assert_eq!(refused.error, "invalid_request", "{bad:.20}");
+            assert!(!refused.description.contains(bad), "{bad:.20}");
+        }
     }
 
     /// A description quotes no more than a short piece of what the caller sent, and never a token.

@@ -13,6 +13,7 @@ use serde::Serialize;
 use crate::{
     endpoints::published::watch_one,
     operator::publishing::keys::{KEYS_SECRET_NAME, keyring_of_secret},
+    sealing::GrantId,
     signing::{Keyring, SigningError},
 };
 
@@ -29,6 +30,12 @@ impl Signer {
     ) -> Option<Result<String, SigningError>> {
         let ring = self.0.read().ok()?;
         Some(ring.as_ref()?.active().sign_typed(claims, typ))
+    }
+
+    /// Opens a grant's sealed token (Pod delivery) under whichever held key it names.
+    pub fn open(&self, grant: GrantId<'_>, sealed: &str) -> Option<String> {
+        let ring = self.0.read().ok()?;
+        crate::sealing::open(ring.as_ref()?.keys(), grant, sealed).ok()
     }
 
     pub fn is_loaded(&self) -> bool {

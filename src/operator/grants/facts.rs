@@ -1,6 +1,7 @@
 //! The facts of a grant's decision that need more than the caches: who holds its Secret, and whether
 //! the Secret still holds the token the status describes (read and verified only when the metadata
-//! cache shows it changed). Called by the grant controller before it decides.
+//! cache shows it changed); with Pod delivery, whether the token sealed in the status opens and is
+//! the one the status describes. Called by the grant controller before it decides.
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, ResourceExt, api::PartialObjectMeta};
@@ -12,11 +13,67 @@ use crate::{
     delegation::{
         claims::{AccessTokenClaims, substance},
         decision::SecretHolder,
+        delivery::Delivery,
         record::HeldToken,
         timing::SecretState,
     },
+    sealing::GrantId,
     signing,
 };
+
+/// What holds the grant's current token: its Secret, or with Pod delivery its sealed copy.
+pub async fn token_holder(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    delivery: Delivery,
+) -> Result<SecretHolder> {
+    if delivery.is_pod() {
+        return Ok(SecretHolder::Ours(sealed_state(ctx, grant)));
+    }
+    secret_holder(grant, ctx).await
+}
+
+/// Whether the status's sealed token opens for this grant (under a key still held) and is exactly
+/// the token the status describes (its id, expiry and signature). The status is anyone's to write:
+/// what does not open or match is `Changed`, and the grant gets a new token.
+fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
+    let status = grant.status.as_ref();
+    let (Some(token), Some(sealed)) = (
+        status.and_then(|s| s.token.as_ref()),
+        status.and_then(|s| s.sealed_token.as_deref()),
+    ) else {
+        return SecretState::Missing;
+    };
+    let (namespace, name, uid) = (
+        grant.namespace().unwrap_or_default(),
+        grant.name_any(),
+        grant.uid().unwrap_or_default(),
+    );
+    let id = GrantId {
+        namespace: &namespace,
+        name: &name,
+        uid: &uid,
+    };
+    let Some(opened) = ctx.keys.open(id, sealed) else {
+        return SecretState::Changed;
+    };
+    let Ok(jwks) = ctx.keys.jwks() else {
+        return SecretState::Changed;
+    };
+    let verified = signing::verify(&opened, &jwks, &grant.spec.audience, 0)
+        .ok()
+        .filter(|claims| {
+            claims["jti"].as_str() == Some(token.id.as_str())
+                && claims["exp"].as_i64() == Some(token.expires_at.0.as_second())
+        });
+    match verified {
+        Some(claims) => {
+            remember_verified(ctx, grant, claims);
+            SecretState::Intact
+        }
+        None => SecretState::Changed,
+    }
+}
 
 /// Who holds the grant's Secret and, when it is ours or absent, what it holds.
 pub async fn secret_holder(grant: &DelegationGrant, ctx: &Context) -> Result<SecretHolder> {
@@ -72,7 +129,13 @@ pub(super) async fn secret_state(
     let Some(claims) = verified else {
         return Ok(SecretState::Changed);
     };
-    // What this token grants, from its verified claims: the operator's own knowledge from now on.
+    remember_verified(ctx, grant, claims);
+    ctx.remember_trusted_secret(&namespace, secret_name, rv);
+    Ok(SecretState::Intact)
+}
+
+/// What a verified token of the grant grants, from its claims: the operator's own knowledge from now on.
+fn remember_verified(ctx: &Context, grant: &DelegationGrant, claims: serde_json::Value) {
     if let Ok(claims) = serde_json::from_value::<AccessTokenClaims>(claims) {
         let held = HeldToken {
             substance: substance(&claims),
@@ -86,6 +149,4 @@ pub(super) async fn secret_state(
         };
         ctx.remember_token(grant, held, false);
     }
-    ctx.remember_trusted_secret(&namespace, secret_name, rv);
-    Ok(SecretState::Intact)
 }

@@ -1,6 +1,6 @@
 //! Issuing a token: revoke what it replaces, mint it (with its status-list entry recorded and
-//! published first), write it to the grant's Secret (never taking over someone else's), say so at
-//! once, and record it in the status. Called by the grant controller on an `Issue` verdict.
+//! published first), write it to the grant's Secret (never taking over someone else's) or, with Pod
+//! delivery, seal it for the status, say so at once, and record it in the status. Called by the grant controller on an `Issue` verdict.
 
 use std::time::Duration;
 
@@ -32,9 +32,11 @@ use crate::{
         claims::{GrantReference, build_claims, claims_digest, substance},
         conditions::set_ready,
         decision::{Issue, Revoke, secret_conflict},
+        delivery::Delivery,
         record::{HeldToken, last_approver},
         timing::{IssueCause, TokenTimes, plan_token, until},
     },
+    sealing::GrantId,
     status_list::TokenStatusRef,
 };
 
@@ -90,26 +92,12 @@ pub(super) async fn issue(
         }
     };
 
-    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let desired = token_secret::desired(
-        grant,
-        secret_name,
-        &minted.token,
-        &minted.jti,
-        &Time(minted.times.expires_at),
-    );
-    let ours = ctx
-        .cached_secret(&namespace, secret_name)
-        .filter(|s| token_secret::ownership(Some(s), grant) == Ownership::Ours);
-    let Some(rv) = write_token_secret(
-        &api,
-        desired,
-        ours.and_then(|s| s.metadata.uid.clone()),
-        grant,
-    )
-    .await?
-    else {
-        return refuse(grant, ctx, &secret_conflict(secret_name), now).await;
+    let delivered = match resolution.delivery {
+        Delivery::Secret => match write_to_secret(grant, ctx, &minted, secret_name).await? {
+            Some(rv) => Delivered::Secret { rv },
+            None => return refuse(grant, ctx, &secret_conflict(secret_name), now).await,
+        },
+        Delivery::Pod { .. } => Delivered::Sealed(seal(grant, ctx, &minted)?),
     };
     // The token is out: its audit line is written at once, before anything else can fail or the
     // process die, so that no token that reached a Secret goes unaudited.
@@ -132,9 +120,11 @@ pub(super) async fn issue(
         ..Said::new(action, reason, &message)
     }
     .audit(grant, ctx);
-    ctx.remember_trusted_secret(&namespace, secret_name, rv);
-    ctx.unseen_writes
-        .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
+    if let Delivered::Secret { rv } = &delivered {
+        ctx.remember_trusted_secret(&namespace, secret_name, rv.clone());
+        ctx.unseen_writes
+            .wrote(&namespace, secret_name, &grant.uid().unwrap_or_default());
+    }
     ctx.remember_token(
         grant,
         HeldToken {
@@ -145,8 +135,14 @@ pub(super) async fn issue(
         },
         true,
     );
-    if let Some(previous_secret) = old.secret_name.as_deref().filter(|n| *n != secret_name) {
-        // spec.secretName changed: the token moved; the old Secret is ours to remove.
+    let kept_secret = matches!(delivered, Delivered::Secret { .. }).then_some(secret_name);
+    if let Some(previous_secret) = old
+        .secret_name
+        .as_deref()
+        .filter(|n| Some(*n) != kept_secret.map(String::as_str))
+    {
+        // spec.secretName changed, or the grant moved to Pod delivery: the old Secret is ours to
+        // remove (its token was revoked: either change replaces the token).
         delete_our_secret(ctx, grant, previous_secret, true).await?;
     }
 
@@ -156,6 +152,7 @@ pub(super) async fn issue(
         evidence,
         resolution,
         &minted,
+        &delivered,
         secret_name,
         supersedes,
         reason,
@@ -168,6 +165,57 @@ pub(super) async fn issue(
         grant,
         until(now, minted.times.renewal_at).max(Duration::from_secs(1)),
     ))
+}
+
+/// Where a freshly minted token went.
+pub(super) enum Delivered {
+    /// To the grant's Secret, now at this resourceVersion.
+    Secret { rv: String },
+    /// Sealed, for the grant's status (Pod delivery).
+    Sealed(String),
+}
+
+/// Writes the token to the grant's Secret; `None` when a Secret that is not ours holds the name.
+async fn write_to_secret(
+    grant: &DelegationGrant,
+    ctx: &Context,
+    minted: &Minted,
+    secret_name: &str,
+) -> Result<Option<String>> {
+    let namespace = grant.namespace().unwrap_or_default();
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
+    let desired = token_secret::desired(
+        grant,
+        secret_name,
+        &minted.token,
+        &minted.jti,
+        &Time(minted.times.expires_at),
+    );
+    let ours = ctx
+        .cached_secret(&namespace, secret_name)
+        .filter(|s| token_secret::ownership(Some(s), grant) == Ownership::Ours);
+    write_token_secret(
+        &api,
+        desired,
+        ours.and_then(|s| s.metadata.uid.clone()),
+        grant,
+    )
+    .await
+}
+
+/// Seals the token for the grant's status (Pod delivery), under the key that signed it.
+fn seal(grant: &DelegationGrant, ctx: &Context, minted: &Minted) -> Result<String> {
+    let (namespace, name, uid) = (
+        grant.namespace().unwrap_or_default(),
+        grant.name_any(),
+        grant.uid().unwrap_or_default(),
+    );
+    let id = GrantId {
+        namespace: &namespace,
+        name: &name,
+        uid: &uid,
+    };
+    ctx.keys.seal(id, &minted.key_id, &minted.token)
 }
 
 /// Revokes what a new token replaces. When it supersedes the current token, every token of the grant
@@ -290,12 +338,17 @@ pub(super) fn issued_status(
     evidence: &Evidence,
     resolution: &Resolution,
     minted: &Minted,
+    delivered: &Delivered,
     secret_name: &str,
     supersedes: bool,
     reason: &str,
     message: &str,
     now: Timestamp,
 ) -> DelegationGrantStatus {
+    let (secret_name, sealed_token) = match delivered {
+        Delivered::Secret { .. } => (Some(secret_name.to_owned()), None),
+        Delivered::Sealed(sealed) => (None, Some(sealed.clone())),
+    };
     let previous_token = old
         .token
         .as_ref()
@@ -325,7 +378,8 @@ pub(super) fn issued_status(
             claims_digest: Some(claims_digest(&grant.spec)),
         }),
         previous_token,
-        secret_name: Some(secret_name.to_owned()),
+        secret_name,
+        sealed_token,
         parent_grant_uid: old.parent_grant_uid.clone(),
         approval: evidence.approval.clone(),
     }
@@ -342,6 +396,12 @@ pub(super) fn issue_message(
         IssueCause::Renewal => "renewed",
         IssueCause::GrantChanged => "reissued because the grant or its chain changed",
         IssueCause::OutlivesLimit => "reissued because a limit above it tightened",
+        IssueCause::SecretMissing if resolution.delivery.is_pod() => {
+            "reissued because its sealed copy was removed from the status"
+        }
+        IssueCause::SecretChanged if resolution.delivery.is_pod() => {
+            "reissued because its sealed copy in the status was altered"
+        }
         IssueCause::SecretMissing => "reissued because its Secret was deleted",
         IssueCause::SecretChanged => "reissued because its Secret was altered",
         IssueCause::KeyRevoked => "reissued because the key that signed it was revoked",
@@ -351,8 +411,13 @@ pub(super) fn issue_message(
         .last()
         .map(String::as_str)
         .unwrap_or_default();
+    let delivered = if resolution.delivery.is_pod() {
+        "; no Secret: the agent's pods fetch tokens from the token endpoint"
+    } else {
+        ""
+    };
     format!(
-        "token {why} for {actor} on behalf of {}; expires at {expires_at}, renews at {renewal_at}",
+        "token {why} for {actor} on behalf of {}; expires at {expires_at}, renews at {renewal_at}{delivered}",
         resolution.principal.name
     )
 }

@@ -36,7 +36,7 @@ use kube::{
 
 use self::{
     ahead::{Planned, add_finalizer_and_ask, ask_ahead, withdraw_unused},
-    facts::secret_holder,
+    facts::token_holder,
     issue::issue,
     revoke::{cleanup, refuse},
     status::acknowledge_generation,
@@ -174,7 +174,7 @@ async fn apply(
         Err(_) => None,
     };
     let secret = match (&resolved, &authority) {
-        (Ok(_), Some(Ok(_))) => Some(secret_holder(grant, ctx).await?),
+        (Ok(resolution), Some(Ok(_))) => Some(token_holder(grant, ctx, resolution.delivery).await?),
         _ => None,
     };
     let mut verdict = decide(&facts(
@@ -296,7 +296,7 @@ async fn vouch_by_current_token(
     if !has_token || ctx.stamps.remembers(grant) {
         return Ok(());
     }
-    let holder = secret_holder(grant, ctx).await?;
+    let holder = token_holder(grant, ctx, resolution.delivery).await?;
     let facts = facts(grant, ctx, resolved, None, Some(holder), now);
     let current = holder == SecretHolder::Ours(SecretState::Intact)
         && facts.minted.is_some()

@@ -29,6 +29,7 @@ use crate::operator::{
     managed_labels,
     publishing::fence::Fence,
 };
+use crate::sealing::GrantId;
 use crate::signing::{Algorithm, Keyring, SigningKey, StoredKey};
 
 pub const KEYS_SECRET_NAME: &str = "delegation-operator-signing-keys";
@@ -228,6 +229,24 @@ impl KeyStore {
             token: key.sign_typed(claims, typ)?,
             key_id: key.kid().to_owned(),
         })
+    }
+
+    /// Seals a token signed with key `kid` for Pod delivery to `grant`'s pods ([`crate::sealing`]).
+    pub fn seal(&self, grant: GrantId<'_>, kid: &str, token: &str) -> Result<String> {
+        let keys = self.state.read().map_err(|_| poisoned())?;
+        let key = keys
+            .ring
+            .keys()
+            .iter()
+            .find(|k| k.kid() == kid)
+            .ok_or_else(|| Error::InvalidState(format!("no signing key {kid} to seal with")))?;
+        crate::sealing::seal(key, grant, token).map_err(|e| Error::InvalidState(e.to_string()))
+    }
+
+    /// Opens a sealed token of `grant`, if it opens under a key still held.
+    pub fn open(&self, grant: GrantId<'_>, sealed: &str) -> Option<String> {
+        let keys = self.state.read().ok()?;
+        crate::sealing::open(keys.ring.keys(), grant, sealed).ok()
     }
 
     /// The public keys as a JWKS document: active, retired, and next.

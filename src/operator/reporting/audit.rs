@@ -79,6 +79,9 @@ pub fn record(record: &AuditRecord<'_>) {
 pub enum ExchangeAction {
     Exchanged,
     ExchangeRefused,
+    /// A Pod-delivered grant's token handed to its agent's pod (as a narrowing of its own).
+    Delivered,
+    DeliveryRefused,
 }
 
 /// The proven workload that asked for an exchange.
