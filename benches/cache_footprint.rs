@@ -304,8 +304,9 @@ fn main() {
     );
     assert_eq!((one.tracked(), sixteen.tracked()), (n, n));
     // The token endpoint's DPoP replay cache: one entry per proof accepted in the last minute (per
-    // proof, not per grant: `n` proofs of 16 keys, within one minute).
+    // proof, not per grant: `n` proofs of 16 keys and callers, within one minute).
     let mut replay = delegation_operator::dpop::ReplayCache::new(n);
+    let callers: Vec<String> = (0..16).map(|c| format!("ns-{c}")).collect();
     let proofs: Vec<delegation_operator::dpop::Proof> = (0..n)
         .map(|i| delegation_operator::dpop::Proof {
             jkt: format!("key-{:02}", i % 16),
@@ -316,9 +317,10 @@ fn main() {
     out.insert(
         "dpop_replay_cache_per_proof".into(),
         per_grant(n, || {
-            for proof in &proofs {
+            // 16 callers (namespaces), one per key: each within its share of the cache.
+            for (i, proof) in proofs.iter().enumerate() {
                 replay
-                    .remember(proof, 1_796_000_000)
+                    .remember(proof, callers[i % 16].as_str(), 1_796_000_000)
                     .expect("room for every proof");
             }
         }),

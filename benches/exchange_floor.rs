@@ -112,6 +112,7 @@ fn claims(jti: u64, iat: i64) -> AccessTokenClaims {
             count: 7,
         }),
         cnf: None,
+        delivery: None,
     }
 }
 

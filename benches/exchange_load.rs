@@ -10,7 +10,10 @@
 //! answers by HTTP status, and the CPU seconds the generator itself used (it shares the machine with
 //! the server). With `EXCHANGE_DPOP=1` each worker has a key of its own (ES256) and sends a fresh
 //! DPoP proof (RFC 9449) with every exchange, so every token it gets is bound to its key: the cost
-//! of a DPoP-checked exchange against an unbound one.
+//! of a DPoP-checked exchange against an unbound one. The proofs are signed before the run
+//! (`EXCHANGE_DPOP_PROOFS` per worker, default 40,000; each is used once, well within its minute),
+//! so that the generator's signing does not take the server's CPU while it is measured; a worker that
+//! runs out signs the rest as it goes.
 
 use std::time::{Duration, Instant};
 
@@ -78,11 +81,36 @@ fn proof(key: &delegation_operator::signing::SigningKey, htu: &str) -> String {
     .expect("a proof")
 }
 
+/// A worker's DPoP key, where its proofs go, and the proofs signed ahead.
+struct Prover {
+    key: delegation_operator::signing::SigningKey,
+    htu: String,
+    ahead: Vec<String>,
+}
+
+impl Prover {
+    fn new(htu: String, ahead: usize) -> Self {
+        let key = delegation_operator::signing::SigningKey::generate(
+            delegation_operator::signing::Algorithm::ES256,
+            0,
+        )
+        .expect("a key");
+        let ahead = (0..ahead).map(|_| proof(&key, &htu)).collect();
+        Self { key, htu, ahead }
+    }
+
+    fn next(&mut self) -> String {
+        self.ahead
+            .pop()
+            .unwrap_or_else(|| proof(&self.key, &self.htu))
+    }
+}
+
 async fn work(
     client: kube::Client,
     path: String,
     body: Vec<u8>,
-    dpop: Option<(delegation_operator::signing::SigningKey, String)>,
+    mut dpop: Option<Prover>,
     measure_from: Instant,
     until: Instant,
 ) -> Worker {
@@ -99,8 +127,8 @@ async fn work(
             http::header::CONTENT_TYPE,
             "application/x-www-form-urlencoded",
         );
-        if let Some((key, htu)) = &dpop {
-            request = request.header("DPoP", proof(key, htu));
+        if let Some(prover) = &mut dpop {
+            request = request.header("DPoP", prover.next());
         }
         let request = request.body(body.clone()).expect("a request");
         let status = match client.request_text(request).await {
@@ -136,6 +164,7 @@ fn main() {
     let warmup: f64 = env_or("EXCHANGE_WARMUP_SECONDS", 3.0);
     let threads: usize = env_or("EXCHANGE_THREADS", 1);
     let dpop = env_or("EXCHANGE_DPOP", 0) == 1;
+    let proofs_ahead: usize = env_or("EXCHANGE_DPOP_PROOFS", 40_000);
 
     let origin_end = issuer[8..].find('/').map_or(issuer.len(), |i| i + 8);
     let (origin, base_path) = issuer.split_at(origin_end);
@@ -151,6 +180,11 @@ fn main() {
         .enable_all()
         .build()
         .expect("a runtime");
+    // Signed before the clock starts (each worker's own key).
+    let htu = format!("{}/token", issuer.trim_end_matches('/'));
+    let mut provers: Vec<Option<Prover>> = (0..connections)
+        .map(|_| dpop.then(|| Prover::new(htu.clone(), proofs_ahead)))
+        .collect();
     let (workers, elapsed, cpu) = runtime.block_on(async {
         let client = kube::Client::try_from(config).expect("a client");
         let start = Instant::now();
@@ -159,19 +193,11 @@ fn main() {
         let handles: Vec<_> = (0..connections)
             .map(|i| {
                 let body = body(&requests[i % requests.len()]);
-                let key = dpop.then(|| {
-                    let key = delegation_operator::signing::SigningKey::generate(
-                        delegation_operator::signing::Algorithm::ES256,
-                        0,
-                    )
-                    .expect("a key");
-                    (key, format!("{}/token", issuer.trim_end_matches('/')))
-                });
                 tokio::spawn(work(
                     client.clone(),
                     path.clone(),
                     body,
-                    key,
+                    provers[i].take(),
                     measure_from,
                     until,
                 ))

@@ -48,6 +48,11 @@ pub const MAX_JTI_LEN: usize = 256;
 /// the 65 s window. 90 bytes each (`benches/cache_footprint.rs`), 23 MiB at most.
 pub const DEFAULT_REPLAY_CAPACITY: usize = 1 << 18;
 
+/// Once the replay cache is half full, one caller (a namespace) may hold at most this share of it
+/// (1/16: 16,384 proofs, 250 a second over the window, by default), so that no one tenant can fill
+/// it and stop every other's DPoP exchanges; below half, anyone may use the room.
+pub const CALLER_SHARE_DIVISOR: usize = 16;
+
 /// The `cnf` claim of a bound token (RFC 7800 §3.1, RFC 9449 §6.1).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Confirmation {
@@ -120,6 +125,10 @@ pub enum ProofError {
         "too many recent DPoP proofs are remembered to check this one for replay; retry shortly"
     )]
     ReplayCacheFull,
+    #[error(
+        "this namespace's workloads sent more DPoP proofs in the last minute than one namespace may have remembered while the replay cache is busy; retry shortly"
+    )]
+    CallerOverQuota,
 }
 
 /// The `ath` of a token: base64url of its SHA-256 (RFC 9449 §4.2).
@@ -235,27 +244,35 @@ fn same_uri(htu: &str, expected: &str) -> bool {
 /// (RFC 9449 §11.1). Bounded: when it holds `capacity` proofs that are all still within their
 /// window, a new proof is refused ([`ProofError::ReplayCacheFull`]) rather than an old one
 /// forgotten early (fail closed). Keys are the first 16 bytes of a SHA-256 of the `jti` and the
-/// key's thumbprint, so a client's long `jti`s cost nothing more.
+/// key's thumbprint, so a client's long `jti`s cost nothing more. Once it is half full, each caller
+/// (the proven workload's namespace) may hold at most a [`CALLER_SHARE_DIVISOR`]th of it
+/// ([`ProofError::CallerOverQuota`]): the other half stays for everyone else.
 #[derive(Debug)]
 pub struct ReplayCache {
     capacity: usize,
-    /// Proof id -> until when it is remembered.
-    seen: HashMap<[u8; 16], i64>,
+    per_caller: usize,
+    /// Proof id -> until when it is remembered, and whose it is.
+    seen: HashMap<[u8; 16], (i64, u64)>,
     /// Until when -> the proof ids remembered until then, to forget them in order.
     by_expiry: BTreeMap<i64, Vec<[u8; 16]>>,
+    /// Caller -> how many of its proofs are remembered.
+    callers: HashMap<u64, usize>,
 }
 
 impl ReplayCache {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity,
+            per_caller: (capacity / CALLER_SHARE_DIVISOR).max(1),
             seen: HashMap::new(),
             by_expiry: BTreeMap::new(),
+            callers: HashMap::new(),
         }
     }
 
-    /// Records `proof` as used; refuses one seen before within its window.
-    pub fn remember(&mut self, proof: &Proof, now: i64) -> Result<(), ProofError> {
+    /// Records `proof`, sent by `caller` (the proven workload's namespace), as used; refuses one
+    /// seen before within its window.
+    pub fn remember(&mut self, proof: &Proof, caller: &str, now: i64) -> Result<(), ProofError> {
         // Checked again at this `now` (the proof's `iat` was checked a TokenReview earlier): an
         // entry is forgotten only once no proof with its `iat` can be accepted any more.
         let age = now.saturating_sub(proof.iat);
@@ -267,13 +284,19 @@ impl ReplayCache {
         if self.seen.contains_key(&id) {
             return Err(ProofError::Replayed);
         }
+        let caller = caller_id(caller);
+        let held = self.callers.get(&caller).copied().unwrap_or(0);
+        if held >= self.per_caller && self.seen.len() >= self.capacity / 2 {
+            return Err(ProofError::CallerOverQuota);
+        }
         if self.seen.len() >= self.capacity {
             return Err(ProofError::ReplayCacheFull);
         }
         // Past this, `iat` is outside the window and the proof is refused as too old anyway.
         let until = proof.iat.saturating_add(IAT_PAST_SECS);
-        self.seen.insert(id, until);
+        self.seen.insert(id, (until, caller));
         self.by_expiry.entry(until).or_default().push(id);
+        self.callers.insert(caller, held + 1);
         Ok(())
     }
 
@@ -292,10 +315,26 @@ impl ReplayCache {
                 break;
             }
             for id in entry.remove() {
-                self.seen.remove(&id);
+                let Some((_, caller)) = self.seen.remove(&id) else {
+                    continue;
+                };
+                if let Some(held) = self.callers.get_mut(&caller) {
+                    *held -= 1;
+                    if *held == 0 {
+                        self.callers.remove(&caller);
+                    }
+                }
             }
         }
     }
+}
+
+/// A caller's key in the cache: the first 8 bytes of a SHA-256 of its name.
+fn caller_id(caller: &str) -> u64 {
+    let digest = Sha256::digest(caller.as_bytes());
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(first)
 }
 
 fn proof_id(proof: &Proof) -> [u8; 16] {

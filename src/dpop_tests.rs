@@ -284,14 +284,17 @@ fn a_proof_is_accepted_once_within_its_window() {
     let k = key(Algorithm::ES256);
     let proof = check_proof(&proof_with(&k, |_| {}), &request()).unwrap();
     let mut cache = ReplayCache::new(10);
-    assert_eq!(cache.remember(&proof, NOW), Ok(()));
-    assert_eq!(cache.remember(&proof, NOW + 30), Err(ProofError::Replayed));
+    assert_eq!(cache.remember(&proof, "ns/sa", NOW), Ok(()));
+    assert_eq!(
+        cache.remember(&proof, "ns/sa", NOW + 30),
+        Err(ProofError::Replayed)
+    );
     // The same jti from another key is another proof.
     let other = check_proof(&proof_with(&key(Algorithm::ES256), |_| {}), &request()).unwrap();
-    assert_eq!(cache.remember(&other, NOW), Ok(()));
+    assert_eq!(cache.remember(&other, "ns/sa", NOW), Ok(()));
     // Forgotten once its iat is out of the window: by then the proof is refused as too old.
     assert_eq!(
-        cache.remember(&proof, NOW + IAT_PAST_SECS),
+        cache.remember(&proof, "ns/sa", NOW + IAT_PAST_SECS),
         Err(ProofError::Replayed)
     );
     let late = Request {
@@ -307,7 +310,10 @@ fn a_proof_is_accepted_once_within_its_window() {
         iat: NOW + IAT_PAST_SECS + 1,
         ..proof.clone()
     };
-    assert_eq!(cache.remember(&fresh, NOW + IAT_PAST_SECS + 1), Ok(()));
+    assert_eq!(
+        cache.remember(&fresh, "ns/sa", NOW + IAT_PAST_SECS + 1),
+        Ok(())
+    );
     assert_eq!(cache.len(), 1, "the two old proofs were forgotten");
 }
 
@@ -321,10 +327,10 @@ fn a_proof_remembered_after_its_window_is_refused_not_replayed() {
         jti: "p".into(),
         iat: NOW,
     };
-    assert_eq!(cache.remember(&proof, NOW + 10), Ok(()));
+    assert_eq!(cache.remember(&proof, "ns/sa", NOW + 10), Ok(()));
     // The replay passed check_proof at NOW + 60; the review took two seconds.
     assert_eq!(
-        cache.remember(&proof, NOW + IAT_PAST_SECS + 2),
+        cache.remember(&proof, "ns/sa", NOW + IAT_PAST_SECS + 2),
         Err(ProofError::Time(-IAT_PAST_SECS - 2))
     );
 }
@@ -338,19 +344,79 @@ fn a_full_replay_cache_refuses_rather_than_forgets() {
         iat: NOW,
     };
     for n in 0..3 {
-        cache.remember(&proof(n), NOW).unwrap();
+        cache
+            .remember(&proof(n), &format!("ns/sa-{n}"), NOW)
+            .unwrap();
     }
     assert_eq!(
-        cache.remember(&proof(3), NOW),
+        cache.remember(&proof(3), "ns/sa-3", NOW),
         Err(ProofError::ReplayCacheFull)
     );
-    assert_eq!(cache.remember(&proof(0), NOW), Err(ProofError::Replayed));
+    assert_eq!(
+        cache.remember(&proof(0), "ns/sa-0", NOW),
+        Err(ProofError::Replayed)
+    );
     // Room again once the window has passed.
     let later = Proof {
         iat: NOW + IAT_PAST_SECS + 1,
         ..proof(3)
     };
-    assert_eq!(cache.remember(&later, NOW + IAT_PAST_SECS + 1), Ok(()));
+    assert_eq!(
+        cache.remember(&later, "ns/sa-3", NOW + IAT_PAST_SECS + 1),
+        Ok(())
+    );
+}
+
+/// One caller can use free room, but once the cache is half full only its share: past it, its own
+/// proofs are refused while everyone else's are still accepted; its share frees as its proofs
+/// leave the window.
+#[test]
+fn one_caller_cannot_fill_the_replay_cache() {
+    let mut cache = ReplayCache::new(64);
+    let (half, share) = (32, 64 / CALLER_SHARE_DIVISOR);
+    let proof = |n: usize, iat: i64| Proof {
+        jkt: "k".into(),
+        jti: format!("p{n}"),
+        iat,
+    };
+    for n in 0..half {
+        assert_eq!(cache.remember(&proof(n, NOW), "greedy", NOW), Ok(()));
+    }
+    assert_eq!(
+        cache.remember(&proof(half, NOW), "greedy", NOW),
+        Err(ProofError::CallerOverQuota)
+    );
+    // A replay is still told apart from the quota.
+    assert_eq!(
+        cache.remember(&proof(0, NOW), "greedy", NOW),
+        Err(ProofError::Replayed)
+    );
+    for caller in ["honest", "other"] {
+        for n in 0..share {
+            let theirs = Proof {
+                jkt: caller.into(),
+                ..proof(n, NOW)
+            };
+            assert_eq!(cache.remember(&theirs, caller, NOW), Ok(()), "{caller} {n}");
+        }
+        let over = Proof {
+            jkt: caller.into(),
+            ..proof(share, NOW)
+        };
+        assert_eq!(
+            cache.remember(&over, caller, NOW),
+            Err(ProofError::CallerOverQuota),
+            "past half full, everyone keeps to a share"
+        );
+    }
+    assert_eq!(cache.len(), half + 2 * share);
+    let later = NOW + IAT_PAST_SECS + 1;
+    assert_eq!(
+        cache.remember(&proof(half, later), "greedy", later),
+        Ok(()),
+        "its share freed with the window"
+    );
+    assert_eq!(cache.len(), 1);
 }
 
 proptest! {
@@ -372,7 +438,7 @@ proptest! {
         for (jti, step) in ops {
             now += step / 20;
             let proof = Proof { jkt: "k".into(), jti: jti.to_string(), iat: now };
-            let result = cache.remember(&proof, now);
+            let result = cache.remember(&proof, "ns/sa", now);
             let live = accepted.iter().any(|(j, at)| *j == jti && now <= at + IAT_PAST_SECS);
             if live {
                 prop_assert_eq!(result, Err(ProofError::Replayed));

@@ -187,6 +187,12 @@ struct RunArgs {
     /// only /metrics, /healthz and /readyz, and `delegation-operator serve` serves the rest.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     verification_endpoints: bool,
+    /// Whether the agents' pods can fetch the tokens of grants with `tokenDelivery: Pod` from a
+    /// token endpoint: this process's (with --verification-endpoints) or the verification
+    /// server's (`serve --token-exchange=true`). With false such grants are refused
+    /// (PodDeliveryNotServed) instead of holding a token no pod could fetch.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pod_delivery: bool,
     /// The `kubernetes.io/tls` Secret (in the operator namespace) with the serving certificate, e.g.
     /// written by cert-manager; a new version is picked up without a restart.
     #[arg(long, default_value = "delegation-operator-tls")]
@@ -455,6 +461,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             min_token_ttl: args.min_token_ttl,
             max_token_ttl: args.max_token_ttl,
             max_grant_lifetime: args.max_grant_lifetime,
+            pod_delivery: args.pod_delivery,
         },
         concurrency: args.concurrency,
         max_grants_per_namespace: args

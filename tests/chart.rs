@@ -485,6 +485,8 @@ fn default_render_is_a_controller_and_a_verification_server_behind_an_https_serv
         "--issuer=https://rel-delegation-operator.ops.svc",
         "--https-address=0.0.0.0:8443",
         "--verification-endpoints=false",
+        // No token endpoint by default: Pod-delivered grants are refused, not left unfetchable.
+        "--pod-delivery=false",
         "--tls-secret=delegation-operator-tls",
         "--tls-self-signed=true",
         "--tls-dns-name=rel-delegation-operator.ops.svc",
@@ -760,6 +762,31 @@ fn with_token_exchange_the_verifier_may_patch_only_the_exchange_counts() {
         cm["metadata"]["labels"]["app.kubernetes.io/instance"], "rel",
         "labelled like the chart's other objects: {cm}"
     );
+}
+
+/// Grants with Pod delivery are issued only where a token endpoint serves them: the controller's
+/// `--pod-delivery` follows `verifier.tokenExchange.enabled`.
+#[test]
+fn pod_delivery_follows_the_verifiers_token_exchange() {
+    for (args, expected) in [
+        (&[][..], "--pod-delivery=false"),
+        (
+            &["--set", "verifier.tokenExchange.enabled=true"][..],
+            "--pod-delivery=true",
+        ),
+    ] {
+        let docs = render(args);
+        let deployment = find(&docs, "Deployment", "rel-delegation-operator");
+        let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+        let flags: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a.as_str())
+            .filter(|a| a.starts_with("--pod-delivery"))
+            .collect();
+        assert_eq!(flags, [expected], "{args:?}");
+    }
 }
 
 /// The rules of every Role and ClusterRole bound to ServiceAccount `namespace`/`name` in `docs`, with

@@ -139,6 +139,10 @@ async fn a_pod_delivered_grant_has_no_secret_and_its_agents_pod_gets_its_token()
     assert!(token_secrets(&x).await.is_empty(), "no token Secret");
     let message = status["conditions"][0]["message"].as_str().unwrap();
     assert!(message.contains("no Secret"), "{message}");
+    // What is sealed is the grant's token the status describes (opened with the operator's keys).
+    let grant_claims = unverified_claims(&x.grant_token);
+    assert_eq!(grant_claims["jti"], status["token"]["id"]);
+    assert_eq!(grant_claims["delegation.nhi.dev/delivery"], "pod");
 
     let (first, claims) = delivered(&x, GRANT, &x.a, None).await;
     let expires = status["token"]["expiresAt"].as_str().unwrap();
@@ -367,6 +371,54 @@ async fn a_copied_or_rolled_back_sealed_token_serves_nothing_more() {
     assert_eq!(claims["scope"], "tickets:read");
 }
 
+/// Whoever may write the status removes the sealed token, or puts back an older one of the same grant
+/// (with the status that described it; it was revoked when it was replaced): either way the operator
+/// mints a new one, and the agent's pods get tokens again.
+#[tokio::test]
+async fn a_removed_or_put_back_sealed_token_is_replaced() {
+    let x = Exchange::start_with("pod-delivery-rollback", pod_delivery(), &[]).await;
+    let first = status_of(&x, GRANT).await;
+    x.f.grants()
+        .patch_status(
+            GRANT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": {"sealedToken": null}})),
+        )
+        .await
+        .unwrap();
+    let second = wait_for("a new sealed token", Duration::from_secs(60), || async {
+        let now = status_of(&x, GRANT).await;
+        (now["sealedToken"].is_string() && now["token"]["id"] != first["token"]["id"])
+            .then_some(now)
+    })
+    .await;
+    wait_served(&x, &[&x.grant_token], "Invalid").await;
+    delivered(&x, GRANT, &x.a, None).await;
+
+    // The first (revoked) token put back, with the status that described it.
+    x.f.grants()
+        .patch_status(
+            GRANT,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"status": first})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "the put-back token replaced",
+        Duration::from_secs(60),
+        || async {
+            let now = status_of(&x, GRANT).await;
+            (now["sealedToken"].is_string()
+                && now["token"]["id"] != first["token"]["id"]
+                && now["token"]["id"] != second["token"]["id"])
+                .then_some(())
+        },
+    )
+    .await;
+    delivered(&x, GRANT, &x.a, None).await;
+}
+
 /// An agent that requires proof of possession: its grant (no tokenDelivery) is delivered to pods
 /// and needs no Secret; a delivery without a DPoP proof is refused, one with a proof (made by the
 /// independent `jose`) is bound to the proof's key, and that token is exchanged only with a proof by
@@ -387,6 +439,10 @@ async fn an_agent_that_requires_proof_gets_only_key_bound_tokens() {
     )
     .await;
     let (key, jkt, proof) = jose_proof(None, "POST", &x.token_endpoint(), None).await;
+    assert_eq!(
+        unverified_claims(&x.grant_token)["delegation.nhi.dev/delivery"],
+        "pod+dpop"
+    );
     let (bound, _) = delivered(&x, GRANT, &x.a, Some((&proof, &jkt))).await;
 
     let narrower = Exchange::form(&bound, &x.a.token, &[("scope", "tickets:read")]);
@@ -489,4 +545,46 @@ async fn switching_delivery_keeps_exactly_one_copy() {
         "not_delivered",
     )
     .await;
+}
+
+/// Where no token endpoint serves deliveries (`--pod-delivery=false`, the chart's default without
+/// the verifier's token exchange), a Pod-delivered grant is refused with a reason that says what to
+/// do, and no token is minted or written anywhere.
+#[tokio::test]
+async fn without_a_token_endpoint_pod_delivery_is_refused_not_left_unfetchable() {
+    let (f, _issuer, _trust) =
+        support::verifiers::start_https_operator("pod-delivery-off", &["--pod-delivery=false"])
+            .await;
+    let setup = pod_delivery();
+    f.apply(&setup.agents()).await;
+    f.apply(&setup.grant()).await;
+    let refused = f
+        .wait_ready_within(
+            GRANT,
+            "False",
+            Some("PodDeliveryNotServed"),
+            Duration::from_secs(90),
+        )
+        .await;
+    let status = refused.status.unwrap();
+    let message = &status.conditions.unwrap()[0].message;
+    assert!(
+        message.contains("verifier.tokenExchange.enabled"),
+        "{message}"
+    );
+    assert!(status.token.is_none() && status.sealed_token.is_none());
+    let secrets = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(
+        secrets
+            .items
+            .iter()
+            .all(|s| s.type_.as_deref() != Some("delegation.nhi.dev/token"))
+    );
+    assert!(
+        f.operator().audit().iter().all(|l| l["action"] != "Issued"),
+        "nothing minted"
+    );
 }

@@ -313,6 +313,15 @@ async fn grant_token(client: &Client, namespace: &str, name: &str) -> Result<Str
         .await
         .map_err(|e| format!("reading DelegationGrant {namespace}/{name}: {e}"))?
         .ok_or_else(|| format!("DelegationGrant {namespace}/{name} does not exist"))?;
+    if grant
+        .status
+        .as_ref()
+        .is_some_and(|s| s.sealed_token.is_some() && s.secret_name.is_none())
+    {
+        return Err(format!(
+            "DelegationGrant {namespace}/{name} delivers its token to its agent's pods (tokenDelivery: Pod): no Secret holds it and it never leaves the operator; inspect a token a pod fetched (`token exchange --grant {name}` from the agent's pod, then `token inspect --token-file`)"
+        ));
+    }
     let secret_name = grant
         .status
         .as_ref()

@@ -42,6 +42,9 @@ pub struct Policy {
     /// How long any grant lives from its creation (`None`: until its `validUntil`, or for ever). A
     /// grant past it is refused as `Expired`, and no token outlives it.
     pub max_grant_lifetime: Option<Duration>,
+    /// Whether a token endpoint serves deliveries to pods (`--pod-delivery`): without one, a grant
+    /// with Pod delivery is refused rather than Ready with a token no pod could fetch.
+    pub pod_delivery: bool,
 }
 
 impl Default for Policy {
@@ -50,6 +53,7 @@ impl Default for Policy {
             min_token_ttl: Duration::from_secs(60),
             max_token_ttl: Duration::from_secs(24 * 3600),
             max_grant_lifetime: None,
+            pod_delivery: true,
         }
     }
 }
@@ -138,6 +142,8 @@ pub enum Reason {
     DeniedProofNeedsPodDelivery,
     /// Pod delivery, and the actor names no ServiceAccount its pods would run as.
     DeniedPodDeliveryNeedsServiceAccount,
+    /// Pod delivery, and no token endpoint serves deliveries (`--pod-delivery=false`).
+    PodDeliveryNotServed,
 }
 
 impl Reason {
@@ -179,6 +185,7 @@ impl Reason {
             Reason::SecretConflict => "SecretConflict",
             Reason::DeniedProofNeedsPodDelivery => "DeniedProofNeedsPodDelivery",
             Reason::DeniedPodDeliveryNeedsServiceAccount => "DeniedPodDeliveryNeedsServiceAccount",
+            Reason::PodDeliveryNotServed => "PodDeliveryNotServed",
         }
     }
 
@@ -313,7 +320,7 @@ pub fn resolve(
             ),
         )
     })?;
-    let delivery = delivery_of(grant, &actor)?;
+    let delivery = delivery_of(grant, &actor, policy.pod_delivery)?;
     Ok(Resolution {
         chain,
         principal,

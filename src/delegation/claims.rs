@@ -111,6 +111,15 @@ pub struct AccessTokenClaims {
     /// presents it must also send a DPoP proof signed by that key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cnf: Option<crate::dpop::Confirmation>,
+    /// A Pod-delivered grant's own token (which never leaves the operator): `pod`, or `pod+dpop`
+    /// when every token handed out from it must be key-bound. Part of what the token grants, so
+    /// that a change of delivery replaces it. Absent from every token anyone else sees.
+    #[serde(
+        rename = "delegation.nhi.dev/delivery",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub delivery: Option<String>,
 }
 
 /// One hop of a delegation as the token records it.
@@ -220,6 +229,7 @@ pub fn substance(claims: &AccessTokenClaims) -> u64 {
         claims.authorization_details,
         claims.delegation_chain,
         claims.grant,
+        claims.delivery,
     ]);
     let digest = Sha256::digest(fields.to_string().as_bytes());
     let mut first = [0u8; 8];
@@ -265,7 +275,22 @@ pub fn build_claims(
         status: None,
         lineage: None,
         cnf: None,
+        delivery: delivery_claim(resolution.delivery),
     })
+}
+
+/// The `delivery` claim of a grant's token: none for Secret delivery (tokens as before).
+fn delivery_claim(delivery: super::delivery::Delivery) -> Option<String> {
+    use super::delivery::Delivery;
+    match delivery {
+        Delivery::Secret => None,
+        Delivery::Pod {
+            proof_required: false,
+        } => Some("pod".into()),
+        Delivery::Pod {
+            proof_required: true,
+        } => Some("pod+dpop".into()),
+    }
 }
 
 #[cfg(test)]
@@ -309,6 +334,7 @@ mod tests {
             status: None,
             lineage: None,
             cnf: None,
+            delivery: None,
         }
     }
 

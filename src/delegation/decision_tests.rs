@@ -454,6 +454,54 @@ fn each_reason_for_a_new_token_has_its_cause_and_its_revocation() {
     }
 }
 
+/// A token delivered to pods is described by a status that names no Secret; a change of delivery,
+/// or an agent that comes to require proof of possession, replaces it and revokes it (with every
+/// token delivered or exchanged from it), whatever the status says.
+#[test]
+fn a_change_of_delivery_or_of_proof_replaces_and_revokes_the_token() {
+    use crate::delegation::delivery::Delivery;
+    let (mut g, minted_for_secret) = issued(grant(), 1_800_000_000 - 60);
+    let a = evidence(now());
+    let pod = |g: &DelegationGrant, proof_required| {
+        let mut r = resolved(g).unwrap();
+        r.delivery = Delivery::Pod { proof_required };
+        r
+    };
+    let replaced = |verdict: Verdict| match verdict {
+        Verdict::Issue(issue) => {
+            assert_eq!(issue.cause, IssueCause::GrantChanged);
+            assert_eq!(issue.revoke, Revoke::Every);
+        }
+        other => panic!("expected a new token, got {other:?}"),
+    };
+    // The Secret-delivered token, asked for Pod delivery: its status names a Secret.
+    replaced(decide(&base(
+        &g,
+        &Ok(pod(&g, false)),
+        Some(&a),
+        Some(minted_for_secret),
+    )));
+
+    g.status.as_mut().unwrap().secret_name = None;
+    let unbound = Ok(pod(&g, false));
+    let minted = expected_substance(
+        &base(&g, &unbound, Some(&a), None),
+        &pod(&g, false),
+        "uid-g".into(),
+    );
+    assert_ne!(
+        minted,
+        Some(minted_for_secret),
+        "the delivery is part of it"
+    );
+    let kept = decide(&base(&g, &unbound, Some(&a), minted));
+    assert!(matches!(kept, Verdict::Keep(_)), "{kept:?}");
+    // The agent now requires proof of possession: the unbound lineage goes.
+    replaced(decide(&base(&g, &Ok(pod(&g, true)), Some(&a), minted)));
+    // Back to Secret delivery: a status that names no Secret does not describe it.
+    replaced(decide(&base(&g, &resolved(&g), Some(&a), minted)));
+}
+
 #[test]
 fn a_tightened_limit_replaces_a_token_that_would_outlive_it() {
     for tighten in [

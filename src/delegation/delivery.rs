@@ -10,6 +10,9 @@
 //!    there is bound to no key (`DeniedProofNeedsPodDelivery`).
 //! 3. Pod delivery needs the actor's `serviceAccountName`: it says which pods are the agent's, and
 //!    without it no pod could ever fetch the token (`DeniedPodDeliveryNeedsServiceAccount`).
+//! 4. Pod delivery needs a token endpoint that serves it (`--pod-delivery`, on when the chart's
+//!    verification server serves token exchange): without one the grant is refused
+//!    (`PodDeliveryNotServed`), never Ready with a token nobody could fetch.
 
 use super::chain::{Reason, Refusal};
 use crate::api::{AgentIdentity, DelegationGrant, TokenDelivery};
@@ -32,8 +35,13 @@ impl Delivery {
     }
 }
 
-/// The delivery of `grant`'s token to `actor` (its resolved AgentIdentity), or why there can be none.
-pub fn delivery_of(grant: &DelegationGrant, actor: &AgentIdentity) -> Result<Delivery, Refusal> {
+/// The delivery of `grant`'s token to `actor` (its resolved AgentIdentity), or why there can be none;
+/// `served`: whether a token endpoint serves deliveries.
+pub fn delivery_of(
+    grant: &DelegationGrant,
+    actor: &AgentIdentity,
+    served: bool,
+) -> Result<Delivery, Refusal> {
     let proof_required = actor.spec.requires_proof_of_possession();
     let chosen = grant
         .spec
@@ -62,6 +70,13 @@ pub fn delivery_of(grant: &DelegationGrant, actor: &AgentIdentity) -> Result<Del
                  so no pod could prove it is the agent's; set its serviceAccountName, or use Secret \
                  delivery"
             ),
+        )),
+        TokenDelivery::Pod if !served => Err(Refusal::new(
+            Reason::PodDeliveryNotServed,
+            "tokenDelivery is Pod, but no token endpoint serves deliveries to pods here (the \
+             operator runs with --pod-delivery=false; with the Helm chart, set \
+             verifier.tokenExchange.enabled=true), so no pod could fetch the token; use Secret \
+             delivery or ask the cluster's operator admins",
         )),
         TokenDelivery::Pod => Ok(Delivery::Pod { proof_required }),
     }
@@ -126,6 +141,26 @@ mod tests {
 
     use TokenDelivery::{Pod, Secret};
 
+    fn delivery_of_served(
+        grant: &DelegationGrant,
+        actor: &AgentIdentity,
+    ) -> Result<Delivery, Refusal> {
+        delivery_of(grant, actor, true)
+    }
+
+    #[test]
+    fn pod_delivery_needs_an_endpoint_that_serves_it() {
+        let actor = agent(Some(Pod), None, Some("bot-sa"));
+        let refusal = delivery_of(&grant(None), &actor, false).expect_err("nobody could fetch it");
+        assert_eq!(refusal.reason, Reason::PodDeliveryNotServed);
+        assert!(refusal.message.contains("verifier.tokenExchange.enabled"));
+        assert_eq!(
+            delivery_of(&grant(Some(Secret)), &actor, false),
+            Ok(Delivery::Secret),
+            "Secret delivery needs no endpoint"
+        );
+    }
+
     #[test]
     fn the_grant_decides_then_its_agent_then_the_secret_default() {
         let sa = Some("bot-sa");
@@ -133,13 +168,19 @@ mod tests {
             proof_required: false,
         });
         assert_eq!(
-            delivery_of(&grant(None), &agent(None, None, sa)),
+            delivery_of_served(&grant(None), &agent(None, None, sa)),
             Ok(Delivery::Secret)
         );
-        assert_eq!(delivery_of(&grant(None), &agent(Some(Pod), None, sa)), pod);
-        assert_eq!(delivery_of(&grant(Some(Pod)), &agent(None, None, sa)), pod);
         assert_eq!(
-            delivery_of(&grant(Some(Secret)), &agent(Some(Pod), None, sa)),
+            delivery_of_served(&grant(None), &agent(Some(Pod), None, sa)),
+            pod
+        );
+        assert_eq!(
+            delivery_of_served(&grant(Some(Pod)), &agent(None, None, sa)),
+            pod
+        );
+        assert_eq!(
+            delivery_of_served(&grant(Some(Secret)), &agent(Some(Pod), None, sa)),
             Ok(Delivery::Secret)
         );
     }
@@ -151,16 +192,16 @@ mod tests {
             proof_required: true,
         });
         assert_eq!(
-            delivery_of(&grant(None), &agent(None, Some(true), sa)),
+            delivery_of_served(&grant(None), &agent(None, Some(true), sa)),
             bound
         );
         assert_eq!(
-            delivery_of(&grant(Some(Pod)), &agent(Some(Secret), Some(true), sa)),
+            delivery_of_served(&grant(Some(Pod)), &agent(Some(Secret), Some(true), sa)),
             bound
         );
         for refused in [
-            delivery_of(&grant(Some(Secret)), &agent(None, Some(true), sa)),
-            delivery_of(&grant(None), &agent(Some(Secret), Some(true), sa)),
+            delivery_of_served(&grant(Some(Secret)), &agent(None, Some(true), sa)),
+            delivery_of_served(&grant(None), &agent(Some(Secret), Some(true), sa)),
         ] {
             let refusal = refused.expect_err("a bound agent's token is never put in a Secret");
             assert_eq!(refusal.reason, Reason::DeniedProofNeedsPodDelivery);
@@ -171,11 +212,12 @@ mod tests {
     #[test]
     fn pod_delivery_needs_the_agents_service_account() {
         for actor in [agent(Some(Pod), None, None), agent(None, Some(true), None)] {
-            let refusal = delivery_of(&grant(None), &actor).expect_err("no pod could fetch it");
+            let refusal =
+                delivery_of_served(&grant(None), &actor).expect_err("no pod could fetch it");
             assert_eq!(refusal.reason, Reason::DeniedPodDeliveryNeedsServiceAccount);
         }
         assert_eq!(
-            delivery_of(&grant(None), &agent(None, None, None)),
+            delivery_of_served(&grant(None), &agent(None, None, None)),
             Ok(Delivery::Secret)
         );
     }

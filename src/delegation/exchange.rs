@@ -1001,6 +1001,7 @@ fn claims<D: Directory>(
         status: Some(status.status_claim()),
         lineage: Some(lineage),
         cnf: None,
+        delivery: None,
     }
 }
 

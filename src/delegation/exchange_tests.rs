@@ -202,6 +202,7 @@ fn grant_token() -> AccessTokenClaims {
         status: Some(serde_json::json!({"status_list": {"idx": 8, "uri": STATUS_URI}})),
         lineage: Some(LINEAGE),
         cnf: None,
+        delivery: None,
     }
 }
 

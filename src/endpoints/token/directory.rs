@@ -99,7 +99,9 @@ impl Directory {
 }
 
 impl Directory {
-    /// The uid and sealed token of the grant `namespace/name`, when it delivers to pods and stands.
+    /// The uid and sealed token of the grant `namespace/name`, when its status holds one and it is
+    /// not being deleted. Whether the token is still good is not read here: it must open for this
+    /// grant's uid, verify, and be VALID in the published status list.
     pub fn sealed_token(&self, namespace: &str, name: &str) -> Option<(String, String)> {
         let grant = self.grants.get(&ObjectRef::new(name).within(namespace))?;
         if grant.metadata.deletion_timestamp.is_some() {

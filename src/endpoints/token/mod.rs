@@ -470,11 +470,11 @@ async fn answer(
     )?;
     let caller = prove_caller(reviews, address, issuer, &parsed.actor_token).await?;
     attempt.caller = Some(caller);
+    let caller = attempt.caller.as_ref().expect("just set");
     // Remembered only now, so that unauthenticated traffic cannot fill the replay cache.
     if let Some(proof) = &proof {
-        remember_proof(exchange, proof)?;
+        remember_proof(exchange, proof, caller)?;
     }
-    let caller = attempt.caller.as_ref().expect("just set");
     let subject = match (presented, &parsed.subject) {
         (Some((_, subject)), _) => subject,
         (None, Subject::Grant(name)) => {
@@ -607,17 +607,29 @@ fn check_proof(
         .map_err(|e| refused(e.to_string()))
 }
 
-/// Records a proof as used; refuses one used before.
-fn remember_proof(exchange: &Exchange, proof: &dpop::Proof) -> Result<(), Outcome> {
+/// How long a caller over its share of the replay cache is told to wait.
+const CALLER_OVER_QUOTA_RETRY_SECS: u64 = 5;
+
+/// Records a proof as used by `caller`; refuses one used before.
+fn remember_proof(
+    exchange: &Exchange,
+    proof: &dpop::Proof,
+    caller: &ProvenWorkload,
+) -> Result<(), Outcome> {
     let now = Timestamp::now().as_second();
+    // Shared per namespace: a tenant making more ServiceAccounts gets no more of it.
     let remembered = match exchange.replay.lock() {
-        Ok(mut cache) => cache.remember(proof, now),
+        Ok(mut cache) => cache.remember(proof, &caller.namespace, now),
         // A panic elsewhere while holding it: refuse rather than skip the check.
         Err(_) => Err(dpop::ProofError::ReplayCacheFull),
     };
     match remembered {
         Ok(()) => Ok(()),
         Err(dpop::ProofError::ReplayCacheFull) => Err(Outcome::Busy(Refusal::Unavailable)),
+        // This namespace's share of a busy cache is full: it slows down, nobody else does.
+        Err(dpop::ProofError::CallerOverQuota) => Err(Outcome::Busy(Refusal::RateLimited(
+            std::time::Duration::from_secs(CALLER_OVER_QUOTA_RETRY_SECS),
+        ))),
         Err(e) => Err(Refused::new("invalid_dpop_proof", "proof_replayed", e.to_string()).into()),
     }
 }

@@ -28,15 +28,17 @@ pub async fn token_holder(
     delivery: Delivery,
 ) -> Result<SecretHolder> {
     if delivery.is_pod() {
-        return Ok(SecretHolder::Ours(sealed_state(ctx, grant)));
+        return Ok(SecretHolder::Ours(sealed_state(ctx, grant).await));
     }
     secret_holder(grant, ctx).await
 }
 
-/// Whether the status's sealed token opens for this grant (under a key still held) and is exactly
-/// the token the status describes (its id, expiry and signature). The status is anyone's to write:
-/// what does not open or match is `Changed`, and the grant gets a new token.
-fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
+/// Whether the status's sealed token opens for this grant (under a key still held), is exactly the
+/// token the status describes (its id, expiry and signature), and is one the operator recorded
+/// minting and has not revoked. The status is anyone's to write: an older sealed token of the same
+/// grant put back with its old status (revoked when it was replaced) is `Changed` too, and the
+/// grant gets a new token.
+async fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
     let status = grant.status.as_ref();
     let (Some(token), Some(sealed)) = (
         status.and_then(|s| s.token.as_ref()),
@@ -57,6 +59,13 @@ fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
     let Some(opened) = ctx.keys.open(id, sealed) else {
         return SecretState::Changed;
     };
+    let live = ctx
+        .status_lists
+        .recorded(&uid, crate::operator::now().as_second())
+        .await;
+    if !live.iter().any(|(jti, _)| *jti == token.id) {
+        return SecretState::Changed;
+    }
     let Ok(jwks) = ctx.keys.jwks() else {
         return SecretState::Changed;
     };

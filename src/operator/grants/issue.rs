@@ -70,7 +70,9 @@ pub(super) async fn issue(
         }
     };
     if !revoked.is_empty() {
-        let why = if cause == IssueCause::SecretMissing {
+        let why = if cause == IssueCause::SecretMissing && resolution.delivery.is_pod() {
+            "its sealed copy was removed from the grant's status"
+        } else if cause == IssueCause::SecretMissing {
             "its Secret was deleted, which is taken to mean the token leaked"
         } else if supersedes {
             "the token no longer matched the grant, a tightened limit, or its Secret"
