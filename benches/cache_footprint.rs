@@ -305,7 +305,8 @@ fn main() {
     assert_eq!((one.tracked(), sixteen.tracked()), (n, n));
     // The token endpoint's DPoP replay cache: one entry per proof accepted in the last minute (per
     // proof, not per grant: `n` proofs of 16 keys and callers, within one minute).
-    let mut replay = delegation_operator::dpop::ReplayCache::new(n);
+    // Room for 16 more, so that each of the 16 callers' ceil(n / 16) proofs is within its share.
+    let mut replay = delegation_operator::dpop::ReplayCache::new(n + 16);
     let callers: Vec<String> = (0..16).map(|c| format!("ns-{c}")).collect();
     let proofs: Vec<delegation_operator::dpop::Proof> = (0..n)
         .map(|i| delegation_operator::dpop::Proof {

@@ -60,7 +60,13 @@ impl LocalRef {
     }
 }
 
-/// Where a grant's token goes.
+/// Where a grant's token goes: `Secret`, a Secret in the grant's namespace (`secretName`); or
+/// `Pod`, no Secret: the agent's pods, running as its serviceAccountName, fetch short-lived tokens of
+/// their own from the issuer's token endpoint with their pod-bound ServiceAccount token. On a grant,
+/// absent means its actor's tokenDelivery, else Secret. On an AgentIdentity it applies to every grant
+/// that does not say; absent means Pod when requireProofOfPossession is true, else Secret. Changing
+/// it replaces the token and revokes the old one.
+// kube's schema keeps this description, not the fields' own, for an optional enum field.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, JsonSchema)]
 pub enum TokenDelivery {
     /// A Secret in the grant's namespace (`spec.secretName`, default `<grant name>-token`): whoever
