@@ -454,20 +454,23 @@ async fn answer(
     attempt.delivery = matches!(parsed.subject, Subject::Grant(_));
     // An exchange's subject token is checked first (no apiserver call for a bad one); a delivery's
     // is known only once the caller's namespace is.
-    let presented = match &parsed.subject {
+    let asked = match &parsed.subject {
         Subject::Token(token) => {
             let subject = verify_subject(published, issuer, token)?;
             attempt.subject = Some(subject.clone());
-            Some((token.as_str(), subject))
+            Asked::Exchange {
+                token,
+                subject: Box::new(subject),
+            }
         }
-        Subject::Grant(_) => None,
+        Subject::Grant(name) => Asked::Delivery { grant: name },
     };
-    let proof = check_proof(
-        dpop,
-        issuer,
-        presented.as_ref().map(|(token, _)| *token),
-        presented.as_ref().is_some_and(|(_, s)| s.cnf.is_some()),
-    )?;
+    let proof = match &asked {
+        Asked::Exchange { token, subject } => {
+            check_proof(dpop, issuer, Some(token), subject.cnf.is_some())?
+        }
+        Asked::Delivery { .. } => check_proof(dpop, issuer, None, false)?,
+    };
     let caller = prove_caller(reviews, address, issuer, &parsed.actor_token).await?;
     attempt.caller = Some(caller);
     let caller = attempt.caller.as_ref().expect("just set");
@@ -475,15 +478,14 @@ async fn answer(
     if let Some(proof) = &proof {
         remember_proof(exchange, proof, caller)?;
     }
-    let subject = match (presented, &parsed.subject) {
-        (Some((_, subject)), _) => subject,
-        (None, Subject::Grant(name)) => {
-            let token = sealed_grant_token(exchange, &caller.namespace, name)?;
+    let subject = match asked {
+        Asked::Exchange { subject, .. } => *subject,
+        Asked::Delivery { grant } => {
+            let token = sealed_grant_token(exchange, &caller.namespace, grant)?;
             let subject = verify_subject(published, issuer, &token)?;
             attempt.subject = Some(subject.clone());
             subject
         }
-        (None, Subject::Token(_)) => unreachable!("a presented token was verified above"),
     };
     let grant = exchange
         .directory
@@ -512,6 +514,17 @@ async fn answer(
         None => return Err(Outcome::Busy(Refusal::Unavailable)),
     };
     Ok((token, claims))
+}
+
+/// What a request asks, once its subject is read.
+enum Asked<'a> {
+    /// An exchange of a token the caller holds, verified.
+    Exchange {
+        token: &'a str,
+        subject: Box<AccessTokenClaims>,
+    },
+    /// A delivery of the token of this grant (in the caller's namespace).
+    Delivery { grant: &'a str },
 }
 
 /// Proves who the caller is from its pod-bound ServiceAccount token (TokenReview, cached), counting
