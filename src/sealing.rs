@@ -18,7 +18,7 @@ use ring::hkdf;
 use ring::rand::{SecureRandom, SystemRandom};
 use zeroize::Zeroizing;
 
-use crate::signing::SigningKey;
+use crate::{api::DelegationGrant, signing::SigningKey};
 
 const VERSION: &str = "v1";
 /// Domain separation: this key is for sealing tokens and nothing else.
@@ -32,7 +32,16 @@ pub struct GrantId<'a> {
     pub uid: &'a str,
 }
 
-impl GrantId<'_> {
+impl<'a> GrantId<'a> {
+    /// The id of `grant` as stored (empty strings where the apiserver gave none).
+    pub fn of(grant: &'a DelegationGrant) -> Self {
+        Self {
+            namespace: grant.metadata.namespace.as_deref().unwrap_or_default(),
+            name: grant.metadata.name.as_deref().unwrap_or_default(),
+            uid: grant.metadata.uid.as_deref().unwrap_or_default(),
+        }
+    }
+
     fn associated_data(&self) -> String {
         // Neither a namespace nor a grant name can contain '/'.
         format!("{}/{}/{}", self.namespace, self.name, self.uid)

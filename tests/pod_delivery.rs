@@ -15,10 +15,10 @@ mod support;
 use std::time::Duration;
 
 use delegation_operator::signing;
-use k8s_openapi::api::core::v1::{Pod, Secret};
+use k8s_openapi::api::core::v1::Pod;
 use kube::{
     Api,
-    api::{DeleteParams, ListParams, Patch, PatchParams},
+    api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 use support::{
@@ -42,19 +42,6 @@ fn pod_delivery() -> ExchangeSetup {
 async fn status_of(x: &Exchange, grant: &str) -> Value {
     let grant = x.f.grants().get(grant).await.unwrap();
     serde_json::to_value(grant.status).unwrap()
-}
-
-/// The token Secrets of the namespace (those the operator writes).
-async fn token_secrets(x: &Exchange) -> Vec<String> {
-    Api::<Secret>::namespaced(x.f.client.clone(), x.ns())
-        .list(&ListParams::default())
-        .await
-        .unwrap()
-        .items
-        .into_iter()
-        .filter(|s| s.type_.as_deref() == Some("delegation.nhi.dev/token"))
-        .filter_map(|s| s.metadata.name)
-        .collect()
 }
 
 /// Asks for `grant`'s token as `actor` (a pod-bound token), with a DPoP proof if given; expects a
@@ -136,7 +123,10 @@ async fn a_pod_delivered_grant_has_no_secret_and_its_agents_pod_gets_its_token()
     let sealed = status["sealedToken"].as_str().expect("a sealed token");
     assert!(sealed.starts_with("v1."), "sealed: {sealed:.12}");
     assert!(!sealed.contains("eyJ"), "no JWT readable in the status");
-    assert!(token_secrets(&x).await.is_empty(), "no token Secret");
+    assert!(
+        token_secrets(&x.f.client, x.ns()).await.is_empty(),
+        "no token Secret"
+    );
     let message = status["conditions"][0]["message"].as_str().unwrap();
     assert!(message.contains("no Secret"), "{message}");
     // What is sealed is the grant's token the status describes (opened with the operator's keys).
@@ -156,7 +146,10 @@ async fn a_pod_delivered_grant_has_no_secret_and_its_agents_pod_gets_its_token()
     let (second, _) = delivered(&x, GRANT, &other_pod, None).await;
     assert_ne!(first, second);
     assert_eq!(served_statuses(&x, &[&first, &second]).await, ["Valid"; 2]);
-    assert!(token_secrets(&x).await.is_empty(), "still no token Secret");
+    assert!(
+        token_secrets(&x.f.client, x.ns()).await.is_empty(),
+        "still no token Secret"
+    );
 
     x.f.grants()
         .delete(GRANT, &Default::default())
@@ -430,7 +423,10 @@ async fn an_agent_that_requires_proof_gets_only_key_bound_tokens() {
         ..Default::default()
     };
     let x = Exchange::start_with("pod-delivery-dpop", setup, &[]).await;
-    assert!(token_secrets(&x).await.is_empty(), "no token Secret");
+    assert!(
+        token_secrets(&x.f.client, x.ns()).await.is_empty(),
+        "no token Secret"
+    );
     assert!(status_of(&x, GRANT).await["sealedToken"].is_string());
     x.refused_because(
         &Exchange::delivery_form(GRANT, &x.a.token, &[]),
@@ -482,7 +478,7 @@ async fn an_agent_that_requires_proof_gets_only_key_bound_tokens() {
         .clone();
     assert!(message.contains("tokenDelivery"), "{message}");
     assert!(
-        token_secrets(&x).await.is_empty(),
+        token_secrets(&x.f.client, x.ns()).await.is_empty(),
         "no token Secret for it either"
     );
 }
@@ -517,7 +513,12 @@ async fn switching_delivery_keeps_exactly_one_copy() {
     wait_for(
         "the token Secret to be deleted",
         Duration::from_secs(60),
-        || async { token_secrets(&x).await.is_empty().then_some(()) },
+        || async {
+            token_secrets(&x.f.client, x.ns())
+                .await
+                .is_empty()
+                .then_some(())
+        },
     )
     .await;
     wait_served(&x, &[&in_secret], "Invalid").await;
@@ -573,16 +574,7 @@ async fn without_a_token_endpoint_pod_delivery_is_refused_not_left_unfetchable()
         "{message}"
     );
     assert!(status.token.is_none() && status.sealed_token.is_none());
-    let secrets = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
-    assert!(
-        secrets
-            .items
-            .iter()
-            .all(|s| s.type_.as_deref() != Some("delegation.nhi.dev/token"))
-    );
+    assert!(token_secrets(&f.client, &f.ns).await.is_empty());
     assert!(
         f.operator().audit().iter().all(|l| l["action"] != "Issued"),
         "nothing minted"

@@ -10,11 +10,7 @@ mod support;
 use std::{os::unix::fs::PermissionsExt, path::Path, process::Stdio, time::Duration};
 
 use delegation_operator::signing;
-use k8s_openapi::api::core::v1::{Pod, Secret};
-use kube::{
-    Api,
-    api::{ListParams, PostParams},
-};
+use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 use support::{
     verifiers::{Trust, start_https_operator, write_private},
@@ -26,45 +22,6 @@ const GRANT: &str = "alice-summary-session";
 
 fn example() -> std::path::PathBuf {
     repo_root().join("examples/pod-delivery")
-}
-
-/// Creates the example's objects in the fixture's namespace, as `kubectl apply -f` would.
-async fn apply_example(f: &Fixture) -> Pod {
-    let mut pod = None;
-    for doc in load_documents(&example().join("agent.yaml")) {
-        let kind = doc.types.as_ref().unwrap().kind.clone();
-        let name = doc.metadata.name.clone().unwrap();
-        match kind.as_str() {
-            "ServiceAccount" => ensure_service_account(&f.client, &f.ns, &name).await,
-            "Pod" => {
-                let spec: Pod =
-                    serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
-                let created = Api::<Pod>::namespaced(f.client.clone(), &f.ns)
-                    .create(&PostParams::default(), &spec)
-                    .await
-                    .unwrap_or_else(|e| panic!("the example's Pod: {e}"));
-                pod = Some(created);
-            }
-            _ => {
-                create_document(&f.client, &f.ns, &doc)
-                    .await
-                    .unwrap_or_else(|e| panic!("the example's {kind} {name}: {e}"));
-            }
-        }
-    }
-    pod.expect("the example has a Pod")
-}
-
-/// The value of the environment variable `name` of the example Pod's container.
-fn pod_env(pod: &Pod, name: &str) -> String {
-    pod.spec.as_ref().unwrap().containers[0]
-        .env
-        .as_ref()
-        .unwrap()
-        .iter()
-        .find(|e| e.name == name)
-        .and_then(|e| e.value.clone())
-        .unwrap_or_else(|| panic!("the example Pod sets {name}"))
 }
 
 /// Runs the example agent for `rounds` fetches; its exit code and JSON lines.
@@ -91,35 +48,16 @@ async fn run_agent(
         .output()
         .await
         .expect("python3 runs the example agent");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let lines = stdout
-        .lines()
-        .map(|l| {
-            serde_json::from_str(l).unwrap_or_else(|e| {
-                panic!(
-                    "the agent printed a line that is not JSON ({e}): {l}\nstderr: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                )
-            })
-        })
-        .collect();
-    (out.status.code().unwrap_or(-1), lines)
+    json_lines_of(&out)
 }
 
 #[tokio::test]
 async fn the_example_agent_fetches_and_refreshes_its_token_with_no_secret() {
     let (f, issuer, trust) = start_https_operator("pod-delivery-example", &[]).await;
-    let pod = apply_example(&f).await;
+    let pod = apply_example(&f, &example().join("agent.yaml")).await;
     f.wait_ready(GRANT, "True", Some("Issued")).await;
-    let secrets = Api::<Secret>::namespaced(f.client.clone(), &f.ns)
-        .list(&ListParams::default())
-        .await
-        .unwrap();
     assert!(
-        secrets
-            .items
-            .iter()
-            .all(|s| s.type_.as_deref() != Some("delegation.nhi.dev/token")),
+        token_secrets(&f.client, &f.ns).await.is_empty(),
         "no token Secret in the namespace"
     );
 

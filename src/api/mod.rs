@@ -38,6 +38,20 @@ pub const SCOPE_PATTERN: &str = r#"^[!#-\[\]-~]+$"#;
 /// A DNS-1123 subdomain, what Kubernetes accepts as most object names (Secrets included).
 pub const DNS1123_SUBDOMAIN_PATTERN: &str =
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$";
+/// Whether `name` is a DNS-1123 subdomain ([`DNS1123_SUBDOMAIN_PATTERN`]), as most object names
+/// must be: checked before a name read from a request or a command line is looked up.
+pub fn is_dns1123_subdomain(name: &str) -> bool {
+    name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
 /// An audience is an exact absolute URI (`https://api.example.com`, `urn:example:api`): a scheme, a
 /// colon, then no whitespace and no `*`, so that no audience can read as a wildcard.
 pub const AUDIENCE_RULE: &str = r"self.matches('^[a-zA-Z][a-zA-Z0-9+.-]*:[^\\s*]+$')";

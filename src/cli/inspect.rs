@@ -87,25 +87,11 @@ pub fn target(arg: &str) -> Target {
     if let Some(name) = prefixes.iter().find_map(|p| arg.strip_prefix(p)) {
         return Target::Grant(name.to_owned());
     }
-    if is_object_name(arg) {
+    if crate::api::is_dns1123_subdomain(arg) {
         Target::Grant(arg.to_owned())
     } else {
         Target::Token(arg.to_owned())
     }
-}
-
-/// A DNS-1123 subdomain (what Kubernetes accepts as a grant name).
-fn is_object_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 253
-        && s.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// Where the JWKS and the status lists are read from.

@@ -30,7 +30,7 @@ use k8s_openapi::{
         authorization::v1::{
             NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec,
         },
-        core::v1::{ConfigMap, Namespace, Secret},
+        core::v1::{ConfigMap, Namespace, Pod, Secret},
         rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject},
     },
     apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
@@ -1937,4 +1937,76 @@ pub async fn service_account_kubeconfig(client: &Client, namespace: &str, name: 
         .unwrap();
     std::io::Write::write_all(&mut file, config.as_bytes()).unwrap();
     path
+}
+
+/// The names of the token Secrets (type `delegation.nhi.dev/token`) in `namespace`.
+pub async fn token_secrets(client: &Client, namespace: &str) -> Vec<String> {
+    Api::<Secret>::namespaced(client.clone(), namespace)
+        .list(&kube::api::ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|s| s.type_.as_deref() == Some("delegation.nhi.dev/token"))
+        .filter_map(|s| s.metadata.name)
+        .collect()
+}
+
+// ---- the examples ------------------------------------------------------------------------------
+
+/// Creates an example's objects (`manifest`, one Pod among them) in the fixture's namespace, as
+/// `kubectl apply -f` would; returns the Pod as created.
+pub async fn apply_example(f: &Fixture, manifest: &std::path::Path) -> Pod {
+    let mut pod = None;
+    for doc in load_documents(manifest) {
+        let kind = doc.types.as_ref().unwrap().kind.clone();
+        let name = doc.metadata.name.clone().unwrap();
+        match kind.as_str() {
+            "ServiceAccount" => ensure_service_account(&f.client, &f.ns, &name).await,
+            "Pod" => {
+                let spec: Pod =
+                    serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
+                let created = Api::<Pod>::namespaced(f.client.clone(), &f.ns)
+                    .create(&PostParams::default(), &spec)
+                    .await
+                    .unwrap_or_else(|e| panic!("the example's Pod: {e}"));
+                pod = Some(created);
+            }
+            _ => {
+                create_document(&f.client, &f.ns, &doc)
+                    .await
+                    .unwrap_or_else(|e| panic!("the example's {kind} {name}: {e}"));
+            }
+        }
+    }
+    pod.expect("the example has a Pod")
+}
+
+/// The value of the environment variable `name` of a Pod's first container.
+pub fn pod_env(pod: &Pod, name: &str) -> String {
+    pod.spec.as_ref().unwrap().containers[0]
+        .env
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|e| e.name == name)
+        .and_then(|e| e.value.clone())
+        .unwrap_or_else(|| panic!("the example Pod sets {name}"))
+}
+
+/// A finished example agent's exit code and the JSON lines it printed (each line must be JSON).
+pub fn json_lines_of(out: &std::process::Output) -> (i32, Vec<serde_json::Value>) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let lines = stdout
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| {
+                panic!(
+                    "the agent printed a line that is not JSON ({e}): {l}\nstderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })
+        })
+        .collect();
+    (out.status.code().unwrap_or(-1), lines)
 }

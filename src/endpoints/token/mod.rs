@@ -271,7 +271,7 @@ pub fn parse(fields: &[(String, String)]) -> Result<Parsed, Refused> {
         &[ACCESS_TOKEN_TYPE, JWT_TOKEN_TYPE, GRANT_TOKEN_TYPE],
     )?;
     let subject = if field("subject_token_type") == Some(GRANT_TOKEN_TYPE) {
-        if !is_object_name(&subject_token) {
+        if !crate::api::is_dns1123_subdomain(&subject_token) {
             return Err(invalid(format!(
                 "with subject_token_type {GRANT_TOKEN_TYPE}, subject_token is the name of a DelegationGrant in your namespace"
             )));
@@ -355,19 +355,6 @@ fn scope_list(text: &str) -> Result<Vec<String>, Refused> {
         return Err(invalid("a scope holds a character RFC 6749 does not allow"));
     }
     Ok(scopes)
-}
-
-/// Whether `name` can be a Kubernetes object name (a DNS-1123 subdomain).
-fn is_object_name(name: &str) -> bool {
-    name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-        })
 }
 
 /// At most 64 characters of untrusted text, for a description.

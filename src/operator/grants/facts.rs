@@ -46,19 +46,10 @@ async fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
     ) else {
         return SecretState::Missing;
     };
-    let (namespace, name, uid) = (
-        grant.namespace().unwrap_or_default(),
-        grant.name_any(),
-        grant.uid().unwrap_or_default(),
-    );
-    let id = GrantId {
-        namespace: &namespace,
-        name: &name,
-        uid: &uid,
-    };
-    let Some(opened) = ctx.keys.open(id, sealed) else {
+    let Some(opened) = ctx.keys.open(GrantId::of(grant), sealed) else {
         return SecretState::Changed;
     };
+    let uid = grant.uid().unwrap_or_default();
     let live = ctx
         .status_lists
         .recorded(&uid, crate::operator::now().as_second())

@@ -207,17 +207,8 @@ async fn write_to_secret(
 
 /// Seals the token for the grant's status (Pod delivery), under the key that signed it.
 fn seal(grant: &DelegationGrant, ctx: &Context, minted: &Minted) -> Result<String> {
-    let (namespace, name, uid) = (
-        grant.namespace().unwrap_or_default(),
-        grant.name_any(),
-        grant.uid().unwrap_or_default(),
-    );
-    let id = GrantId {
-        namespace: &namespace,
-        name: &name,
-        uid: &uid,
-    };
-    ctx.keys.seal(id, &minted.key_id, &minted.token)
+    ctx.keys
+        .seal(GrantId::of(grant), &minted.key_id, &minted.token)
 }
 
 /// Revokes what a new token replaces. When it supersedes the current token, every token of the grant
