@@ -190,9 +190,10 @@ struct RunArgs {
     /// Whether the agents' pods can fetch the tokens of grants with `tokenDelivery: Pod` from a
     /// token endpoint: this process's (with --verification-endpoints) or the verification
     /// server's (`serve --token-exchange=true`). With false such grants are refused
-    /// (PodDeliveryNotServed) instead of holding a token no pod could fetch.
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    pod_delivery: bool,
+    /// (PodDeliveryNotServed) instead of holding a token no pod could fetch. Default: the value of
+    /// --verification-endpoints.
+    #[arg(long, action = clap::ArgAction::Set)]
+    pod_delivery: Option<bool>,
     /// The `kubernetes.io/tls` Secret (in the operator namespace) with the serving certificate, e.g.
     /// written by cert-manager; a new version is picked up without a restart.
     #[arg(long, default_value = "delegation-operator-tls")]
@@ -461,7 +462,7 @@ async fn run_operator(args: RunArgs) -> Result<(), Box<dyn std::error::Error>> {
             min_token_ttl: args.min_token_ttl,
             max_token_ttl: args.max_token_ttl,
             max_grant_lifetime: args.max_grant_lifetime,
-            pod_delivery: args.pod_delivery,
+            pod_delivery: args.pod_delivery.unwrap_or(args.verification_endpoints),
         },
         concurrency: args.concurrency,
         max_grants_per_namespace: args

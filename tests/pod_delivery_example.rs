@@ -51,6 +51,15 @@ async fn run_agent(
     json_lines_of(&out)
 }
 
+/// The operator's `Delivered` audit lines so far.
+fn delivered_lines(f: &Fixture) -> Vec<Value> {
+    f.operator()
+        .audit()
+        .into_iter()
+        .filter(|r| r["action"] == "Delivered")
+        .collect()
+}
+
 #[tokio::test]
 async fn the_example_agent_fetches_and_refreshes_its_token_with_no_secret() {
     let (f, issuer, trust) = start_https_operator("pod-delivery-example", &[]).await;
@@ -73,6 +82,28 @@ async fn the_example_agent_fetches_and_refreshes_its_token_with_no_secret() {
     )
     .await;
     write_private(&dir.join("delegation-issuer"), &actor);
+    // The token endpoint's own grant cache may lag the apiserver by a moment: ask until it delivers
+    // (the example client gives up on a refusal, as it should).
+    let ask = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", GRANT),
+        (
+            "subject_token_type",
+            "urn:delegation.nhi.dev:token-type:grant",
+        ),
+        ("actor_token", actor.as_str()),
+        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+    ];
+    wait_for(
+        "the token endpoint to deliver the grant's token",
+        Duration::from_secs(60),
+        || async { (trust.exchange(&issuer.url, &ask).await.status == 200).then_some(()) },
+    )
+    .await;
+    let delivered_before = delivered_lines(&f).len();
 
     // Two rounds of 3-second tokens: the second fetched 2 s after the first.
     let (code, lines) = run_agent(&issuer.url, &trust, &dir, &pod, 2, 3).await;
@@ -109,12 +140,15 @@ async fn the_example_agent_fetches_and_refreshes_its_token_with_no_secret() {
         record["workload"]["pod_uid"],
         pod.metadata.uid.clone().unwrap().as_str()
     );
-    let delivered: Vec<Value> = f
-        .operator()
-        .audit()
-        .into_iter()
-        .filter(|r| r["action"] == "Delivered")
-        .collect();
+    let delivered = wait_for(
+        "the agent's Delivered lines",
+        Duration::from_secs(15),
+        || async {
+            let lines = delivered_lines(&f);
+            (lines.len() >= delivered_before + 2).then(|| lines[delivered_before..].to_vec())
+        },
+    )
+    .await;
     assert_eq!(delivered.len(), 2, "one audit line per token");
     let to_pod = format!("delivered to pod {}/ticket-summariser", f.ns);
     assert!(delivered.iter().all(|r| r["message"] == to_pod.as_str()));

@@ -279,6 +279,11 @@ pub fn build_claims(
     })
 }
 
+/// The `delivery` claim of a Pod-delivered grant's token.
+pub const DELIVERY_POD: &str = "pod";
+/// The `delivery` claim of a Pod-delivered grant's token whose agent requires proof of possession.
+pub const DELIVERY_POD_DPOP: &str = "pod+dpop";
+
 /// The `delivery` claim of a grant's token: none for Secret delivery (tokens as before).
 fn delivery_claim(delivery: super::delivery::Delivery) -> Option<String> {
     use super::delivery::Delivery;
@@ -286,10 +291,10 @@ fn delivery_claim(delivery: super::delivery::Delivery) -> Option<String> {
         Delivery::Secret => None,
         Delivery::Pod {
             proof_required: false,
-        } => Some("pod".into()),
+        } => Some(DELIVERY_POD.into()),
         Delivery::Pod {
             proof_required: true,
-        } => Some("pod+dpop".into()),
+        } => Some(DELIVERY_POD_DPOP.into()),
     }
 }
 

@@ -551,7 +551,11 @@ fn proof_when_required<D: Directory>(
     facts: &ExchangeFacts<'_, D>,
     new_actor: &NewActor,
 ) -> Result<(), ExchangeRefusal> {
-    if facts.proof_key.is_some() || !new_actor.agent.spec.requires_proof_of_possession() {
+    // The grant token's own record of it counts too: an agent cache that lags its spec's change
+    // must not hand out an unbound token from a lineage minted for bound ones.
+    let required = new_actor.agent.spec.requires_proof_of_possession()
+        || facts.subject.delivery.as_deref() == Some(crate::delegation::claims::DELIVERY_POD_DPOP);
+    if facts.proof_key.is_some() || !required {
         return Ok(());
     }
     Err(ExchangeRefusal::new(

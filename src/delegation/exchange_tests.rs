@@ -1220,6 +1220,20 @@ fn an_agent_that_requires_proof_gets_only_bound_tokens() {
     }
     // The hop's new agent does not require it: its token needs no proof.
     assert!(hop().with(requires).decide().is_ok());
+    // A grant token minted for bound delivery needs a proof even where the agent's spec (as this
+    // process last saw it) does not say so yet.
+    let lagging = narrowing().with(|c| {
+        c.delivery = true;
+        c.subject.delivery = Some("pod+dpop".into());
+    });
+    let refused = lagging.clone().decide().expect_err("no proof");
+    assert_eq!(refused.reason, PROOF_REQUIRED);
+    assert!(
+        lagging
+            .with(|c| c.proof_key = Some("k".into()))
+            .decide()
+            .is_ok()
+    );
 }
 
 #[test]

@@ -158,7 +158,8 @@ pub struct Exchange {
     pub issuer: HttpsIssuer,
     pub trust: Trust,
     pub setup: ExchangeSetup,
-    /// The token in the grant's Secret; empty with Pod delivery (the operator keeps it sealed).
+    /// The token in the grant's Secret; with Pod delivery, the token sealed in its status (opened
+    /// with the operator's keys, so that the checks for leaked tokens look for it too).
     pub grant_token: String,
     pub a: Workload,
     pub b: Workload,

@@ -35,7 +35,7 @@ pub async fn token_holder(
 
 /// Whether the status's sealed token opens for this grant (under a key still held), is exactly the
 /// token the status describes (its id, expiry and signature), and is one the operator recorded
-/// minting and has not revoked. The status is anyone's to write: an older sealed token of the same
+/// minting that is VALID in its status list. The status is anyone's to write: an older sealed token of the same
 /// grant put back with its old status (revoked when it was replaced) is `Changed` too, and the
 /// grant gets a new token.
 async fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
@@ -50,11 +50,8 @@ async fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
         return SecretState::Changed;
     };
     let uid = grant.uid().unwrap_or_default();
-    let live = ctx
-        .status_lists
-        .recorded(&uid, crate::operator::now().as_second())
-        .await;
-    if !live.iter().any(|(jti, _)| *jti == token.id) {
+    let now = crate::operator::now().as_second();
+    if !ctx.status_lists.is_current(&uid, &token.id, now).await {
         return SecretState::Changed;
     }
     let Ok(jwks) = ctx.keys.jwks() else {

@@ -322,6 +322,23 @@ impl StatusLists {
             .collect()
     }
 
+    /// Whether `jti` is a token the operator recorded minting for `grant_uid` that has not expired
+    /// and is VALID in its list: a token it revoked is not current, even when its record outlived
+    /// a restart (records are forgotten lazily; statuses are persisted at once).
+    pub async fn is_current(&self, grant_uid: &str, jti: &str, now: i64) -> bool {
+        let inner = self.inner.lock().await;
+        inner
+            .held(grant_uid)
+            .filter(|h| h.exp() > now && h.is(jti))
+            .any(|h| {
+                let status_ref = inner.status_ref(h);
+                matches!(
+                    inner.registry.status(&status_ref),
+                    Ok(crate::status_list::Status::Valid)
+                )
+            })
+    }
+
     /// Sets to INVALID every token of `grant_uid` the operator recorded except those in `keep`
     /// (jtis), plus `verified` references read from tokens of that grant that verified against our
     /// keys; then persists and republishes (call this before deleting any Secret: fail closed). The
