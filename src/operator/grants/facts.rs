@@ -35,9 +35,9 @@ pub async fn token_holder(
 
 /// Whether the status's sealed token opens for this grant (under a key still held), is exactly the
 /// token the status describes (its id, expiry and signature), and is one the operator recorded
-/// minting that is VALID in its status list. The status is anyone's to write: an older sealed token of the same
-/// grant put back with its old status (revoked when it was replaced) is `Changed` too, and the
-/// grant gets a new token.
+/// minting that is VALID in its status list. The status is anyone's to write: an older sealed token
+/// of the same grant put back with its old status (revoked when it was replaced) is `Changed` too,
+/// and the grant gets a new token.
 async fn sealed_state(ctx: &Context, grant: &DelegationGrant) -> SecretState {
     let status = grant.status.as_ref();
     let (Some(token), Some(sealed)) = (
