@@ -1,6 +1,7 @@
 //! Issuing a token: revoke what it replaces, mint it (with its status-list entry recorded and
 //! published first), write it to the grant's Secret (never taking over someone else's) or, with Pod
-//! delivery, seal it for the status, say so at once, and record it in the status. Called by the grant controller on an `Issue` verdict.
+//! delivery, seal it for the status, say so at once, and record it in the status. Called by the
+//! grant controller on an `Issue` verdict.
 
 use std::time::Duration;
 
