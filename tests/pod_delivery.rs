@@ -38,6 +38,16 @@ fn pod_delivery() -> ExchangeSetup {
     }
 }
 
+/// A grant from alice to agent `a` of `tickets:read`, with `tokenDelivery` if given.
+fn read_only_grant(name: &str, delivery: Option<&str>) -> String {
+    let delivery = delivery.map_or(String::new(), |d| format!(", tokenDelivery: {d}"));
+    format!(
+        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: {name}}}\n\
+         spec: {{principal: {{kind: User, name: alice@example.com}}, actorRef: {{name: a}}, \
+         scopes: [tickets:read], audience: \"{AUDIENCE}\", tokenTTL: 10m{delivery}}}\n"
+    )
+}
+
 /// The grant's status as stored.
 async fn status_of(x: &Exchange, grant: &str) -> Value {
     let grant = x.f.grants().get(grant).await.unwrap();
@@ -251,12 +261,7 @@ async fn nobody_but_the_agents_own_pods_gets_the_token() {
     x.refused(&form(&doomed.token), UNAUTHORIZED_CLIENT).await;
 
     // A grant of the same agent that delivers to a Secret; and one that does not exist.
-    x.f.apply(&format!(
-        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: in-secret}}\n\
-         spec: {{principal: {{kind: User, name: alice@example.com}}, actorRef: {{name: a}}, \
-         scopes: [tickets:read], audience: \"{AUDIENCE}\", tokenTTL: 10m}}\n"
-    ))
-    .await;
+    x.f.apply(&read_only_grant("in-secret", None)).await;
     x.f.wait_ready_within("in-secret", "True", None, Duration::from_secs(90))
         .await;
     for grant in ["in-secret", "no-such-grant"] {
@@ -275,12 +280,7 @@ async fn nobody_but_the_agents_own_pods_gets_the_token() {
 #[tokio::test]
 async fn a_copied_or_rolled_back_sealed_token_serves_nothing_more() {
     let x = Exchange::start_with("pod-delivery-sealed", pod_delivery(), &[]).await;
-    x.f.apply(&format!(
-        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: narrow}}\n\
-         spec: {{principal: {{kind: User, name: alice@example.com}}, actorRef: {{name: a}}, \
-         scopes: [tickets:read], audience: \"{AUDIENCE}\", tokenTTL: 10m, tokenDelivery: Pod}}\n"
-    ))
-    .await;
+    x.f.apply(&read_only_grant("narrow", Some("Pod"))).await;
     x.f.wait_ready_within("narrow", "True", None, Duration::from_secs(90))
         .await;
     let wide = status_of(&x, GRANT).await;
@@ -489,12 +489,8 @@ async fn an_agent_that_requires_proof_gets_only_key_bound_tokens() {
         "the lineage stays bound"
     );
 
-    x.f.apply(&format!(
-        "apiVersion: delegation.nhi.dev/v1alpha1\nkind: DelegationGrant\nmetadata: {{name: in-secret}}\n\
-         spec: {{principal: {{kind: User, name: alice@example.com}}, actorRef: {{name: a}}, \
-         scopes: [tickets:read], audience: \"{AUDIENCE}\", tokenTTL: 10m, tokenDelivery: Secret}}\n"
-    ))
-    .await;
+    x.f.apply(&read_only_grant("in-secret", Some("Secret")))
+        .await;
     let refused =
         x.f.wait_ready_within(
             "in-secret",

@@ -13,14 +13,13 @@ mod support;
 
 use std::time::Duration;
 
-use delegation_operator::signing::{Algorithm, Keyring, SigningKey, StoredKey};
-use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
+use delegation_operator::signing::{Algorithm, SigningKey};
 use serde_json::{Value, json};
 use support::{
     exchange::{
         ACCESS_TOKEN_TYPE, AUDIENCE, Exchange, ExchangeSetup, GRANT, GRANT_TYPE, JWT_TYPE,
-        OTHER_AUDIENCE, Step, scrubbed, served_statuses, wait_served, wait_served_at,
+        OTHER_AUDIENCE, Step, operator_keyring, scrubbed, served_statuses, wait_served,
+        wait_served_at,
     },
     verifiers::{
         Verifier, alg_none, hs256_with_public_key, unverified_claims, verify_with, verify_with_all,
@@ -72,17 +71,7 @@ async fn delete_grant(x: &Exchange, tokens: &[&str]) {
 /// The claims signed again with the operator's own active key (read by the admin from the keys
 /// Secret): a token that verifies, whatever its claims say.
 async fn signed_with_the_real_key(x: &Exchange, claims: &Value) -> String {
-    let secret = Api::<Secret>::namespaced(x.f.client.clone(), &x.f.operator_namespace())
-        .get("delegation-operator-signing-keys")
-        .await
-        .unwrap();
-    let stored: Vec<StoredKey> =
-        serde_json::from_slice(&secret.data.unwrap()["keys.json"].0).unwrap();
-    Keyring::from_stored(&stored)
-        .unwrap()
-        .active()
-        .sign(claims)
-        .unwrap()
+    operator_keyring(&x.f).await.active().sign(claims).unwrap()
 }
 
 /// Waits until the agent's Ready condition has `reason` (the operator saw its spec).

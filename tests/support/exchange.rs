@@ -925,19 +925,9 @@ pub async fn wait_served_at(x: &Exchange, base: &str, tokens: &[&str], status: &
     .await;
 }
 
-/// The token sealed in grant `name`'s status (Pod delivery), opened with the signing keys the
-/// admin can read from the operator's keys Secret.
-pub async fn open_sealed(f: &Fixture, name: &str) -> String {
-    use delegation_operator::{
-        sealing::{GrantId, open},
-        signing::{Keyring, StoredKey},
-    };
-    let grant = f.grants().get(name).await.unwrap();
-    let sealed = grant
-        .status
-        .as_ref()
-        .and_then(|s| s.sealed_token.clone())
-        .expect("a sealed token in the grant's status");
+/// The operator's signing keys, as the admin can read them from its keys Secret.
+pub async fn operator_keyring(f: &Fixture) -> delegation_operator::signing::Keyring {
+    use delegation_operator::signing::{Keyring, StoredKey};
     let secret = Api::<k8s_openapi::api::core::v1::Secret>::namespaced(
         f.client.clone(),
         &f.operator_namespace(),
@@ -947,7 +937,20 @@ pub async fn open_sealed(f: &Fixture, name: &str) -> String {
     .unwrap();
     let stored: Vec<StoredKey> =
         serde_json::from_slice(&secret.data.unwrap()["keys.json"].0).unwrap();
-    let ring = Keyring::from_stored(&stored).unwrap();
+    Keyring::from_stored(&stored).unwrap()
+}
+
+/// The token sealed in grant `name`'s status (Pod delivery), opened with the signing keys the
+/// admin can read from the operator's keys Secret.
+pub async fn open_sealed(f: &Fixture, name: &str) -> String {
+    use delegation_operator::sealing::{GrantId, open};
+    let grant = f.grants().get(name).await.unwrap();
+    let sealed = grant
+        .status
+        .as_ref()
+        .and_then(|s| s.sealed_token.clone())
+        .expect("a sealed token in the grant's status");
+    let ring = operator_keyring(f).await;
     let uid = grant.metadata.uid.clone().unwrap();
     let id = GrantId {
         namespace: &f.ns,
